@@ -1,0 +1,157 @@
+#include "kmoe/core/tensor.hpp"
+
+#include <sstream>
+
+namespace kmoe {
+
+Shape::Shape(std::initializer_list<index_t> dims) : Shape(std::vector<index_t>(dims)) {}
+
+Shape::Shape(const std::vector<index_t>& dims) {
+  require(dims.size() <= static_cast<size_t>(max_rank), Status::invalid_argument, "tensor rank ", dims.size(),
+          " exceeds the maximum of ", max_rank);
+  rank_ = static_cast<int>(dims.size());
+  for (int i = 0; i < rank_; ++i) {
+    require(dims[i] >= 0, Status::invalid_argument, "negative dimension ", dims[i], " in shape");
+    dims_[i] = dims[i];
+  }
+}
+
+index_t Shape::operator[](int axis) const {
+  require(axis >= 0 && axis < rank_, Status::invalid_argument, "axis ", axis, " out of range for shape ", str());
+  return dims_[axis];
+}
+
+index_t Shape::product(int begin, int end) const {
+  index_t p = 1;
+  for (int i = begin; i < end; ++i) p *= dims_[i];
+  return p;
+}
+
+index_t Shape::size() const { return product(0, rank_); }
+
+bool Shape::operator==(const Shape& other) const {
+  if (rank_ != other.rank_) return false;
+  for (int i = 0; i < rank_; ++i)
+    if (dims_[i] != other.dims_[i]) return false;
+  return true;
+}
+
+std::string Shape::str() const {
+  std::ostringstream out;
+  out << '[';
+  for (int i = 0; i < rank_; ++i) out << (i ? ", " : "") << dims_[i];
+  out << ']';
+  return out.str();
+}
+
+template <class T>
+Tensor<T>::Tensor(const std::string& label, const Shape& shape) : Tensor(label, shape, true) {}
+
+template <class T>
+Tensor<T>::Tensor(const std::string& label, const Shape& shape, bool zero_initialise)
+    : label_(label),
+      shape_(shape),
+      storage_(zero_initialise ? View1<T>(label, static_cast<size_t>(shape.size()))
+                               : View1<T>(Kokkos::view_alloc(Kokkos::WithoutInitializing, label),
+                                          static_cast<size_t>(shape.size()))) {}
+
+template <class T>
+Tensor<T> Tensor<T>::from_host(const std::string& label, const Shape& shape, const std::vector<T>& values) {
+  Tensor t(label, shape, false);
+  t.copy_from_host(values);
+  return t;
+}
+
+template <class T>
+template <int R>
+typename ViewOfRank<T, R>::type Tensor<T>::make_view() const {
+  using V = typename ViewOfRank<T, R>::type;
+  if constexpr (R == 1) return V(storage_.data(), shape_[0]);
+  if constexpr (R == 2) return V(storage_.data(), shape_[0], shape_[1]);
+  if constexpr (R == 3) return V(storage_.data(), shape_[0], shape_[1], shape_[2]);
+  if constexpr (R == 4) return V(storage_.data(), shape_[0], shape_[1], shape_[2], shape_[3]);
+}
+
+template <class T>
+View2<T> Tensor<T>::as_matrix() const {
+  require(rank() >= 1, Status::shape_mismatch, label_, ": a scalar has no rows");
+  return View2<T>(storage_.data(), shape_.product(0, rank() - 1), shape_[rank() - 1]);
+}
+
+template <class T>
+View3<T> Tensor<T>::as_3d(int axis) const {
+  require(axis >= 0 && axis < rank(), Status::invalid_argument, label_, ": axis ", axis, " out of range for shape ",
+          shape_.str());
+  return View3<T>(storage_.data(), shape_.product(0, axis), shape_[axis], shape_.product(axis + 1, rank()));
+}
+
+template <class T>
+Tensor<T> Tensor<T>::reshape(const Shape& shape) const {
+  require(shape.size() == size(), Status::shape_mismatch, label_, ": cannot reshape ", shape_.str(), " to ",
+          shape.str());
+  Tensor t = *this;
+  t.shape_ = shape;
+  return t;
+}
+
+template <class T>
+Tensor<T> Tensor<T>::clone(const std::string& label) const {
+  Tensor t(label, shape_, false);
+  Kokkos::deep_copy(t.storage_, storage_);
+  return t;
+}
+
+template <class T>
+std::vector<T> Tensor<T>::to_host() const {
+  std::vector<T> out(static_cast<size_t>(size()));
+  Kokkos::View<T*, Layout, HostSpace, Kokkos::MemoryUnmanaged> host(out.data(), out.size());
+  Kokkos::deep_copy(host, storage_);
+  return out;
+}
+
+template <class T>
+void Tensor<T>::copy_from_host(const std::vector<T>& values) {
+  require(static_cast<index_t>(values.size()) == size(), Status::shape_mismatch, label_, ": ", values.size(),
+          " host values for shape ", shape_.str());
+  Kokkos::View<const T*, Layout, HostSpace, Kokkos::MemoryUnmanaged> host(values.data(), values.size());
+  Kokkos::deep_copy(storage_, host);
+}
+
+template <class T>
+void Tensor<T>::fill(T value) {
+  Kokkos::deep_copy(storage_, value);
+}
+
+template <class T>
+void Tensor<T>::require_shape(const Shape& expected, const std::string& what) const {
+  require(shape_ == expected, Status::shape_mismatch, what, ": expected shape ", expected.str(), ", got ",
+          shape_.str());
+}
+
+template <class T>
+bool all_finite(const View1<const T>& values) {
+  index_t bad = 0;
+  Kokkos::parallel_reduce(
+      "kmoe::all_finite", Kokkos::RangePolicy<ExecSpace>(0, values.extent(0)),
+      KOKKOS_LAMBDA(const index_t i, index_t& count) {
+        if (!Kokkos::Experimental::isfinite(values(i))) ++count;
+      },
+      bad);
+  return bad == 0;
+}
+
+template <class T>
+void require_finite(const Tensor<T>& tensor, const std::string& what) {
+  require(all_finite<T>(tensor.flat()), Status::non_finite, what, " contains NaN or Inf");
+}
+
+template class Tensor<float>;
+template class Tensor<double>;
+template class Tensor<int>;
+template class Tensor<std::int64_t>;
+template bool all_finite<float>(const View1<const float>&);
+template bool all_finite<double>(const View1<const double>&);
+template void require_finite<float>(const Tensor<float>&, const std::string&);
+template void require_finite<double>(const Tensor<double>&, const std::string&);
+
+}  // namespace kmoe

@@ -1,0 +1,107 @@
+// Tensor<T>: a LayoutRight device allocation of rank 1-4 with its shape, for shape checks,
+// reshapes and host transfers. Kernels take plain Kokkos Views obtained from it (view<R>(),
+// as_matrix(), as_3d()); those Views alias the tensor's storage and do not own it, so the
+// Tensor must outlive them.
+#pragma once
+
+#include "kmoe/core/config.hpp"
+#include "kmoe/core/error.hpp"
+
+#include <array>
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+namespace kmoe {
+
+class Shape {
+ public:
+  static constexpr int max_rank = 4;
+
+  Shape() = default;
+  Shape(std::initializer_list<index_t> dims);
+  explicit Shape(const std::vector<index_t>& dims);
+
+  int rank() const { return rank_; }
+  index_t operator[](int axis) const;
+  index_t size() const;  // product of the dimensions (1 for rank 0)
+  std::vector<index_t> dims() const { return {dims_.begin(), dims_.begin() + rank_}; }
+  // Product of the dimensions in [begin, end).
+  index_t product(int begin, int end) const;
+
+  bool operator==(const Shape& other) const;
+  bool operator!=(const Shape& other) const { return !(*this == other); }
+  std::string str() const;  // "[2, 3, 4]"
+
+ private:
+  std::array<index_t, max_rank> dims_{};
+  int rank_ = 0;
+};
+
+template <class T>
+class Tensor {
+ public:
+  Tensor() = default;
+  // A zero-initialised tensor in the default memory space.
+  Tensor(const std::string& label, const Shape& shape);
+  // A tensor holding a copy of host data (row-major, shape.size() elements).
+  static Tensor from_host(const std::string& label, const Shape& shape, const std::vector<T>& values);
+
+  const Shape& shape() const { return shape_; }
+  int rank() const { return shape_.rank(); }
+  index_t dim(int axis) const { return shape_[axis]; }
+  index_t size() const { return shape_.size(); }
+  bool empty() const { return storage_.data() == nullptr && size() == 0; }
+  T* data() const { return storage_.data(); }
+  const std::string& label() const { return label_; }
+
+  View1<T> flat() const { return storage_; }
+
+  // The storage as a View of rank R; the tensor's rank must be R.
+  template <int R>
+  typename ViewOfRank<T, R>::type view() const {
+    require(rank() == R, Status::shape_mismatch, label_, ": expected a rank-", R, " tensor, got shape ",
+            shape_.str());
+    return make_view<R>();
+  }
+  // [product of leading dims, last dim]: the row view that row-wise ops take.
+  View2<T> as_matrix() const;
+  // [outer, dim(axis), inner]: the view that "along an axis" ops take.
+  View3<T> as_3d(int axis) const;
+
+  // The same storage under another shape of equal size.
+  Tensor reshape(const Shape& shape) const;
+  // A new tensor with a copy of the contents.
+  Tensor clone(const std::string& label) const;
+
+  std::vector<T> to_host() const;
+  void copy_from_host(const std::vector<T>& values);
+  void fill(T value);
+
+  // Throws Status::shape_mismatch naming `what` when the shape differs.
+  void require_shape(const Shape& expected, const std::string& what) const;
+
+ private:
+  Tensor(const std::string& label, const Shape& shape, bool zero_initialise);
+  template <int R>
+  typename ViewOfRank<T, R>::type make_view() const;
+
+  std::string label_;
+  Shape shape_;
+  View1<T> storage_;
+};
+
+// True when every element is finite (no NaN, no Inf).
+template <class T>
+bool all_finite(const View1<const T>& values);
+
+// Throws Status::non_finite naming `what` when a value is NaN or Inf.
+template <class T>
+void require_finite(const Tensor<T>& tensor, const std::string& what);
+
+extern template class Tensor<float>;
+extern template class Tensor<double>;
+extern template class Tensor<int>;
+extern template class Tensor<std::int64_t>;
+
+}  // namespace kmoe

@@ -1,0 +1,43 @@
+// CVMM, σ-MoE's "conditional vector-matrix multiply": every (token, slot) pair of a DispatchPlan
+// multiplies one input row by the weight matrix of its expert,
+//     y_pair[p, :] = x[row(p), :] · W[expert(p)],        W [experts, K, M],
+// with row(p) = token(p) when x has one row per token ([tokens, K]) and row(p) = p when x has one
+// row per pair ([tokens · k, K], e.g. σ-MoE's hidden activations). Rows are gathered in expert
+// order and each expert's block is one dense GEMM (KokkosBlas::gemm). The reduced form sums the
+// pairs of a token with per-pair weights (σ-MoE's gates): y[t, :] = Σ_slot g[t, slot] · y_pair[p].
+//
+// Every reduction has a fixed order: slots of a token are summed in slot order and each expert's
+// weight gradient is one GEMM over that expert's rows (a segmented reduction, no atomics), so
+// results are bit-reproducible from run to run and across thread counts.
+#pragma once
+
+#include "kmoe/core/config.hpp"
+#include "kmoe/moe/dispatch_plan.hpp"
+
+namespace kmoe::moe {
+
+// y_pairs [pairs, M] in pair order.
+template <class T>
+void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+                  const View2<T>& y_pairs);
+
+// y [tokens, M] = Σ_slot gates[t, slot] · y_pair; y_pairs [pairs, M] receives the unweighted
+// per-pair products, which backward needs for the gate gradient.
+template <class T>
+void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+                          const View2<const T>& gates, const View2<T>& y, const View2<T>& y_pairs);
+
+// From dy_pairs [pairs, M]: dx overwritten (per-token x: the sum over slots, in slot order),
+// dw accumulated (dw[e] += Σ_{p of e} x_row(p)ᵀ · dy_pair[p]); either is skipped when empty.
+template <class T>
+void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+                   const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw);
+
+// Backward of cvmm_forward_reduced from dy [tokens, M]: dgates[t, slot] = ⟨dy[t], y_pair[p]⟩
+// (overwritten, skipped when empty), then as cvmm_backward with dy_pair[p] = gates[p] · dy[t].
+template <class T>
+void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+                           const View2<const T>& gates, const View2<const T>& y_pairs, const View2<const T>& dy,
+                           const View2<T>& dx, const View3<T>& dw, const View2<T>& dgates);
+
+}  // namespace kmoe::moe

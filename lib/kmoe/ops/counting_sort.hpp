@@ -1,0 +1,18 @@
+// Stable counting sort of small integer keys: the deterministic replacement for atomics wherever
+// values are grouped by a key (tokens by expert, gradient rows by embedding id).
+#pragma once
+
+#include "kmoe/core/config.hpp"
+
+namespace kmoe::ops {
+
+struct KeyGroups {
+  View1<int> order;    // [n] element indices grouped by key, ascending index within a key
+  View1<int> offsets;  // [n_keys + 1] group k is order[offsets[k] .. offsets[k + 1])
+};
+
+// Keys must lie in [0, n_keys); otherwise Status::invalid_argument. Parallel over chunks of
+// elements, exclusive scan over (key, chunk): the result does not depend on the thread count.
+KeyGroups counting_sort(const View1<const int>& keys, int n_keys);
+
+}  // namespace kmoe::ops

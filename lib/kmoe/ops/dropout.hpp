@@ -1,0 +1,20 @@
+// Inverted dropout driven by the counter-based RNG: the mask is a pure function of
+// (seed, offset, element index), so backward recomputes it instead of storing it, and results do
+// not depend on the thread count or the device.
+#pragma once
+
+#include "kmoe/core/config.hpp"
+#include "kmoe/core/random.hpp"
+
+namespace kmoe::ops {
+
+// y[i] = x[i] / (1 − p) when rng.uniform(i) ≥ p, else 0. p in [0, 1), otherwise
+// Status::invalid_argument. y may alias x.
+template <class T>
+void dropout_forward(const View1<const T>& x, T p, const RngStream& rng, const View1<T>& y);
+
+// dx[i] = dy[i] / (1 − p) where the forward kept element i, else 0. dx may alias dy.
+template <class T>
+void dropout_backward(const View1<const T>& dy, T p, const RngStream& rng, const View1<T>& dx);
+
+}  // namespace kmoe::ops

@@ -1,0 +1,85 @@
+// Shared helpers for kmoe tests: random data, host/device round trips, and the central
+// finite-difference gradient check every op's backward test uses.
+#pragma once
+
+#include "kmoe/core/tensor.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <random>
+#include <vector>
+
+namespace kmoe::test {
+
+inline std::vector<double> random_values(std::size_t n, std::uint64_t seed, double lo = -1.0, double hi = 1.0) {
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<double> dist(lo, hi);
+  std::vector<double> v(n);
+  for (auto& x : v) x = dist(gen);
+  return v;
+}
+
+inline int random_int(std::mt19937_64& gen, int lo, int hi) {  // inclusive
+  return std::uniform_int_distribution<int>(lo, hi)(gen);
+}
+
+template <class T>
+std::vector<T> cast_vector(const std::vector<double>& v) {
+  return std::vector<T>(v.begin(), v.end());
+}
+
+template <class T>
+Tensor<T> make_tensor(const Shape& shape, const std::vector<double>& values, const std::string& label = "t") {
+  return Tensor<T>::from_host(label, shape, cast_vector<T>(values));
+}
+
+template <class T>
+std::vector<double> to_double(const Tensor<T>& t) {
+  const auto h = t.to_host();
+  return std::vector<double>(h.begin(), h.end());
+}
+
+// max_i |actual_i − expected_i| / max(max_i |expected_i|, floor): a relative error that stays
+// meaningful when individual entries are near zero.
+inline double max_rel_error(const std::vector<double>& actual, const std::vector<double>& expected,
+                            double floor = 1e-12) {
+  EXPECT_EQ(actual.size(), expected.size());
+  double scale = floor, worst = 0;
+  for (double e : expected) scale = std::max(scale, std::abs(e));
+  for (std::size_t i = 0; i < std::min(actual.size(), expected.size()); ++i) {
+    const double d = std::abs(actual[i] - expected[i]);
+    worst = std::max(worst, std::isnan(d) ? INFINITY : d);
+  }
+  return worst / scale;
+}
+
+// Central differences of f at x; returns max relative error (as max_rel_error) of the analytic
+// gradient against them.
+inline double finite_difference_error(const std::vector<double>& x,
+                                      const std::function<double(const std::vector<double>&)>& f,
+                                      const std::vector<double>& analytic, double h = 1e-5) {
+  std::vector<double> probe = x, numeric(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    probe[i] = x[i] + h;
+    const double up = f(probe);
+    probe[i] = x[i] - h;
+    const double down = f(probe);
+    probe[i] = x[i];
+    numeric[i] = (up - down) / (2 * h);
+  }
+  return max_rel_error(analytic, numeric);
+}
+
+// Σ a ⊙ b: the scalar "loss" L = Σ out ⊙ R whose gradient with respect to out is R.
+inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
+  double s = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+constexpr double fd_tolerance = 1e-6;  // the bound for double-precision gradient checks
+
+}  // namespace kmoe::test
