@@ -23,20 +23,26 @@ KOKKOS_INLINE_FUNCTION void philox_round(std::uint32_t (&ctr)[4], const std::uin
   ctr[3] = lo0;
 }
 
-// Philox-4x32-10 of the 128-bit counter (counter, 0) under the 64-bit key seed.
-KOKKOS_INLINE_FUNCTION void philox4x32(std::uint64_t seed, std::uint64_t counter, std::uint32_t (&out)[4]) {
-  std::uint32_t key[2] = {static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32)};
-  out[0] = static_cast<std::uint32_t>(counter);
-  out[1] = static_cast<std::uint32_t>(counter >> 32);
-  out[2] = 0u;
-  out[3] = 0u;
+// Philox-4x32-10 (Random123's philox4x32 with 10 rounds) of a full 128-bit counter under a 64-bit key.
+KOKKOS_INLINE_FUNCTION void philox4x32(const std::uint32_t (&counter)[4], const std::uint32_t (&key)[2],
+                                       std::uint32_t (&out)[4]) {
+  std::uint32_t round_key[2] = {key[0], key[1]};
+  for (int word = 0; word < 4; ++word) out[word] = counter[word];
   for (int round = 0; round < 10; ++round) {
-    philox_round(out, key);
+    philox_round(out, round_key);
     if (round < 9) {
-      key[0] += 0x9E3779B9u;
-      key[1] += 0xBB67AE85u;
+      round_key[0] += 0x9E3779B9u;
+      round_key[1] += 0xBB67AE85u;
     }
   }
+}
+
+// Philox-4x32-10 of the 128-bit counter (counter, 0) under the 64-bit key seed.
+KOKKOS_INLINE_FUNCTION void philox4x32(std::uint64_t seed, std::uint64_t counter, std::uint32_t (&out)[4]) {
+  const std::uint32_t key[2] = {static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32)};
+  const std::uint32_t full_counter[4] = {static_cast<std::uint32_t>(counter),
+                                         static_cast<std::uint32_t>(counter >> 32), 0u, 0u};
+  philox4x32(full_counter, key, out);
 }
 }  // namespace impl
 

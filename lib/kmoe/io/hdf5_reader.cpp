@@ -109,6 +109,7 @@ H5Reader& H5Reader::operator=(H5Reader&& other) noexcept {
 }
 
 bool H5Reader::has(const std::string& object_path) const {
+  if (object_path.empty()) return false;
   if (object_path == "/") return true;
   // Every prefix must exist before H5Oexists_by_name may be asked about the full path.
   std::size_t pos = object_path.front() == '/' ? 1 : 0;
@@ -246,6 +247,10 @@ std::string H5Reader::read_string_attribute(const std::string& object_path, cons
   impl::Handle type(H5Aget_type(attr.get()), H5Tclose);
   require(H5Tget_class(type.get()) == H5T_STRING, Status::io_error, path_, ": attribute '", name, "' on '",
           object_path, "' is not a string");
+  // The reads below have room for one string; an array of strings would overrun them.
+  impl::Handle space(H5Aget_space(attr.get()), H5Sclose);
+  require(H5Sget_simple_extent_npoints(space.get()) == 1, Status::io_error, path_, ": attribute '", name, "' on '",
+          object_path, "' is not a single string");
   if (H5Tis_variable_str(type.get()) > 0) {
     impl::Handle memtype(H5Tcopy(H5T_C_S1), H5Tclose);
     H5Tset_size(memtype.get(), H5T_VARIABLE);
@@ -254,7 +259,6 @@ std::string H5Reader::read_string_attribute(const std::string& object_path, cons
     require(H5Aread(attr.get(), memtype.get(), &value) >= 0 && value != nullptr, Status::io_error, path_,
             ": cannot read attribute '", name, "'");
     std::string result(value);
-    impl::Handle space(H5Aget_space(attr.get()), H5Sclose);
     H5Dvlen_reclaim(memtype.get(), space.get(), H5P_DEFAULT, &value);
     return result;
   }

@@ -4,6 +4,8 @@
 
 #include "kmoe/core/config.hpp"
 
+#include <string>
+
 namespace kmoe::ops {
 
 struct KeyGroups {
@@ -14,5 +16,10 @@ struct KeyGroups {
 // Keys must lie in [0, n_keys); otherwise Status::invalid_argument. Parallel over chunks of
 // elements, exclusive scan over (key, chunk): the result does not depend on the thread count.
 KeyGroups counting_sort(const View1<const int>& keys, int n_keys);
+
+// Throws Status::invalid_argument unless every key lies in [0, n_keys); the message starts with
+// `what` and names the first offending element and its value. Used by every op that indexes with
+// caller-supplied integers (gather, scatter-add, dispatch plans).
+void require_keys_in_range(const View1<const int>& keys, int n_keys, const std::string& what);
 
 }  // namespace kmoe::ops

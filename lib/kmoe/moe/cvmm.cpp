@@ -1,0 +1,232 @@
+#include "kmoe/moe/cvmm.hpp"
+
+#include "kmoe/core/error.hpp"
+#include "kmoe/ops/gemm.hpp"
+
+#include <string>
+
+namespace kmoe::moe {
+
+namespace impl {
+
+template <class V>
+std::string extents(const V& v) {
+  std::string s = "[";
+  for (unsigned axis = 0; axis < V::rank; ++axis) s += (axis ? ", " : "") + std::to_string(v.extent(axis));
+  return s + "]";
+}
+
+template <class V>
+void require_matrix(const char* op, const char* name, const V& v, index_t rows, index_t cols) {
+  require(static_cast<index_t>(v.extent(0)) == rows && static_cast<index_t>(v.extent(1)) == cols,
+          Status::shape_mismatch, op, ": ", name, " is ", extents(v), ", expected [", rows, ", ", cols, "]");
+}
+
+// Checks W against the plan and x, and reports whether x has one row per token (true) or one
+// per pair (false); with k = 1 the two readings coincide and per-token is taken.
+template <class T>
+bool x_is_per_token(const char* op, const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w) {
+  const index_t rows = x.extent(0);
+  require(rows == plan.n_tokens() || rows == plan.n_pairs(), Status::shape_mismatch, op, ": x is ", extents(x),
+          ", but the plan has ", plan.n_tokens(), " tokens and ", plan.n_pairs(),
+          " pairs: x needs one row per token or one per pair");
+  require(static_cast<index_t>(w.extent(0)) == plan.n_experts() && w.extent(1) == x.extent(1), Status::shape_mismatch,
+          op, ": w is ", extents(w), ", expected [experts = ", plan.n_experts(), ", x columns = ", x.extent(1),
+          ", M]");
+  return rows == plan.n_tokens();
+}
+
+// Calls f(e, rows) for every expert with rows, rows being its range of sorted positions.
+template <class F>
+void for_each_expert_block(const DispatchPlan& plan, F&& f) {
+  const auto& offsets = plan.expert_offsets_host();
+  for (int e = 0; e < plan.n_experts(); ++e) {
+    if (offsets[e + 1] > offsets[e]) f(e, Kokkos::make_pair(offsets[e], offsets[e + 1]));
+  }
+}
+
+template <class T>
+View2<T> workspace(const std::string& label, index_t rows, index_t cols) {
+  return View2<T>(Kokkos::view_alloc(Kokkos::WithoutInitializing, label), rows, cols);
+}
+
+// sorted(s, :) = src(row of pair sorted_pair(s), :): token p / k when per_token, else p.
+template <class T>
+void gather_sorted(const DispatchPlan& plan, bool per_token, const View2<const T>& src, const View2<T>& sorted) {
+  const View1<int> sorted_pair = plan.sorted_pair();
+  const index_t k = plan.k();
+  Kokkos::parallel_for(
+      "kmoe::cvmm::gather_sorted",
+      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {plan.n_pairs(), static_cast<index_t>(src.extent(1))}),
+      KOKKOS_LAMBDA(const index_t s, const index_t c) {
+        const index_t p = sorted_pair(s);
+        sorted(s, c) = src(per_token ? p / k : p, c);
+      });
+}
+
+// pairs(p, :) = sorted(pair_position(p), :).
+template <class T>
+void unsort_pairs(const DispatchPlan& plan, const View2<const T>& sorted, const View2<T>& pairs) {
+  const View1<int> pair_position = plan.pair_position();
+  Kokkos::parallel_for(
+      "kmoe::cvmm::unsort_pairs",
+      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0},
+                                                       {plan.n_pairs(), static_cast<index_t>(pairs.extent(1))}),
+      KOKKOS_LAMBDA(const index_t p, const index_t c) { pairs(p, c) = sorted(pair_position(p), c); });
+}
+
+// tokens(t, :) = Σ_slot gates(t, slot) · src(row of pair t · k + slot, :), slots in order. The row
+// is pair_position(p) when src is in sorted order, else p; no gates means weight 1.
+template <class T>
+void sum_slots(const DispatchPlan& plan, const View2<const T>& src, bool src_sorted, const View2<const T>& gates,
+               const View2<T>& tokens) {
+  const View1<int> pair_position = plan.pair_position();
+  const int k = plan.k();
+  const bool gated = gates.data() != nullptr;
+  Kokkos::parallel_for(
+      "kmoe::cvmm::sum_slots",
+      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0},
+                                                       {plan.n_tokens(), static_cast<index_t>(tokens.extent(1))}),
+      KOKKOS_LAMBDA(const index_t t, const index_t c) {
+        T sum = 0;
+        for (int slot = 0; slot < k - (k > 1); ++slot) {
+          const index_t p = t * k + slot;
+          const T value = src(src_sorted ? pair_position(p) : p, c);
+          sum += gated ? gates(t, slot) * value : value;
+        }
+        tokens(t, c) = sum;
+      });
+}
+
+// The outputs of either backward, each checked when present (not empty).
+template <class T>
+void require_backward_outputs(const char* op, const View2<const T>& x, const View3<const T>& w, const View2<T>& dx,
+                              const View3<T>& dw) {
+  if (dx.data() != nullptr) require_matrix(op, "dx", dx, x.extent(0), x.extent(1));
+  if (dw.data() != nullptr) {
+    require(dw.extent(0) == w.extent(0) && dw.extent(1) == w.extent(1) && dw.extent(2) == w.extent(2),
+            Status::shape_mismatch, op, ": dw is ", extents(dw), ", w is ", extents(w));
+  }
+}
+
+// dx and dW from dy in sorted order: per expert, dXs = dYs · Wᵀ and dW += Xsᵀ · dYs.
+template <class T>
+void backward_from_sorted(const DispatchPlan& plan, bool per_token, const View2<const T>& x, const View3<const T>& w,
+                          const View2<const T>& dy_sorted, const View2<T>& dx, const View3<T>& dw) {
+  const index_t pairs = plan.n_pairs(), K = x.extent(1);
+  if (dx.data() != nullptr) {
+    const auto dx_sorted = workspace<T>("kmoe::cvmm::dx_sorted", pairs, K);
+    for_each_expert_block(plan, [&](int e, auto rows) {
+      ops::gemm<T>(false, true, T(1), Kokkos::subview(dy_sorted, rows, Kokkos::ALL),
+                   Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
+                   Kokkos::subview(dx_sorted, rows, Kokkos::ALL));
+    });
+    if (per_token) {
+      sum_slots<T>(plan, dx_sorted, true, View2<const T>(), dx);
+    } else {
+      unsort_pairs<T>(plan, dx_sorted, dx);
+    }
+  }
+  if (dw.data() != nullptr) {
+    const auto x_sorted = workspace<T>("kmoe::cvmm::x_sorted", pairs, K);
+    gather_sorted<T>(plan, per_token, x, x_sorted);
+    // One GEMM per expert over all its rows: a segmented reduction in a fixed order.
+    for_each_expert_block(plan, [&](int e, auto rows) {
+      ops::gemm<T>(true, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL),
+                   Kokkos::subview(dy_sorted, rows, Kokkos::ALL), T(1),
+                   Kokkos::subview(dw, e, Kokkos::ALL, Kokkos::ALL));
+    });
+  }
+}
+
+}  // namespace impl
+
+template <class T>
+void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+                  const View2<T>& y_pairs) {
+  const char* op = "cvmm_forward";
+  const bool per_token = impl::x_is_per_token(op, plan, x, w);
+  const index_t pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
+  impl::require_matrix(op, "y_pairs", y_pairs, pairs, M);
+  const auto x_sorted = impl::workspace<T>("kmoe::cvmm::x_sorted", pairs, K);
+  const auto y_sorted = impl::workspace<T>("kmoe::cvmm::y_sorted", pairs, M);
+  impl::gather_sorted<T>(plan, per_token, x, x_sorted);
+  impl::for_each_expert_block(plan, [&](int e, auto rows) {
+    ops::gemm<T>(false, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL),
+                 Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0), Kokkos::subview(y_sorted, rows, Kokkos::ALL));
+  });
+  impl::unsort_pairs<T>(plan, y_sorted, y_pairs);
+}
+
+template <class T>
+void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+                          const View2<const T>& gates, const View2<T>& y, const View2<T>& y_pairs) {
+  const char* op = "cvmm_forward_reduced";
+  impl::x_is_per_token(op, plan, x, w);
+  impl::require_matrix(op, "gates", gates, plan.n_tokens(), plan.k());
+  impl::require_matrix(op, "y", y, plan.n_tokens(), w.extent(2));
+  cvmm_forward<T>(plan, x, w, y_pairs);
+  impl::sum_slots<T>(plan, y_pairs, false, gates, y);
+}
+
+template <class T>
+void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+                   const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw) {
+  const char* op = "cvmm_backward";
+  const bool per_token = impl::x_is_per_token(op, plan, x, w);
+  impl::require_matrix(op, "dy_pairs", dy_pairs, plan.n_pairs(), w.extent(2));
+  impl::require_backward_outputs(op, x, w, dx, dw);
+  const auto dy_sorted = impl::workspace<T>("kmoe::cvmm::dy_sorted", plan.n_pairs(), w.extent(2));
+  impl::gather_sorted<T>(plan, false, dy_pairs, dy_sorted);
+  impl::backward_from_sorted<T>(plan, per_token, x, w, dy_sorted, dx, dw);
+}
+
+template <class T>
+void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+                           const View2<const T>& gates, const View2<const T>& y_pairs, const View2<const T>& dy,
+                           const View2<T>& dx, const View3<T>& dw, const View2<T>& dgates) {
+  const char* op = "cvmm_backward_reduced";
+  const bool per_token = impl::x_is_per_token(op, plan, x, w);
+  const index_t tokens = plan.n_tokens(), pairs = plan.n_pairs(), M = w.extent(2);
+  const int k = plan.k();
+  impl::require_matrix(op, "gates", gates, tokens, k);
+  impl::require_matrix(op, "y_pairs", y_pairs, pairs, M);
+  impl::require_matrix(op, "dy", dy, tokens, M);
+  if (dgates.data() != nullptr) impl::require_matrix(op, "dgates", dgates, tokens, k);
+  impl::require_backward_outputs(op, x, w, dx, dw);
+  if (dgates.data() != nullptr) {
+    Kokkos::parallel_for(
+        "kmoe::cvmm::dgates", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {tokens, index_t(k)}),
+        KOKKOS_LAMBDA(const index_t t, const index_t slot) {
+          T sum = 0;
+          for (index_t m = 0; m < M; ++m) sum += dy(t, m) * y_pairs(t * k + slot, m);
+          dgates(t, slot) = sum;
+        });
+  }
+  // dy_pair[p] = gates[p] · dy[token(p)], written straight into sorted order.
+  const auto dy_sorted = impl::workspace<T>("kmoe::cvmm::dy_sorted", pairs, M);
+  const View1<int> sorted_pair = plan.sorted_pair();
+  Kokkos::parallel_for(
+      "kmoe::cvmm::gate_dy", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {pairs, M}),
+      KOKKOS_LAMBDA(const index_t s, const index_t m) {
+        const index_t p = sorted_pair(s);
+        dy_sorted(s, m) = gates(p / k, p % k) * dy(p / k, m);
+      });
+  impl::backward_from_sorted<T>(plan, per_token, x, w, dy_sorted, dx, dw);
+}
+
+#define KMOE_INSTANTIATE(T)                                                                                        \
+  template void cvmm_forward<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,                \
+                                const View2<T>&);                                                                 \
+  template void cvmm_forward_reduced<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,        \
+                                        const View2<const T>&, const View2<T>&, const View2<T>&);                 \
+  template void cvmm_backward<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,               \
+                                 const View2<const T>&, const View2<T>&, const View3<T>&);                        \
+  template void cvmm_backward_reduced<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,       \
+                                         const View2<const T>&, const View2<const T>&, const View2<const T>&,     \
+                                         const View2<T>&, const View3<T>&, const View2<T>&);
+KMOE_INSTANTIATE(float)
+KMOE_INSTANTIATE(double)
+#undef KMOE_INSTANTIATE
+
+}  // namespace kmoe::moe

@@ -1,0 +1,81 @@
+#include "kmoe/ops/counting_sort.hpp"
+
+#include "kmoe/core/error.hpp"
+
+#include <limits>
+
+namespace kmoe::ops {
+
+namespace impl {
+// Elements per chunk: each chunk is counted and placed serially by one thread, so the placement
+// order never depends on how chunks are spread over threads.
+constexpr index_t sort_chunk = 256;
+
+KOKKOS_INLINE_FUNCTION index_t chunk_end(index_t chunk, index_t n) {
+  return (chunk + 1) * sort_chunk < n ? (chunk + 1) * sort_chunk : n;
+}
+}  // namespace impl
+
+void require_keys_in_range(const View1<const int>& keys, int n_keys, const std::string& what) {
+  const index_t n = keys.extent(0);
+  index_t first_bad = n;
+  Kokkos::parallel_reduce(
+      "kmoe::require_keys_in_range", Kokkos::RangePolicy<ExecSpace>(0, n),
+      KOKKOS_LAMBDA(const index_t i, index_t& first) {
+        const int key = keys(i);
+        if ((key < 0 || key >= n_keys) && i < first) first = i;
+      },
+      Kokkos::Min<index_t>(first_bad));
+  if (first_bad >= n) return;
+  int value = 0;
+  Kokkos::deep_copy(value, Kokkos::subview(keys, first_bad));
+  fail(Status::invalid_argument, what, ": value ", value, " at element ", first_bad, " of ", n,
+       " is outside [0, ", n_keys, ")");
+}
+
+KeyGroups counting_sort(const View1<const int>& keys, int n_keys) {
+  const index_t n = keys.extent(0);
+  require(n_keys >= 0, Status::invalid_argument, "counting_sort: n_keys is ", n_keys);
+  require(n <= std::numeric_limits<int>::max(), Status::invalid_argument, "counting_sort: ", n,
+          " keys exceed the int range of the order");
+  require_keys_in_range(keys, n_keys, "counting_sort: key");
+
+  KeyGroups groups{View1<int>(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::counting_sort::order"), n),
+                   View1<int>("kmoe::counting_sort::offsets", n_keys + 1)};
+  if (n == 0) return groups;
+
+  const index_t chunks = (n + impl::sort_chunk - 1) / impl::sort_chunk;
+  // slot(key, chunk) = key · chunks + chunk: key-major, so the exclusive scan lays out every key's
+  // group as its chunks in order, i.e. the elements in ascending index (stability).
+  View1<int> cursor("kmoe::counting_sort::cursor", static_cast<index_t>(n_keys) * chunks);
+  Kokkos::parallel_for(
+      "kmoe::counting_sort::histogram", Kokkos::RangePolicy<ExecSpace>(0, chunks),
+      KOKKOS_LAMBDA(const index_t chunk) {
+        for (index_t i = chunk * impl::sort_chunk; i < impl::chunk_end(chunk, n); ++i) {
+          ++cursor(keys(i) * chunks + chunk);
+        }
+      });
+  // In place: each slot reads its count before writing its start.
+  Kokkos::parallel_scan(
+      "kmoe::counting_sort::scan", Kokkos::RangePolicy<ExecSpace>(0, cursor.extent(0)),
+      KOKKOS_LAMBDA(const index_t slot, int& running, const bool final) {
+        const int count = cursor(slot);
+        if (final) cursor(slot) = running;
+        running += count;
+      });
+  const View1<int> offsets = groups.offsets;
+  Kokkos::parallel_for(
+      "kmoe::counting_sort::offsets", Kokkos::RangePolicy<ExecSpace>(0, n_keys + 1),
+      KOKKOS_LAMBDA(const index_t key) { offsets(key) = key < n_keys ? cursor(key * chunks) : static_cast<int>(n); });
+  const View1<int> order = groups.order;
+  Kokkos::parallel_for(
+      "kmoe::counting_sort::place", Kokkos::RangePolicy<ExecSpace>(0, chunks),
+      KOKKOS_LAMBDA(const index_t chunk) {
+        for (index_t i = chunk * impl::sort_chunk; i < impl::chunk_end(chunk, n); ++i) {
+          order(cursor(keys(i) * chunks + chunk)++) = static_cast<int>(i);
+        }
+      });
+  return groups;
+}
+
+}  // namespace kmoe::ops

@@ -1,0 +1,44 @@
+#include "kmoe/ops/dropout.hpp"
+
+#include "kmoe/core/error.hpp"
+
+namespace kmoe::ops {
+
+namespace impl {
+
+// out[i] = in[i] / (1 − p) where rng.uniform(i) ≥ p, else 0. Forward and backward are this same map,
+// so backward recomputes exactly the forward mask.
+template <class T>
+void apply_dropout_mask(const char* op, const View1<const T>& in, T p, const RngStream& rng, const View1<T>& out) {
+  require(p >= T(0) && p < T(1), Status::invalid_argument, op, ": dropout probability p = ", p,
+          " is outside [0, 1)");
+  require(in.extent(0) == out.extent(0), Status::shape_mismatch, op, ": input has ", in.extent(0),
+          " elements, output ", out.extent(0));
+  const T scale = T(1) / (T(1) - p);
+  const RngStream stream = rng;
+  Kokkos::parallel_for(
+      op, Kokkos::RangePolicy<ExecSpace>(0, in.extent(0)), KOKKOS_LAMBDA(const index_t i) {
+        out(i) = stream.uniform<T>(static_cast<std::uint64_t>(i)) >= p ? in(i) * scale : T(0);
+      });
+}
+
+}  // namespace impl
+
+template <class T>
+void dropout_forward(const View1<const T>& x, T p, const RngStream& rng, const View1<T>& y) {
+  impl::apply_dropout_mask<T>("kmoe::dropout_forward", x, p, rng, y);
+}
+
+template <class T>
+void dropout_backward(const View1<const T>& dy, T p, const RngStream& rng, const View1<T>& dx) {
+  impl::apply_dropout_mask<T>("kmoe::dropout_backward", dy, p, rng, dx);
+}
+
+#define KMOE_INSTANTIATE(T)                                                                              \
+  template void dropout_forward<T>(const View1<const T>&, T, const RngStream&, const View1<T>&);         \
+  template void dropout_backward<T>(const View1<const T>&, T, const RngStream&, const View1<T>&);
+KMOE_INSTANTIATE(float)
+KMOE_INSTANTIATE(double)
+#undef KMOE_INSTANTIATE
+
+}  // namespace kmoe::ops

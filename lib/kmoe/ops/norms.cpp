@@ -1,0 +1,242 @@
+#include "kmoe/ops/norms.hpp"
+
+#include "kmoe/core/error.hpp"
+
+#include <climits>
+#include <cmath>
+
+namespace kmoe::ops {
+namespace impl {
+
+// One team per row; the team reduces along the row, so long rows (D in the thousands) use the
+// whole team on a GPU.
+using RowPolicy = Kokkos::TeamPolicy<ExecSpace>;
+using RowMember = RowPolicy::member_type;
+
+inline RowPolicy row_policy(const char* op, index_t rows) {
+  require(rows <= INT_MAX, Status::invalid_argument, op, ": ", rows, " rows exceed the league size limit ", INT_MAX);
+  return RowPolicy(static_cast<int>(rows), Kokkos::AUTO);
+}
+
+// Σ_j term(j) over j in [0, cols), reduced across the team; every thread gets the total.
+template <class T, class Term>
+KOKKOS_INLINE_FUNCTION T row_sum(const RowMember& team, int cols, const Term& term) {
+  T total = 0;
+  Kokkos::parallel_reduce(
+      Kokkos::TeamThreadRange(team, cols), [&](const int j, T& acc) { acc += term(j); }, total);
+  return total;
+}
+
+template <class V>
+bool present(const V& view) {
+  return view.data() != nullptr;
+}
+
+template <class V, class W>
+void require_extents_2d(const char* op, const char* name, const V& view, const W& like) {
+  require(view.extent(0) == like.extent(0) && view.extent(1) == like.extent(1), Status::shape_mismatch, op, ": ",
+          name, " is [", view.extent(0), ", ", view.extent(1), "], expected [", like.extent(0), ", ", like.extent(1),
+          "]");
+}
+
+template <class V>
+void require_length(const char* op, const char* name, const V& view, index_t expected, const char* meaning) {
+  require(static_cast<index_t>(view.extent(0)) == expected, Status::shape_mismatch, op, ": ", name, " has ",
+          view.extent(0), " elements, expected ", expected, " (", meaning, ")");
+}
+
+// Rows of x must be non-empty and short enough for int column indices.
+template <class T>
+void require_rows(const char* op, const View2<const T>& x) {
+  require(x.extent(1) > 0, Status::shape_mismatch, op, ": x is [", x.extent(0), ", ", x.extent(1),
+          "]; rows need at least one column");
+  require(x.extent(1) <= INT_MAX, Status::invalid_argument, op, ": row length ", x.extent(1), " exceeds ", INT_MAX);
+}
+
+template <class T>
+void require_eps(const char* op, T eps) {
+  require(eps >= T(0) && std::isfinite(eps), Status::invalid_argument, op, ": eps must be finite and >= 0, got ", eps);
+}
+
+// A per-column parameter (gamma, beta, dgamma, dbeta) is absent or has one entry per column of x.
+template <class V, class T>
+void require_optional_column_param(const char* op, const char* name, const V& param, const View2<const T>& x) {
+  if (present(param)) require_length(op, name, param, x.extent(1), "columns of x");
+}
+
+// dgamma[j] += Σ_r dy(r,j)·(x(r,j) − center[r])·scale[r] (center absent: 0) and dbeta[j] +=
+// Σ_r dy(r,j), each skipped when absent. Columns in parallel, rows in order: deterministic.
+template <class T>
+void accumulate_affine_gradients(const char* op, const View2<const T>& x, const View1<const T>& center,
+                                 const View1<const T>& scale, const View2<const T>& dy, const View1<T>& dgamma,
+                                 const View1<T>& dbeta) {
+  const bool has_dgamma = present(dgamma), has_dbeta = present(dbeta), has_center = present(center);
+  if (!has_dgamma && !has_dbeta) return;
+  const index_t rows = x.extent(0);
+  Kokkos::parallel_for(
+      op, Kokkos::RangePolicy<ExecSpace>(0, x.extent(1)), KOKKOS_LAMBDA(const index_t j) {
+        T gamma_sum = 0, beta_sum = 0;
+        for (index_t r = 0; r < rows; ++r) {
+          gamma_sum += dy(r, j) * (x(r, j) - (has_center ? center(r) : T(0))) * scale(r);
+          beta_sum += dy(r, j);
+        }
+        if (has_dgamma) dgamma(j) += gamma_sum;
+        if (has_dbeta) dbeta(j) += beta_sum;
+      });
+}
+
+}  // namespace impl
+
+template <class T>
+void layer_norm_forward(const View2<const T>& x, const View1<const T>& gamma, const View1<const T>& beta, T eps,
+                        const View2<T>& y, const View1<T>& mean, const View1<T>& rstd) {
+  const char* op = "kmoe::layer_norm_forward";
+  impl::require_rows(op, x);
+  impl::require_eps(op, eps);
+  impl::require_optional_column_param(op, "gamma", gamma, x);
+  impl::require_optional_column_param(op, "beta", beta, x);
+  impl::require_extents_2d(op, "y", y, x);
+  impl::require_length(op, "mean", mean, x.extent(0), "rows of x");
+  impl::require_length(op, "rstd", rstd, x.extent(0), "rows of x");
+  const bool has_gamma = impl::present(gamma), has_beta = impl::present(beta);
+  const int cols = static_cast<int>(x.extent(1));
+  Kokkos::parallel_for(
+      op, impl::row_policy(op, x.extent(0)), KOKKOS_LAMBDA(const impl::RowMember& team) {
+        const int r = team.league_rank();
+        const T mu = impl::row_sum<T>(team, cols, [&](const int j) { return x(r, j); }) / T(cols);
+        // Two passes (mean, then squared deviations): no cancellation for rows with a large mean.
+        const T var = impl::row_sum<T>(team, cols, [&](const int j) {
+                        const T d = x(r, j) - mu;
+                        return d * d;
+                      }) /
+                      T(cols);
+        const T inv_std = T(1) / Kokkos::Experimental::sqrt(var + eps);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int j) {
+          const T normalised = (x(r, j) - mu) * inv_std;
+          y(r, j) = normalised * (has_gamma ? gamma(j) : T(1)) + (has_beta ? beta(j) : T(0));
+        });
+        Kokkos::single(Kokkos::PerTeam(team), [&]() {
+          mean(r) = mu;
+          rstd(r) = inv_std;
+        });
+      });
+}
+
+template <class T>
+void layer_norm_backward(const View2<const T>& x, const View1<const T>& gamma, const View1<const T>& mean,
+                         const View1<const T>& rstd, const View2<const T>& dy, const View2<T>& dx,
+                         const View1<T>& dgamma, const View1<T>& dbeta) {
+  const char* op = "kmoe::layer_norm_backward";
+  impl::require_rows(op, x);
+  impl::require_optional_column_param(op, "gamma", gamma, x);
+  impl::require_optional_column_param(op, "dgamma", dgamma, x);
+  impl::require_optional_column_param(op, "dbeta", dbeta, x);
+  impl::require_length(op, "mean", mean, x.extent(0), "rows of x");
+  impl::require_length(op, "rstd", rstd, x.extent(0), "rows of x");
+  impl::require_extents_2d(op, "dy", dy, x);
+  impl::require_extents_2d(op, "dx", dx, x);
+  const bool has_gamma = impl::present(gamma);
+  const int cols = static_cast<int>(x.extent(1));
+  // With g = dy·gamma and x̂ = (x − mean)·rstd: dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)).
+  Kokkos::parallel_for(
+      op, impl::row_policy(op, x.extent(0)), KOKKOS_LAMBDA(const impl::RowMember& team) {
+        const int r = team.league_rank();
+        const T mu = mean(r), inv_std = rstd(r);
+        const auto g = [&](const int j) { return has_gamma ? dy(r, j) * gamma(j) : dy(r, j); };
+        const T mean_g = impl::row_sum<T>(team, cols, g) / T(cols);
+        const T mean_g_xhat =
+            impl::row_sum<T>(team, cols, [&](const int j) { return g(j) * (x(r, j) - mu) * inv_std; }) / T(cols);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int j) {
+          dx(r, j) = inv_std * (g(j) - mean_g - (x(r, j) - mu) * inv_std * mean_g_xhat);
+        });
+      });
+  impl::accumulate_affine_gradients<T>("kmoe::layer_norm_backward(parameters)", x, mean, rstd, dy, dgamma, dbeta);
+}
+
+namespace impl {
+
+template <class T>
+void require_rms_mode(const char* op, RmsNormMode mode) {
+  require(mode == RmsNormMode::mean_square || mode == RmsNormMode::l2_normalize, Status::invalid_argument, op,
+          ": unknown RmsNormMode ", static_cast<int>(mode));
+}
+
+}  // namespace impl
+
+template <class T>
+void rms_norm_forward(RmsNormMode mode, const View2<const T>& x, const View1<const T>& gamma, T eps,
+                      const View2<T>& y, const View1<T>& scale) {
+  const char* op = "kmoe::rms_norm_forward";
+  impl::require_rms_mode<T>(op, mode);
+  impl::require_rows(op, x);
+  impl::require_eps(op, eps);
+  impl::require_optional_column_param(op, "gamma", gamma, x);
+  impl::require_extents_2d(op, "y", y, x);
+  impl::require_length(op, "scale", scale, x.extent(0), "rows of x");
+  const bool has_gamma = impl::present(gamma);
+  const int cols = static_cast<int>(x.extent(1));
+  const T sqrt_cols = static_cast<T>(std::sqrt(static_cast<double>(cols)));
+  Kokkos::parallel_for(
+      op, impl::row_policy(op, x.extent(0)), KOKKOS_LAMBDA(const impl::RowMember& team) {
+        const int r = team.league_rank();
+        const T sum_squares = impl::row_sum<T>(team, cols, [&](const int j) { return x(r, j) * x(r, j); });
+        const T s = mode == RmsNormMode::mean_square
+                        ? T(1) / Kokkos::Experimental::sqrt(sum_squares / T(cols) + eps)
+                        : sqrt_cols / Kokkos::Experimental::fmax(Kokkos::Experimental::sqrt(sum_squares), eps);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int j) {
+          y(r, j) = x(r, j) * s * (has_gamma ? gamma(j) : T(1));
+        });
+        Kokkos::single(Kokkos::PerTeam(team), [&]() { scale(r) = s; });
+      });
+}
+
+template <class T>
+void rms_norm_backward(RmsNormMode mode, const View2<const T>& x, const View1<const T>& gamma, T eps,
+                       const View1<const T>& scale, const View2<const T>& dy, const View2<T>& dx,
+                       const View1<T>& dgamma) {
+  const char* op = "kmoe::rms_norm_backward";
+  impl::require_rms_mode<T>(op, mode);
+  impl::require_rows(op, x);
+  impl::require_eps(op, eps);
+  impl::require_optional_column_param(op, "gamma", gamma, x);
+  impl::require_optional_column_param(op, "dgamma", dgamma, x);
+  impl::require_length(op, "scale", scale, x.extent(0), "rows of x");
+  impl::require_extents_2d(op, "dy", dy, x);
+  impl::require_extents_2d(op, "dx", dx, x);
+  const bool has_gamma = impl::present(gamma);
+  const int cols = static_cast<int>(x.extent(1));
+  // y = x·s·gamma. In both modes ∂s/∂x = −s³·x/D (mean_square: s = (Σx²/D + eps)^−½; l2: s = √D/‖x‖),
+  // except where l2_normalize clamps ‖x‖ < eps to eps, which makes s constant there.
+  // So with g = dy·gamma: dx = s·g − [not clamped]·s³/D · x · Σ(g ⊙ x).
+  Kokkos::parallel_for(
+      op, impl::row_policy(op, x.extent(0)), KOKKOS_LAMBDA(const impl::RowMember& team) {
+        const int r = team.league_rank();
+        const T s = scale(r);
+        const auto g = [&](const int j) { return has_gamma ? dy(r, j) * gamma(j) : dy(r, j); };
+        const bool clamped = mode == RmsNormMode::l2_normalize &&
+                             Kokkos::Experimental::sqrt(impl::row_sum<T>(
+                                 team, cols, [&](const int j) { return x(r, j) * x(r, j); })) < eps;
+        T coefficient = 0;
+        if (!clamped) coefficient = s * s * s / T(cols) * impl::row_sum<T>(team, cols, [&](const int j) { return g(j) * x(r, j); });
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols),
+                             [&](const int j) { dx(r, j) = s * g(j) - coefficient * x(r, j); });
+      });
+  impl::accumulate_affine_gradients<T>("kmoe::rms_norm_backward(gamma)", x, View1<const T>(), scale, dy, dgamma,
+                                       View1<T>());
+}
+
+#define KMOE_INSTANTIATE(T)                                                                                          \
+  template void layer_norm_forward<T>(const View2<const T>&, const View1<const T>&, const View1<const T>&, T,       \
+                                      const View2<T>&, const View1<T>&, const View1<T>&);                            \
+  template void layer_norm_backward<T>(const View2<const T>&, const View1<const T>&, const View1<const T>&,         \
+                                       const View1<const T>&, const View2<const T>&, const View2<T>&,                \
+                                       const View1<T>&, const View1<T>&);                                            \
+  template void rms_norm_forward<T>(RmsNormMode, const View2<const T>&, const View1<const T>&, T, const View2<T>&, \
+                                    const View1<T>&);                                                                \
+  template void rms_norm_backward<T>(RmsNormMode, const View2<const T>&, const View1<const T>&, T,                 \
+                                     const View1<const T>&, const View2<const T>&, const View2<T>&, const View1<T>&);
+KMOE_INSTANTIATE(float)
+KMOE_INSTANTIATE(double)
+#undef KMOE_INSTANTIATE
+
+}  // namespace kmoe::ops

@@ -1,0 +1,381 @@
+#include "kmoe/io/hdf5_reader.hpp"
+#include "kmoe/moe/cvmm.hpp"
+#include "test_util.hpp"
+
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+
+using namespace kmoe;
+using namespace kmoe::test;
+
+namespace {
+
+// A CVMM problem in host double: the router's choice and the dense operands.
+struct Problem {
+  index_t tokens = 0;
+  int k = 0, experts = 0;
+  index_t K = 0, M = 0;
+  bool per_token = true;  // x [tokens, K], else [tokens · k, K]
+  std::vector<int> expert_index;
+  std::vector<double> x, w, gates;
+
+  index_t pairs() const { return tokens * k; }
+  index_t x_rows() const { return per_token ? tokens : pairs(); }
+  index_t row(index_t p) const { return per_token ? p / k : p; }
+};
+
+// Experts are drawn from [0, used_experts), so experts from used_experts on receive no rows.
+Problem make_problem(index_t tokens, int k, int experts, index_t K, index_t M, bool per_token, std::uint64_t seed,
+                     int used_experts = 0) {
+  Problem p{tokens, k, experts, K, M, per_token, {}, {}, {}, {}};
+  std::mt19937_64 gen(seed);
+  p.expert_index.resize(p.pairs());
+  for (index_t t = 0; t < tokens; ++t) {  // distinct experts per token, as a router picks them
+    std::vector<int> pool(used_experts > 0 ? used_experts : experts);
+    std::iota(pool.begin(), pool.end(), 0);
+    std::shuffle(pool.begin(), pool.end(), gen);
+    std::copy(pool.begin(), pool.begin() + k, p.expert_index.begin() + t * k);
+  }
+  p.x = random_values(p.x_rows() * K, seed + 1);
+  p.w = random_values(static_cast<index_t>(experts) * K * M, seed + 2);
+  p.gates = random_values(p.pairs(), seed + 3, 0, 1);
+  return p;
+}
+
+std::vector<double> reference_y_pairs(const Problem& p, const std::vector<double>& x, const std::vector<double>& w) {
+  std::vector<double> y(p.pairs() * p.M, 0.0);
+  for (index_t pair = 0; pair < p.pairs(); ++pair) {
+    const index_t e = p.expert_index[pair];
+    for (index_t m = 0; m < p.M; ++m)
+      for (index_t c = 0; c < p.K; ++c) y[pair * p.M + m] += x[p.row(pair) * p.K + c] * w[(e * p.K + c) * p.M + m];
+  }
+  return y;
+}
+
+std::vector<double> reference_reduce(const Problem& p, const std::vector<double>& y_pairs,
+                                     const std::vector<double>& gates) {
+  std::vector<double> y(p.tokens * p.M, 0.0);
+  for (index_t pair = 0; pair < p.pairs(); ++pair)
+    for (index_t m = 0; m < p.M; ++m) y[(pair / p.k) * p.M + m] += gates[pair] * y_pairs[pair * p.M + m];
+  return y;
+}
+
+struct Gradients {
+  std::vector<double> dx, dw, dgates;
+};
+
+// From dy_pairs: dx[row(p)] += dy_pair[p] · W[e]ᵀ, dw[e] += x[row(p)]ᵀ · dy_pair[p].
+Gradients reference_backward(const Problem& p, const std::vector<double>& dy_pairs) {
+  Gradients g{std::vector<double>(p.x_rows() * p.K, 0.0), std::vector<double>(p.w.size(), 0.0), {}};
+  for (index_t pair = 0; pair < p.pairs(); ++pair) {
+    const index_t e = p.expert_index[pair], r = p.row(pair);
+    for (index_t c = 0; c < p.K; ++c)
+      for (index_t m = 0; m < p.M; ++m) {
+        g.dx[r * p.K + c] += dy_pairs[pair * p.M + m] * p.w[(e * p.K + c) * p.M + m];
+        g.dw[(e * p.K + c) * p.M + m] += p.x[r * p.K + c] * dy_pairs[pair * p.M + m];
+      }
+  }
+  return g;
+}
+
+Gradients reference_backward_reduced(const Problem& p, const std::vector<double>& dy) {
+  std::vector<double> dy_pairs(p.pairs() * p.M);
+  for (index_t pair = 0; pair < p.pairs(); ++pair)
+    for (index_t m = 0; m < p.M; ++m) dy_pairs[pair * p.M + m] = p.gates[pair] * dy[(pair / p.k) * p.M + m];
+  Gradients g = reference_backward(p, dy_pairs);
+  const auto y_pairs = reference_y_pairs(p, p.x, p.w);
+  g.dgates.assign(p.pairs(), 0.0);
+  for (index_t pair = 0; pair < p.pairs(); ++pair)
+    for (index_t m = 0; m < p.M; ++m) g.dgates[pair] += dy[(pair / p.k) * p.M + m] * y_pairs[pair * p.M + m];
+  return g;
+}
+
+moe::DispatchPlan make_plan(const Problem& p) {
+  auto index = Tensor<int>::from_host("expert_index", {p.tokens, p.k}, p.expert_index);
+  return moe::DispatchPlan::build(index.as_matrix(), p.experts);
+}
+
+// The library's results for a problem, in T, read back as double.
+struct Results {
+  std::vector<double> y_pairs, y, dx, dw, dgates;
+};
+
+// Runs forward and backward; reduced uses gates and dy [tokens, M], else dy is dy_pairs. dw starts
+// at dw_start (accumulation); dx and dgates start at garbage (overwritten). Outputs named in
+// `skip` ("dx", "dw", "dgates") are passed as empty Views.
+template <class T>
+Results run_cvmm(const Problem& p, bool reduced, const std::vector<double>& dy, const std::vector<double>& dw_start,
+                 const std::string& skip = "") {
+  const auto plan = make_plan(p);
+  auto x = make_tensor<T>({p.x_rows(), p.K}, p.x);
+  auto w = make_tensor<T>({p.experts, p.K, p.M}, p.w);
+  auto gates = make_tensor<T>({p.tokens, p.k}, p.gates);
+  Tensor<T> y_pairs("y_pairs", {p.pairs(), p.M}), y("y", {p.tokens, p.M});
+  Tensor<T> dx("dx", {p.x_rows(), p.K}), dgates("dgates", {p.tokens, p.k});
+  dx.fill(T(7));
+  dgates.fill(T(7));
+  auto dw = make_tensor<T>({p.experts, p.K, p.M}, dw_start);
+  auto dy_t = make_tensor<T>({static_cast<index_t>(dy.size()) / p.M, p.M}, dy);
+  const View2<T> dx_view = skip.find("dx") == std::string::npos ? dx.as_matrix() : View2<T>();
+  const View3<T> dw_view = skip.find("dw") == std::string::npos ? dw.as_3d(1) : View3<T>();
+  const View2<T> dgates_view = skip.find("dgates") == std::string::npos ? dgates.as_matrix() : View2<T>();
+  Results r;
+  if (reduced) {
+    moe::cvmm_forward_reduced<T>(plan, x.as_matrix(), w.as_3d(1), gates.as_matrix(), y.as_matrix(),
+                                 y_pairs.as_matrix());
+    moe::cvmm_backward_reduced<T>(plan, x.as_matrix(), w.as_3d(1), gates.as_matrix(), y_pairs.as_matrix(),
+                                  dy_t.as_matrix(), dx_view, dw_view, dgates_view);
+    r.y = to_double(y);
+    r.dgates = to_double(dgates);
+  } else {
+    moe::cvmm_forward<T>(plan, x.as_matrix(), w.as_3d(1), y_pairs.as_matrix());
+    moe::cvmm_backward<T>(plan, x.as_matrix(), w.as_3d(1), dy_t.as_matrix(), dx_view, dw_view);
+  }
+  r.y_pairs = to_double(y_pairs);
+  r.dx = to_double(dx);
+  r.dw = to_double(dw);
+  return r;
+}
+
+std::vector<Problem> problems() {
+  std::vector<Problem> all;
+  for (bool per_token : {true, false}) {
+    all.push_back(make_problem(37, 4, 16, 33, 7, per_token, 10, 12));  // experts 12..15 receive nothing
+    all.push_back(make_problem(9, 1, 5, 7, 1, per_token, 20));         // k = 1: both readings of x coincide
+    all.push_back(make_problem(13, 6, 6, 5, 9, per_token, 30));        // k = E: every token uses every expert
+    all.push_back(make_problem(20, 3, 8, 1, 17, per_token, 40, 4));
+  }
+  return all;
+}
+
+std::string describe(const Problem& p) {
+  return (::testing::Message() << "tokens " << p.tokens << " k " << p.k << " experts " << p.experts << " K " << p.K
+                               << " M " << p.M << (p.per_token ? " per-token x" : " per-pair x"))
+      .GetString();
+}
+
+std::vector<double> plus(const std::vector<double>& a, const std::vector<double>& b) {
+  std::vector<double> s(a.size());
+  for (std::size_t i = 0; i < a.size(); ++i) s[i] = a[i] + b[i];
+  return s;
+}
+
+template <class T>
+void expect_matches_reference(const Problem& p, double tolerance) {
+  const auto label = describe(p) + (sizeof(T) == 4 ? " float" : " double");
+  const auto dw_start = random_values(p.w.size(), 5);
+  const auto y_pairs = reference_y_pairs(p, p.x, p.w);
+
+  const auto dy_pairs = random_values(p.pairs() * p.M, 6);
+  const auto plain = run_cvmm<T>(p, false, dy_pairs, dw_start);
+  const auto expected = reference_backward(p, dy_pairs);
+  EXPECT_LT(max_rel_error(plain.y_pairs, y_pairs), tolerance) << label;
+  EXPECT_LT(max_rel_error(plain.dx, expected.dx), tolerance) << label;
+  EXPECT_LT(max_rel_error(plain.dw, plus(dw_start, expected.dw)), tolerance) << label;
+
+  const auto dy = random_values(p.tokens * p.M, 7);
+  const auto reduced = run_cvmm<T>(p, true, dy, dw_start);
+  const auto expected_reduced = reference_backward_reduced(p, dy);
+  EXPECT_LT(max_rel_error(reduced.y_pairs, y_pairs), tolerance) << label;
+  EXPECT_LT(max_rel_error(reduced.y, reference_reduce(p, y_pairs, p.gates)), tolerance) << label;
+  EXPECT_LT(max_rel_error(reduced.dx, expected_reduced.dx), tolerance) << label;
+  EXPECT_LT(max_rel_error(reduced.dw, plus(dw_start, expected_reduced.dw)), tolerance) << label;
+  EXPECT_LT(max_rel_error(reduced.dgates, expected_reduced.dgates), tolerance) << label;
+}
+
+double relative_l2_error(const std::vector<double>& actual, const std::vector<double>& expected) {
+  double diff = 0, norm = 0;
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    diff += (actual[i] - expected[i]) * (actual[i] - expected[i]);
+    norm += expected[i] * expected[i];
+  }
+  return std::sqrt(diff / norm);
+}
+
+void expect_shape_mismatch(const std::function<void()>& fn, const std::string& needle) {
+  try {
+    fn();
+    FAIL() << "no error for " << needle;
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), Status::shape_mismatch) << e.what();
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+
+TEST(Cvmm, ForwardAndBackwardMatchDenseLoop) {
+  for (const auto& p : problems()) {
+    expect_matches_reference<double>(p, 1e-13);
+    expect_matches_reference<float>(p, 1e-5);
+  }
+}
+
+TEST(Cvmm, BackwardMatchesFiniteDifferences) {
+  for (const auto& p : problems()) {
+    const auto label = describe(p);
+    const auto zero_dw = std::vector<double>(p.w.size(), 0.0);
+    const auto r_pairs = random_values(p.pairs() * p.M, 8);
+    const auto plain = run_cvmm<double>(p, false, r_pairs, zero_dw);
+    const auto loss_x = [&](const std::vector<double>& x) { return dot(reference_y_pairs(p, x, p.w), r_pairs); };
+    const auto loss_w = [&](const std::vector<double>& w) { return dot(reference_y_pairs(p, p.x, w), r_pairs); };
+    EXPECT_LT(finite_difference_error(p.x, loss_x, plain.dx), fd_tolerance) << label;
+    EXPECT_LT(finite_difference_error(p.w, loss_w, plain.dw), fd_tolerance) << label;
+
+    const auto r = random_values(p.tokens * p.M, 9);
+    const auto reduced = run_cvmm<double>(p, true, r, zero_dw);
+    const auto loss = [&](const std::vector<double>& x, const std::vector<double>& w, const std::vector<double>& g) {
+      return dot(reference_reduce(p, reference_y_pairs(p, x, w), g), r);
+    };
+    EXPECT_LT(finite_difference_error(p.x, [&](const auto& x) { return loss(x, p.w, p.gates); }, reduced.dx),
+              fd_tolerance)
+        << label;
+    EXPECT_LT(finite_difference_error(p.w, [&](const auto& w) { return loss(p.x, w, p.gates); }, reduced.dw),
+              fd_tolerance)
+        << label;
+    EXPECT_LT(finite_difference_error(p.gates, [&](const auto& g) { return loss(p.x, p.w, g); }, reduced.dgates),
+              fd_tolerance)
+        << label;
+  }
+}
+
+TEST(Cvmm, EmptyGradientOutputsAreSkipped) {
+  const auto p = make_problem(37, 4, 16, 33, 7, true, 50, 12);
+  const auto dw_start = random_values(p.w.size(), 51);
+  const auto dy = random_values(p.tokens * p.M, 52);
+  const auto all = run_cvmm<double>(p, true, dy, dw_start);
+  const auto no_dx = run_cvmm<double>(p, true, dy, dw_start, "dx dgates");
+  EXPECT_EQ(no_dx.dw, all.dw);
+  EXPECT_EQ(no_dx.dx, std::vector<double>(all.dx.size(), 7.0));
+  EXPECT_EQ(no_dx.dgates, std::vector<double>(all.dgates.size(), 7.0));
+  const auto no_dw = run_cvmm<double>(p, true, dy, dw_start, "dw");
+  EXPECT_EQ(no_dw.dx, all.dx);
+  EXPECT_EQ(no_dw.dgates, all.dgates);
+  EXPECT_EQ(no_dw.dw, dw_start);
+}
+
+TEST(Cvmm, RepeatedRunsAreBitwiseIdentical) {
+  for (bool per_token : {true, false}) {
+    const auto p = make_problem(300, 4, 37, 96, 80, per_token, 60);
+    const auto dw_start = random_values(p.w.size(), 61);
+    const auto dy = random_values(p.tokens * p.M, 62);
+    const auto first = run_cvmm<float>(p, true, dy, dw_start), second = run_cvmm<float>(p, true, dy, dw_start);
+    // Compared as doubles converted from float: equality is bit equality (no NaN here).
+    EXPECT_EQ(first.y, second.y);
+    EXPECT_EQ(first.y_pairs, second.y_pairs);
+    EXPECT_EQ(first.dx, second.dx);
+    EXPECT_EQ(first.dw, second.dw);
+    EXPECT_EQ(first.dgates, second.dgates);
+  }
+}
+
+// σ-MoE's Triton CVMM on the recorded layer: expert_scores = relu(cvmm(x, keys)) per (token, slot)
+// in topk_index_raw order, out = Σ_slot gate · cvmm(scores, values), and the weight gradients of
+// sum(out · grad_out) (the entropy regulariser does not reach keys or values).
+TEST(Cvmm, MatchesSigmaMoeTritonGolden) {
+  const char* data = std::getenv("KMOE_TEST_DATA");
+  ASSERT_NE(data, nullptr) << "KMOE_TEST_DATA is not set: run through ctest or point it at the repository's data/";
+  const io::H5Reader file(std::string(data) + "/golden/sigma_moe/sigma_moe_sigmoid_relu_train.h5");
+  const index_t tokens = 64, dmodel = 64, experts = 16, expert_size = 32;
+  const int k = 4;
+  const auto x = file.read<float>("/input/x", Shape{4, 16, dmodel}).reshape({tokens, dmodel});
+  const auto keys = file.read<float>("/params/keys", Shape{experts, dmodel, expert_size});
+  const auto values = file.read<float>("/params/values", Shape{experts, expert_size, dmodel});
+  const auto raw_index = file.read_indices("/debug/topk_index_raw", Shape{4, 16, k}).reshape({tokens, k});
+  const auto plan = moe::DispatchPlan::build(raw_index.as_matrix(), experts);
+
+  // The gates come in topk_index order; put them in the raw order of the pairs.
+  const auto sorted_index = file.read_indices("/debug/topk_index", Shape{4, 16, k}).to_host();
+  const auto sorted_gate = file.read<float>("/debug/topk_gate", Shape{4, 16, k}).to_host();
+  const auto raw = raw_index.to_host();
+  std::vector<float> gate(tokens * k);
+  for (index_t t = 0; t < tokens; ++t)
+    for (int j = 0; j < k; ++j) {
+      const auto* row = sorted_index.data() + t * k;
+      const auto at = std::find(row, row + k, raw[t * k + j]) - row;
+      ASSERT_LT(at, k) << "token " << t << " slot " << j;
+      gate[t * k + j] = sorted_gate[t * k + at];
+    }
+  const auto gates = Tensor<float>::from_host("gates", {tokens, k}, gate);
+
+  Tensor<float> scores("scores", {tokens * k, expert_size});
+  moe::cvmm_forward<float>(plan, x.as_matrix(), keys.as_3d(1), scores.as_matrix());
+  auto h = scores.to_host();
+  for (auto& v : h) v = std::max(v, 0.0f);
+  const auto hidden = Tensor<float>::from_host("hidden", scores.shape(), h);
+  const auto golden_scores = to_double(file.read<float>("/debug/expert_scores", Shape{4, 16, k, expert_size}));
+  const double scores_error = relative_l2_error(to_double(hidden), golden_scores);
+  EXPECT_LE(scores_error, 1e-5);
+
+  Tensor<float> out("out", {tokens, dmodel}), out_pairs("out_pairs", {tokens * k, dmodel});
+  moe::cvmm_forward_reduced<float>(plan, hidden.as_matrix(), values.as_3d(1), gates.as_matrix(), out.as_matrix(),
+                                   out_pairs.as_matrix());
+  const double out_error = relative_l2_error(to_double(out), to_double(file.read<float>("/output/out")));
+  EXPECT_LE(out_error, 1e-5);
+
+  const auto grad_out = file.read<float>("/input/grad_out").reshape({tokens, dmodel});
+  Tensor<float> dhidden("dhidden", hidden.shape()), dvalues("dvalues", values.shape()), dkeys("dkeys", keys.shape());
+  moe::cvmm_backward_reduced<float>(plan, hidden.as_matrix(), values.as_3d(1), gates.as_matrix(),
+                                    out_pairs.as_matrix(), grad_out.as_matrix(), dhidden.as_matrix(), dvalues.as_3d(1),
+                                    View2<float>());
+  auto dpre = dhidden.to_host();
+  for (std::size_t i = 0; i < dpre.size(); ++i)
+    if (!(h[i] > 0)) dpre[i] = 0;
+  const auto dscores = Tensor<float>::from_host("dscores", hidden.shape(), dpre);
+  moe::cvmm_backward<float>(plan, x.as_matrix(), keys.as_3d(1), dscores.as_matrix(), View2<float>(), dkeys.as_3d(1));
+  const double dvalues_error = relative_l2_error(to_double(dvalues), to_double(file.read<float>("/grad/params/values")));
+  const double dkeys_error = relative_l2_error(to_double(dkeys), to_double(file.read<float>("/grad/params/keys")));
+  EXPECT_LE(dvalues_error, 1e-5);
+  EXPECT_LE(dkeys_error, 1e-5);
+  std::printf("golden relative L2 errors: expert_scores %.3g, out %.3g, d values %.3g, d keys %.3g\n", scores_error,
+              out_error, dvalues_error, dkeys_error);
+}
+
+TEST(Cvmm, BadShapesAreErrors) {
+  const auto p = make_problem(10, 3, 4, 6, 5, true, 70);
+  const auto plan = make_plan(p);
+  Tensor<float> x("x", {10, 6}), x_bad_rows("x", {11, 6}), w("w", {4, 6, 5}), w_bad_k("w", {4, 7, 5}),
+      w_bad_e("w", {5, 6, 5}), y_pairs("y_pairs", {30, 5}), y_pairs_bad("y_pairs", {30, 4}), y("y", {10, 5}),
+      y_bad("y", {9, 5}), gates("gates", {10, 3}), gates_bad("gates", {10, 2}), dx_bad("dx", {30, 6}),
+      dw_bad("dw", {4, 6, 4}), dy("dy", {10, 5}), dgates_bad("dgates", {3, 10});
+  const auto X = x.as_matrix();
+  const auto W = w.as_3d(1);
+  expect_shape_mismatch([&] { moe::cvmm_forward<float>(plan, x_bad_rows.as_matrix(), W, y_pairs.as_matrix()); },
+                        "cvmm_forward: x is [11, 6], but the plan has 10 tokens and 30 pairs");
+  expect_shape_mismatch([&] { moe::cvmm_forward<float>(plan, X, w_bad_k.as_3d(1), y_pairs.as_matrix()); },
+                        "cvmm_forward: w is [4, 7, 5]");
+  expect_shape_mismatch([&] { moe::cvmm_forward<float>(plan, X, w_bad_e.as_3d(1), y_pairs.as_matrix()); },
+                        "cvmm_forward: w is [5, 6, 5]");
+  expect_shape_mismatch([&] { moe::cvmm_forward<float>(plan, X, W, y_pairs_bad.as_matrix()); },
+                        "cvmm_forward: y_pairs is [30, 4], expected [30, 5]");
+  expect_shape_mismatch(
+      [&] {
+        moe::cvmm_forward_reduced<float>(plan, X, W, gates_bad.as_matrix(), y.as_matrix(), y_pairs.as_matrix());
+      },
+      "cvmm_forward_reduced: gates is [10, 2], expected [10, 3]");
+  expect_shape_mismatch(
+      [&] { moe::cvmm_forward_reduced<float>(plan, X, W, gates.as_matrix(), y_bad.as_matrix(), y_pairs.as_matrix()); },
+      "cvmm_forward_reduced: y is [9, 5]");
+  expect_shape_mismatch(
+      [&] { moe::cvmm_backward<float>(plan, X, W, y_pairs_bad.as_matrix(), View2<float>(), View3<float>()); },
+      "cvmm_backward: dy_pairs is [30, 4]");
+  expect_shape_mismatch(
+      [&] { moe::cvmm_backward<float>(plan, X, W, y_pairs.as_matrix(), dx_bad.as_matrix(), View3<float>()); },
+      "cvmm_backward: dx is [30, 6], expected [10, 6]");
+  expect_shape_mismatch(
+      [&] { moe::cvmm_backward<float>(plan, X, W, y_pairs.as_matrix(), View2<float>(), dw_bad.as_3d(1)); },
+      "cvmm_backward: dw is [4, 6, 4], w is [4, 6, 5]");
+  expect_shape_mismatch(
+      [&] {
+        moe::cvmm_backward_reduced<float>(plan, X, W, gates.as_matrix(), y_pairs.as_matrix(), y_bad.as_matrix(),
+                                          View2<float>(), View3<float>(), View2<float>());
+      },
+      "cvmm_backward_reduced: dy is [9, 5]");
+  expect_shape_mismatch(
+      [&] {
+        moe::cvmm_backward_reduced<float>(plan, X, W, gates.as_matrix(), y_pairs.as_matrix(), dy.as_matrix(),
+                                          View2<float>(), View3<float>(), dgates_bad.as_matrix());
+      },
+      "cvmm_backward_reduced: dgates is [3, 10]");
+}

@@ -1,0 +1,128 @@
+#include "kmoe/ops/gemm.hpp"
+#include "test_util.hpp"
+
+#include <cmath>
+
+using namespace kmoe;
+using namespace kmoe::test;
+
+namespace {
+
+// A [rows, cols] row-major matrix of random values for a test.
+struct HostMatrix {
+  index_t rows, cols;
+  std::vector<double> values;
+  double operator()(index_t i, index_t j) const { return values[i * cols + j]; }
+};
+
+HostMatrix random_matrix(index_t rows, index_t cols, std::uint64_t seed) {
+  return {rows, cols, random_values(static_cast<std::size_t>(rows * cols), seed)};
+}
+
+// alpha · op(A) · op(B) + beta · C by the textbook triple loop, in double.
+std::vector<double> naive_gemm(bool ta, bool tb, double alpha, const HostMatrix& a, const HostMatrix& b, double beta,
+                               const HostMatrix& c) {
+  const index_t m = c.rows, n = c.cols, k = ta ? a.rows : a.cols;
+  std::vector<double> out(static_cast<std::size_t>(m * n));
+  for (index_t i = 0; i < m; ++i)
+    for (index_t j = 0; j < n; ++j) {
+      double sum = 0;
+      for (index_t p = 0; p < k; ++p) sum += (ta ? a(p, i) : a(i, p)) * (tb ? b(j, p) : b(p, j));
+      out[i * n + j] = alpha * sum + beta * c(i, j);
+    }
+  return out;
+}
+
+template <class T>
+std::vector<double> run_gemm(bool ta, bool tb, double alpha, const HostMatrix& a, const HostMatrix& b, double beta,
+                             const HostMatrix& c) {
+  auto at = make_tensor<T>({a.rows, a.cols}, a.values, "a");
+  auto bt = make_tensor<T>({b.rows, b.cols}, b.values, "b");
+  auto ct = make_tensor<T>({c.rows, c.cols}, c.values, "c");
+  ops::gemm<T>(ta, tb, T(alpha), at.as_matrix(), bt.as_matrix(), T(beta), ct.as_matrix());
+  return to_double(ct);
+}
+
+// Checks C = alpha · op(A) · op(B) + beta · C for C [m, n] and inner size k against the naive loop.
+template <class T>
+void check_gemm(bool ta, bool tb, index_t m, index_t n, index_t k, double alpha, double beta, double tolerance,
+                std::uint64_t seed) {
+  const auto a = ta ? random_matrix(k, m, seed) : random_matrix(m, k, seed);
+  const auto b = tb ? random_matrix(n, k, seed + 1) : random_matrix(k, n, seed + 1);
+  const auto c = random_matrix(m, n, seed + 2);
+  const auto expected = naive_gemm(ta, tb, alpha, a, b, beta, c);
+  EXPECT_LT(max_rel_error(run_gemm<T>(ta, tb, alpha, a, b, beta, c), expected), tolerance)
+      << "ta=" << ta << " tb=" << tb << " m=" << m << " n=" << n << " k=" << k << " alpha=" << alpha
+      << " beta=" << beta;
+}
+
+const index_t kSizes[][3] = {{1, 1, 1}, {7, 33, 5}, {33, 7, 129}, {129, 1, 33}, {5, 129, 7}, {64, 48, 32}};
+
+}  // namespace
+
+TEST(Gemm, AllTransposeCombinationsMatchNaiveLoop) {
+  std::uint64_t seed = 100;
+  for (bool ta : {false, true})
+    for (bool tb : {false, true})
+      for (const auto& s : kSizes) {
+        check_gemm<double>(ta, tb, s[0], s[1], s[2], 1.0, 0.0, 1e-13, seed);
+        check_gemm<float>(ta, tb, s[0], s[1], s[2], 1.0, 0.0, 1e-5, seed);
+        seed += 3;
+      }
+}
+
+TEST(Gemm, AlphaAndBetaScaleAndAccumulate) {
+  std::uint64_t seed = 200;
+  for (bool ta : {false, true})
+    for (bool tb : {false, true})
+      for (const double alpha : {0.0, -0.5, 2.0})
+        for (const double beta : {0.0, 1.0, -1.5}) {
+          check_gemm<double>(ta, tb, 7, 33, 5, alpha, beta, 1e-13, seed);
+          check_gemm<float>(ta, tb, 33, 7, 129, alpha, beta, 1e-5, seed);
+          seed += 3;
+        }
+}
+
+TEST(Gemm, ZeroInnerSizeOnlyScalesC) {
+  for (bool ta : {false, true})
+    for (bool tb : {false, true})
+      for (const double beta : {0.0, 1.0, 0.25}) {
+        check_gemm<double>(ta, tb, 7, 5, 0, 3.0, beta, 1e-15, 300);
+        check_gemm<float>(ta, tb, 7, 5, 0, 3.0, beta, 1e-7, 300);
+      }
+}
+
+TEST(Gemm, BetaZeroIgnoresNaNInC) {  // BLAS semantics: beta = 0 means C is not read
+  const auto a = random_matrix(7, 5, 400), b = random_matrix(5, 33, 401);
+  HostMatrix c{7, 33, std::vector<double>(7 * 33, NAN)};
+  const auto expected = naive_gemm(false, false, 1.0, a, b, 0.0, HostMatrix{7, 33, std::vector<double>(7 * 33, 0)});
+  EXPECT_LT(max_rel_error(run_gemm<double>(false, false, 1.0, a, b, 0.0, c), expected), 1e-13);
+}
+
+TEST(Gemm, EmptyOutputIsANoOp) {
+  const auto a = random_matrix(0, 5, 500), b = random_matrix(5, 3, 501), c = random_matrix(0, 3, 502);
+  EXPECT_TRUE(run_gemm<double>(false, false, 1.0, a, b, 0.0, c).empty());
+}
+
+TEST(Gemm, MismatchedExtentsAreShapeErrors) {
+  Tensor<double> a("a", {3, 4}), b("b", {5, 6}), c("c", {3, 6}), b_ok("b", {4, 6}), c_bad("c", {3, 7});
+  const auto expect_shape_error = [](auto&& call, const char* what) {
+    try {
+      call();
+      ADD_FAILURE() << what << ": no error";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.status(), Status::shape_mismatch) << what;
+      EXPECT_NE(std::string(e.what()).find("gemm"), std::string::npos) << e.what();
+    }
+  };
+  expect_shape_error([&] { ops::gemm<double>(false, false, 1.0, a.as_matrix(), b.as_matrix(), 0.0, c.as_matrix()); },
+                     "inner sizes 4 vs 5");
+  expect_shape_error([&] { ops::gemm<double>(false, false, 1.0, a.as_matrix(), b_ok.as_matrix(), 0.0, c_bad.as_matrix()); },
+                     "C has 7 columns");
+  expect_shape_error([&] { ops::gemm<double>(true, false, 1.0, a.as_matrix(), b_ok.as_matrix(), 0.0, c.as_matrix()); },
+                     "Aᵀ is 4x3");
+  expect_shape_error([&] { ops::gemm<double>(false, true, 1.0, a.as_matrix(), b_ok.as_matrix(), 0.0, c.as_matrix()); },
+                     "Bᵀ is 6x4");
+  // the correct call passes
+  EXPECT_NO_THROW(ops::gemm<double>(false, false, 1.0, a.as_matrix(), b_ok.as_matrix(), 0.0, c.as_matrix()));
+}
