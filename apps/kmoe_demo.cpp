@@ -102,14 +102,14 @@ int main(int argc, char** argv) {
     std::printf("kmoe demo: σ-MoE expert MLP (top-k → CVMM up → ReLU → CVMM down, gated), float32\n");
     std::printf("execution space: %s, concurrency %d\n", ExecSpace::name(), ExecSpace().concurrency());
     std::printf("shape: %s\n\n", shape.str().c_str());
-    std::printf("| %-9s | %-44s | %9s | %8s |\n", "stage", "tensors", "time [ms]", "GFLOP/s");
-    std::printf("|-----------|----------------------------------------------|-----------|----------|\n");
+    std::printf("| %-9s | %-48s | %9s | %8s |\n", "stage", "tensors", "time [ms]", "GFLOP/s");
+    std::printf("|-----------|--------------------------------------------------|-----------|----------|\n");
     char tensors[128];
     std::snprintf(tensors, sizeof tensors, "x[%ld,%ld] keys[%d,%ld,%ld] values[%d,%ld,%ld]", long(shape.tokens),
                   long(shape.dmodel), shape.experts, long(shape.dmodel), long(shape.expert_size), shape.experts,
                   long(shape.expert_size), long(shape.dmodel));
-    std::printf("| %-9s | %-44s | %9.2f | %8.1f |\n", "forward", tensors, fwd * 1e3, shape.forward_flops() / fwd * 1e-9);
-    std::printf("| %-9s | %-44s | %9.2f | %8.1f |\n", "backward", "dx, dkeys, dvalues, dgates", bwd * 1e3,
+    std::printf("| %-9s | %-48s | %9.2f | %8.1f |\n", "forward", tensors, fwd * 1e3, shape.forward_flops() / fwd * 1e-9);
+    std::printf("| %-9s | %-48s | %9.2f | %8.1f |\n", "backward", "dx, dkeys, dvalues, dgates", bwd * 1e3,
                 shape.backward_flops() / bwd * 1e-9);
     std::printf("\nmax gradient-check error (double, central differences; dx, dkeys, dvalues, dgates): %.2e\n",
                 grad_err);

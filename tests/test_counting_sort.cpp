@@ -81,3 +81,9 @@ TEST(CountingSort, KeysOutOfRangeAreRejected) {
   expect_invalid_argument([&] { ops::counting_sort(device_ints(keys), 9); }, "value -1 at element 20");
   expect_invalid_argument([&] { ops::counting_sort(device_ints({}), -1); }, "n_keys");
 }
+
+TEST(CountingSort, ManyMoreKeysThanElements) {
+  // A vocabulary-sized key range: the sort bounds its (key, chunk) table by using larger chunks.
+  expect_matches_stable_sort(random_keys(5003, 1500000, 8), 1500000);
+  expect_matches_stable_sort(random_keys(70000, 300000, 9), 300000);
+}

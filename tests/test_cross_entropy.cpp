@@ -23,7 +23,8 @@ Problem random_problem(index_t rows, index_t classes, std::uint64_t seed, int ig
   Problem p{rows, classes, random_values(rows * classes, seed, lo, hi), std::vector<int>(rows), kIgnore};
   std::mt19937_64 gen(seed + 1);
   for (index_t r = 0; r < rows; ++r)
-    p.targets[r] = ignore_every > 0 && r % ignore_every == 1 ? kIgnore : random_int(gen, 0, static_cast<int>(classes) - 1);
+    p.targets[r] =
+        ignore_every > 0 && r % ignore_every == 1 ? kIgnore : random_int(gen, 0, static_cast<int>(classes) - 1);
   return p;
 }
 
@@ -153,8 +154,7 @@ TEST(CrossEntropy, FloatBackwardMatchesDouble) {
   const auto tt = targets_tensor(p);
   Tensor<float> lse("lse", {p.rows}), dlogits("dlogits", lt.shape());
   ops::cross_entropy_forward<float>(lt.as_matrix(), tt.flat(), p.ignore_index, lse.flat());
-  ops::cross_entropy_backward<float>(lt.as_matrix(), tt.flat(), p.ignore_index, lse.flat(), 0.7f,
-                                     dlogits.as_matrix());
+  ops::cross_entropy_backward<float>(lt.as_matrix(), tt.flat(), p.ignore_index, lse.flat(), 0.7f, dlogits.as_matrix());
   EXPECT_LT(max_rel_error(to_double(dlogits), expected), 1e-6);
 }
 
@@ -179,33 +179,35 @@ TEST(CrossEntropy, BadArgumentsAreErrors) {
   auto too_large = p.targets;
   too_large[4] = static_cast<int>(p.classes);
   const auto too_large_t = with_targets(too_large);
-  expect_status(Status::invalid_argument,
-                [&] { ops::cross_entropy_forward<float>(logits, too_large_t.flat(), kIgnore, lse.flat()); },
-                "target = classes", "targets[4] = 5");
+  expect_status(
+      Status::invalid_argument,
+      [&] { ops::cross_entropy_forward<float>(logits, too_large_t.flat(), kIgnore, lse.flat()); }, "target = classes",
+      "targets[4] = 5");
   auto negative = p.targets;
   negative[2] = -1;
   const auto negative_t = with_targets(negative);
-  expect_status(Status::invalid_argument,
-                [&] { ops::cross_entropy_forward<float>(logits, negative_t.flat(), kIgnore, lse.flat()); },
-                "target = -1", "targets[2] = -1");
-  expect_status(Status::invalid_argument,
-                [&] {
-                  ops::cross_entropy_backward<float>(logits, negative_t.flat(), kIgnore, lse.flat(), 1.0f,
-                                                     dlogits.as_matrix());
-                },
-                "backward target = -1", "targets[2]");
+  expect_status(
+      Status::invalid_argument,
+      [&] { ops::cross_entropy_forward<float>(logits, negative_t.flat(), kIgnore, lse.flat()); }, "target = -1",
+      "targets[2] = -1");
+  expect_status(
+      Status::invalid_argument,
+      [&] {
+        ops::cross_entropy_backward<float>(logits, negative_t.flat(), kIgnore, lse.flat(), 1.0f, dlogits.as_matrix());
+      },
+      "backward target = -1", "targets[2]");
 
   const auto short_t = with_targets(std::vector<int>(p.targets.begin(), p.targets.end() - 1));
-  expect_status(Status::shape_mismatch,
-                [&] { ops::cross_entropy_forward<float>(logits, short_t.flat(), kIgnore, lse.flat()); },
-                "targets length");
-  expect_status(Status::shape_mismatch,
-                [&] { ops::cross_entropy_forward<float>(logits, good.flat(), kIgnore, lse_bad.flat()); },
-                "row_logsumexp length");
-  expect_status(Status::shape_mismatch,
-                [&] {
-                  ops::cross_entropy_backward<float>(logits, good.flat(), kIgnore, lse.flat(), 1.0f,
-                                                     dlogits_bad.as_matrix());
-                },
-                "dlogits shape");
+  expect_status(
+      Status::shape_mismatch, [&] { ops::cross_entropy_forward<float>(logits, short_t.flat(), kIgnore, lse.flat()); },
+      "targets length");
+  expect_status(
+      Status::shape_mismatch, [&] { ops::cross_entropy_forward<float>(logits, good.flat(), kIgnore, lse_bad.flat()); },
+      "row_logsumexp length");
+  expect_status(
+      Status::shape_mismatch,
+      [&] {
+        ops::cross_entropy_backward<float>(logits, good.flat(), kIgnore, lse.flat(), 1.0f, dlogits_bad.as_matrix());
+      },
+      "dlogits shape");
 }

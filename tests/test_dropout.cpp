@@ -107,9 +107,9 @@ TEST(Dropout, MaskIsAFunctionOfSeedAndOffset) {
   const index_t n = 4099;
   const auto x = nonzero_values(n, 4);
   const auto mask = kept(run_forward<float>(x, 0.5f, RngStream{10, 300}));
-  EXPECT_EQ(kept(run_forward<float>(x, 0.5f, RngStream{10, 300})), mask);      // same (seed, offset): same mask
-  EXPECT_NE(kept(run_forward<float>(x, 0.5f, RngStream{10, 301})), mask);      // another offset
-  EXPECT_NE(kept(run_forward<float>(x, 0.5f, RngStream{11, 300})), mask);      // another seed
+  EXPECT_EQ(kept(run_forward<float>(x, 0.5f, RngStream{10, 300})), mask);  // same (seed, offset): same mask
+  EXPECT_NE(kept(run_forward<float>(x, 0.5f, RngStream{10, 301})), mask);  // another offset
+  EXPECT_NE(kept(run_forward<float>(x, 0.5f, RngStream{11, 300})), mask);  // another seed
   // element i uses counter offset + i: shifting the offset by k shifts the mask by k
   const auto shifted = kept(run_forward<float>(x, 0.5f, RngStream{10, 300 + 7}));
   EXPECT_TRUE(std::equal(shifted.begin(), shifted.end() - 7, mask.begin() + 7));

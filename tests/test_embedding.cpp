@@ -1,7 +1,7 @@
 #include "kmoe/ops/embedding.hpp"
 #include "test_util.hpp"
 
-#include <cmath>
+#include <array>
 
 using namespace kmoe;
 using namespace kmoe::test;
@@ -73,8 +73,8 @@ void expect_bad_id(const std::vector<int>& ids, int bad, bool backward) {
 
 TEST(Embedding, ForwardGathersRowsByIdFloatAndDouble) {
   std::uint64_t seed = 1;
-  for (const auto& [n, rows, dim] : {std::array<index_t, 3>{1, 1, 1}, {7, 3, 33}, {129, 50, 7}, {33, 1000, 64},
-                                     {0, 5, 4}}) {
+  for (const auto& [n, rows, dim] :
+       {std::array<index_t, 3>{1, 1, 1}, {7, 3, 33}, {129, 50, 7}, {33, 1000, 64}, {0, 5, 4}}) {
     check_forward<double>(n, rows, dim, seed++);
     check_forward<float>(n, rows, dim, seed++);
   }

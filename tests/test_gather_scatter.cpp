@@ -104,8 +104,9 @@ TEST(GatherScatter, BadIndicesAndShapesAreErrors) {
                 Status::shape_mismatch, "gather_rows");
   expect_status([&] { ops::gather_rows<float>(src.as_matrix(), device_ints({0, 1, 2}), wide.as_matrix()); },
                 Status::shape_mismatch, "gather_rows");
-  expect_status([&] { ops::scatter_add_rows<float>(src.as_matrix(), device_ints({0, 1, 2, 3, 2, 1}), out.as_matrix()); },
-                Status::invalid_argument, "scatter_add_rows: index: value 3 at element 3");
+  expect_status(
+      [&] { ops::scatter_add_rows<float>(src.as_matrix(), device_ints({0, 1, 2, 3, 2, 1}), out.as_matrix()); },
+      Status::invalid_argument, "scatter_add_rows: index: value 3 at element 3");
   expect_status([&] { ops::scatter_add_rows<float>(src.as_matrix(), device_ints({0, 1}), out.as_matrix()); },
                 Status::shape_mismatch, "scatter_add_rows");
   expect_status([&] { ops::scatter_add_rows<float>(out.as_matrix(), device_ints({0, 1, 2}), wide.as_matrix()); },

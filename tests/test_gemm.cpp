@@ -56,7 +56,8 @@ void check_gemm(bool ta, bool tb, index_t m, index_t n, index_t k, double alpha,
       << " beta=" << beta;
 }
 
-const index_t kSizes[][3] = {{1, 1, 1}, {7, 33, 5}, {33, 7, 129}, {129, 1, 33}, {5, 129, 7}, {64, 48, 32}};
+const index_t kSizes[][3] = {{1, 1, 1},   {7, 33, 5},   {33, 7, 129}, {129, 1, 33},
+                             {5, 129, 7}, {64, 48, 32}, {33, 33, 33}};
 
 }  // namespace
 
@@ -117,8 +118,9 @@ TEST(Gemm, MismatchedExtentsAreShapeErrors) {
   };
   expect_shape_error([&] { ops::gemm<double>(false, false, 1.0, a.as_matrix(), b.as_matrix(), 0.0, c.as_matrix()); },
                      "inner sizes 4 vs 5");
-  expect_shape_error([&] { ops::gemm<double>(false, false, 1.0, a.as_matrix(), b_ok.as_matrix(), 0.0, c_bad.as_matrix()); },
-                     "C has 7 columns");
+  expect_shape_error(
+      [&] { ops::gemm<double>(false, false, 1.0, a.as_matrix(), b_ok.as_matrix(), 0.0, c_bad.as_matrix()); },
+      "C has 7 columns");
   expect_shape_error([&] { ops::gemm<double>(true, false, 1.0, a.as_matrix(), b_ok.as_matrix(), 0.0, c.as_matrix()); },
                      "Aᵀ is 4x3");
   expect_shape_error([&] { ops::gemm<double>(false, true, 1.0, a.as_matrix(), b_ok.as_matrix(), 0.0, c.as_matrix()); },

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
 using namespace kmoe;
 using namespace kmoe::test;
@@ -54,7 +55,8 @@ void expect_error(Call&& call, Status status, const std::vector<std::string>& na
   } catch (const Error& e) {
     const std::string message = e.what();
     EXPECT_EQ(e.status(), status) << message;
-    for (const auto& part : named) EXPECT_NE(message.find(part), std::string::npos) << "'" << part << "' in: " << message;
+    for (const auto& part : named)
+      EXPECT_NE(message.find(part), std::string::npos) << "'" << part << "' in: " << message;
   }
 }
 
@@ -168,12 +170,21 @@ TEST(Hdf5Reader, WrongShapeIsAShapeMismatchNamingTheDataset) {
   const std::string path = fixture_path();
   ASSERT_FALSE(path.empty());
   const H5Reader reader(path);
-  expect_error([&] { reader.read<float>("/input/x", Shape{4, 16, 63}); }, Status::shape_mismatch,
-               {path, "/input/x", "[4, 16, 64]", "[4, 16, 63]"});
-  expect_error([&] { reader.read_converted<double>("/input/x", Shape{4, 1024}); }, Status::shape_mismatch,
-               {"/input/x", "[4, 1024]"});
-  expect_error([&] { reader.read_indices("/debug/topk_index", Shape{4, 16}); }, Status::shape_mismatch,
-               {"/debug/topk_index"});
+  expect_error(
+      [&] {
+        reader.read<float>("/input/x", Shape{4, 16, 63});
+      },
+      Status::shape_mismatch, {path, "/input/x", "[4, 16, 64]", "[4, 16, 63]"});
+  expect_error(
+      [&] {
+        reader.read_converted<double>("/input/x", Shape{4, 1024});
+      },
+      Status::shape_mismatch, {"/input/x", "[4, 1024]"});
+  expect_error(
+      [&] {
+        reader.read_indices("/debug/topk_index", Shape{4, 16});
+      },
+      Status::shape_mismatch, {"/debug/topk_index"});
   expect_error([&] { reader.read<float>("/output/loss", Shape{1}); }, Status::shape_mismatch, {"/output/loss"});
 }
 

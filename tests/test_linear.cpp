@@ -55,8 +55,7 @@ Grads run_backward(const LinearCase& s, const std::vector<double>& x, const std:
   auto db = make_tensor<T>({s.out}, db0, "db");
   for (int c = 0; c < calls; ++c) {
     dx.fill(T(NAN));  // dx must be overwritten
-    ops::linear_backward<T>(xt.as_matrix(), wt.as_matrix(), dyt.as_matrix(), dx.as_matrix(), dw.as_matrix(),
-                            db.flat());
+    ops::linear_backward<T>(xt.as_matrix(), wt.as_matrix(), dyt.as_matrix(), dx.as_matrix(), dw.as_matrix(), db.flat());
   }
   return {to_double(dx), to_double(dw), to_double(db)};
 }
@@ -105,14 +104,14 @@ TEST(Linear, BackwardMatchesFiniteDifferences) {
     const std::vector<double> dw0(s.out * s.in, 0.0), db0(s.out, 0.0);
     const auto g = run_backward<double>(s, x, w, r, dw0, db0);
     // L = Σ y ⊙ r, so dL/dy = r
-    EXPECT_LT(finite_difference_error(x, [&](const std::vector<double>& p) { return dot(run_forward<double>(s, p, w, b), r); },
-                                      g.dx),
+    EXPECT_LT(finite_difference_error(
+                  x, [&](const std::vector<double>& p) { return dot(run_forward<double>(s, p, w, b), r); }, g.dx),
               fd_tolerance);
-    EXPECT_LT(finite_difference_error(w, [&](const std::vector<double>& p) { return dot(run_forward<double>(s, x, p, b), r); },
-                                      g.dw),
+    EXPECT_LT(finite_difference_error(
+                  w, [&](const std::vector<double>& p) { return dot(run_forward<double>(s, x, p, b), r); }, g.dw),
               fd_tolerance);
-    EXPECT_LT(finite_difference_error(b, [&](const std::vector<double>& p) { return dot(run_forward<double>(s, x, w, p), r); },
-                                      g.db),
+    EXPECT_LT(finite_difference_error(
+                  b, [&](const std::vector<double>& p) { return dot(run_forward<double>(s, x, w, p), r); }, g.db),
               fd_tolerance);
   }
 }
@@ -146,8 +145,8 @@ TEST(Linear, EmptyOptionalViewsAreSkipped) {
   const LinearCase s{7, 5, 3};
   const auto x = random_values(s.n * s.in, 50), w = random_values(s.out * s.in, 51);
   const auto dy = random_values(s.n * s.out, 52);
-  const auto full = run_backward<double>(s, x, w, dy, std::vector<double>(s.out * s.in, 0.0),
-                                         std::vector<double>(s.out, 0.0));
+  const auto full =
+      run_backward<double>(s, x, w, dy, std::vector<double>(s.out * s.in, 0.0), std::vector<double>(s.out, 0.0));
   auto xt = make_tensor<double>({s.n, s.in}, x), wt = make_tensor<double>({s.out, s.in}, w);
   auto dyt = make_tensor<double>({s.n, s.out}, dy);
   Tensor<double> dw("dw", {s.out, s.in});

@@ -15,9 +15,7 @@ struct Size {
 };
 std::string describe(const Size& s) { return "[" + std::to_string(s.rows) + ", " + std::to_string(s.cols) + "]"; }
 
-const char* mode_name(RmsNormMode mode) {
-  return mode == RmsNormMode::mean_square ? "mean_square" : "l2_normalize";
-}
+const char* mode_name(RmsNormMode mode) { return mode == RmsNormMode::mean_square ? "mean_square" : "l2_normalize"; }
 
 // A parameter vector or, when `values` is empty, an absent (default-constructed) View.
 template <class T>
@@ -47,8 +45,8 @@ NormOut layer_norm_reference(const Size& s, const std::vector<double>& x, const 
     for (index_t j = 0; j < s.cols; ++j) var += (x[r * s.cols + j] - mean) * (x[r * s.cols + j] - mean) / s.cols;
     const double rstd = 1 / std::sqrt(var + eps);
     for (index_t j = 0; j < s.cols; ++j)
-      out.y[r * s.cols + j] = (x[r * s.cols + j] - mean) * rstd * (gamma.empty() ? 1 : gamma[j]) +
-                              (beta.empty() ? 0 : beta[j]);
+      out.y[r * s.cols + j] =
+          (x[r * s.cols + j] - mean) * rstd * (gamma.empty() ? 1 : gamma[j]) + (beta.empty() ? 0 : beta[j]);
     out.stat0[r] = mean;
     out.stat1[r] = rstd;
   }
@@ -61,8 +59,8 @@ NormOut layer_norm(const Size& s, const std::vector<double>& x, const std::vecto
   const auto xt = make_tensor<T>({s.rows, s.cols}, x, "x");
   const Param<T> g(gamma, "gamma"), b(beta, "beta");
   Tensor<T> y("y", xt.shape()), mean("mean", {s.rows}), rstd("rstd", {s.rows});
-  ops::layer_norm_forward<T>(xt.as_matrix(), g.view(), b.view(), static_cast<T>(eps), y.as_matrix(),
-                             mean.flat(), rstd.flat());
+  ops::layer_norm_forward<T>(xt.as_matrix(), g.view(), b.view(), static_cast<T>(eps), y.as_matrix(), mean.flat(),
+                             rstd.flat());
   return {to_double(y), to_double(mean), to_double(rstd)};
 }
 
@@ -80,8 +78,8 @@ LayerNormGrads layer_norm_grads(const Size& s, const std::vector<double>& x, con
   const auto mean = make_tensor<double>({s.rows}, fwd.stat0), rstd = make_tensor<double>({s.rows}, fwd.stat1);
   const Param<double> g(gamma, "gamma"), dg(dgamma_initial, "dgamma"), db(dbeta_initial, "dbeta");
   Tensor<double> dx("dx", xt.shape());
-  ops::layer_norm_backward<double>(xt.as_matrix(), g.view(), mean.flat(), rstd.flat(), dyt.as_matrix(),
-                                   dx.as_matrix(), dg.view(), db.view());
+  ops::layer_norm_backward<double>(xt.as_matrix(), g.view(), mean.flat(), rstd.flat(), dyt.as_matrix(), dx.as_matrix(),
+                                   dg.view(), db.view());
   return {to_double(dx), dg.values(), db.values()};
 }
 
@@ -109,8 +107,7 @@ NormOut rms_norm(RmsNormMode mode, const Size& s, const std::vector<double>& x, 
   const auto xt = make_tensor<T>({s.rows, s.cols}, x, "x");
   const Param<T> g(gamma, "gamma");
   Tensor<T> y("y", xt.shape()), scale("scale", {s.rows});
-  ops::rms_norm_forward<T>(mode, xt.as_matrix(), g.view(), static_cast<T>(eps), y.as_matrix(),
-                           scale.flat());
+  ops::rms_norm_forward<T>(mode, xt.as_matrix(), g.view(), static_cast<T>(eps), y.as_matrix(), scale.flat());
   return {to_double(y), to_double(scale), {}};
 }
 
@@ -126,8 +123,8 @@ RmsNormGrads rms_norm_grads(RmsNormMode mode, const Size& s, const std::vector<d
   const auto scale = make_tensor<double>({s.rows}, fwd.stat0);
   const Param<double> g(gamma, "gamma"), dg(dgamma_initial, "dgamma");
   Tensor<double> dx("dx", xt.shape());
-  ops::rms_norm_backward<double>(mode, xt.as_matrix(), g.view(), eps, scale.flat(), dyt.as_matrix(),
-                                 dx.as_matrix(), dg.view());
+  ops::rms_norm_backward<double>(mode, xt.as_matrix(), g.view(), eps, scale.flat(), dyt.as_matrix(), dx.as_matrix(),
+                                 dg.view());
   return {to_double(dx), dg.values()};
 }
 
@@ -164,8 +161,8 @@ TEST(LayerNorm, ForwardMatchesNaiveLoop) {
       const auto expected = layer_norm_reference(s, x, gamma, beta, 1e-5);
       const std::string what = describe(s) + " affine " + std::to_string(affine);
       for (int precision = 0; precision < 2; ++precision) {
-        const auto out = precision ? layer_norm<float>(s, x, gamma, beta, 1e-5)
-                                   : layer_norm<double>(s, x, gamma, beta, 1e-5);
+        const auto out =
+            precision ? layer_norm<float>(s, x, gamma, beta, 1e-5) : layer_norm<double>(s, x, gamma, beta, 1e-5);
         const double tol = precision ? 2e-5 : 1e-12;
         EXPECT_LT(max_rel_error(out.y, expected.y), tol) << what << " float " << precision;
         EXPECT_LT(max_rel_error(out.stat0, expected.stat0), tol) << what << " mean, float " << precision;
@@ -190,14 +187,21 @@ TEST(LayerNorm, BackwardMatchesFiniteDifferences) {
       const auto grads = layer_norm_grads(s, x, gamma, beta, eps, dy, dgamma0, dbeta0);
       const std::string what = describe(s) + " affine " + std::to_string(affine);
 
-      const auto loss_x = [&](const std::vector<double>& p) { return dot(layer_norm<double>(s, p, gamma, beta, eps).y, dy); };
+      const auto loss_x = [&](const std::vector<double>& p) {
+        return dot(layer_norm<double>(s, p, gamma, beta, eps).y, dy);
+      };
       EXPECT_LT(finite_difference_error(x, loss_x, grads.dx), fd_tolerance) << what << " dx";
       if (!gamma.empty()) {
-        const auto loss_g = [&](const std::vector<double>& p) { return dot(layer_norm<double>(s, x, p, beta, eps).y, dy); };
-        EXPECT_LT(finite_difference_error(gamma, loss_g, minus(grads.dgamma, dgamma0)), fd_tolerance) << what << " dgamma";
+        const auto loss_g = [&](const std::vector<double>& p) {
+          return dot(layer_norm<double>(s, x, p, beta, eps).y, dy);
+        };
+        EXPECT_LT(finite_difference_error(gamma, loss_g, minus(grads.dgamma, dgamma0)), fd_tolerance)
+            << what << " dgamma";
       }
       if (!beta.empty()) {
-        const auto loss_b = [&](const std::vector<double>& p) { return dot(layer_norm<double>(s, x, gamma, p, eps).y, dy); };
+        const auto loss_b = [&](const std::vector<double>& p) {
+          return dot(layer_norm<double>(s, x, gamma, p, eps).y, dy);
+        };
         EXPECT_LT(finite_difference_error(beta, loss_b, minus(grads.dbeta, dbeta0)), fd_tolerance) << what << " dbeta";
       }
     }
@@ -206,7 +210,8 @@ TEST(LayerNorm, BackwardMatchesFiniteDifferences) {
 TEST(LayerNorm, ParameterGradientsAreRepeatable) {
   // Fixed-order column sums: two runs over many rows agree bit for bit.
   const Size s{2000, 65};
-  const auto x = random_values(s.rows * s.cols, 30), gamma = random_values(s.cols, 31), dy = random_values(x.size(), 32);
+  const auto x = random_values(s.rows * s.cols, 30), gamma = random_values(s.cols, 31),
+             dy = random_values(x.size(), 32);
   const std::vector<double> zeros(s.cols, 0.0);
   const auto first = layer_norm_grads(s, x, gamma, gamma, 1e-5, dy, zeros, zeros);
   const auto second = layer_norm_grads(s, x, gamma, gamma, 1e-5, dy, zeros, zeros);
@@ -248,11 +253,16 @@ TEST(RmsNorm, BackwardMatchesFiniteDifferences) {
         const auto grads = rms_norm_grads(mode, s, x, gamma, eps, dy, dgamma0);
         const std::string what = std::string(mode_name(mode)) + " " + describe(s) + " affine " + std::to_string(affine);
 
-        const auto loss_x = [&](const std::vector<double>& p) { return dot(rms_norm<double>(mode, s, p, gamma, eps).y, dy); };
+        const auto loss_x = [&](const std::vector<double>& p) {
+          return dot(rms_norm<double>(mode, s, p, gamma, eps).y, dy);
+        };
         EXPECT_LT(finite_difference_error(x, loss_x, grads.dx), fd_tolerance) << what << " dx";
         if (!gamma.empty()) {
-          const auto loss_g = [&](const std::vector<double>& p) { return dot(rms_norm<double>(mode, s, x, p, eps).y, dy); };
-          EXPECT_LT(finite_difference_error(gamma, loss_g, minus(grads.dgamma, dgamma0)), fd_tolerance) << what << " dgamma";
+          const auto loss_g = [&](const std::vector<double>& p) {
+            return dot(rms_norm<double>(mode, s, x, p, eps).y, dy);
+          };
+          EXPECT_LT(finite_difference_error(gamma, loss_g, minus(grads.dgamma, dgamma0)), fd_tolerance)
+              << what << " dgamma";
         }
         // The float instantiation agrees with double.
         const auto fwd_f = rms_norm<float>(mode, s, x, gamma, eps);
@@ -292,30 +302,44 @@ TEST(Norms, BadArgumentsAreErrors) {
   Tensor<float> x("x", {4, 6}), y_bad("y", {4, 5}), rows("rows", {4}), rows_bad("rows", {3}), cols("cols", {6}),
       cols_bad("cols", {5}), empty_x("x", {4, 0});
   const View2<float> xm = x.as_matrix(), ym_bad = y_bad.as_matrix();
-  const View1<float> r = rows.flat(), r_bad = rows_bad.flat(), c = cols.flat(), c_bad = cols_bad.flat(),
-                     none;
+  const View1<float> r = rows.flat(), r_bad = rows_bad.flat(), c = cols.flat(), c_bad = cols_bad.flat(), none;
   const auto mismatch = Status::shape_mismatch, invalid = Status::invalid_argument;
-  expect_status(mismatch, [&] { ops::layer_norm_forward<float>(xm, c, c, 1e-5f, ym_bad, r, r); }, "LN y");
-  expect_status(mismatch, [&] { ops::layer_norm_forward<float>(xm, c_bad, c, 1e-5f, xm, r, r); }, "LN gamma");
-  expect_status(mismatch, [&] { ops::layer_norm_forward<float>(xm, c, c_bad, 1e-5f, xm, r, r); }, "LN beta");
-  expect_status(mismatch, [&] { ops::layer_norm_forward<float>(xm, c, c, 1e-5f, xm, r_bad, r); }, "LN mean");
-  expect_status(mismatch, [&] { ops::layer_norm_forward<float>(empty_x.as_matrix(), none, none, 1e-5f,
-                                                               empty_x.as_matrix(), r, r); },
-                "LN zero columns");
-  expect_status(invalid, [&] { ops::layer_norm_forward<float>(xm, c, c, -1e-5f, xm, r, r); }, "LN eps");
-  expect_status(mismatch, [&] { ops::layer_norm_backward<float>(xm, c, r, r, ym_bad, xm, c, c); }, "LN dy");
-  expect_status(mismatch, [&] { ops::layer_norm_backward<float>(xm, c, r, r, xm, ym_bad, c, c); }, "LN dx");
-  expect_status(mismatch, [&] { ops::layer_norm_backward<float>(xm, c, r, r_bad, xm, xm, c, c); }, "LN rstd");
-  expect_status(mismatch, [&] { ops::layer_norm_backward<float>(xm, c, r, r, xm, xm, c, c_bad); }, "LN dbeta");
+  expect_status(
+      mismatch, [&] { ops::layer_norm_forward<float>(xm, c, c, 1e-5f, ym_bad, r, r); }, "LN y");
+  expect_status(
+      mismatch, [&] { ops::layer_norm_forward<float>(xm, c_bad, c, 1e-5f, xm, r, r); }, "LN gamma");
+  expect_status(
+      mismatch, [&] { ops::layer_norm_forward<float>(xm, c, c_bad, 1e-5f, xm, r, r); }, "LN beta");
+  expect_status(
+      mismatch, [&] { ops::layer_norm_forward<float>(xm, c, c, 1e-5f, xm, r_bad, r); }, "LN mean");
+  expect_status(
+      mismatch,
+      [&] { ops::layer_norm_forward<float>(empty_x.as_matrix(), none, none, 1e-5f, empty_x.as_matrix(), r, r); },
+      "LN zero columns");
+  expect_status(
+      invalid, [&] { ops::layer_norm_forward<float>(xm, c, c, -1e-5f, xm, r, r); }, "LN eps");
+  expect_status(
+      mismatch, [&] { ops::layer_norm_backward<float>(xm, c, r, r, ym_bad, xm, c, c); }, "LN dy");
+  expect_status(
+      mismatch, [&] { ops::layer_norm_backward<float>(xm, c, r, r, xm, ym_bad, c, c); }, "LN dx");
+  expect_status(
+      mismatch, [&] { ops::layer_norm_backward<float>(xm, c, r, r_bad, xm, xm, c, c); }, "LN rstd");
+  expect_status(
+      mismatch, [&] { ops::layer_norm_backward<float>(xm, c, r, r, xm, xm, c, c_bad); }, "LN dbeta");
   for (RmsNormMode mode : kModes) {
-    expect_status(mismatch, [&] { ops::rms_norm_forward<float>(mode, xm, c, 1e-6f, ym_bad, r); }, "RMS y");
-    expect_status(mismatch, [&] { ops::rms_norm_forward<float>(mode, xm, c, 1e-6f, xm, r_bad); }, "RMS scale");
-    expect_status(mismatch, [&] { ops::rms_norm_forward<float>(mode, xm, c_bad, 1e-6f, xm, r); }, "RMS gamma");
-    expect_status(invalid, [&] { ops::rms_norm_forward<float>(mode, xm, c, NAN, xm, r); }, "RMS eps");
-    expect_status(mismatch, [&] { ops::rms_norm_backward<float>(mode, xm, c, 1e-6f, r, ym_bad, xm, c); }, "RMS dy");
-    expect_status(mismatch, [&] { ops::rms_norm_backward<float>(mode, xm, c, 1e-6f, r, xm, xm, c_bad); },
-                  "RMS dgamma");
+    expect_status(
+        mismatch, [&] { ops::rms_norm_forward<float>(mode, xm, c, 1e-6f, ym_bad, r); }, "RMS y");
+    expect_status(
+        mismatch, [&] { ops::rms_norm_forward<float>(mode, xm, c, 1e-6f, xm, r_bad); }, "RMS scale");
+    expect_status(
+        mismatch, [&] { ops::rms_norm_forward<float>(mode, xm, c_bad, 1e-6f, xm, r); }, "RMS gamma");
+    expect_status(
+        invalid, [&] { ops::rms_norm_forward<float>(mode, xm, c, NAN, xm, r); }, "RMS eps");
+    expect_status(
+        mismatch, [&] { ops::rms_norm_backward<float>(mode, xm, c, 1e-6f, r, ym_bad, xm, c); }, "RMS dy");
+    expect_status(
+        mismatch, [&] { ops::rms_norm_backward<float>(mode, xm, c, 1e-6f, r, xm, xm, c_bad); }, "RMS dgamma");
   }
-  expect_status(invalid, [&] { ops::rms_norm_forward<float>(static_cast<RmsNormMode>(7), xm, c, 1e-6f, xm, r); },
-                "RMS mode");
+  expect_status(
+      invalid, [&] { ops::rms_norm_forward<float>(static_cast<RmsNormMode>(7), xm, c, 1e-6f, xm, r); }, "RMS mode");
 }

@@ -1,12 +1,31 @@
-#include "kmoe/core/random.hpp"
 #include "kmoe/core/config.hpp"
+#include "kmoe/core/random.hpp"
 #include "test_util.hpp"
 
+#include <array>
 #include <cmath>
 #include <set>
 
 using namespace kmoe;
 using namespace kmoe::test;
+
+// Outside the anonymous namespace: kmoe keeps KOKKOS_LAMBDA out of it for nvcc (extended lambdas).
+namespace random_test {
+
+// stream.uniform<T>(i) for i in [0, n), drawn inside a device kernel.
+template <class T>
+std::vector<double> draw_on_device(const RngStream& stream, index_t n) {
+  View1<T> values("values", n);
+  Kokkos::parallel_for(
+      "test_random_draw", Kokkos::RangePolicy<ExecSpace>(0, n),
+      KOKKOS_LAMBDA(const index_t i) { values(i) = stream.uniform<T>(static_cast<std::uint64_t>(i)); });
+  const auto host = Kokkos::create_mirror_view_and_copy(HostSpace(), values);
+  return std::vector<double>(host.data(), host.data() + n);
+}
+
+}  // namespace random_test
+
+using random_test::draw_on_device;
 
 namespace {
 
@@ -18,17 +37,6 @@ Words philox(const Words& counter, std::uint32_t key0, std::uint32_t key1) {
   std::uint32_t out[4];
   impl::philox4x32(ctr, key, out);
   return {out[0], out[1], out[2], out[3]};
-}
-
-// stream.uniform<T>(i) for i in [0, n), drawn inside a device kernel.
-template <class T>
-std::vector<double> draw_on_device(const RngStream& stream, index_t n) {
-  View1<T> values("values", n);
-  Kokkos::parallel_for(
-      "test_random_draw", Kokkos::RangePolicy<ExecSpace>(0, n),
-      KOKKOS_LAMBDA(const index_t i) { values(i) = stream.uniform<T>(static_cast<std::uint64_t>(i)); });
-  const auto host = Kokkos::create_mirror_view_and_copy(HostSpace(), values);
-  return std::vector<double>(host.data(), host.data() + n);
 }
 
 // Range, mean and variance of n draws against U[0, 1) (mean 1/2, variance 1/12), within 5 sigma.
@@ -43,8 +51,8 @@ void check_uniform_statistics(std::uint64_t seed) {
     lo = std::min(lo, v);
     hi = std::max(hi, v);
   }
-  EXPECT_GE(lo, 0.0);
-  EXPECT_LT(hi, 1.0);
+  ASSERT_GE(lo, 0.0);  // ASSERT: the histogram below indexes by value
+  ASSERT_LT(hi, 1.0);
   EXPECT_LT(lo, 1e-4);  // the whole range is reached
   EXPECT_GT(hi, 1 - 1e-4);
   EXPECT_NEAR(sum / n, 0.5, 5 * std::sqrt(1.0 / 12 / n));
@@ -75,7 +83,8 @@ TEST(Random, SeedAndCounterFormTheKeyAndCounterWords) {
   // (seed, counter) = key (lo, hi), counter (lo, hi, 0, 0)
   const std::uint64_t seed = 0x0123456789abcdefULL, counter = 0xfedcba9876543210ULL;
   impl::philox4x32(seed, counter, out);
-  EXPECT_EQ((Words{out[0], out[1], out[2], out[3]}), philox({0x76543210u, 0xfedcba98u, 0, 0}, 0x89abcdefu, 0x01234567u));
+  EXPECT_EQ((Words{out[0], out[1], out[2], out[3]}),
+            philox({0x76543210u, 0xfedcba98u, 0, 0}, 0x89abcdefu, 0x01234567u));
 }
 
 TEST(Random, UniformFloatIsUniformOnUnitInterval) { check_uniform_statistics<float>(7); }
@@ -87,7 +96,7 @@ TEST(Random, DrawsArePureFunctionsOfSeedAndCounter) {
   const auto on_device = draw_on_device<double>(stream, 4097);
   EXPECT_EQ(draw_on_device<double>(stream, 4097), on_device);  // same numbers every run
   for (index_t i = 0; i < 4097; i += 97) {
-    EXPECT_EQ(stream.uniform<double>(i), on_device[i]);           // host and device agree
+    EXPECT_EQ(stream.uniform<double>(i), on_device[i]);  // host and device agree
     EXPECT_EQ((RngStream{42, 1000 + static_cast<std::uint64_t>(i)}.uniform<double>(0)), on_device[i]);
   }
   EXPECT_NE(draw_on_device<double>(RngStream{43, 1000}, 4097), on_device);  // another seed, other numbers

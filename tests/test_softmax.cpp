@@ -44,15 +44,13 @@ std::vector<double> reference(Op op, const Case& c, const std::vector<double>& x
       for (index_t k = 0; k < len; ++k) sum += std::exp(x[at(o, k, i)] - max_value);
       if (op == Op::logsumexp) out[o * inner + i] = max_value + std::log(sum);
       for (index_t k = 0; k < len && op != Op::logsumexp; ++k)
-        out[at(o, k, i)] = op == Op::softmax ? std::exp(x[at(o, k, i)] - max_value) / sum
-                                             : x[at(o, k, i)] - max_value - std::log(sum);
+        out[at(o, k, i)] =
+            op == Op::softmax ? std::exp(x[at(o, k, i)] - max_value) / sum : x[at(o, k, i)] - max_value - std::log(sum);
     }
   return out;
 }
 
-Shape line_shape(const Case& c) {
-  return {c.shape.product(0, c.axis), c.shape.product(c.axis + 1, c.shape.rank())};
-}
+Shape line_shape(const Case& c) { return {c.shape.product(0, c.axis), c.shape.product(c.axis + 1, c.shape.rank())}; }
 
 template <class T>
 std::vector<double> forward(Op op, const Case& c, const std::vector<double>& x) {
@@ -92,9 +90,8 @@ std::size_t output_size(Op op, const Case& c) {
 // Odd sizes; the reduced axis first, middle and last of rank 1-3 tensors (inner = 1 and > 1),
 // one element per line, long lines and many short lines.
 const Case kForwardCases[] = {
-    {{33}, 0},       {{7, 33}, 1},   {{7, 33}, 0},      {{3, 5, 4}, 0}, {{3, 5, 4}, 1},
-    {{3, 5, 4}, 2},  {{5, 1}, 1},    {{1, 129}, 1},     {{2, 4096}, 1}, {{1000, 7}, 1},
-    {{2, 3, 129}, 1},
+    {{33}, 0},   {{7, 33}, 1},  {{7, 33}, 0},   {{3, 5, 4}, 0}, {{3, 5, 4}, 1},   {{3, 5, 4}, 2},
+    {{5, 1}, 1}, {{1, 129}, 1}, {{2, 4096}, 1}, {{1000, 7}, 1}, {{2, 3, 129}, 1},
 };
 
 }  // namespace

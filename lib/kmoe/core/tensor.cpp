@@ -63,16 +63,6 @@ Tensor<T> Tensor<T>::from_host(const std::string& label, const Shape& shape, con
 }
 
 template <class T>
-template <int R>
-typename ViewOfRank<T, R>::type Tensor<T>::make_view() const {
-  using V = typename ViewOfRank<T, R>::type;
-  if constexpr (R == 1) return V(storage_.data(), shape_[0]);
-  if constexpr (R == 2) return V(storage_.data(), shape_[0], shape_[1]);
-  if constexpr (R == 3) return V(storage_.data(), shape_[0], shape_[1], shape_[2]);
-  if constexpr (R == 4) return V(storage_.data(), shape_[0], shape_[1], shape_[2], shape_[3]);
-}
-
-template <class T>
 View2<T> Tensor<T>::as_matrix() const {
   require(rank() >= 1, Status::shape_mismatch, label_, ": a scalar has no rows");
   return View2<T>(storage_.data(), shape_.product(0, rank() - 1), shape_[rank() - 1]);

@@ -51,7 +51,8 @@ class Tensor {
   int rank() const { return shape_.rank(); }
   index_t dim(int axis) const { return shape_[axis]; }
   index_t size() const { return shape_.size(); }
-  bool empty() const { return storage_.data() == nullptr && size() == 0; }
+  // True for a default-constructed tensor (no storage).
+  bool empty() const { return storage_.data() == nullptr; }
   T* data() const { return storage_.data(); }
   const std::string& label() const { return label_; }
 
@@ -84,7 +85,13 @@ class Tensor {
  private:
   Tensor(const std::string& label, const Shape& shape, bool zero_initialise);
   template <int R>
-  typename ViewOfRank<T, R>::type make_view() const;
+  typename ViewOfRank<T, R>::type make_view() const {
+    using V = typename ViewOfRank<T, R>::type;
+    if constexpr (R == 1) return V(storage_.data(), shape_[0]);
+    if constexpr (R == 2) return V(storage_.data(), shape_[0], shape_[1]);
+    if constexpr (R == 3) return V(storage_.data(), shape_[0], shape_[1], shape_[2]);
+    if constexpr (R == 4) return V(storage_.data(), shape_[0], shape_[1], shape_[2], shape_[3]);
+  }
 
   std::string label_;
   Shape shape_;

@@ -3,6 +3,7 @@
 #include "kmoe/core/error.hpp"
 #include "kmoe/ops/gemm.hpp"
 
+#include <algorithm>
 #include <string>
 
 namespace kmoe::moe {
@@ -89,7 +90,7 @@ void sum_slots(const DispatchPlan& plan, const View2<const T>& src, bool src_sor
                                                        {plan.n_tokens(), static_cast<index_t>(tokens.extent(1))}),
       KOKKOS_LAMBDA(const index_t t, const index_t c) {
         T sum = 0;
-        for (int slot = 0; slot < k - (k > 1); ++slot) {
+        for (int slot = 0; slot < k; ++slot) {
           const index_t p = t * k + slot;
           const T value = src(src_sorted ? pair_position(p) : p, c);
           sum += gated ? gates(t, slot) * value : value;
@@ -130,7 +131,8 @@ void backward_from_sorted(const DispatchPlan& plan, bool per_token, const View2<
   if (dw.data() != nullptr) {
     const auto x_sorted = workspace<T>("kmoe::cvmm::x_sorted", pairs, K);
     gather_sorted<T>(plan, per_token, x, x_sorted);
-    // One GEMM per expert over all its rows: a segmented reduction in a fixed order.
+    // A segmented reduction in a fixed order: one GEMM over each expert's rows, accumulated into
+    // dW[e] (beta = 1); ops::gemm keeps its inner-dimension order independent of the thread count.
     for_each_expert_block(plan, [&](int e, auto rows) {
       ops::gemm<T>(true, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL),
                    Kokkos::subview(dy_sorted, rows, Kokkos::ALL), T(1),

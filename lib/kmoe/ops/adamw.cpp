@@ -10,8 +10,7 @@ template <class T>
 void adamw_step(const AdamWConfig& config, index_t step, const View1<T>& param, const View1<const T>& grad,
                 const View1<T>& exp_avg, const View1<T>& exp_avg_sq) {
   // Each check is phrased so that a NaN hyper-parameter fails it.
-  require(config.lr >= 0, Status::invalid_argument, "adamw_step: lr = ", config.lr,
-          " must be >= 0");
+  require(config.lr >= 0, Status::invalid_argument, "adamw_step: lr = ", config.lr, " must be >= 0");
   require(config.beta1 >= 0 && config.beta1 < 1, Status::invalid_argument, "adamw_step: beta1 = ", config.beta1,
           " is outside [0, 1)");
   require(config.beta2 >= 0 && config.beta2 < 1, Status::invalid_argument, "adamw_step: beta2 = ", config.beta2,
@@ -20,11 +19,10 @@ void adamw_step(const AdamWConfig& config, index_t step, const View1<T>& param, 
   require(config.weight_decay >= 0, Status::invalid_argument, "adamw_step: weight_decay = ", config.weight_decay,
           " must be >= 0");
   require(step >= 1, Status::invalid_argument, "adamw_step: step = ", step, " must be >= 1 (1-based)");
-  const index_t n = param.extent(0);
-  require(static_cast<index_t>(grad.extent(0)) == n && static_cast<index_t>(exp_avg.extent(0)) == n &&
-              static_cast<index_t>(exp_avg_sq.extent(0)) == n,
-          Status::shape_mismatch, "adamw_step: param, grad, exp_avg, exp_avg_sq have ", n, ", ", grad.extent(0),
-          ", ", exp_avg.extent(0), ", ", exp_avg_sq.extent(0), " elements; they must be equal");
+  const std::size_t n = param.extent(0);
+  require(grad.extent(0) == n && exp_avg.extent(0) == n && exp_avg_sq.extent(0) == n, Status::shape_mismatch,
+          "adamw_step: param, grad, exp_avg, exp_avg_sq have ", n, ", ", grad.extent(0), ", ", exp_avg.extent(0), ", ",
+          exp_avg_sq.extent(0), " elements; they must be equal");
 
   // Scalars in double on the host, in torch's form (torch/optim/adamw.py, single tensor), then cast:
   // 1 − β must be formed in double, since float(0.999) alone is 1.3e-5 off in 1 − β₂.
@@ -44,7 +42,7 @@ void adamw_step(const AdamWConfig& config, index_t step, const View1<T>& param, 
         exp_avg(i) = m;
         exp_avg_sq(i) = v;
         const T denom = Kokkos::Experimental::sqrt(v) / bias_correction2_sqrt + eps;
-        param(i) = param(i) * decay - step_size * m / denom;
+        param(i) = param(i) * decay - step_size * (m / denom);  // torch: addcdiv_(m, denom, -step_size)
       });
 }
 

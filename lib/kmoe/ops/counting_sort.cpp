@@ -2,6 +2,7 @@
 
 #include "kmoe/core/error.hpp"
 
+#include <algorithm>
 #include <limits>
 
 namespace kmoe::ops {
@@ -10,9 +11,12 @@ namespace impl {
 // Elements per chunk: each chunk is counted and placed serially by one thread, so the placement
 // order never depends on how chunks are spread over threads.
 constexpr index_t sort_chunk = 256;
+// Bound on the (key, chunk) table beyond max(n, this): with many keys (a vocabulary) the chunks
+// grow instead. Any chunking gives the same result, the unique stable order.
+constexpr index_t max_extra_cursor_slots = index_t(1) << 22;
 
-KOKKOS_INLINE_FUNCTION index_t chunk_end(index_t chunk, index_t n) {
-  return (chunk + 1) * sort_chunk < n ? (chunk + 1) * sort_chunk : n;
+KOKKOS_INLINE_FUNCTION index_t chunk_end(index_t chunk, index_t chunk_size, index_t n) {
+  return (chunk + 1) * chunk_size < n ? (chunk + 1) * chunk_size : n;
 }
 }  // namespace impl
 
@@ -44,14 +48,16 @@ KeyGroups counting_sort(const View1<const int>& keys, int n_keys) {
                    View1<int>("kmoe::counting_sort::offsets", n_keys + 1)};
   if (n == 0) return groups;
 
-  const index_t chunks = (n + impl::sort_chunk - 1) / impl::sort_chunk;
+  const index_t max_chunks = std::max<index_t>(1, std::max(n, impl::max_extra_cursor_slots) / std::max(n_keys, 1));
+  const index_t chunk_size = std::max(impl::sort_chunk, (n + max_chunks - 1) / max_chunks);
+  const index_t chunks = (n + chunk_size - 1) / chunk_size;
   // slot(key, chunk) = key · chunks + chunk: key-major, so the exclusive scan lays out every key's
   // group as its chunks in order, i.e. the elements in ascending index (stability).
   View1<int> cursor("kmoe::counting_sort::cursor", static_cast<index_t>(n_keys) * chunks);
   Kokkos::parallel_for(
       "kmoe::counting_sort::histogram", Kokkos::RangePolicy<ExecSpace>(0, chunks),
       KOKKOS_LAMBDA(const index_t chunk) {
-        for (index_t i = chunk * impl::sort_chunk; i < impl::chunk_end(chunk, n); ++i) {
+        for (index_t i = chunk * chunk_size; i < impl::chunk_end(chunk, chunk_size, n); ++i) {
           ++cursor(keys(i) * chunks + chunk);
         }
       });
@@ -71,7 +77,7 @@ KeyGroups counting_sort(const View1<const int>& keys, int n_keys) {
   Kokkos::parallel_for(
       "kmoe::counting_sort::place", Kokkos::RangePolicy<ExecSpace>(0, chunks),
       KOKKOS_LAMBDA(const index_t chunk) {
-        for (index_t i = chunk * impl::sort_chunk; i < impl::chunk_end(chunk, n); ++i) {
+        for (index_t i = chunk * chunk_size; i < impl::chunk_end(chunk, chunk_size, n); ++i) {
           order(cursor(keys(i) * chunks + chunk)++) = static_cast<int>(i);
         }
       });

@@ -17,8 +17,7 @@ void require_cross_entropy_shapes(const char* op, const View2<const T>& logits, 
 
 // Throws Status::invalid_argument naming the first row whose target is neither ignore_index nor a
 // class in [0, classes).
-inline void require_valid_targets(const char* op, const View1<const int>& targets, index_t classes,
-                                  int ignore_index) {
+inline void require_valid_targets(const char* op, const View1<const int>& targets, index_t classes, int ignore_index) {
   index_t first_bad_row = 0;
   Kokkos::parallel_reduce(
       "kmoe::cross_entropy(check targets)", Kokkos::RangePolicy<ExecSpace>(0, targets.extent(0)),
@@ -74,8 +73,8 @@ void cross_entropy_backward(const View2<const T>& logits, const View1<const int>
                             const View1<const T>& row_logsumexp, T dloss, const View2<T>& dlogits) {
   const char* op = "kmoe::cross_entropy_backward";
   impl::require_cross_entropy_shapes<T>(op, logits, targets, row_logsumexp);
-  require(dlogits.extent(0) == logits.extent(0) && dlogits.extent(1) == logits.extent(1), Status::shape_mismatch,
-          op, ": dlogits is [", dlogits.extent(0), ", ", dlogits.extent(1), "], logits [", logits.extent(0), ", ",
+  require(dlogits.extent(0) == logits.extent(0) && dlogits.extent(1) == logits.extent(1), Status::shape_mismatch, op,
+          ": dlogits is [", dlogits.extent(0), ", ", dlogits.extent(1), "], logits [", logits.extent(0), ", ",
           logits.extent(1), "]");
   const index_t rows = logits.extent(0), classes = logits.extent(1);
   impl::require_valid_targets(op, targets, classes, ignore_index);
@@ -90,10 +89,10 @@ void cross_entropy_backward(const View2<const T>& logits, const View1<const int>
       });
 }
 
-#define KMOE_INSTANTIATE(T)                                                                                   \
-  template T cross_entropy_forward<T>(const View2<const T>&, const View1<const int>&, int, const View1<T>&); \
-  template void cross_entropy_backward<T>(const View2<const T>&, const View1<const int>&, int,               \
-                                          const View1<const T>&, T, const View2<T>&);
+#define KMOE_INSTANTIATE(T)                                                                                           \
+  template T cross_entropy_forward<T>(const View2<const T>&, const View1<const int>&, int, const View1<T>&);          \
+  template void cross_entropy_backward<T>(const View2<const T>&, const View1<const int>&, int, const View1<const T>&, \
+                                          T, const View2<T>&);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)
 #undef KMOE_INSTANTIATE

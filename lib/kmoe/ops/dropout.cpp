@@ -10,15 +10,15 @@ namespace impl {
 // so backward recomputes exactly the forward mask.
 template <class T>
 void apply_dropout_mask(const char* op, const View1<const T>& in, T p, const RngStream& rng, const View1<T>& out) {
-  require(p >= T(0) && p < T(1), Status::invalid_argument, op, ": dropout probability p = ", p,
-          " is outside [0, 1)");
-  require(in.extent(0) == out.extent(0), Status::shape_mismatch, op, ": input has ", in.extent(0),
-          " elements, output ", out.extent(0));
+  require(p >= T(0) && p < T(1), Status::invalid_argument, op, ": dropout probability p = ", p, " is outside [0, 1)");
+  require(in.extent(0) == out.extent(0), Status::shape_mismatch, op, ": input has ", in.extent(0), " elements, output ",
+          out.extent(0));
   const T scale = T(1) / (T(1) - p);
   const RngStream stream = rng;
   Kokkos::parallel_for(
       op, Kokkos::RangePolicy<ExecSpace>(0, in.extent(0)), KOKKOS_LAMBDA(const index_t i) {
-        out(i) = stream.uniform<T>(static_cast<std::uint64_t>(i)) >= p ? in(i) * scale : T(0);
+        const bool keep = stream.uniform<T>(static_cast<std::uint64_t>(i)) >= p;
+        out(i) = keep ? in(i) * scale : T(0);
       });
 }
 
@@ -34,8 +34,8 @@ void dropout_backward(const View1<const T>& dy, T p, const RngStream& rng, const
   impl::apply_dropout_mask<T>("kmoe::dropout_backward", dy, p, rng, dx);
 }
 
-#define KMOE_INSTANTIATE(T)                                                                              \
-  template void dropout_forward<T>(const View1<const T>&, T, const RngStream&, const View1<T>&);         \
+#define KMOE_INSTANTIATE(T)                                                                      \
+  template void dropout_forward<T>(const View1<const T>&, T, const RngStream&, const View1<T>&); \
   template void dropout_backward<T>(const View1<const T>&, T, const RngStream&, const View1<T>&);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)

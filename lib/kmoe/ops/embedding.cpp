@@ -17,8 +17,8 @@ template <class T>
 void check_embedding_arguments(const char* op, const View1<const int>& ids, std::size_t rows, std::size_t dim,
                                const View2<T>& per_token, const char* per_token_name) {
   require(per_token.extent(0) == ids.extent(0) && per_token.extent(1) == dim, Status::shape_mismatch, op, ": ",
-          per_token_name, " is [", per_token.extent(0), ", ", per_token.extent(1), "], expected [", ids.extent(0),
-          ", ", dim, "] for ", ids.extent(0), " ids and a table of [", rows, ", ", dim, "]");
+          per_token_name, " is [", per_token.extent(0), ", ", per_token.extent(1), "], expected [", ids.extent(0), ", ",
+          dim, "] for ", ids.extent(0), " ids and a table of [", rows, ", ", dim, "]");
   require(rows <= static_cast<std::size_t>(std::numeric_limits<int>::max()), Status::invalid_argument, op,
           ": the table has ", rows, " rows, beyond int token ids");
   require_keys_in_range(ids, static_cast<int>(rows), std::string(op) + ": token id");
@@ -38,8 +38,8 @@ void embedding_backward(const View1<const int>& ids, const View2<const T>& dy, c
   scatter_add_rows<T>(dy, ids, dtable);
 }
 
-#define KMOE_INSTANTIATE(T)                                                                                     \
-  template void embedding_forward<T>(const View1<const int>&, const View2<const T>&, const View2<T>&);         \
+#define KMOE_INSTANTIATE(T)                                                                            \
+  template void embedding_forward<T>(const View1<const int>&, const View2<const T>&, const View2<T>&); \
   template void embedding_backward<T>(const View1<const int>&, const View2<const T>&, const View2<T>&);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)

@@ -34,9 +34,8 @@ bool present(const V& view) {
 
 template <class V, class W>
 void require_extents_2d(const char* op, const char* name, const V& view, const W& like) {
-  require(view.extent(0) == like.extent(0) && view.extent(1) == like.extent(1), Status::shape_mismatch, op, ": ",
-          name, " is [", view.extent(0), ", ", view.extent(1), "], expected [", like.extent(0), ", ", like.extent(1),
-          "]");
+  require(view.extent(0) == like.extent(0) && view.extent(1) == like.extent(1), Status::shape_mismatch, op, ": ", name,
+          " is [", view.extent(0), ", ", view.extent(1), "], expected [", like.extent(0), ", ", like.extent(1), "]");
 }
 
 template <class V>
@@ -62,6 +61,11 @@ void require_eps(const char* op, T eps) {
 template <class V, class T>
 void require_optional_column_param(const char* op, const char* name, const V& param, const View2<const T>& x) {
   if (present(param)) require_length(op, name, param, x.extent(1), "columns of x");
+}
+
+inline void require_rms_mode(const char* op, RmsNormMode mode) {
+  require(mode == RmsNormMode::mean_square || mode == RmsNormMode::l2_normalize, Status::invalid_argument, op,
+          ": unknown RmsNormMode ", static_cast<int>(mode));
 }
 
 // dgamma[j] += Σ_r dy(r,j)·(x(r,j) − center[r])·scale[r] (center absent: 0) and dbeta[j] +=
@@ -105,11 +109,8 @@ void layer_norm_forward(const View2<const T>& x, const View1<const T>& gamma, co
         const int r = team.league_rank();
         const T mu = impl::row_sum<T>(team, cols, [&](const int j) { return x(r, j); }) / T(cols);
         // Two passes (mean, then squared deviations): no cancellation for rows with a large mean.
-        const T var = impl::row_sum<T>(team, cols, [&](const int j) {
-                        const T d = x(r, j) - mu;
-                        return d * d;
-                      }) /
-                      T(cols);
+        const T var =
+            impl::row_sum<T>(team, cols, [&](const int j) { return (x(r, j) - mu) * (x(r, j) - mu); }) / T(cols);
         const T inv_std = T(1) / Kokkos::Experimental::sqrt(var + eps);
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int j) {
           const T normalised = (x(r, j) - mu) * inv_std;
@@ -153,21 +154,11 @@ void layer_norm_backward(const View2<const T>& x, const View1<const T>& gamma, c
   impl::accumulate_affine_gradients<T>("kmoe::layer_norm_backward(parameters)", x, mean, rstd, dy, dgamma, dbeta);
 }
 
-namespace impl {
-
 template <class T>
-void require_rms_mode(const char* op, RmsNormMode mode) {
-  require(mode == RmsNormMode::mean_square || mode == RmsNormMode::l2_normalize, Status::invalid_argument, op,
-          ": unknown RmsNormMode ", static_cast<int>(mode));
-}
-
-}  // namespace impl
-
-template <class T>
-void rms_norm_forward(RmsNormMode mode, const View2<const T>& x, const View1<const T>& gamma, T eps,
-                      const View2<T>& y, const View1<T>& scale) {
+void rms_norm_forward(RmsNormMode mode, const View2<const T>& x, const View1<const T>& gamma, T eps, const View2<T>& y,
+                      const View1<T>& scale) {
   const char* op = "kmoe::rms_norm_forward";
-  impl::require_rms_mode<T>(op, mode);
+  impl::require_rms_mode(op, mode);
   impl::require_rows(op, x);
   impl::require_eps(op, eps);
   impl::require_optional_column_param(op, "gamma", gamma, x);
@@ -183,9 +174,8 @@ void rms_norm_forward(RmsNormMode mode, const View2<const T>& x, const View1<con
         const T s = mode == RmsNormMode::mean_square
                         ? T(1) / Kokkos::Experimental::sqrt(sum_squares / T(cols) + eps)
                         : sqrt_cols / Kokkos::Experimental::fmax(Kokkos::Experimental::sqrt(sum_squares), eps);
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int j) {
-          y(r, j) = x(r, j) * s * (has_gamma ? gamma(j) : T(1));
-        });
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols),
+                             [&](const int j) { y(r, j) = x(r, j) * s * (has_gamma ? gamma(j) : T(1)); });
         Kokkos::single(Kokkos::PerTeam(team), [&]() { scale(r) = s; });
       });
 }
@@ -195,7 +185,7 @@ void rms_norm_backward(RmsNormMode mode, const View2<const T>& x, const View1<co
                        const View1<const T>& scale, const View2<const T>& dy, const View2<T>& dx,
                        const View1<T>& dgamma) {
   const char* op = "kmoe::rms_norm_backward";
-  impl::require_rms_mode<T>(op, mode);
+  impl::require_rms_mode(op, mode);
   impl::require_rows(op, x);
   impl::require_eps(op, eps);
   impl::require_optional_column_param(op, "gamma", gamma, x);
@@ -213,11 +203,17 @@ void rms_norm_backward(RmsNormMode mode, const View2<const T>& x, const View1<co
         const int r = team.league_rank();
         const T s = scale(r);
         const auto g = [&](const int j) { return has_gamma ? dy(r, j) * gamma(j) : dy(r, j); };
-        const bool clamped = mode == RmsNormMode::l2_normalize &&
-                             Kokkos::Experimental::sqrt(impl::row_sum<T>(
-                                 team, cols, [&](const int j) { return x(r, j) * x(r, j); })) < eps;
+        // The branches below depend on team-wide values only, so the whole team takes the same one.
+        bool clamped = false;
+        if (mode == RmsNormMode::l2_normalize) {
+          const T sum_squares = impl::row_sum<T>(team, cols, [&](const int j) { return x(r, j) * x(r, j); });
+          clamped = Kokkos::Experimental::sqrt(sum_squares) < eps;
+        }
         T coefficient = 0;
-        if (!clamped) coefficient = s * s * s / T(cols) * impl::row_sum<T>(team, cols, [&](const int j) { return g(j) * x(r, j); });
+        if (!clamped) {
+          const T g_dot_x = impl::row_sum<T>(team, cols, [&](const int j) { return g(j) * x(r, j); });
+          coefficient = s * s * s / T(cols) * g_dot_x;
+        }
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols),
                              [&](const int j) { dx(r, j) = s * g(j) - coefficient * x(r, j); });
       });
@@ -225,15 +221,15 @@ void rms_norm_backward(RmsNormMode mode, const View2<const T>& x, const View1<co
                                        View1<T>());
 }
 
-#define KMOE_INSTANTIATE(T)                                                                                          \
-  template void layer_norm_forward<T>(const View2<const T>&, const View1<const T>&, const View1<const T>&, T,       \
-                                      const View2<T>&, const View1<T>&, const View1<T>&);                            \
-  template void layer_norm_backward<T>(const View2<const T>&, const View1<const T>&, const View1<const T>&,         \
-                                       const View1<const T>&, const View2<const T>&, const View2<T>&,                \
-                                       const View1<T>&, const View1<T>&);                                            \
-  template void rms_norm_forward<T>(RmsNormMode, const View2<const T>&, const View1<const T>&, T, const View2<T>&, \
-                                    const View1<T>&);                                                                \
-  template void rms_norm_backward<T>(RmsNormMode, const View2<const T>&, const View1<const T>&, T,                 \
+#define KMOE_INSTANTIATE(T)                                                                                            \
+  template void layer_norm_forward<T>(const View2<const T>&, const View1<const T>&, const View1<const T>&, T,          \
+                                      const View2<T>&, const View1<T>&, const View1<T>&);                              \
+  template void layer_norm_backward<T>(const View2<const T>&, const View1<const T>&, const View1<const T>&,            \
+                                       const View1<const T>&, const View2<const T>&, const View2<T>&, const View1<T>&, \
+                                       const View1<T>&);                                                               \
+  template void rms_norm_forward<T>(RmsNormMode, const View2<const T>&, const View1<const T>&, T, const View2<T>&,     \
+                                    const View1<T>&);                                                                  \
+  template void rms_norm_backward<T>(RmsNormMode, const View2<const T>&, const View1<const T>&, T,                     \
                                      const View1<const T>&, const View2<const T>&, const View2<T>&, const View1<T>&);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)

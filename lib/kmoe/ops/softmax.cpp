@@ -11,18 +11,19 @@ namespace impl {
 using LinePolicy = Kokkos::TeamPolicy<ExecSpace>;
 using LineMember = LinePolicy::member_type;
 
-inline LinePolicy line_policy(const char* op, index_t outer, index_t inner) {
-  const index_t lines = outer * inner;
-  require(lines <= INT_MAX, Status::invalid_argument, op, ": ", outer, " x ", inner,
-          " lines exceed the league size limit ", INT_MAX);
-  return LinePolicy(static_cast<int>(lines), Kokkos::AUTO);
+template <class V>
+LinePolicy line_policy(const char* op, const V& x) {
+  const index_t outer = x.extent(0), len = x.extent(1), inner = x.extent(2);
+  require(outer * inner <= INT_MAX && len <= INT_MAX, Status::invalid_argument, op, ": [", outer, ", ", len, ", ",
+          inner, "] exceeds ", INT_MAX, " lines or line length");
+  return LinePolicy(static_cast<int>(outer * inner), Kokkos::AUTO);
 }
 
 template <class T, class V>
 void require_same_extents(const char* op, const char* name, const V& view, const View3<const T>& like) {
   require(view.extent(0) == like.extent(0) && view.extent(1) == like.extent(1) && view.extent(2) == like.extent(2),
-          Status::shape_mismatch, op, ": ", name, " is [", view.extent(0), ", ", view.extent(1), ", ",
-          view.extent(2), "], expected [", like.extent(0), ", ", like.extent(1), ", ", like.extent(2), "]");
+          Status::shape_mismatch, op, ": ", name, " is [", view.extent(0), ", ", view.extent(1), ", ", view.extent(2),
+          "], expected [", like.extent(0), ", ", like.extent(1), ", ", like.extent(2), "]");
 }
 
 template <class T, class V>
@@ -51,8 +52,7 @@ struct ShiftedSum {
 };
 
 template <class T>
-KOKKOS_INLINE_FUNCTION ShiftedSum<T> shifted_exp_sum(const LineMember& team, const View3<const T>& x, int o,
-                                                     int i) {
+KOKKOS_INLINE_FUNCTION ShiftedSum<T> shifted_exp_sum(const LineMember& team, const View3<const T>& x, int o, int i) {
   const int len = static_cast<int>(x.extent(1));
   T max_value;
   Kokkos::parallel_reduce(
@@ -73,12 +73,13 @@ void softmax_family_forward(const char* op, bool log_space, const View3<const T>
   const index_t inner = x.extent(2);
   const int len = static_cast<int>(x.extent(1));
   Kokkos::parallel_for(
-      op, line_policy(op, x.extent(0), inner), KOKKOS_LAMBDA(const LineMember& team) {
+      op, line_policy(op, x), KOKKOS_LAMBDA(const LineMember& team) {
         const int o = static_cast<int>(team.league_rank() / inner), i = static_cast<int>(team.league_rank() % inner);
         const ShiftedSum<T> s = shifted_exp_sum(team, x, o, i);
         const T log_sum = Kokkos::Experimental::log(s.sum);
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, len), [&](const int k) {
-          y(o, k, i) = log_space ? x(o, k, i) - s.shift - log_sum : Kokkos::Experimental::exp(x(o, k, i) - s.shift) / s.sum;
+          y(o, k, i) =
+              log_space ? x(o, k, i) - s.shift - log_sum : Kokkos::Experimental::exp(x(o, k, i) - s.shift) / s.sum;
         });
       });
 }
@@ -92,9 +93,10 @@ void softmax_family_backward(const char* op, bool log_space, const View3<const T
   const index_t inner = y.extent(2);
   const int len = static_cast<int>(y.extent(1));
   Kokkos::parallel_for(
-      op, line_policy(op, y.extent(0), inner), KOKKOS_LAMBDA(const LineMember& team) {
+      op, line_policy(op, y), KOKKOS_LAMBDA(const LineMember& team) {
         const int o = static_cast<int>(team.league_rank() / inner), i = static_cast<int>(team.league_rank() % inner);
-        const T total = team_sum<T>(team, len, [&](const int k) { return log_space ? dy(o, k, i) : dy(o, k, i) * y(o, k, i); });
+        const T total =
+            team_sum<T>(team, len, [&](const int k) { return log_space ? dy(o, k, i) : dy(o, k, i) * y(o, k, i); });
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, len), [&](const int k) {
           dx(o, k, i) = log_space ? dy(o, k, i) - Kokkos::Experimental::exp(y(o, k, i)) * total
                                   : y(o, k, i) * (dy(o, k, i) - total);
@@ -130,7 +132,7 @@ void logsumexp_forward(const View3<const T>& x, const View2<T>& y) {
   impl::require_line_extents(op, "y", y, x);
   const index_t inner = x.extent(2);
   Kokkos::parallel_for(
-      op, impl::line_policy(op, x.extent(0), inner), KOKKOS_LAMBDA(const impl::LineMember& team) {
+      op, impl::line_policy(op, x), KOKKOS_LAMBDA(const impl::LineMember& team) {
         const int o = static_cast<int>(team.league_rank() / inner), i = static_cast<int>(team.league_rank() % inner);
         const impl::ShiftedSum<T> s = impl::shifted_exp_sum(team, x, o, i);
         Kokkos::single(Kokkos::PerTeam(team), [&]() { y(o, i) = s.shift + Kokkos::Experimental::log(s.sum); });
@@ -147,19 +149,19 @@ void logsumexp_backward(const View3<const T>& x, const View2<const T>& y, const 
   Kokkos::parallel_for(
       op,
       Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<3>>(
-          {0, 0, 0}, {static_cast<index_t>(x.extent(0)), static_cast<index_t>(x.extent(1)),
-                      static_cast<index_t>(x.extent(2))}),
+          {0, 0, 0},
+          {static_cast<index_t>(x.extent(0)), static_cast<index_t>(x.extent(1)), static_cast<index_t>(x.extent(2))}),
       KOKKOS_LAMBDA(const index_t o, const index_t k, const index_t i) {
         dx(o, k, i) = dy(o, i) * Kokkos::Experimental::exp(x(o, k, i) - y(o, i));
       });
 }
 
-#define KMOE_INSTANTIATE(T)                                                                                   \
-  template void softmax_forward<T>(const View3<const T>&, const View3<T>&);                                   \
-  template void softmax_backward<T>(const View3<const T>&, const View3<const T>&, const View3<T>&);           \
-  template void log_softmax_forward<T>(const View3<const T>&, const View3<T>&);                               \
-  template void log_softmax_backward<T>(const View3<const T>&, const View3<const T>&, const View3<T>&);       \
-  template void logsumexp_forward<T>(const View3<const T>&, const View2<T>&);                                 \
+#define KMOE_INSTANTIATE(T)                                                                                \
+  template void softmax_forward<T>(const View3<const T>&, const View3<T>&);                                \
+  template void softmax_backward<T>(const View3<const T>&, const View3<const T>&, const View3<T>&);        \
+  template void log_softmax_forward<T>(const View3<const T>&, const View3<T>&);                            \
+  template void log_softmax_backward<T>(const View3<const T>&, const View3<const T>&, const View3<T>&);    \
+  template void logsumexp_forward<T>(const View3<const T>&, const View2<T>&);                              \
   template void logsumexp_backward<T>(const View3<const T>&, const View2<const T>&, const View2<const T>&, \
                                       const View3<T>&);
 KMOE_INSTANTIATE(float)

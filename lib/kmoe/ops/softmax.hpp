@@ -1,6 +1,7 @@
 // Softmax, log-softmax and logsumexp along one axis. A tensor of any rank is viewed as
 // [outer, axis, inner] (Tensor::as_3d(axis)) and the op runs along the middle extent, numerically
-// stable (max subtracted). A row that is entirely −inf gives NaN, as in PyTorch.
+// stable (max subtracted). As in PyTorch, a row that is entirely −inf gives NaN from softmax and
+// log-softmax and −inf from logsumexp.
 #pragma once
 
 #include "kmoe/core/config.hpp"
