@@ -3,13 +3,14 @@
 // reduced with the gates, and the matching backward.
 #pragma once
 
-#include "kmoe/core/random.hpp"
+#include "kmoe/core/error.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/moe/cvmm.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
 #include "kmoe/ops/activations.hpp"
 #include "kmoe/ops/topk.hpp"
 
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -32,6 +33,28 @@ struct ExpertMlpShape {
            std::to_string(experts) + ", expert_size " + std::to_string(expert_size) + ", k " + std::to_string(k);
   }
 };
+
+// Overrides the fields of `shape` from "--tokens N --dmodel N --experts N --expert-size N --k N".
+inline ExpertMlpShape parse_shape(int argc, char** argv, ExpertMlpShape shape, const std::string& app) {
+  for (int i = 1; i < argc; i += 2) {
+    const std::string key = argv[i];
+    require(i + 1 < argc, Status::invalid_argument, app, ": ", key, " needs a value");
+    char* end = nullptr;
+    const long value = std::strtol(argv[i + 1], &end, 10);
+    require(*end == '\0' && value > 0, Status::invalid_argument, app, ": ", key, " needs a positive integer, got '",
+            argv[i + 1], "'");
+    if (key == "--tokens") shape.tokens = value;
+    else if (key == "--dmodel") shape.dmodel = value;
+    else if (key == "--experts") shape.experts = static_cast<int>(value);
+    else if (key == "--expert-size") shape.expert_size = value;
+    else if (key == "--k") shape.k = static_cast<int>(value);
+    else fail(Status::invalid_argument, app, ": unknown option ", key,
+              " (--tokens, --dmodel, --experts, --expert-size, --k)");
+  }
+  require(shape.k <= shape.experts, Status::invalid_argument, app, ": k = ", shape.k, " exceeds experts = ",
+          shape.experts);
+  return shape;
+}
 
 template <class T>
 std::vector<T> random_vector(std::size_t n, std::mt19937_64& gen, double scale) {

@@ -12,7 +12,6 @@
 #include "kmoe/ops/gemm.hpp"
 
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 
 using namespace kmoe;
@@ -38,25 +37,14 @@ void print_table(const std::vector<Row>& rows, const Row& baseline) {
   }
 }
 
-ExpertMlpShape parse_shape(int argc, char** argv) {
+// The MoEUT-244M feed-forward shape (seeds-spec §2 profiles), 8192 tokens.
+ExpertMlpShape moeut_244m_ffn() {
   ExpertMlpShape s;
   s.tokens = 8192;
   s.dmodel = 1024;
   s.experts = 387;
   s.expert_size = 128;
   s.k = 16;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string key = argv[i];
-    const long value = std::atol(argv[i + 1]);
-    require(value > 0, Status::invalid_argument, "kmoe-bench: ", key, " needs a positive integer");
-    if (key == "--tokens") s.tokens = value;
-    else if (key == "--dmodel") s.dmodel = value;
-    else if (key == "--experts") s.experts = static_cast<int>(value);
-    else if (key == "--expert-size") s.expert_size = value;
-    else if (key == "--k") s.k = static_cast<int>(value);
-    else fail(Status::invalid_argument, "kmoe-bench: unknown option ", key,
-              " (--tokens, --dmodel, --experts, --expert-size, --k)");
-  }
   return s;
 }
 
@@ -65,7 +53,7 @@ ExpertMlpShape parse_shape(int argc, char** argv) {
 int main(int argc, char** argv) {
   Kokkos::ScopeGuard kokkos(argc, argv);
   try {
-    const ExpertMlpShape s = parse_shape(argc, argv);
+    const ExpertMlpShape s = apps::parse_shape(argc, argv, moeut_244m_ffn(), "kmoe-bench");
     const int repeats = 3;
     std::printf("kmoe bench: execution space %s, concurrency %d\n", ExecSpace::name(), ExecSpace().concurrency());
     std::printf("expert MLP shape: %s\n\n", s.str().c_str());

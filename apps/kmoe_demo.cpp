@@ -8,7 +8,6 @@
 
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <functional>
 
 using namespace kmoe;
@@ -67,29 +66,12 @@ double gradient_check_error() {
   return worst;
 }
 
-ExpertMlpShape parse_shape(int argc, char** argv) {
-  ExpertMlpShape s;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string key = argv[i];
-    const long value = std::atol(argv[i + 1]);
-    require(value > 0, Status::invalid_argument, "kmoe-demo: ", key, " needs a positive integer");
-    if (key == "--tokens") s.tokens = value;
-    else if (key == "--dmodel") s.dmodel = value;
-    else if (key == "--experts") s.experts = static_cast<int>(value);
-    else if (key == "--expert-size") s.expert_size = value;
-    else if (key == "--k") s.k = static_cast<int>(value);
-    else fail(Status::invalid_argument, "kmoe-demo: unknown option ", key,
-              " (--tokens, --dmodel, --experts, --expert-size, --k)");
-  }
-  return s;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   Kokkos::ScopeGuard kokkos(argc, argv);
   try {
-    const ExpertMlpShape shape = parse_shape(argc, argv);
+    const ExpertMlpShape shape = apps::parse_shape(argc, argv, ExpertMlpShape(), "kmoe-demo");
     ExpertMlp<float> mlp(shape, 1);
     mlp.route();
     mlp.forward();  // warm-up: first-touch allocations, BLAS thread start

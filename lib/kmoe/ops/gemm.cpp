@@ -53,15 +53,17 @@ void gemm(bool transpose_a, bool transpose_b, T alpha, const View2<const T>& a, 
   }
   const char* op_a = transpose_a ? "T" : "N";
   const char* op_b = transpose_b ? "T" : "N";
-  if (!impl::blas_runs_on_host || k <= impl::host_blas_inner_block) {
-    KokkosBlas::gemm(op_a, op_b, alpha, a, b, beta, c);
-    return;
+  if constexpr (impl::blas_runs_on_host) {
+    if (k > impl::host_blas_inner_block) {
+      for (index_t k0 = 0; k0 < k; k0 += impl::host_blas_inner_block) {
+        const Kokkos::pair<index_t, index_t> range(k0, std::min(k0 + impl::host_blas_inner_block, k));
+        KokkosBlas::gemm(op_a, op_b, alpha, impl::inner_block(a, transpose_a, range),
+                         impl::inner_block(b, !transpose_b, range), k0 == 0 ? beta : T(1), c);
+      }
+      return;
+    }
   }
-  for (index_t k0 = 0; k0 < k; k0 += impl::host_blas_inner_block) {
-    const Kokkos::pair<index_t, index_t> range(k0, std::min(k0 + impl::host_blas_inner_block, k));
-    KokkosBlas::gemm(op_a, op_b, alpha, impl::inner_block(a, transpose_a, range),
-                     impl::inner_block(b, !transpose_b, range), k0 == 0 ? beta : T(1), c);
-  }
+  KokkosBlas::gemm(op_a, op_b, alpha, a, b, beta, c);
 }
 
 template void gemm<float>(bool, bool, float, const View2<const float>&, const View2<const float>&, float,

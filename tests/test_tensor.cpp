@@ -1,0 +1,106 @@
+#include "kmoe/core/tensor.hpp"
+#include "test_util.hpp"
+
+#include <cmath>
+#include <limits>
+
+using namespace kmoe;
+using namespace kmoe::test;
+
+TEST(Shape, SizeRankAndString) {
+  const Shape s{2, 3, 4};
+  EXPECT_EQ(s.rank(), 3);
+  EXPECT_EQ(s.size(), 24);
+  EXPECT_EQ(s.product(1, 3), 12);
+  EXPECT_EQ(s.str(), "[2, 3, 4]");
+  EXPECT_EQ(Shape{}.size(), 1);  // a scalar
+  EXPECT_EQ((Shape{2, 0, 5}).size(), 0);
+  EXPECT_EQ(s, (Shape{2, 3, 4}));
+  EXPECT_NE(s, (Shape{2, 12}));
+}
+
+TEST(Shape, RejectsNegativeDimsRankAboveFourAndBadAxes) {
+  EXPECT_THROW((Shape{2, -1}), Error);
+  EXPECT_THROW((Shape{1, 2, 3, 4, 5}), Error);
+  EXPECT_THROW((Shape{2, 3})[2], Error);
+}
+
+TEST(Tensor, HostRoundTripAndZeroInitialisation) {
+  const auto values = random_values(2 * 3 * 5, 1);
+  const auto t = make_tensor<double>({2, 3, 5}, values);
+  EXPECT_EQ(to_double(t), values);
+  const Tensor<float> zeros("z", {7, 3});
+  for (float v : zeros.to_host()) EXPECT_EQ(v, 0.0f);
+  EXPECT_TRUE(Tensor<float>().empty());
+  EXPECT_FALSE(zeros.empty());
+}
+
+TEST(Tensor, ViewsAliasStorageWithTheRightExtents) {
+  auto t = make_tensor<float>({2, 3, 4}, random_values(24, 2));
+  const auto v3 = t.view<3>();
+  EXPECT_EQ(v3.extent(0), 2u);
+  EXPECT_EQ(v3.extent(2), 4u);
+  const auto m = t.as_matrix();
+  EXPECT_EQ(m.extent(0), 6u);
+  EXPECT_EQ(m.extent(1), 4u);
+  const auto a1 = t.as_3d(1);
+  EXPECT_EQ(a1.extent(0), 2u);
+  EXPECT_EQ(a1.extent(1), 3u);
+  EXPECT_EQ(a1.extent(2), 4u);
+  const auto a0 = t.as_3d(0);
+  EXPECT_EQ(a0.extent(0), 1u);
+  EXPECT_EQ(a0.extent(2), 12u);
+  EXPECT_EQ(m.data(), t.data());
+  EXPECT_THROW(t.view<2>(), Error);
+  EXPECT_THROW(t.as_3d(3), Error);
+  // Element (1, 2, 3) is the last one in row-major order.
+  Kokkos::deep_copy(Kokkos::subview(v3, 1, 2, 3), 42.0f);
+  EXPECT_EQ(t.to_host().back(), 42.0f);
+}
+
+TEST(Tensor, ReshapeSharesStorageAndCloneCopies) {
+  auto t = make_tensor<double>({4, 6}, random_values(24, 3));
+  auto r = t.reshape({2, 3, 4});
+  EXPECT_EQ(r.data(), t.data());
+  EXPECT_THROW(t.reshape({5, 5}), Error);
+  auto c = t.clone("copy");
+  EXPECT_NE(c.data(), t.data());
+  EXPECT_EQ(to_double(c), to_double(t));
+  t.fill(1.5);
+  EXPECT_EQ(r.to_host()[23], 1.5);
+  EXPECT_NE(c.to_host()[23], 1.5);
+}
+
+TEST(Tensor, RequireShapeNamesTheTensor) {
+  const Tensor<float> t("weights", {3, 4});
+  t.require_shape({3, 4}, "weights");
+  try {
+    t.require_shape({4, 3}, "layer.keys");
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), Status::shape_mismatch);
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("layer.keys"), std::string::npos);
+    EXPECT_NE(msg.find("[4, 3]"), std::string::npos);
+    EXPECT_NE(msg.find("[3, 4]"), std::string::npos);
+  }
+  EXPECT_THROW(Tensor<float>::from_host("x", {2, 2}, std::vector<float>(3)), Error);
+}
+
+TEST(Tensor, RequireFiniteFindsNanAndInf) {
+  auto t = make_tensor<float>({1000}, random_values(1000, 4));
+  EXPECT_NO_THROW(require_finite(t, "x"));
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                    -std::numeric_limits<float>::infinity()}) {
+    auto host = t.to_host();
+    host[617] = bad;
+    auto u = Tensor<float>::from_host("u", t.shape(), host);
+    try {
+      require_finite(u, "input x");
+      FAIL() << "no error for " << bad;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.status(), Status::non_finite);
+      EXPECT_NE(std::string(e.what()).find("input x"), std::string::npos);
+    }
+  }
+}
