@@ -34,6 +34,7 @@ std::vector<bool> kept(const std::vector<T>& y) {
 // values are x · (1 / (1 − p)) to the last bit.
 template <class T>
 void check_forward(T p, std::uint64_t seed) {
+  SCOPED_TRACE(::testing::Message() << "sizeof(T) " << sizeof(T));
   const auto x = nonzero_values(kLarge, seed);
   const RngStream rng{seed, 77};
   const auto y = run_forward<T>(x, p, rng);
@@ -53,6 +54,7 @@ void check_forward(T p, std::uint64_t seed) {
 // dx = dy · mask / (1 − p) with the forward's mask, to the last bit; also when dx aliases dy.
 template <class T>
 void check_backward(T p, std::uint64_t seed) {
+  SCOPED_TRACE(::testing::Message() << "sizeof(T) " << sizeof(T));
   const index_t n = 100003;
   const RngStream rng{seed, 5};
   const auto mask = kept(run_forward<T>(nonzero_values(n, seed), p, rng));
@@ -89,11 +91,8 @@ void expect_invalid_p(T p) {
 
 }  // namespace
 
-TEST(Dropout, ForwardKeepsOneMinusPAndScalesExactlyFloat) {
+TEST(Dropout, ForwardKeepsOneMinusPAndScalesExactly) {
   for (const float p : {0.1f, 0.5f, 0.9f}) check_forward<float>(p, 1);
-}
-
-TEST(Dropout, ForwardKeepsOneMinusPAndScalesExactlyDouble) {
   for (const double p : {0.1, 0.5, 0.75}) check_forward<double>(p, 2);
 }
 
@@ -115,11 +114,8 @@ TEST(Dropout, MaskIsAFunctionOfSeedAndOffset) {
   EXPECT_TRUE(std::equal(shifted.begin(), shifted.end() - 7, mask.begin() + 7));
 }
 
-TEST(Dropout, BackwardUsesTheForwardMaskFloat) {
+TEST(Dropout, BackwardUsesTheForwardMask) {
   for (const float p : {0.0f, 0.3f, 0.9f}) check_backward<float>(p, 20);
-}
-
-TEST(Dropout, BackwardUsesTheForwardMaskDouble) {
   for (const double p : {0.0, 0.3, 0.9}) check_backward<double>(p, 21);
 }
 

@@ -12,13 +12,6 @@ Tensor<int> make_ids(const std::vector<int>& ids) {
   return Tensor<int>::from_host("ids", {static_cast<index_t>(ids.size())}, ids);
 }
 
-std::vector<int> random_ids(std::size_t n, int rows, std::uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::vector<int> ids(n);
-  for (auto& id : ids) id = random_int(gen, 0, rows - 1);
-  return ids;
-}
-
 template <class T>
 std::vector<double> run_forward(const std::vector<int>& ids, index_t rows, index_t dim,
                                 const std::vector<double>& table) {
@@ -42,7 +35,7 @@ std::vector<T> run_backward(const std::vector<int>& ids, index_t rows, index_t d
 
 template <class T>
 void check_forward(index_t n, index_t rows, index_t dim, std::uint64_t seed) {
-  const auto ids = random_ids(n, static_cast<int>(rows), seed);
+  const auto ids = random_index(n, static_cast<int>(rows), seed);
   const auto table = random_values(rows * dim, seed + 1);
   std::vector<double> expected(n * dim);
   for (index_t i = 0; i < n; ++i)
@@ -107,7 +100,7 @@ TEST(Embedding, BackwardMatchesFiniteDifferences) {
 
 TEST(Embedding, BackwardAccumulates) {
   const index_t rows = 11, dim = 7;
-  const auto ids = random_ids(129, rows, 30);
+  const auto ids = random_index(129, rows, 30);
   const auto dy = random_values(129 * dim, 31), dtable0 = random_values(rows * dim, 32);
   const auto from_zero = run_backward<double>(ids, rows, dim, dy, std::vector<double>(rows * dim, 0.0));
   const auto onto = run_backward<double>(ids, rows, dim, dy, dtable0);

@@ -6,17 +6,6 @@ using namespace kmoe::test;
 
 namespace {
 
-View1<int> device_ints(const std::vector<int>& values) {
-  return Tensor<int>::from_host("index", {static_cast<index_t>(values.size())}, values).flat();
-}
-
-std::vector<int> random_index(std::size_t n, int rows, std::uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::vector<int> index(n);
-  for (auto& i : index) i = random_int(gen, 0, rows - 1);
-  return index;
-}
-
 template <class T>
 void check_gather(index_t src_rows, index_t cols, const std::vector<int>& index) {
   const index_t n = index.size();
@@ -44,17 +33,6 @@ void check_scatter_add(index_t out_rows, index_t cols, const std::vector<int>& i
   auto out = Tensor<T>::from_host("out", {out_rows, cols}, out_values);
   ops::scatter_add_rows<T>(src.as_matrix(), device_ints(index), out.as_matrix());
   EXPECT_EQ(out.to_host(), expected) << "out rows " << out_rows << " cols " << cols << " sources " << n;
-}
-
-template <class Fn>
-void expect_status(Fn&& fn, Status status, const std::string& needle) {
-  try {
-    fn();
-    FAIL() << "no error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.status(), status);
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
 }
 
 }  // namespace

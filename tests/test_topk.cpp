@@ -77,16 +77,6 @@ struct Case {
 const Case kCases[] = {{7, 33, 1}, {7, 33, 33}, {5, 129, 64}, {9, 1, 1}, {3, 64, 64}, {13, 7, 4}, {11, 100, 17},
                        {0, 5, 2}};
 
-void expect_status(const std::function<void()>& fn, Status status, const std::string& needle) {
-  try {
-    fn();
-    FAIL() << "no error";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.status(), status);
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
-
 }  // namespace
 
 TEST(Topk, MatchesPartialSortWithFrequentTies) {

@@ -1,4 +1,4 @@
-// Shared helpers for kmoe tests: random data, host/device round trips, and the central
+// Shared helpers for kmoe tests: random data, host/device round trips, error checks, and the central
 // finite-difference gradient check every op's backward test uses.
 #pragma once
 
@@ -10,6 +10,7 @@
 #include <cmath>
 #include <functional>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace kmoe::test {
@@ -31,6 +32,14 @@ std::vector<T> cast_vector(const std::vector<double>& v) {
   return std::vector<T>(v.begin(), v.end());
 }
 
+// n indices drawn uniformly from [0, bound): row ids, expert ids, sort keys.
+inline std::vector<int> random_index(std::size_t n, int bound, std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::vector<int> index(n);
+  for (auto& i : index) i = random_int(gen, 0, bound - 1);
+  return index;
+}
+
 template <class T>
 Tensor<T> make_tensor(const Shape& shape, const std::vector<double>& values, const std::string& label = "t") {
   return Tensor<T>::from_host(label, shape, cast_vector<T>(values));
@@ -40,6 +49,28 @@ template <class T>
 std::vector<double> to_double(const Tensor<T>& t) {
   const auto h = t.to_host();
   return std::vector<double>(h.begin(), h.end());
+}
+
+inline View1<int> device_ints(const std::vector<int>& values) {
+  return Tensor<int>::from_host("ints", {static_cast<index_t>(values.size())}, values).flat();
+}
+
+inline std::vector<int> host_ints(const View1<int>& view) {
+  const auto mirror = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), view);
+  return std::vector<int>(mirror.data(), mirror.data() + mirror.extent(0));
+}
+
+// call() must throw kmoe::Error with `status` and a message containing `needle`; `context` labels
+// any failure.
+inline void expect_status(const std::function<void()>& call, Status status, const std::string& needle,
+                          const std::string& context = "") {
+  try {
+    call();
+    ADD_FAILURE() << "no error: " << context;
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), status) << context;
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << context << ": " << e.what();
+  }
 }
 
 // max_i |actual_i − expected_i| / max(max_i |expected_i|, floor): a relative error that stays

@@ -1,6 +1,7 @@
 #include "kmoe/ops/norms.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/ops/impl/team_sum.hpp"
 
 #include <climits>
 #include <cmath>
@@ -13,18 +14,13 @@ namespace impl {
 using RowPolicy = Kokkos::TeamPolicy<ExecSpace>;
 using RowMember = RowPolicy::member_type;
 
-inline RowPolicy row_policy(const char* op, index_t rows) {
+// Runs row_kernel(team, r) for every row r in [0, rows), one team per row.
+template <class RowKernel>
+void for_each_row(const char* op, index_t rows, const RowKernel& row_kernel) {
   require(rows <= INT_MAX, Status::invalid_argument, op, ": ", rows, " rows exceed the league size limit ", INT_MAX);
-  return RowPolicy(static_cast<int>(rows), Kokkos::AUTO);
-}
-
-// Σ_j term(j) over j in [0, cols), reduced across the team; every thread gets the total.
-template <class T, class Term>
-KOKKOS_INLINE_FUNCTION T row_sum(const RowMember& team, int cols, const Term& term) {
-  T total = 0;
-  Kokkos::parallel_reduce(
-      Kokkos::TeamThreadRange(team, cols), [&](const int j, T& acc) { acc += term(j); }, total);
-  return total;
+  Kokkos::parallel_for(
+      op, RowPolicy(static_cast<int>(rows), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const RowMember& team) { row_kernel(team, team.league_rank()); });
 }
 
 template <class V>
@@ -63,6 +59,27 @@ void require_optional_column_param(const char* op, const char* name, const V& pa
   if (present(param)) require_length(op, name, param, x.extent(1), "columns of x");
 }
 
+// The arguments every norm's forward shares: x, eps, gamma, and y shaped like x.
+template <class T>
+void require_forward_args(const char* op, const View2<const T>& x, T eps, const View1<const T>& gamma,
+                          const View2<T>& y) {
+  require_rows(op, x);
+  require_eps(op, eps);
+  require_optional_column_param(op, "gamma", gamma, x);
+  require_extents_2d(op, "y", y, x);
+}
+
+// The arguments every norm's backward shares: x, gamma and dgamma as in the forward, dy and dx shaped like x.
+template <class T>
+void require_backward_args(const char* op, const View2<const T>& x, const View1<const T>& gamma,
+                           const View2<const T>& dy, const View2<T>& dx, const View1<T>& dgamma) {
+  require_rows(op, x);
+  require_optional_column_param(op, "gamma", gamma, x);
+  require_optional_column_param(op, "dgamma", dgamma, x);
+  require_extents_2d(op, "dy", dy, x);
+  require_extents_2d(op, "dx", dx, x);
+}
+
 inline void require_rms_mode(const char* op, RmsNormMode mode) {
   require(mode == RmsNormMode::mean_square || mode == RmsNormMode::l2_normalize, Status::invalid_argument, op,
           ": unknown RmsNormMode ", static_cast<int>(mode));
@@ -95,22 +112,18 @@ template <class T>
 void layer_norm_forward(const View2<const T>& x, const View1<const T>& gamma, const View1<const T>& beta, T eps,
                         const View2<T>& y, const View1<T>& mean, const View1<T>& rstd) {
   const char* op = "kmoe::layer_norm_forward";
-  impl::require_rows(op, x);
-  impl::require_eps(op, eps);
-  impl::require_optional_column_param(op, "gamma", gamma, x);
+  impl::require_forward_args(op, x, eps, gamma, y);
   impl::require_optional_column_param(op, "beta", beta, x);
-  impl::require_extents_2d(op, "y", y, x);
   impl::require_length(op, "mean", mean, x.extent(0), "rows of x");
   impl::require_length(op, "rstd", rstd, x.extent(0), "rows of x");
   const bool has_gamma = impl::present(gamma), has_beta = impl::present(beta);
   const int cols = static_cast<int>(x.extent(1));
-  Kokkos::parallel_for(
-      op, impl::row_policy(op, x.extent(0)), KOKKOS_LAMBDA(const impl::RowMember& team) {
-        const int r = team.league_rank();
-        const T mu = impl::row_sum<T>(team, cols, [&](const int j) { return x(r, j); }) / T(cols);
+  impl::for_each_row(
+      op, x.extent(0), KOKKOS_LAMBDA(const impl::RowMember& team, const int r) {
+        const T mu = impl::team_sum<T>(team, cols, [&](const int j) { return x(r, j); }) / T(cols);
         // Two passes (mean, then squared deviations): no cancellation for rows with a large mean.
         const T var =
-            impl::row_sum<T>(team, cols, [&](const int j) { return (x(r, j) - mu) * (x(r, j) - mu); }) / T(cols);
+            impl::team_sum<T>(team, cols, [&](const int j) { return (x(r, j) - mu) * (x(r, j) - mu); }) / T(cols);
         const T inv_std = T(1) / Kokkos::Experimental::sqrt(var + eps);
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int j) {
           const T normalised = (x(r, j) - mu) * inv_std;
@@ -128,25 +141,20 @@ void layer_norm_backward(const View2<const T>& x, const View1<const T>& gamma, c
                          const View1<const T>& rstd, const View2<const T>& dy, const View2<T>& dx,
                          const View1<T>& dgamma, const View1<T>& dbeta) {
   const char* op = "kmoe::layer_norm_backward";
-  impl::require_rows(op, x);
-  impl::require_optional_column_param(op, "gamma", gamma, x);
-  impl::require_optional_column_param(op, "dgamma", dgamma, x);
+  impl::require_backward_args(op, x, gamma, dy, dx, dgamma);
   impl::require_optional_column_param(op, "dbeta", dbeta, x);
   impl::require_length(op, "mean", mean, x.extent(0), "rows of x");
   impl::require_length(op, "rstd", rstd, x.extent(0), "rows of x");
-  impl::require_extents_2d(op, "dy", dy, x);
-  impl::require_extents_2d(op, "dx", dx, x);
   const bool has_gamma = impl::present(gamma);
   const int cols = static_cast<int>(x.extent(1));
   // With g = dy·gamma and x̂ = (x − mean)·rstd: dx = rstd · (g − mean(g) − x̂ · mean(g ⊙ x̂)).
-  Kokkos::parallel_for(
-      op, impl::row_policy(op, x.extent(0)), KOKKOS_LAMBDA(const impl::RowMember& team) {
-        const int r = team.league_rank();
+  impl::for_each_row(
+      op, x.extent(0), KOKKOS_LAMBDA(const impl::RowMember& team, const int r) {
         const T mu = mean(r), inv_std = rstd(r);
         const auto g = [&](const int j) { return has_gamma ? dy(r, j) * gamma(j) : dy(r, j); };
-        const T mean_g = impl::row_sum<T>(team, cols, g) / T(cols);
+        const T mean_g = impl::team_sum<T>(team, cols, g) / T(cols);
         const T mean_g_xhat =
-            impl::row_sum<T>(team, cols, [&](const int j) { return g(j) * (x(r, j) - mu) * inv_std; }) / T(cols);
+            impl::team_sum<T>(team, cols, [&](const int j) { return g(j) * (x(r, j) - mu) * inv_std; }) / T(cols);
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int j) {
           dx(r, j) = inv_std * (g(j) - mean_g - (x(r, j) - mu) * inv_std * mean_g_xhat);
         });
@@ -159,18 +167,14 @@ void rms_norm_forward(RmsNormMode mode, const View2<const T>& x, const View1<con
                       const View1<T>& scale) {
   const char* op = "kmoe::rms_norm_forward";
   impl::require_rms_mode(op, mode);
-  impl::require_rows(op, x);
-  impl::require_eps(op, eps);
-  impl::require_optional_column_param(op, "gamma", gamma, x);
-  impl::require_extents_2d(op, "y", y, x);
+  impl::require_forward_args(op, x, eps, gamma, y);
   impl::require_length(op, "scale", scale, x.extent(0), "rows of x");
   const bool has_gamma = impl::present(gamma);
   const int cols = static_cast<int>(x.extent(1));
   const T sqrt_cols = static_cast<T>(std::sqrt(static_cast<double>(cols)));
-  Kokkos::parallel_for(
-      op, impl::row_policy(op, x.extent(0)), KOKKOS_LAMBDA(const impl::RowMember& team) {
-        const int r = team.league_rank();
-        const T sum_squares = impl::row_sum<T>(team, cols, [&](const int j) { return x(r, j) * x(r, j); });
+  impl::for_each_row(
+      op, x.extent(0), KOKKOS_LAMBDA(const impl::RowMember& team, const int r) {
+        const T sum_squares = impl::team_sum<T>(team, cols, [&](const int j) { return x(r, j) * x(r, j); });
         const T s = mode == RmsNormMode::mean_square
                         ? T(1) / Kokkos::Experimental::sqrt(sum_squares / T(cols) + eps)
                         : sqrt_cols / Kokkos::Experimental::fmax(Kokkos::Experimental::sqrt(sum_squares), eps);
@@ -186,32 +190,27 @@ void rms_norm_backward(RmsNormMode mode, const View2<const T>& x, const View1<co
                        const View1<T>& dgamma) {
   const char* op = "kmoe::rms_norm_backward";
   impl::require_rms_mode(op, mode);
-  impl::require_rows(op, x);
+  impl::require_backward_args(op, x, gamma, dy, dx, dgamma);
   impl::require_eps(op, eps);
-  impl::require_optional_column_param(op, "gamma", gamma, x);
-  impl::require_optional_column_param(op, "dgamma", dgamma, x);
   impl::require_length(op, "scale", scale, x.extent(0), "rows of x");
-  impl::require_extents_2d(op, "dy", dy, x);
-  impl::require_extents_2d(op, "dx", dx, x);
   const bool has_gamma = impl::present(gamma);
   const int cols = static_cast<int>(x.extent(1));
   // y = x·s·gamma. In both modes ∂s/∂x = −s³·x/D (mean_square: s = (Σx²/D + eps)^−½; l2: s = √D/‖x‖),
   // except where l2_normalize clamps ‖x‖ < eps to eps, which makes s constant there.
   // So with g = dy·gamma: dx = s·g − [not clamped]·s³/D · x · Σ(g ⊙ x).
-  Kokkos::parallel_for(
-      op, impl::row_policy(op, x.extent(0)), KOKKOS_LAMBDA(const impl::RowMember& team) {
-        const int r = team.league_rank();
+  impl::for_each_row(
+      op, x.extent(0), KOKKOS_LAMBDA(const impl::RowMember& team, const int r) {
         const T s = scale(r);
         const auto g = [&](const int j) { return has_gamma ? dy(r, j) * gamma(j) : dy(r, j); };
         // The branches below depend on team-wide values only, so the whole team takes the same one.
         bool clamped = false;
         if (mode == RmsNormMode::l2_normalize) {
-          const T sum_squares = impl::row_sum<T>(team, cols, [&](const int j) { return x(r, j) * x(r, j); });
+          const T sum_squares = impl::team_sum<T>(team, cols, [&](const int j) { return x(r, j) * x(r, j); });
           clamped = Kokkos::Experimental::sqrt(sum_squares) < eps;
         }
         T coefficient = 0;
         if (!clamped) {
-          const T g_dot_x = impl::row_sum<T>(team, cols, [&](const int j) { return g(j) * x(r, j); });
+          const T g_dot_x = impl::team_sum<T>(team, cols, [&](const int j) { return g(j) * x(r, j); });
           coefficient = s * s * s / T(cols) * g_dot_x;
         }
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols),

@@ -1,6 +1,7 @@
 #include "kmoe/ops/softmax.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/ops/impl/team_sum.hpp"
 
 #include <climits>
 
@@ -31,15 +32,6 @@ void require_line_extents(const char* op, const char* name, const V& view, const
   require(view.extent(0) == x.extent(0) && view.extent(1) == x.extent(2), Status::shape_mismatch, op, ": ", name,
           " is [", view.extent(0), ", ", view.extent(1), "], expected [outer, inner] = [", x.extent(0), ", ",
           x.extent(2), "]");
-}
-
-// Σ_k term(k) over k in [0, len), reduced across the team; every thread gets the total.
-template <class T, class Term>
-KOKKOS_INLINE_FUNCTION T team_sum(const LineMember& team, int len, const Term& term) {
-  T total = 0;
-  Kokkos::parallel_reduce(
-      Kokkos::TeamThreadRange(team, len), [&](const int k, T& acc) { acc += term(k); }, total);
-  return total;
 }
 
 // Σ_k exp(x − shift) = sum along the line, with shift its maximum so that no exp overflows. A
