@@ -1,6 +1,7 @@
 #include "kmoe/moe/cvmm.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/scratch.hpp"
 #include "kmoe/ops/gemm.hpp"
 
 #include <algorithm>
@@ -44,11 +45,6 @@ void for_each_expert_block(const DispatchPlan& plan, F&& f) {
   for (int e = 0; e < plan.n_experts(); ++e) {
     if (offsets[e + 1] > offsets[e]) f(e, Kokkos::make_pair(offsets[e], offsets[e + 1]));
   }
-}
-
-template <class T>
-View2<T> workspace(const std::string& label, index_t rows, index_t cols) {
-  return View2<T>(Kokkos::view_alloc(Kokkos::WithoutInitializing, label), rows, cols);
 }
 
 // sorted(s, :) = src(row of pair sorted_pair(s), :): token p / k when per_token, else p.
@@ -116,7 +112,7 @@ void backward_from_sorted(const DispatchPlan& plan, bool per_token, const View2<
                           const View2<const T>& dy_sorted, const View2<T>& dx, const View3<T>& dw) {
   const index_t pairs = plan.n_pairs(), K = x.extent(1);
   if (dx.data() != nullptr) {
-    const auto dx_sorted = workspace<T>("kmoe::cvmm::dx_sorted", pairs, K);
+    const auto dx_sorted = scratch<T>("cvmm.dx_sorted", pairs, K);
     for_each_expert_block(plan, [&](int e, auto rows) {
       ops::gemm<T>(false, true, T(1), Kokkos::subview(dy_sorted, rows, Kokkos::ALL),
                    Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
@@ -129,7 +125,7 @@ void backward_from_sorted(const DispatchPlan& plan, bool per_token, const View2<
     }
   }
   if (dw.data() != nullptr) {
-    const auto x_sorted = workspace<T>("kmoe::cvmm::x_sorted", pairs, K);
+    const auto x_sorted = scratch<T>("cvmm.x_sorted", pairs, K);
     gather_sorted<T>(plan, per_token, x, x_sorted);
     // A segmented reduction in a fixed order: one GEMM over each expert's rows, accumulated into
     // dW[e] (beta = 1); ops::gemm keeps its inner-dimension order independent of the thread count.
@@ -150,8 +146,8 @@ void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3
   const bool per_token = impl::x_is_per_token(op, plan, x, w);
   const index_t pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
   impl::require_matrix(op, "y_pairs", y_pairs, pairs, M);
-  const auto x_sorted = impl::workspace<T>("kmoe::cvmm::x_sorted", pairs, K);
-  const auto y_sorted = impl::workspace<T>("kmoe::cvmm::y_sorted", pairs, M);
+  const auto x_sorted = scratch<T>("cvmm.x_sorted", pairs, K);
+  const auto y_sorted = scratch<T>("cvmm.y_sorted", pairs, M);
   impl::gather_sorted<T>(plan, per_token, x, x_sorted);
   impl::for_each_expert_block(plan, [&](int e, auto rows) {
     ops::gemm<T>(false, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL),
@@ -178,7 +174,7 @@ void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View
   const bool per_token = impl::x_is_per_token(op, plan, x, w);
   impl::require_matrix(op, "dy_pairs", dy_pairs, plan.n_pairs(), w.extent(2));
   impl::require_backward_outputs(op, x, w, dx, dw);
-  const auto dy_sorted = impl::workspace<T>("kmoe::cvmm::dy_sorted", plan.n_pairs(), w.extent(2));
+  const auto dy_sorted = scratch<T>("cvmm.dy_sorted", plan.n_pairs(), w.extent(2));
   impl::gather_sorted<T>(plan, false, dy_pairs, dy_sorted);
   impl::backward_from_sorted<T>(plan, per_token, x, w, dy_sorted, dx, dw);
 }
@@ -206,7 +202,7 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
         });
   }
   // dy_pair[p] = gates[p] · dy[token(p)], written straight into sorted order.
-  const auto dy_sorted = impl::workspace<T>("kmoe::cvmm::dy_sorted", pairs, M);
+  const auto dy_sorted = scratch<T>("cvmm.dy_sorted", pairs, M);
   const View1<int> sorted_pair = plan.sorted_pair();
   Kokkos::parallel_for(
       "kmoe::cvmm::gate_dy", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {pairs, M}),

@@ -3,8 +3,12 @@
 #include "kmoe/core/error.hpp"
 
 #include <KokkosBlas3_gemm.hpp>
+#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
+#include <KokkosBlas_Host_tpl.hpp>
+#endif
 
 #include <algorithm>
+#include <climits>
 
 namespace kmoe::ops {
 
@@ -15,18 +19,26 @@ namespace impl {
 // count. Handing it inner blocks no longer than this keeps every call one block in either driver:
 // results are bit-identical for any thread count. cuBLAS gives the same bits at any size.
 constexpr index_t host_blas_inner_block = 128;
-constexpr bool blas_runs_on_host = Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible;
 
-// The slice [range) of op(m)'s inner dimension: rows of m (a contiguous subview) or columns of m
-// (copied, since BLAS views must be contiguous LayoutRight).
+#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
+// Host path: the BLAS that Kokkos Kernels' TPL links, called with leading dimensions so that an
+// inner block of a row-major matrix is a pointer offset, not a copy. Row-major C = op(A)·op(B) is
+// column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, hence B before A.
 template <class T>
-View2<const T> inner_block(const View2<const T>& m, bool inner_is_rows, Kokkos::pair<index_t, index_t> range) {
-  if (inner_is_rows) return Kokkos::subview(m, range, Kokkos::ALL);
-  View2<T> copy(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::gemm::inner_block"), m.extent(0),
-                range.second - range.first);
-  Kokkos::deep_copy(copy, Kokkos::subview(m, Kokkos::ALL, range));
-  return copy;
+void host_blas_gemm(bool transpose_a, bool transpose_b, index_t m, index_t n, index_t k, T alpha,
+                    const View2<const T>& a, const View2<const T>& b, T beta, const View2<T>& c) {
+  const int lda = static_cast<int>(a.stride(0)), ldb = static_cast<int>(b.stride(0));
+  const int ldc = static_cast<int>(c.stride(0));
+  for (index_t k0 = 0; k0 < k; k0 += host_blas_inner_block) {
+    const int kb = static_cast<int>(std::min(host_blas_inner_block, k - k0));
+    const T* a_block = a.data() + (transpose_a ? k0 * lda : k0);
+    const T* b_block = b.data() + (transpose_b ? k0 : k0 * ldb);
+    KokkosBlas::Impl::HostBlas<T>::gemm(transpose_b ? 'T' : 'N', transpose_a ? 'T' : 'N', static_cast<int>(n),
+                                        static_cast<int>(m), kb, alpha, b_block, ldb, a_block, lda,
+                                        k0 == 0 ? beta : T(1), c.data(), ldc);
+  }
 }
+#endif
 
 }  // namespace impl
 
@@ -51,19 +63,17 @@ void gemm(bool transpose_a, bool transpose_b, T alpha, const View2<const T>& a, 
     }
     return;
   }
-  const char* op_a = transpose_a ? "T" : "N";
-  const char* op_b = transpose_b ? "T" : "N";
-  if constexpr (impl::blas_runs_on_host) {
-    if (k > impl::host_blas_inner_block) {
-      for (index_t k0 = 0; k0 < k; k0 += impl::host_blas_inner_block) {
-        const Kokkos::pair<index_t, index_t> range(k0, std::min(k0 + impl::host_blas_inner_block, k));
-        KokkosBlas::gemm(op_a, op_b, alpha, impl::inner_block(a, transpose_a, range),
-                         impl::inner_block(b, !transpose_b, range), k0 == 0 ? beta : T(1), c);
-      }
-      return;
-    }
+#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
+  if constexpr (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible) {
+    require(m <= INT_MAX && n <= INT_MAX && a.stride(0) <= INT_MAX && b.stride(0) <= INT_MAX &&
+                c.stride(0) <= INT_MAX,
+            Status::invalid_argument, "gemm: extents beyond the BLAS integer range");
+    impl::host_blas_gemm(transpose_a, transpose_b, m, n, k, alpha, a, b, beta, c);
+    return;
   }
-  KokkosBlas::gemm(op_a, op_b, alpha, a, b, beta, c);
+#endif
+  // cuBLAS (or Kokkos Kernels' own kernels where no BLAS TPL is enabled).
+  KokkosBlas::gemm(transpose_a ? "T" : "N", transpose_b ? "T" : "N", alpha, a, b, beta, c);
 }
 
 template void gemm<float>(bool, bool, float, const View2<const float>&, const View2<const float>&, float,
