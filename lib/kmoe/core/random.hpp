@@ -63,6 +63,27 @@ struct RngStream {
       return static_cast<T>(bits & ((std::uint64_t(1) << 53) - 1)) * T(1.0 / 9007199254740992.0);
     }
   }
+
+  // Standard normal by Box-Muller from the same counter's words: u1 in (0, 1] (so log u1 is
+  // finite) and u2 in [0, 1), each with 24 random bits (float) or 53 (double).
+  template <class T>
+  KOKKOS_INLINE_FUNCTION T normal(std::uint64_t i) const {
+    std::uint32_t r[4];
+    impl::philox4x32(seed, offset + i, r);
+    T u1, u2;
+    if constexpr (sizeof(T) == 4) {
+      u1 = static_cast<T>((r[0] >> 8) + 1u) * T(1.0f / 16777216.0f);
+      u2 = static_cast<T>(r[1] >> 8) * T(1.0f / 16777216.0f);
+    } else {
+      const std::uint64_t mask = (std::uint64_t(1) << 53) - 1;
+      const std::uint64_t bits1 = ((static_cast<std::uint64_t>(r[0]) << 21) ^ (r[1] >> 11)) & mask;
+      const std::uint64_t bits2 = ((static_cast<std::uint64_t>(r[2]) << 21) ^ (r[3] >> 11)) & mask;
+      u1 = static_cast<T>(bits1 + 1) * T(1.0 / 9007199254740992.0);
+      u2 = static_cast<T>(bits2) * T(1.0 / 9007199254740992.0);
+    }
+    return Kokkos::Experimental::sqrt(T(-2) * Kokkos::Experimental::log(u1)) *
+           Kokkos::Experimental::cos(T(6.28318530717958647692) * u2);
+  }
 };
 
 // The caller-controlled source of every random draw: each take(n) returns a fresh, disjoint

@@ -1,0 +1,445 @@
+#include "kmoe/layers/sigma_moe.hpp"
+
+#include "kmoe/core/error.hpp"
+#include "kmoe/moe/cvmm.hpp"
+#include "kmoe/ops/dropout.hpp"
+#include "kmoe/ops/gather_scatter.hpp"
+#include "kmoe/ops/linear.hpp"
+#include "kmoe/ops/softmax.hpp"
+#include "kmoe/ops/topk.hpp"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace kmoe::layers {
+
+SelectionMode parse_selection_mode(const std::string& name) {
+  if (name == "sigmoid") return SelectionMode::sigmoid;
+  if (name == "softmax") return SelectionMode::softmax;
+  if (name == "sinkmoid") return SelectionMode::sinkmoid;
+  fail(Status::invalid_argument, "SigmaMoE: unknown selection_mode '", name, "' (sigmoid, softmax, sinkmoid)");
+}
+
+const char* selection_mode_name(SelectionMode mode) {
+  switch (mode) {
+    case SelectionMode::sigmoid: return "sigmoid";
+    case SelectionMode::softmax: return "softmax";
+    case SelectionMode::sinkmoid: return "sinkmoid";
+  }
+  return "unknown";
+}
+
+void SigmaMoEConfig::validate() const {
+  const auto positive = [](const char* field, index_t value) {
+    require(value >= 1, Status::invalid_argument, "SigmaMoEConfig: ", field, " = ", value, " must be at least 1");
+  };
+  positive("dmodel", dmodel);
+  positive("n_experts", n_experts);
+  positive("expert_size", expert_size);
+  require(k >= 1 && k <= n_experts, Status::invalid_argument, "SigmaMoEConfig: k = ", k,
+          " must lie in [1, n_experts = ", n_experts, "]");
+  require(k <= ops::topk_max_k, Status::invalid_argument, "SigmaMoEConfig: k = ", k, " exceeds the top-k limit ",
+          ops::topk_max_k);
+  // Written as "inside" tests so that NaN is rejected too.
+  require(dropout >= 0 && dropout < 1, Status::invalid_argument, "SigmaMoEConfig: dropout = ", dropout,
+          " is outside [0, 1)");
+  require(expert_dropout >= 0 && expert_dropout < 1, Status::invalid_argument,
+          "SigmaMoEConfig: expert_dropout = ", expert_dropout, " is outside [0, 1)");
+  require(v_dim >= 0, Status::invalid_argument, "SigmaMoEConfig: v_dim = ", v_dim,
+          " must be positive (or 0 for v_dim = dmodel)");
+  require(sinkhorn_n_iters >= 0, Status::invalid_argument, "SigmaMoEConfig: sinkhorn_n_iters = ", sinkhorn_n_iters,
+          " must not be negative");
+  require(std::isfinite(weight_std_scale) && weight_std_scale > 0, Status::invalid_argument,
+          "SigmaMoEConfig: weight_std_scale = ", weight_std_scale, " must be finite and positive");
+}
+
+namespace impl {
+
+using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
+
+inline Shape with_last_dim(const Shape& shape, index_t last) {
+  auto dims = shape.dims();
+  dims.back() = last;
+  return Shape(dims);
+}
+
+// out[i] = std · N(0, 1) draw i of the stream.
+template <class T>
+void fill_normal(const Tensor<T>& out, const RngStream& stream, T std) {
+  const View1<T> values = out.flat();
+  Kokkos::parallel_for(
+      "kmoe::sigma_moe::fill_normal", Kokkos::RangePolicy<ExecSpace>(0, out.size()),
+      KOKKOS_LAMBDA(const index_t i) { values(i) = std * stream.normal<T>(static_cast<std::uint64_t>(i)); });
+}
+
+// The original's renorm_keep_std(dim=1): rows scaled to unit L2 norm, then the whole matrix
+// rescaled to its former unbiased std. A one-time O(E·D) pass done on the host in double, so the
+// sums do not depend on the thread count.
+template <class T>
+void renorm_keep_std(Tensor<T>& weight) {
+  const index_t rows = weight.dim(0), cols = weight.dim(1), n = weight.size();
+  if (n < 2) return;  // the unbiased std of one element is undefined; leave the draw as it is
+  const auto values = weight.to_host();
+  std::vector<double> w(values.begin(), values.end());
+  const auto unbiased_std = [&] {
+    double mean = 0, sum_sq = 0;
+    for (double v : w) mean += v;
+    mean /= static_cast<double>(n);
+    for (double v : w) sum_sq += (v - mean) * (v - mean);
+    return std::sqrt(sum_sq / static_cast<double>(n - 1));
+  };
+  const double original_std = unbiased_std();
+  for (index_t r = 0; r < rows; ++r) {
+    double norm = 0;
+    for (index_t c = 0; c < cols; ++c) norm += w[r * cols + c] * w[r * cols + c];
+    norm = std::sqrt(norm);
+    for (index_t c = 0; c < cols; ++c) w[r * cols + c] /= norm;
+  }
+  const double scale = original_std / unbiased_std();
+  std::vector<T> result(w.size());
+  for (std::size_t i = 0; i < w.size(); ++i) result[i] = static_cast<T>(w[i] * scale);
+  weight.copy_from_host(result);
+}
+
+// sinkhorn_unnorm of the original, literally (its updates subtract a and b, its output adds
+// them), on z [N, E] seen as groups of rows_per_group consecutive rows (A = z.shape[-2]).
+template <class T>
+Tensor<T> sinkhorn_unnorm(const Tensor<T>& z, index_t rows_per_group, int n_iters) {
+  const index_t rows = z.dim(0), experts = z.dim(1), groups = rows / rows_per_group, A = rows_per_group;
+  const Tensor<T> a("sigma_moe::sinkhorn_a", {groups, experts}), b("sigma_moe::sinkhorn_b", {rows, 1});
+  const Tensor<T> shifted("sigma_moe::sinkhorn_shifted", {rows, experts});
+  const Tensor<T> row_lse("sigma_moe::sinkhorn_row_lse", {rows, 1});
+  const Tensor<T> column_lse("sigma_moe::sinkhorn_column_lse", {groups, experts});
+  const View2<T> zv = z.as_matrix(), av = a.as_matrix(), bv = b.as_matrix(), sv = shifted.as_matrix();
+  const View2<T> row_lse_v = row_lse.as_matrix(), column_lse_v = column_lse.as_matrix();
+  const T log_rows = static_cast<T>(std::log(static_cast<double>(A)));
+  const T log_experts = static_cast<T>(std::log(static_cast<double>(experts)));
+  const Range2 all({0, 0}, {rows, experts});
+  for (int iter = 0; iter < n_iters; ++iter) {
+    // b = log A − LSE_e(z − a)
+    Kokkos::parallel_for(
+        "kmoe::sigma_moe::sinkhorn_minus_a", all,
+        KOKKOS_LAMBDA(const index_t n, const index_t e) { sv(n, e) = zv(n, e) - av(n / A, e); });
+    ops::logsumexp_forward<T>(shifted.as_3d(1), row_lse_v);
+    Kokkos::parallel_for(
+        "kmoe::sigma_moe::sinkhorn_b", Kokkos::RangePolicy<ExecSpace>(0, rows),
+        KOKKOS_LAMBDA(const index_t n) { bv(n, 0) = log_rows - row_lse_v(n, 0); });
+    // a = log E − LSE_t(z − b), t over the rows of a group
+    Kokkos::parallel_for(
+        "kmoe::sigma_moe::sinkhorn_minus_b", all,
+        KOKKOS_LAMBDA(const index_t n, const index_t e) { sv(n, e) = zv(n, e) - bv(n, 0); });
+    ops::logsumexp_forward<T>(shifted.reshape({groups, A, experts}).template view<3>(), column_lse_v);
+    Kokkos::parallel_for(
+        "kmoe::sigma_moe::sinkhorn_a", Range2({0, 0}, {groups, experts}),
+        KOKKOS_LAMBDA(const index_t g, const index_t e) { av(g, e) = log_experts - column_lse_v(g, e); });
+  }
+  const Tensor<T> scores("sigma_moe::sinkhorn_scores", {rows, experts});
+  const View2<T> out = scores.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::sigma_moe::sinkhorn_scores", all, KOKKOS_LAMBDA(const index_t n, const index_t e) {
+        out(n, e) = Kokkos::Experimental::exp(av(n / A, e) + bv(n, 0) + zv(n, e));
+      });
+  return scores;
+}
+
+// Expert dropout: scores[n, e] = −inf where stream.uniform(n · E + e) < p.
+template <class T>
+void drop_experts(const Tensor<T>& scores, T p, const RngStream& stream) {
+  const View1<T> values = scores.flat();
+  const T minus_inf = -std::numeric_limits<T>::infinity();
+  Kokkos::parallel_for(
+      "kmoe::sigma_moe::expert_dropout", Kokkos::RangePolicy<ExecSpace>(0, scores.size()),
+      KOKKOS_LAMBDA(const index_t i) {
+        if (stream.uniform<T>(static_cast<std::uint64_t>(i)) < p) values(i) = minus_inf;
+      });
+}
+
+// out[t, j] = z[t, index[t, j]]: the router logits of the selected experts.
+template <class T>
+Tensor<T> gather_selected(const Tensor<T>& z, const Tensor<int>& index) {
+  const Tensor<T> out("sigma_moe::selected_logits", index.shape());
+  const View2<T> zv = z.as_matrix(), ov = out.as_matrix();
+  const View2<int> iv = index.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::sigma_moe::gather_selected", Range2({0, 0}, {index.dim(0), index.dim(1)}),
+      KOKKOS_LAMBDA(const index_t t, const index_t j) { ov(t, j) = zv(t, iv(t, j)); });
+  return out;
+}
+
+// rows[r, :] += bias[row_bias[r], :], or bias[0, :] for every row when row_bias is empty.
+template <class T>
+void add_row_bias(const View2<T>& rows, const View2<const T>& bias, const View1<const int>& row_bias) {
+  const bool indexed = row_bias.data() != nullptr;
+  Kokkos::parallel_for(
+      "kmoe::sigma_moe::add_bias",
+      Range2({0, 0}, {static_cast<index_t>(rows.extent(0)), static_cast<index_t>(rows.extent(1))}),
+      KOKKOS_LAMBDA(const index_t r, const index_t c) { rows(r, c) += bias(indexed ? row_bias(r) : 0, c); });
+}
+
+// sums[c] += Σ_r src[r, c], rows in order (one thread per column: reproducible, no atomics).
+template <class T>
+void accumulate_column_sums(const View2<const T>& src, const View1<T>& sums) {
+  const index_t rows = src.extent(0);
+  Kokkos::parallel_for(
+      "kmoe::sigma_moe::column_sums", Kokkos::RangePolicy<ExecSpace>(0, src.extent(1)),
+      KOKKOS_LAMBDA(const index_t c) {
+        T sum = 0;
+        for (index_t r = 0; r < rows; ++r) sum += src(r, c);
+        sums(c) += sum;
+      });
+}
+
+// dst += src elementwise.
+template <class T>
+void add_into(const View1<T>& dst, const View1<const T>& src) {
+  Kokkos::parallel_for(
+      "kmoe::sigma_moe::add_into", Kokkos::RangePolicy<ExecSpace>(0, dst.extent(0)),
+      KOKKOS_LAMBDA(const index_t i) { dst(i) += src(i); });
+}
+
+// [1, E] log Σ_t softmax(z_t)_e = LSE over tokens of the log-probabilities; the regulariser's
+// log p̄ is this minus log N.
+template <class T>
+Tensor<T> token_logsumexp(const Tensor<T>& log_probs) {
+  const Tensor<T> lse("sigma_moe::token_lse", {1, log_probs.dim(1)});
+  ops::logsumexp_forward<T>(log_probs.as_3d(0), lse.as_matrix());
+  return lse;
+}
+
+// reg = Σ_e p̄_e log p̄_e with log p̄ = LSE_t log_softmax(z)[t, e] − log N, in log space as the
+// original's entropy_reg. The E terms are summed on the host in a fixed order.
+template <class T>
+T entropy_regulariser(const Tensor<T>& log_probs) {
+  const auto lse = token_logsumexp(log_probs).to_host();
+  const T log_tokens = static_cast<T>(std::log(static_cast<double>(log_probs.dim(0))));
+  double reg = 0;
+  for (const T value : lse) {
+    const T log_mean = value - log_tokens;
+    reg += static_cast<double>(log_mean * std::exp(log_mean));
+  }
+  return static_cast<T>(reg);
+}
+
+// dz += coef · ∂reg/∂z through the same ops: reg ← log p̄ (dreg/dlog p̄_e = p̄_e (log p̄_e + 1))
+// ← logsumexp over tokens ← log_softmax over experts.
+template <class T>
+void add_regulariser_gradient(const Tensor<T>& log_probs, T coef, const Tensor<T>& dz) {
+  const index_t tokens = log_probs.dim(0), experts = log_probs.dim(1);
+  const Tensor<T> lse = token_logsumexp(log_probs);
+  const Tensor<T> dlse("sigma_moe::dlse", {1, experts});
+  const View2<T> lse_v = lse.as_matrix(), dlse_v = dlse.as_matrix();
+  const T log_tokens = static_cast<T>(std::log(static_cast<double>(tokens)));
+  Kokkos::parallel_for(
+      "kmoe::sigma_moe::dreg_dlog_mean", Kokkos::RangePolicy<ExecSpace>(0, experts), KOKKOS_LAMBDA(const index_t e) {
+        const T log_mean = lse_v(0, e) - log_tokens;
+        dlse_v(0, e) = coef * Kokkos::Experimental::exp(log_mean) * (log_mean + T(1));
+      });
+  const Tensor<T> dlog_probs("sigma_moe::dlog_probs", log_probs.shape());
+  ops::logsumexp_backward<T>(log_probs.as_3d(0), lse_v, dlse_v, dlog_probs.as_3d(0));
+  const Tensor<T> dz_reg("sigma_moe::dz_reg", log_probs.shape());
+  ops::log_softmax_backward<T>(log_probs.as_3d(1), dlog_probs.as_3d(1), dz_reg.as_3d(1));
+  add_into<T>(dz.flat(), dz_reg.flat());
+}
+
+// The tensor top-k runs on (§1.2 steps 3-4): the activated logits, or the raw ones when the
+// activation comes after top-k; for sinkmoid the Sinkhorn scores in training, σ(z) in eval.
+template <class T>
+Tensor<T> selection_scores(const SigmaMoEConfig& config, const Tensor<T>& z, index_t rows_per_group,
+                           bool training) {
+  if (config.selection_mode == SelectionMode::sinkmoid && training)
+    return sinkhorn_unnorm(z, rows_per_group, config.sinkhorn_n_iters);
+  const Tensor<T> scores = z.clone("sigma_moe::selection_scores");
+  const bool activate = !config.activation_after_topk || config.selection_mode == SelectionMode::sinkmoid;
+  if (!activate) return scores;
+  if (config.selection_mode == SelectionMode::softmax) {
+    ops::softmax_forward<T>(z.as_3d(1), scores.as_3d(1));
+  } else {
+    ops::activation_forward<T>(ops::Activation::sigmoid, z.flat(), scores.flat());
+  }
+  return scores;
+}
+
+// The reduction weights (§1.2 step 6): activations of the selected raw logits (σ, or a softmax
+// over the k of them) after top-k or for sinkmoid; otherwise the top-k values themselves.
+template <class T>
+Tensor<T> gate_values(const SigmaMoEConfig& config, const Tensor<T>& z, const Tensor<int>& expert_index,
+                      const Tensor<T>& topk_values) {
+  const bool sinkmoid = config.selection_mode == SelectionMode::sinkmoid;
+  if (!config.activation_after_topk && !sinkmoid) return topk_values;
+  const Tensor<T> selected = gather_selected(z, expert_index);
+  if (config.selection_mode == SelectionMode::softmax) {
+    const Tensor<T> gates("sigma_moe::gates", selected.shape());
+    ops::softmax_forward<T>(selected.as_3d(1), gates.as_3d(1));
+    return gates;
+  }
+  ops::activation_forward<T>(ops::Activation::sigmoid, selected.flat(), selected.flat());
+  return selected;
+}
+
+// dz [N, E] from the gate gradients: σ' of the selected logits (sigmoid, sinkmoid), the softmax
+// Jacobian over the k selected logits (softmax after top-k) or over all E (softmax before top-k).
+template <class T>
+Tensor<T> router_gradient(const SigmaMoEConfig& config, const SigmaMoEForward<T>& forward,
+                          const Tensor<T>& dgates) {
+  const Tensor<T>& z = forward.router_logits;
+  const Tensor<T> dz("sigma_moe::dz", z.shape());
+  const auto index = forward.expert_index.as_matrix();
+  if (config.selection_mode == SelectionMode::softmax && !config.activation_after_topk) {
+    const Tensor<T> probs("sigma_moe::probs", z.shape()), dprobs("sigma_moe::dprobs", z.shape());
+    ops::softmax_forward<T>(z.as_3d(1), probs.as_3d(1));
+    ops::topk_backward<T>(index, dgates.as_matrix(), dprobs.as_matrix());
+    ops::softmax_backward<T>(probs.as_3d(1), dprobs.as_3d(1), dz.as_3d(1));
+    return dz;
+  }
+  const Tensor<T> dselected("sigma_moe::dselected", dgates.shape());
+  if (config.selection_mode == SelectionMode::softmax) {
+    ops::softmax_backward<T>(forward.gates.as_3d(1), dgates.as_3d(1), dselected.as_3d(1));
+  } else {
+    const Tensor<T> selected = gather_selected(z, forward.expert_index);
+    ops::activation_backward<T>(ops::Activation::sigmoid, selected.flat(), dgates.flat(), dselected.flat());
+  }
+  ops::topk_backward<T>(index, dselected.as_matrix(), dz.as_matrix());
+  return dz;
+}
+
+}  // namespace impl
+
+template <class T>
+SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed) : config_(config) {
+  config_.validate();
+  const index_t E = config_.n_experts, D = config_.dmodel, es = config_.expert_size, Dv = config_.value_dim();
+  const double wss = config_.weight_std_scale;
+  params_.keys = Tensor<T>("sigma_moe::keys", {E, D, es});
+  params_.values = Tensor<T>("sigma_moe::values", {E, es, Dv});
+  params_.expert_sel = Tensor<T>("sigma_moe::expert_sel", {E, D});
+  // The original's creation order: keys, values, expert_sel.
+  Generator generator(seed);
+  const auto draw = [&](const Tensor<T>& tensor, double std) {
+    impl::fill_normal<T>(tensor, generator.take(static_cast<std::uint64_t>(tensor.size())), static_cast<T>(std));
+  };
+  draw(params_.keys, std::pow(static_cast<double>(D), -0.5) * wss);
+  draw(params_.values, std::pow(static_cast<double>(E * es), -0.5) * wss);
+  draw(params_.expert_sel, std::pow(static_cast<double>(D), -0.5) * wss);
+  impl::renorm_keep_std(params_.expert_sel);
+  if (config_.bias) {
+    params_.bias = Tensor<T>("sigma_moe::bias", {E, es});
+    params_.o_bias = Tensor<T>("sigma_moe::o_bias", {Dv});
+  }
+  const auto zeros_like = [](const Tensor<T>& t) {
+    return t.empty() ? Tensor<T>() : Tensor<T>("grad::" + t.label(), t.shape());
+  };
+  grads_ = {zeros_like(params_.keys), zeros_like(params_.values), zeros_like(params_.expert_sel),
+            zeros_like(params_.bias), zeros_like(params_.o_bias)};
+}
+
+template <class T>
+void SigmaMoE<T>::zero_grad() {
+  for (Tensor<T>* grad : {&grads_.keys, &grads_.values, &grads_.expert_sel, &grads_.bias, &grads_.o_bias})
+    if (!grad->empty()) grad->fill(T(0));
+}
+
+template <class T>
+SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Generator& rng) const {
+  const SigmaMoEConfig& c = config_;
+  const index_t D = c.dmodel, E = c.n_experts, es = c.expert_size, Dv = c.value_dim();
+  const int K = c.k;
+  require(x.rank() >= 1 && x.rank() <= 4 && x.dim(x.rank() - 1) == D, Status::shape_mismatch,
+          "SigmaMoE::forward: x is ", x.shape().str(), ", expected rank 1-4 [..., dmodel = ", D, "]");
+  const index_t tokens = x.size() / D;
+  require(tokens >= 1, Status::shape_mismatch, "SigmaMoE::forward: x ", x.shape().str(), " has no tokens");
+  require_finite(x, "SigmaMoE::forward: x");
+
+  SigmaMoEForward<T> f;
+  f.training = training;
+  f.x = x.reshape({tokens, D});
+  f.router_logits = Tensor<T>("sigma_moe::router_logits", {tokens, E});
+  ops::linear_forward<T>(f.x.as_matrix(), params_.expert_sel.as_matrix(), View1<const T>(),
+                         f.router_logits.as_matrix());
+  f.log_probs = Tensor<T>("sigma_moe::log_probs", {tokens, E});
+  ops::log_softmax_forward<T>(f.router_logits.as_3d(1), f.log_probs.as_3d(1));
+  f.reg_loss = impl::entropy_regulariser(f.log_probs);
+
+  // Sinkhorn groups: the original's A = z.shape[-2] (one group of all tokens for 2-D x, one per
+  // leading index for 3-D/4-D x); a single token for 1-D x.
+  const index_t rows_per_group = x.rank() >= 2 ? x.dim(x.rank() - 2) : 1;
+  f.selection_scores = impl::selection_scores(c, f.router_logits, rows_per_group, training);
+  if (training && c.expert_dropout > 0) {
+    impl::drop_experts<T>(f.selection_scores, static_cast<T>(c.expert_dropout),
+                          rng.take(static_cast<std::uint64_t>(f.selection_scores.size())));
+  }
+  const Tensor<T> topk_values("sigma_moe::topk_values", {tokens, K});
+  f.expert_index = Tensor<int>("sigma_moe::expert_index", {tokens, K});
+  ops::topk_forward<T>(f.selection_scores.as_matrix(), K, ops::TopkOrder::descending, topk_values.as_matrix(),
+                       f.expert_index.as_matrix());
+  f.gates = impl::gate_values(c, f.router_logits, f.expert_index, topk_values);
+  f.plan = moe::DispatchPlan::build(f.expert_index.as_matrix(), c.n_experts);
+
+  // Up-projection: u = x · keys[e] (+ bias[e]), h = dropout(activation(u)).
+  const index_t pairs = f.plan.n_pairs();
+  f.pre_activation = Tensor<T>("sigma_moe::pre_activation", {pairs, es});
+  moe::cvmm_forward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), f.pre_activation.as_matrix());
+  if (c.bias) impl::add_row_bias<T>(f.pre_activation.as_matrix(), params_.bias.as_matrix(), f.plan.expert_of_pair());
+  f.hidden = Tensor<T>("sigma_moe::hidden", {pairs, es});
+  ops::activation_forward<T>(c.activation, f.pre_activation.flat(), f.hidden.flat());
+  if (training && c.dropout > 0) {
+    f.dropout_stream = rng.take(static_cast<std::uint64_t>(f.hidden.size()));
+    ops::dropout_forward<T>(f.hidden.flat(), static_cast<T>(c.dropout), f.dropout_stream, f.hidden.flat());
+  }
+
+  // Down-projection reduced with the gates: y_t = Σ_j g_tj · h_tj · values[e_tj] (+ o_bias).
+  const Tensor<T> y("sigma_moe::y", {tokens, Dv});
+  f.pair_outputs = Tensor<T>("sigma_moe::pair_outputs", {pairs, Dv});
+  moe::cvmm_forward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
+                               y.as_matrix(), f.pair_outputs.as_matrix());
+  if (c.bias) impl::add_row_bias<T>(y.as_matrix(), params_.o_bias.reshape({1, Dv}).as_matrix(), View1<const int>());
+  f.y = y.reshape(impl::with_last_dim(x.shape(), Dv));
+  return f;
+}
+
+template <class T>
+Tensor<T> SigmaMoE<T>::backward(const SigmaMoEForward<T>& f, const Tensor<T>& dy, T reg_coef) {
+  const SigmaMoEConfig& c = config_;
+  const index_t D = c.dmodel, E = c.n_experts, es = c.expert_size, Dv = c.value_dim();
+  require(!f.y.empty() && !f.hidden.empty(), Status::invalid_argument,
+          "SigmaMoE::backward: the forward result is empty (default-constructed)");
+  const index_t tokens = f.x.dim(0), pairs = f.plan.n_pairs();
+  require(f.x.dim(1) == D && f.router_logits.shape() == Shape{tokens, E} && f.gates.shape() == Shape{tokens, c.k} &&
+              f.hidden.shape() == Shape{pairs, es} && f.pair_outputs.shape() == Shape{pairs, Dv},
+          Status::shape_mismatch, "SigmaMoE::backward: the forward result (x ", f.x.shape().str(), ", hidden ",
+          f.hidden.shape().str(), ", pair_outputs ", f.pair_outputs.shape().str(),
+          ") does not come from a layer with dmodel = ", D, ", n_experts = ", E, ", k = ", c.k,
+          ", expert_size = ", es, ", v_dim = ", Dv);
+  dy.require_shape(f.y.shape(), "SigmaMoE::backward: dy");
+  const Tensor<T> dy_rows = dy.reshape({tokens, Dv});
+
+  if (c.bias) impl::accumulate_column_sums<T>(dy_rows.as_matrix(), grads_.o_bias.flat());
+
+  // Down-projection: dgates, d values, dh.
+  const Tensor<T> du("sigma_moe::du", {pairs, es}), dgates("sigma_moe::dgates", {tokens, c.k});
+  moe::cvmm_backward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
+                                f.pair_outputs.as_matrix(), dy_rows.as_matrix(), du.as_matrix(),
+                                grads_.values.template view<3>(), dgates.as_matrix());
+  // Up-projection: replay the dropout mask, then activation', bias and keys.
+  if (f.training && c.dropout > 0)
+    ops::dropout_backward<T>(du.flat(), static_cast<T>(c.dropout), f.dropout_stream, du.flat());
+  ops::activation_backward<T>(c.activation, f.pre_activation.flat(), du.flat(), du.flat());
+  if (c.bias) ops::scatter_add_rows<T>(du.as_matrix(), f.plan.expert_of_pair(), grads_.bias.as_matrix());
+  const Tensor<T> dx_expert("sigma_moe::dx_expert", {tokens, D});
+  moe::cvmm_backward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), du.as_matrix(), dx_expert.as_matrix(),
+                        grads_.keys.template view<3>());
+
+  // Router: gates and regulariser → dz → d expert_sel and the router's share of dx.
+  const Tensor<T> dz = impl::router_gradient(c, f, dgates);
+  if (reg_coef != T(0)) impl::add_regulariser_gradient(f.log_probs, reg_coef, dz);
+  const Tensor<T> dx("sigma_moe::dx", {tokens, D});
+  ops::linear_backward<T>(f.x.as_matrix(), params_.expert_sel.as_matrix(), dz.as_matrix(), dx.as_matrix(),
+                          grads_.expert_sel.as_matrix(), View1<T>());
+  impl::add_into<T>(dx.flat(), dx_expert.flat());
+  return dx.reshape(impl::with_last_dim(f.y.shape(), D));
+}
+
+template class SigmaMoE<float>;
+template class SigmaMoE<double>;
+
+}  // namespace kmoe::layers

@@ -1,0 +1,110 @@
+// σ-MoE feed-forward layer (Csordás et al., arXiv 2310.10837), numerically faithful to
+// RobertCsordas/moe_layer (Triton version, triton_src/moe_layer/moe_layer_simple.py); see
+// seeds-spec §1. Forward: router logits → selection activation → [expert dropout] → top-k →
+// gates → CVMM up-projection (+ bias, activation, dropout) → CVMM down-projection reduced with
+// the gates (+ o_bias), plus the entropy regulariser of the batch-mean router distribution.
+// Backward: input gradient and accumulated parameter gradients for every option.
+#pragma once
+
+#include "kmoe/core/random.hpp"
+#include "kmoe/core/tensor.hpp"
+#include "kmoe/moe/dispatch_plan.hpp"
+#include "kmoe/ops/activations.hpp"
+
+#include <cstdint>
+#include <string>
+
+namespace kmoe::layers {
+
+enum class SelectionMode { sigmoid, softmax, sinkmoid };
+// "sigmoid", "softmax", "sinkmoid"; anything else throws Status::invalid_argument.
+SelectionMode parse_selection_mode(const std::string& name);
+const char* selection_mode_name(SelectionMode mode);
+
+// The original constructor's arguments, names and defaults.
+struct SigmaMoEConfig {
+  index_t dmodel = 0;
+  int n_experts = 0;
+  index_t expert_size = 0;
+  int k = 0;
+  double dropout = 0.0;
+  SelectionMode selection_mode = SelectionMode::sigmoid;
+  bool activation_after_topk = false;
+  ops::Activation activation = ops::Activation::relu;
+  bool bias = false;
+  index_t v_dim = 0;  // 0: v_dim = dmodel (the original's None)
+  int sinkhorn_n_iters = 3;
+  double expert_dropout = 0.0;
+  double weight_std_scale = 1.0;
+
+  index_t value_dim() const { return v_dim > 0 ? v_dim : dmodel; }
+  // Throws Status::invalid_argument naming the field: dmodel, n_experts, expert_size < 1;
+  // k < 1 or k > n_experts (or > 64); dropout or expert_dropout outside [0, 1); v_dim < 0;
+  // sinkhorn_n_iters < 0; weight_std_scale ≤ 0 or not finite.
+  void validate() const;
+};
+
+// Parameters (and, with the same shapes, their gradients) under the original's state_dict names.
+template <class T>
+struct SigmaMoEParams {
+  Tensor<T> keys;        // [n_experts, dmodel, expert_size]
+  Tensor<T> values;      // [n_experts, expert_size, v_dim]
+  Tensor<T> expert_sel;  // [n_experts, dmodel]
+  Tensor<T> bias;        // [n_experts, expert_size], empty unless config.bias
+  Tensor<T> o_bias;      // [v_dim], empty unless config.bias
+};
+
+// What forward returns: the outputs and everything backward needs.
+template <class T>
+struct SigmaMoEForward {
+  Tensor<T> y;        // [..., v_dim]
+  T reg_loss = T(0);  // entropy regulariser Σ_e p̄_e log p̄_e (train and eval)
+  bool training = false;
+  // [tokens, n_experts] what top-k ran on (after expert dropout), as the fixtures' /debug/selection_scores.
+  Tensor<T> selection_scores;
+
+  // Saved for backward.
+  Tensor<T> x;                // [tokens, dmodel] (a view of the caller's input)
+  Tensor<T> router_logits;    // [tokens, n_experts] z = x · expert_selᵀ
+  Tensor<T> log_probs;        // [tokens, n_experts] log_softmax(z), for the regulariser
+  Tensor<int> expert_index;   // [tokens, k] selected experts (descending selection score)
+  Tensor<T> gates;            // [tokens, k] reduction weights
+  moe::DispatchPlan plan;
+  Tensor<T> pre_activation;   // [tokens·k, expert_size] u = x · keys[e] (+ bias)
+  Tensor<T> hidden;           // [tokens·k, expert_size] h = dropout(activation(u))
+  Tensor<T> pair_outputs;     // [tokens·k, v_dim] h · values[e], unweighted
+  RngStream dropout_stream;   // the hidden dropout's draws (replayed by backward)
+};
+
+template <class T>
+class SigmaMoE {
+ public:
+  // Parameters initialised as the original (seeds-spec §1.1: N(0, (D^-½·wss)²) keys,
+  // N(0, ((E·es)^-½·wss)²) values, router rows renormalised by renorm_keep_std, zero biases),
+  // drawn from Generator(seed). Throws on an invalid config.
+  SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed);
+
+  const SigmaMoEConfig& config() const { return config_; }
+  SigmaMoEParams<T>& params() { return params_; }
+  const SigmaMoEParams<T>& params() const { return params_; }
+  SigmaMoEParams<T>& grads() { return grads_; }
+  void zero_grad();
+
+  // x [..., dmodel] (rank 1-4). training enables expert dropout, hidden dropout and (sinkmoid)
+  // Sinkhorn selection; every random draw comes from rng. Non-finite x throws Status::non_finite.
+  SigmaMoEForward<T> forward(const Tensor<T>& x, bool training, Generator& rng) const;
+
+  // dy [..., v_dim]; reg_coef multiplies reg_loss in the differentiated loss. Returns dx
+  // [..., dmodel] and accumulates every parameter gradient into grads().
+  Tensor<T> backward(const SigmaMoEForward<T>& forward, const Tensor<T>& dy, T reg_coef);
+
+ private:
+  SigmaMoEConfig config_;
+  SigmaMoEParams<T> params_;
+  SigmaMoEParams<T> grads_;
+};
+
+extern template class SigmaMoE<float>;
+extern template class SigmaMoE<double>;
+
+}  // namespace kmoe::layers
