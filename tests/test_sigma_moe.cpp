@@ -464,10 +464,10 @@ TEST(SigmaMoEInit, StatisticsMatchTheOriginal) {
     for (double e : v) var += (e - mean) * (e - mean);
     return std::make_pair(mean, std::sqrt(var / static_cast<double>(v.size() - 1)));
   };
-  const auto check = [&](const char* name, const Tensor<float>& t, double std, double rel_tol) {
+  const auto check = [&](const char* name, const Tensor<float>& t, double stddev, double rel_tol) {
     const auto [mean, sample_std] = moments(to_double(t));
-    EXPECT_NEAR(mean, 0.0, 5 * std / std::sqrt(static_cast<double>(t.size()))) << name;
-    EXPECT_NEAR(sample_std / std, 1.0, rel_tol) << name;
+    EXPECT_NEAR(mean, 0.0, 5 * stddev / std::sqrt(static_cast<double>(t.size()))) << name;
+    EXPECT_NEAR(sample_std / stddev, 1.0, rel_tol) << name;
   };
   check("keys", p.keys, 0.5 / std::sqrt(128.0), 0.01);
   check("values", p.values, 0.5 / std::sqrt(32.0 * 64.0), 0.01);
@@ -583,6 +583,11 @@ TEST(SigmaMoEForward, LeadingShapeIsKept) {
   EXPECT_LT(max_rel_error(to_double(f.y), {y_rows.begin(), y_rows.begin() + 7}), 1e-14);
   const auto dx = layer.backward(f, make_tensor<double>({7}, {dy.begin(), dy.begin() + 7}), 0.0);
   EXPECT_EQ(dx.shape(), Shape{5});
+  // Sinkhorn in training on one token: a single group of one row.
+  c.selection_mode = SelectionMode::sinkmoid;
+  const auto single = SigmaMoE<double>(c, 3).forward(make_tensor<double>({5}, {x.begin(), x.begin() + 5}), true, rng);
+  EXPECT_EQ(single.y.shape(), Shape{7});
+  for (double v : to_double(single.y)) EXPECT_TRUE(std::isfinite(v));
 }
 
 TEST(SigmaMoEForward, BadInputsAreErrors) {
@@ -610,6 +615,13 @@ TEST(SigmaMoEForward, BadInputsAreErrors) {
 }
 
 TEST(SigmaMoEGolden, SigmoidReluTrain) { check_golden("sigma_moe_sigmoid_relu_train.h5"); }
+TEST(SigmaMoEGolden, SigmoidGeluEval) { check_golden("sigma_moe_sigmoid_gelu_eval.h5"); }
+TEST(SigmaMoEGolden, SoftmaxAfterTopkBiasVdim48Train) {
+  check_golden("sigma_moe_softmax_after_topk_bias_vdim48_train.h5");
+}
+TEST(SigmaMoEGolden, SinkmoidEval) { check_golden("sigma_moe_sinkmoid_eval.h5"); }
+// Sinkhorn selection in training, reproduced literally (seeds-spec §1.3) down to the reference's choice.
+TEST(SigmaMoEGolden, SinkmoidTrain) { check_golden("sigma_moe_sinkmoid_train.h5"); }
 
 TEST(SigmaMoEGradient, SigmoidEval) { check_gradients(gradient_case(SelectionMode::sigmoid, false, 1)); }
 

@@ -64,13 +64,13 @@ inline Shape with_last_dim(const Shape& shape, index_t last) {
   return Shape(dims);
 }
 
-// out[i] = std · N(0, 1) draw i of the stream.
+// out[i] = stddev · N(0, 1) draw i of the stream.
 template <class T>
-void fill_normal(const Tensor<T>& out, const RngStream& stream, T std) {
+void fill_normal(const Tensor<T>& out, const RngStream& stream, T stddev) {
   const View1<T> values = out.flat();
   Kokkos::parallel_for(
       "kmoe::sigma_moe::fill_normal", Kokkos::RangePolicy<ExecSpace>(0, out.size()),
-      KOKKOS_LAMBDA(const index_t i) { values(i) = std * stream.normal<T>(static_cast<std::uint64_t>(i)); });
+      KOKKOS_LAMBDA(const index_t i) { values(i) = stddev * stream.normal<T>(static_cast<std::uint64_t>(i)); });
 }
 
 // The original's renorm_keep_std(dim=1): rows scaled to unit L2 norm, then the whole matrix
@@ -315,8 +315,8 @@ SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed) : config
   params_.expert_sel = Tensor<T>("sigma_moe::expert_sel", {E, D});
   // The original's creation order: keys, values, expert_sel.
   Generator generator(seed);
-  const auto draw = [&](const Tensor<T>& tensor, double std) {
-    impl::fill_normal<T>(tensor, generator.take(static_cast<std::uint64_t>(tensor.size())), static_cast<T>(std));
+  const auto draw = [&](const Tensor<T>& tensor, double stddev) {
+    impl::fill_normal<T>(tensor, generator.take(static_cast<std::uint64_t>(tensor.size())), static_cast<T>(stddev));
   };
   draw(params_.keys, std::pow(static_cast<double>(D), -0.5) * wss);
   draw(params_.values, std::pow(static_cast<double>(E * es), -0.5) * wss);
