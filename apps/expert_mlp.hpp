@@ -69,7 +69,7 @@ struct ExpertMlp {
   ExpertMlpShape shape;
   Tensor<T> x, keys, values, gates, scores, dy;           // inputs and parameters
   Tensor<int> expert_index;
-  Tensor<T> h_pre, h, y, y_pairs;                          // forward results kept for backward
+  Tensor<T> h_pre, h, y;                                   // forward results kept for backward
   Tensor<T> dx, dkeys, dvalues, dgates, dh;                // gradients
   moe::DispatchPlan plan;
 
@@ -89,7 +89,6 @@ struct ExpertMlp {
     h_pre = Tensor<T>("h_pre", {pairs, s.expert_size});
     h = Tensor<T>("h", {pairs, s.expert_size});
     y = Tensor<T>("y", {s.tokens, s.dmodel});
-    y_pairs = Tensor<T>("y_pairs", {pairs, s.dmodel});
     dx = Tensor<T>("dx", {s.tokens, s.dmodel});
     dkeys = Tensor<T>("dkeys", keys.shape());
     dvalues = Tensor<T>("dvalues", values.shape());
@@ -108,12 +107,12 @@ struct ExpertMlp {
     moe::cvmm_forward<T>(plan, x.template view<2>(), keys.template view<3>(), h_pre.template view<2>());
     ops::activation_forward<T>(ops::Activation::relu, h_pre.flat(), h.flat());
     moe::cvmm_forward_reduced<T>(plan, h.template view<2>(), values.template view<3>(), gates.template view<2>(),
-                                 y.template view<2>(), y_pairs.template view<2>());
+                                 y.template view<2>());
   }
 
   void backward() {
     moe::cvmm_backward_reduced<T>(plan, h.template view<2>(), values.template view<3>(), gates.template view<2>(),
-                                  y_pairs.template view<2>(), dy.template view<2>(), dh.template view<2>(),
+                                  dy.template view<2>(), dh.template view<2>(),
                                   dvalues.template view<3>(), dgates.template view<2>());
     ops::activation_backward<T>(ops::Activation::relu, h_pre.flat(), dh.flat(), dh.flat());
     moe::cvmm_backward<T>(plan, x.template view<2>(), keys.template view<3>(), dh.template view<2>(),

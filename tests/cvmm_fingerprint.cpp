@@ -70,10 +70,10 @@ int main(int argc, char** argv) {
 
   Tensor<float> y("y", {tokens, M}), y_pairs("y_pairs", {tokens * k, M}), dx("dx", {tokens, K}),
       dw("dw", {experts, K, M}), dgates("dgates", {tokens, k});
-  moe::cvmm_forward_reduced<float>(plan, x.as_matrix(), w.view<3>(), gates.as_matrix(), y.as_matrix(),
-                                   y_pairs.as_matrix());
-  moe::cvmm_backward_reduced<float>(plan, x.as_matrix(), w.view<3>(), gates.as_matrix(), y_pairs.as_matrix(),
-                                    dy.as_matrix(), dx.as_matrix(), dw.view<3>(), dgates.as_matrix());
+  moe::cvmm_forward<float>(plan, x.as_matrix(), w.view<3>(), y_pairs.as_matrix());
+  moe::cvmm_forward_reduced<float>(plan, x.as_matrix(), w.view<3>(), gates.as_matrix(), y.as_matrix());
+  moe::cvmm_backward_reduced<float>(plan, x.as_matrix(), w.view<3>(), gates.as_matrix(), dy.as_matrix(),
+                                    dx.as_matrix(), dw.view<3>(), dgates.as_matrix());
 
   Tensor<float> y2_pairs("y2_pairs", {tokens * k, M}), dx2("dx2", {tokens * k, K});
   moe::cvmm_forward<float>(plan, x_pairs.as_matrix(), w.view<3>(), y2_pairs.as_matrix());

@@ -122,10 +122,10 @@ Results run_cvmm(const Problem& p, bool reduced, const std::vector<double>& dy, 
   const View2<T> dgates_view = skip.find("dgates") == std::string::npos ? dgates.as_matrix() : View2<T>();
   Results r;
   if (reduced) {
-    moe::cvmm_forward_reduced<T>(plan, x.as_matrix(), w.template view<3>(), gates.as_matrix(), y.as_matrix(),
-                                 y_pairs.as_matrix());
-    moe::cvmm_backward_reduced<T>(plan, x.as_matrix(), w.template view<3>(), gates.as_matrix(), y_pairs.as_matrix(),
-                                  dy_t.as_matrix(), dx_view, dw_view, dgates_view);
+    moe::cvmm_forward<T>(plan, x.as_matrix(), w.template view<3>(), y_pairs.as_matrix());
+    moe::cvmm_forward_reduced<T>(plan, x.as_matrix(), w.template view<3>(), gates.as_matrix(), y.as_matrix());
+    moe::cvmm_backward_reduced<T>(plan, x.as_matrix(), w.template view<3>(), gates.as_matrix(), dy_t.as_matrix(),
+                                  dx_view, dw_view, dgates_view);
     r.y = to_double(y);
     r.dgates = to_double(dgates);
   } else {
@@ -309,17 +309,15 @@ TEST(Cvmm, MatchesSigmaMoeTritonGolden) {
   const double scores_error = relative_l2_error(to_double(hidden), golden_scores);
   EXPECT_LE(scores_error, 1e-5);
 
-  Tensor<float> out("out", {tokens, dmodel}), out_pairs("out_pairs", {tokens * k, dmodel});
-  moe::cvmm_forward_reduced<float>(plan, hidden.as_matrix(), values.view<3>(), gates.as_matrix(), out.as_matrix(),
-                                   out_pairs.as_matrix());
+  Tensor<float> out("out", {tokens, dmodel});
+  moe::cvmm_forward_reduced<float>(plan, hidden.as_matrix(), values.view<3>(), gates.as_matrix(), out.as_matrix());
   const double out_error = relative_l2_error(to_double(out), to_double(file.read<float>("/output/out")));
   EXPECT_LE(out_error, 1e-5);
 
   const auto grad_out = file.read<float>("/input/grad_out").reshape({tokens, dmodel});
   Tensor<float> dhidden("dhidden", hidden.shape()), dvalues("dvalues", values.shape()), dkeys("dkeys", keys.shape());
   moe::cvmm_backward_reduced<float>(plan, hidden.as_matrix(), values.view<3>(), gates.as_matrix(),
-                                    out_pairs.as_matrix(), grad_out.as_matrix(), dhidden.as_matrix(), dvalues.view<3>(),
-                                    View2<float>());
+                                    grad_out.as_matrix(), dhidden.as_matrix(), dvalues.view<3>(), View2<float>());
   auto dpre = dhidden.to_host();
   for (std::size_t i = 0; i < dpre.size(); ++i)
     if (!(h[i] > 0)) dpre[i] = 0;
@@ -353,11 +351,11 @@ TEST(Cvmm, BadShapesAreErrors) {
                         "cvmm_forward: y_pairs is [30, 4], expected [30, 5]");
   expect_shape_mismatch(
       [&] {
-        moe::cvmm_forward_reduced<float>(plan, X, W, gates_bad.as_matrix(), y.as_matrix(), y_pairs.as_matrix());
+        moe::cvmm_forward_reduced<float>(plan, X, W, gates_bad.as_matrix(), y.as_matrix());
       },
       "cvmm_forward_reduced: gates is [10, 2], expected [10, 3]");
   expect_shape_mismatch(
-      [&] { moe::cvmm_forward_reduced<float>(plan, X, W, gates.as_matrix(), y_bad.as_matrix(), y_pairs.as_matrix()); },
+      [&] { moe::cvmm_forward_reduced<float>(plan, X, W, gates.as_matrix(), y_bad.as_matrix()); },
       "cvmm_forward_reduced: y is [9, 5]");
   expect_shape_mismatch(
       [&] { moe::cvmm_backward<float>(plan, X, W, y_pairs_bad.as_matrix(), View2<float>(), View3<float>()); },
@@ -370,14 +368,14 @@ TEST(Cvmm, BadShapesAreErrors) {
       "cvmm_backward: dw is [4, 6, 4], w is [4, 6, 5]");
   expect_shape_mismatch(
       [&] {
-        moe::cvmm_backward_reduced<float>(plan, X, W, gates.as_matrix(), y_pairs.as_matrix(), y_bad.as_matrix(),
-                                          View2<float>(), View3<float>(), View2<float>());
+        moe::cvmm_backward_reduced<float>(plan, X, W, gates.as_matrix(), y_bad.as_matrix(), View2<float>(),
+                                          View3<float>(), View2<float>());
       },
       "cvmm_backward_reduced: dy is [9, 5]");
   expect_shape_mismatch(
       [&] {
-        moe::cvmm_backward_reduced<float>(plan, X, W, gates.as_matrix(), y_pairs.as_matrix(), dy.as_matrix(),
-                                          View2<float>(), View3<float>(), dgates_bad.as_matrix());
+        moe::cvmm_backward_reduced<float>(plan, X, W, gates.as_matrix(), dy.as_matrix(), View2<float>(),
+                                          View3<float>(), dgates_bad.as_matrix());
       },
       "cvmm_backward_reduced: dgates is [3, 10]");
 }

@@ -389,9 +389,8 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Gener
 
   // Down-projection reduced with the gates: y_t = Σ_j g_tj · h_tj · values[e_tj] (+ o_bias).
   const Tensor<T> y("sigma_moe::y", {tokens, Dv});
-  f.pair_outputs = Tensor<T>("sigma_moe::pair_outputs", {pairs, Dv});
   moe::cvmm_forward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
-                               y.as_matrix(), f.pair_outputs.as_matrix());
+                               y.as_matrix());
   if (c.bias) impl::add_row_bias<T>(y.as_matrix(), params_.o_bias.reshape({1, Dv}).as_matrix(), View1<const int>());
   f.y = y.reshape(impl::with_last_dim(x.shape(), Dv));
   return f;
@@ -405,9 +404,9 @@ Tensor<T> SigmaMoE<T>::backward(const SigmaMoEForward<T>& f, const Tensor<T>& dy
           "SigmaMoE::backward: the forward result is empty (default-constructed)");
   const index_t tokens = f.x.dim(0), pairs = f.plan.n_pairs();
   require(f.x.dim(1) == D && f.router_logits.shape() == Shape{tokens, E} && f.gates.shape() == Shape{tokens, c.k} &&
-              f.hidden.shape() == Shape{pairs, es} && f.pair_outputs.shape() == Shape{pairs, Dv},
+              f.hidden.shape() == Shape{pairs, es} && f.y.size() == tokens * Dv,
           Status::shape_mismatch, "SigmaMoE::backward: the forward result (x ", f.x.shape().str(), ", hidden ",
-          f.hidden.shape().str(), ", pair_outputs ", f.pair_outputs.shape().str(),
+          f.hidden.shape().str(), ", y ", f.y.shape().str(),
           ") does not come from a layer with dmodel = ", D, ", n_experts = ", E, ", k = ", c.k,
           ", expert_size = ", es, ", v_dim = ", Dv);
   dy.require_shape(f.y.shape(), "SigmaMoE::backward: dy");
@@ -418,7 +417,7 @@ Tensor<T> SigmaMoE<T>::backward(const SigmaMoEForward<T>& f, const Tensor<T>& dy
   // Down-projection: dgates, d values, dh.
   const Tensor<T> du("sigma_moe::du", {pairs, es}), dgates("sigma_moe::dgates", {tokens, c.k});
   moe::cvmm_backward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
-                                f.pair_outputs.as_matrix(), dy_rows.as_matrix(), du.as_matrix(),
+                                dy_rows.as_matrix(), du.as_matrix(),
                                 grads_.values.template view<3>(), dgates.as_matrix());
   // Up-projection: replay the dropout mask, then activation', bias and keys.
   if (f.training && c.dropout > 0)

@@ -72,7 +72,6 @@ struct SigmaMoEForward {
   moe::DispatchPlan plan;
   Tensor<T> pre_activation;   // [tokens·k, expert_size] u = x · keys[e] (+ bias)
   Tensor<T> hidden;           // [tokens·k, expert_size] h = dropout(activation(u))
-  Tensor<T> pair_outputs;     // [tokens·k, v_dim] h · values[e], unweighted
   RngStream dropout_stream;   // the hidden dropout's draws (replayed by backward)
 };
 

@@ -158,13 +158,20 @@ void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3
 
 template <class T>
 void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
-                          const View2<const T>& gates, const View2<T>& y, const View2<T>& y_pairs) {
+                          const View2<const T>& gates, const View2<T>& y) {
   const char* op = "cvmm_forward_reduced";
-  impl::x_is_per_token(op, plan, x, w);
+  const bool per_token = impl::x_is_per_token(op, plan, x, w);
+  const index_t pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
   impl::require_matrix(op, "gates", gates, plan.n_tokens(), plan.k());
-  impl::require_matrix(op, "y", y, plan.n_tokens(), w.extent(2));
-  cvmm_forward<T>(plan, x, w, y_pairs);
-  impl::sum_slots<T>(plan, y_pairs, false, gates, y);
+  impl::require_matrix(op, "y", y, plan.n_tokens(), M);
+  const auto x_sorted = scratch<T>("cvmm.x_sorted", pairs, K);
+  const auto y_sorted = scratch<T>("cvmm.y_sorted", pairs, M);
+  impl::gather_sorted<T>(plan, per_token, x, x_sorted);
+  impl::for_each_expert_block(plan, [&](int e, auto rows) {
+    ops::gemm<T>(false, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL),
+                 Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0), Kokkos::subview(y_sorted, rows, Kokkos::ALL));
+  });
+  impl::sum_slots<T>(plan, y_sorted, true, gates, y);
 }
 
 template <class T>
@@ -181,48 +188,81 @@ void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View
 
 template <class T>
 void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
-                           const View2<const T>& gates, const View2<const T>& y_pairs, const View2<const T>& dy,
-                           const View2<T>& dx, const View3<T>& dw, const View2<T>& dgates) {
+                           const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
+                           const View3<T>& dw, const View2<T>& dgates) {
   const char* op = "cvmm_backward_reduced";
   const bool per_token = impl::x_is_per_token(op, plan, x, w);
-  const index_t tokens = plan.n_tokens(), pairs = plan.n_pairs(), M = w.extent(2);
+  const index_t tokens = plan.n_tokens(), pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
   const int k = plan.k();
   impl::require_matrix(op, "gates", gates, tokens, k);
-  impl::require_matrix(op, "y_pairs", y_pairs, pairs, M);
   impl::require_matrix(op, "dy", dy, tokens, M);
-  if (dgates.data() != nullptr) impl::require_matrix(op, "dgates", dgates, tokens, k);
+  const bool want_dgates = dgates.data() != nullptr, want_dx = dx.data() != nullptr;
+  if (want_dgates) impl::require_matrix(op, "dgates", dgates, tokens, k);
   impl::require_backward_outputs(op, x, w, dx, dw);
-  if (dgates.data() != nullptr) {
-    Kokkos::parallel_for(
-        "kmoe::cvmm::dgates", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {tokens, index_t(k)}),
-        KOKKOS_LAMBDA(const index_t t, const index_t slot) {
-          T sum = 0;
-          for (index_t m = 0; m < M; ++m) sum += dy(t, m) * y_pairs(t * k + slot, m);
-          dgates(t, slot) = sum;
-        });
-  }
-  // dy_pair[p] = gates[p] · dy[token(p)], written straight into sorted order.
+
+  // Each pair's upstream gradient, unweighted: dy of its token, in sorted order.
   const auto dy_sorted = scratch<T>("cvmm.dy_sorted", pairs, M);
+  impl::gather_sorted<T>(plan, true, dy, dy_sorted);
+  const auto x_sorted = scratch<T>("cvmm.x_sorted", pairs, K);
+  impl::gather_sorted<T>(plan, per_token, x, x_sorted);
   const View1<int> sorted_pair = plan.sorted_pair();
-  Kokkos::parallel_for(
-      "kmoe::cvmm::gate_dy", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {pairs, M}),
-      KOKKOS_LAMBDA(const index_t s, const index_t m) {
-        const index_t p = sorted_pair(s);
-        dy_sorted(s, m) = gates(p / k, p % k) * dy(p / k, m);
-      });
-  impl::backward_from_sorted<T>(plan, per_token, x, w, dy_sorted, dx, dw);
+
+  if (want_dgates || want_dx) {
+    // g_sorted = dy_sorted · W[e]ᵀ per expert: the unweighted input gradient of each pair.
+    const auto g_sorted = scratch<T>("cvmm.g_sorted", pairs, K);
+    impl::for_each_expert_block(plan, [&](int e, auto rows) {
+      ops::gemm<T>(false, true, T(1), Kokkos::subview(dy_sorted, rows, Kokkos::ALL),
+                   Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
+                   Kokkos::subview(g_sorted, rows, Kokkos::ALL));
+    });
+    if (want_dgates) {
+      Kokkos::parallel_for(
+          "kmoe::cvmm::dgates", Kokkos::RangePolicy<ExecSpace>(0, pairs), KOKKOS_LAMBDA(const index_t s) {
+            const index_t p = sorted_pair(s);
+            T sum = 0;
+            for (index_t c = 0; c < K; ++c) sum += g_sorted(s, c) * x_sorted(s, c);
+            dgates(p / k, p % k) = sum;
+          });
+    }
+    if (want_dx) {
+      if (per_token) {
+        impl::sum_slots<T>(plan, g_sorted, true, gates, dx);
+      } else {
+        const View1<int> pair_position = plan.pair_position();
+        Kokkos::parallel_for(
+            "kmoe::cvmm::gated_dx", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {pairs, K}),
+            KOKKOS_LAMBDA(const index_t p, const index_t c) {
+              dx(p, c) = gates(p / k, p % k) * g_sorted(pair_position(p), c);
+            });
+      }
+    }
+  }
+  if (dw.data() != nullptr) {
+    // dW[e] += (gates ⊙ x_sorted)ᵀ · dy_sorted: the gate scales the narrow x rows, not dy.
+    Kokkos::parallel_for(
+        "kmoe::cvmm::gate_x", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {pairs, K}),
+        KOKKOS_LAMBDA(const index_t s, const index_t c) {
+          const index_t p = sorted_pair(s);
+          x_sorted(s, c) *= gates(p / k, p % k);
+        });
+    impl::for_each_expert_block(plan, [&](int e, auto rows) {
+      ops::gemm<T>(true, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL),
+                   Kokkos::subview(dy_sorted, rows, Kokkos::ALL), T(1),
+                   Kokkos::subview(dw, e, Kokkos::ALL, Kokkos::ALL));
+    });
+  }
 }
 
 #define KMOE_INSTANTIATE(T)                                                                                        \
   template void cvmm_forward<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,                \
                                 const View2<T>&);                                                                 \
   template void cvmm_forward_reduced<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,        \
-                                        const View2<const T>&, const View2<T>&, const View2<T>&);                 \
+                                        const View2<const T>&, const View2<T>&);                                  \
   template void cvmm_backward<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,               \
                                  const View2<const T>&, const View2<T>&, const View3<T>&);                        \
   template void cvmm_backward_reduced<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,       \
-                                         const View2<const T>&, const View2<const T>&, const View2<const T>&,     \
-                                         const View2<T>&, const View3<T>&, const View2<T>&);
+                                         const View2<const T>&, const View2<const T>&, const View2<T>&,           \
+                                         const View3<T>&, const View2<T>&);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)
 #undef KMOE_INSTANTIATE

@@ -21,11 +21,11 @@ template <class T>
 void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
                   const View2<T>& y_pairs);
 
-// y [tokens, M] = Σ_slot gates[t, slot] · y_pair; y_pairs [pairs, M] receives the unweighted
-// per-pair products, which backward needs for the gate gradient.
+// y [tokens, M] = Σ_slot gates[t, slot] · y_pair. The per-pair products are not kept: backward
+// recomputes what it needs at the width of x (as the original's CVMM backward does).
 template <class T>
 void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
-                          const View2<const T>& gates, const View2<T>& y, const View2<T>& y_pairs);
+                          const View2<const T>& gates, const View2<T>& y);
 
 // From dy_pairs [pairs, M]: dx overwritten (per-token x: the sum over slots, in slot order),
 // dw accumulated (dw[e] += Σ_{p of e} x_row(p)ᵀ · dy_pair[p]); either is skipped when empty.
@@ -33,11 +33,13 @@ template <class T>
 void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
                    const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw);
 
-// Backward of cvmm_forward_reduced from dy [tokens, M]: dgates[t, slot] = ⟨dy[t], y_pair[p]⟩
-// (overwritten, skipped when empty), then as cvmm_backward with dy_pair[p] = gates[p] · dy[t].
+// Backward of cvmm_forward_reduced from dy [tokens, M]. With g_pair[p] = dy[t] · W[e]ᵀ (the
+// unweighted input gradient of pair p): dgates[t, slot] = ⟨g_pair[p], x_row(p)⟩ (overwritten,
+// skipped when empty); dx overwritten with gates[p] · g_pair[p] (per-pair x) or its sum over
+// slots (per-token x); dw[e] += Σ_{p of e} gates[p] · x_row(p)ᵀ · dy[t] (accumulated).
 template <class T>
 void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
-                           const View2<const T>& gates, const View2<const T>& y_pairs, const View2<const T>& dy,
-                           const View2<T>& dx, const View3<T>& dw, const View2<T>& dgates);
+                           const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
+                           const View3<T>& dw, const View2<T>& dgates);
 
 }  // namespace kmoe::moe
