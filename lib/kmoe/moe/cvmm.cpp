@@ -47,17 +47,21 @@ void for_each_expert_block(const DispatchPlan& plan, F&& f) {
   }
 }
 
-// sorted(s, :) = src(row of pair sorted_pair(s), :): token p / k when per_token, else p.
+// sorted(s, :) = src(row of pair sorted_pair(s), :): token p / k when per_token, else p. One team
+// per row: a contiguous copy on CPUs, coalesced on GPUs.
 template <class T>
 void gather_sorted(const DispatchPlan& plan, bool per_token, const View2<const T>& src, const View2<T>& sorted) {
+  using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
   const View1<int> sorted_pair = plan.sorted_pair();
   const index_t k = plan.k();
+  const int cols = static_cast<int>(src.extent(1));
   Kokkos::parallel_for(
-      "kmoe::cvmm::gather_sorted",
-      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {plan.n_pairs(), static_cast<index_t>(src.extent(1))}),
-      KOKKOS_LAMBDA(const index_t s, const index_t c) {
+      "kmoe::cvmm::gather_sorted", Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(plan.n_pairs()), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Member& team) {
+        const index_t s = team.league_rank();
         const index_t p = sorted_pair(s);
-        sorted(s, c) = src(per_token ? p / k : p, c);
+        const index_t row = per_token ? p / k : p;
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) { sorted(s, c) = src(row, c); });
       });
 }
 
