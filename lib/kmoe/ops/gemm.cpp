@@ -14,13 +14,13 @@ namespace kmoe::ops {
 
 namespace impl {
 
+#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
 // A host BLAS may block a long inner dimension differently in its single- and multi-threaded
 // drivers (OpenBLAS 0.3.21 does from about 400 on), so the rounding would change with the thread
 // count. Handing it inner blocks no longer than this keeps every call one block in either driver:
 // results are bit-identical for any thread count. cuBLAS gives the same bits at any size.
 constexpr index_t host_blas_inner_block = 128;
 
-#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
 // Host path: the BLAS that Kokkos Kernels' TPL links, called with leading dimensions so that an
 // inner block of a row-major matrix is a pointer offset, not a copy. Row-major C = op(A)·op(B) is
 // column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, hence B before A.
