@@ -1,7 +1,7 @@
 #include "kmoe/ops/norms.hpp"
 
 #include "kmoe/core/error.hpp"
-#include "kmoe/ops/impl/team_sum.hpp"
+#include "kmoe/ops/impl/team_reduce.hpp"
 
 #include <climits>
 #include <cmath>

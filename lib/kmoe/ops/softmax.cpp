@@ -1,7 +1,7 @@
 #include "kmoe/ops/softmax.hpp"
 
 #include "kmoe/core/error.hpp"
-#include "kmoe/ops/impl/team_sum.hpp"
+#include "kmoe/ops/impl/team_reduce.hpp"
 
 #include <climits>
 
@@ -46,13 +46,7 @@ struct ShiftedSum {
 template <class T>
 KOKKOS_INLINE_FUNCTION ShiftedSum<T> shifted_exp_sum(const LineMember& team, const View3<const T>& x, int o, int i) {
   const int len = static_cast<int>(x.extent(1));
-  T max_value;
-  Kokkos::parallel_reduce(
-      Kokkos::TeamThreadRange(team, len),
-      [&](const int k, T& m) {
-        if (x(o, k, i) > m) m = x(o, k, i);
-      },
-      Kokkos::Max<T>(max_value));
+  const T max_value = team_max<T>(team, len, [&](const int k) { return x(o, k, i); });
   const T shift = Kokkos::Experimental::isinf(max_value) ? T(0) : max_value;
   const T sum = team_sum<T>(team, len, [&](const int k) { return Kokkos::Experimental::exp(x(o, k, i) - shift); });
   return {shift, sum};
