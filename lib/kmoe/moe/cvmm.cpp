@@ -141,6 +141,22 @@ void backward_from_sorted(const DispatchPlan& plan, bool per_token, const View2<
   }
 }
 
+// The products x_row(p) · W[expert(p)] of every pair, in sorted order: gather, then one GEMM per
+// expert. The result lives in scratch until the next CVMM call.
+template <class T>
+View2<const T> sorted_products(const DispatchPlan& plan, bool per_token, const View2<const T>& x,
+                               const View3<const T>& w) {
+  const index_t pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
+  const auto x_sorted = scratch<T>("cvmm.x_sorted", pairs, K);
+  const auto y_sorted = scratch<T>("cvmm.y_sorted", pairs, M);
+  gather_sorted<T>(plan, per_token, x, x_sorted);
+  for_each_expert_block(plan, [&](int e, auto rows) {
+    ops::gemm<T>(false, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL),
+                 Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0), Kokkos::subview(y_sorted, rows, Kokkos::ALL));
+  });
+  return y_sorted;
+}
+
 }  // namespace impl
 
 template <class T>
@@ -148,16 +164,8 @@ void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3
                   const View2<T>& y_pairs) {
   const char* op = "cvmm_forward";
   const bool per_token = impl::x_is_per_token(op, plan, x, w);
-  const index_t pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
-  impl::require_matrix(op, "y_pairs", y_pairs, pairs, M);
-  const auto x_sorted = scratch<T>("cvmm.x_sorted", pairs, K);
-  const auto y_sorted = scratch<T>("cvmm.y_sorted", pairs, M);
-  impl::gather_sorted<T>(plan, per_token, x, x_sorted);
-  impl::for_each_expert_block(plan, [&](int e, auto rows) {
-    ops::gemm<T>(false, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL),
-                 Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0), Kokkos::subview(y_sorted, rows, Kokkos::ALL));
-  });
-  impl::unsort_pairs<T>(plan, y_sorted, y_pairs);
+  impl::require_matrix(op, "y_pairs", y_pairs, plan.n_pairs(), w.extent(2));
+  impl::unsort_pairs<T>(plan, impl::sorted_products<T>(plan, per_token, x, w), y_pairs);
 }
 
 template <class T>
@@ -165,17 +173,9 @@ void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, con
                           const View2<const T>& gates, const View2<T>& y) {
   const char* op = "cvmm_forward_reduced";
   const bool per_token = impl::x_is_per_token(op, plan, x, w);
-  const index_t pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
   impl::require_matrix(op, "gates", gates, plan.n_tokens(), plan.k());
-  impl::require_matrix(op, "y", y, plan.n_tokens(), M);
-  const auto x_sorted = scratch<T>("cvmm.x_sorted", pairs, K);
-  const auto y_sorted = scratch<T>("cvmm.y_sorted", pairs, M);
-  impl::gather_sorted<T>(plan, per_token, x, x_sorted);
-  impl::for_each_expert_block(plan, [&](int e, auto rows) {
-    ops::gemm<T>(false, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL),
-                 Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0), Kokkos::subview(y_sorted, rows, Kokkos::ALL));
-  });
-  impl::sum_slots<T>(plan, y_sorted, true, gates, y);
+  impl::require_matrix(op, "y", y, plan.n_tokens(), w.extent(2));
+  impl::sum_slots<T>(plan, impl::sorted_products<T>(plan, per_token, x, w), true, gates, y);
 }
 
 template <class T>
