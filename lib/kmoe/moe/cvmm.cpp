@@ -38,13 +38,14 @@ bool x_is_per_token(const char* op, const DispatchPlan& plan, const View2<const 
   return rows == plan.n_tokens();
 }
 
-// Calls f(e, rows) for every expert with rows, rows being its range of sorted positions.
+// Calls f(e, rows) for every expert with rows, rows being its range of sorted positions. Each
+// call runs GEMMs on that expert's block alone, so experts may run concurrently.
 template <class F>
-void for_each_expert_block(const DispatchPlan& plan, F&& f) {
+void for_each_expert_block(const DispatchPlan& plan, const F& f) {
   const auto& offsets = plan.expert_offsets_host();
-  for (int e = 0; e < plan.n_experts(); ++e) {
+  ops::for_each_independent_gemm(plan.n_experts(), [&](const int e) {
     if (offsets[e + 1] > offsets[e]) f(e, Kokkos::make_pair(offsets[e], offsets[e + 1]));
-  }
+  });
 }
 
 // sorted(s, :) = src(row of pair sorted_pair(s), :): token p / k when per_token, else p. One team

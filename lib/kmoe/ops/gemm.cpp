@@ -10,9 +10,41 @@
 #include <algorithm>
 #include <climits>
 
+#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
+// OpenBLAS's thread control, looked up weakly: null when the BLAS in use is not OpenBLAS.
+extern "C" {
+void openblas_set_num_threads(int threads) __attribute__((weak));
+int openblas_get_num_threads(void) __attribute__((weak));
+}
+#endif
+
 namespace kmoe::ops {
 
 namespace impl {
+
+// Set while a SingleThreadedBlas is alive: the BLAS then always takes its single-threaded driver,
+// whose blocking is fixed, so no inner-dimension split is needed for reproducibility.
+bool blas_single_threaded = false;
+
+SingleThreadedBlas::SingleThreadedBlas() {
+#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
+  if (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible && openblas_set_num_threads != nullptr &&
+      openblas_get_num_threads != nullptr) {
+    previous_threads_ = openblas_get_num_threads();
+    openblas_set_num_threads(1);
+    blas_single_threaded = true;
+  }
+#endif
+}
+
+SingleThreadedBlas::~SingleThreadedBlas() {
+#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
+  if (previous_threads_ > 0) {
+    openblas_set_num_threads(previous_threads_);
+    blas_single_threaded = false;
+  }
+#endif
+}
 
 #if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
 // A host BLAS may block a long inner dimension differently in its single- and multi-threaded
@@ -29,8 +61,9 @@ void host_blas_gemm(bool transpose_a, bool transpose_b, index_t m, index_t n, in
                     const View2<const T>& a, const View2<const T>& b, T beta, const View2<T>& c) {
   const int lda = static_cast<int>(a.stride(0)), ldb = static_cast<int>(b.stride(0));
   const int ldc = static_cast<int>(c.stride(0));
-  for (index_t k0 = 0; k0 < k; k0 += host_blas_inner_block) {
-    const int kb = static_cast<int>(std::min(host_blas_inner_block, k - k0));
+  const index_t block = blas_single_threaded ? k : host_blas_inner_block;
+  for (index_t k0 = 0; k0 < k; k0 += block) {
+    const int kb = static_cast<int>(std::min(block, k - k0));
     const T* a_block = a.data() + (transpose_a ? k0 * lda : k0);
     const T* b_block = b.data() + (transpose_b ? k0 : k0 * ldb);
     KokkosBlas::Impl::HostBlas<T>::gemm(transpose_b ? 'T' : 'N', transpose_a ? 'T' : 'N', static_cast<int>(n),

@@ -13,4 +13,42 @@ template <class T>
 void gemm(bool transpose_a, bool transpose_b, T alpha, const View2<const T>& a, const View2<const T>& b, T beta,
           const View2<T>& c);
 
+namespace impl {
+// While alive, the host BLAS runs every call on the calling thread (OpenBLAS: one thread), so
+// that several host threads can each run their own GEMMs. active() is false where kmoe cannot
+// control the BLAS threads (another BLAS, or a device build); then nothing changes.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas();
+  ~SingleThreadedBlas();
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+  bool active() const { return previous_threads_ > 0; }
+
+ private:
+  int previous_threads_ = 0;
+};
+}  // namespace impl
+
+// Calls body(i) for every i in [0, n); each body issues its own ops::gemm calls on outputs no
+// other body touches (e.g. one expert's block). On the host with OpenBLAS the bodies run in
+// parallel, each GEMM on one thread: many mid-sized GEMMs then keep all cores busy, which one
+// threaded GEMM after another does not, and a single-threaded GEMM's bits do not depend on the
+// thread count. Elsewhere (cuBLAS, other BLAS) the bodies run in order.
+template <class Body>
+void for_each_independent_gemm(int n, const Body& body) {
+  if constexpr (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible) {
+    const impl::SingleThreadedBlas single;
+    if (single.active()) {
+      Kokkos::parallel_for(
+          "kmoe::for_each_independent_gemm",
+          Kokkos::RangePolicy<Kokkos::DefaultHostExecutionSpace, Kokkos::Schedule<Kokkos::Dynamic>>(0, n),
+          [&](const int i) { body(i); });
+      Kokkos::DefaultHostExecutionSpace().fence();
+      return;
+    }
+  }
+  for (int i = 0; i < n; ++i) body(i);
+}
+
 }  // namespace kmoe::ops
