@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 namespace kmoe::moe {
 
@@ -64,6 +65,36 @@ void gather_sorted(const DispatchPlan& plan, bool per_token, const View2<const T
         const index_t row = per_token ? p / k : p;
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) { sorted(s, c) = src(row, c); });
       });
+}
+
+// Calls f(e, rows, a) for every expert with rows, a [rows, cols] holding the expert's rows of src
+// in sorted order (src row of pair p: p / k when per_token, else p). On the host each expert's
+// rows are copied into the running thread's own buffer right before f, so its GEMMs read them
+// from cache rather than after a round trip through memory; on a device all rows are gathered
+// into the scratch buffer `name` first.
+template <class T, class F>
+void for_each_expert_gathered(const DispatchPlan& plan, bool per_token, const View2<const T>& src, const char* name,
+                              const F& f) {
+  const index_t cols = src.extent(1);
+  if constexpr (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible) {
+    const View1<int> sorted_pair = plan.sorted_pair();
+    const index_t k = plan.k();
+    for_each_expert_block(plan, [&](int e, auto rows) {
+      thread_local std::vector<T> buffer;
+      const index_t n = rows.second - rows.first;
+      buffer.resize(static_cast<std::size_t>(n * cols));
+      for (index_t r = 0; r < n; ++r) {
+        const index_t p = sorted_pair(rows.first + r);
+        const T* row = &src(per_token ? p / k : p, 0);
+        std::copy(row, row + cols, buffer.data() + r * cols);
+      }
+      f(e, rows, View2<const T>(buffer.data(), n, cols));
+    });
+  } else {
+    const auto sorted = scratch<T>(name, plan.n_pairs(), cols);
+    gather_sorted<T>(plan, per_token, src, sorted);
+    for_each_expert_block(plan, [&](int e, auto rows) { f(e, rows, Kokkos::subview(sorted, rows, Kokkos::ALL)); });
+  }
 }
 
 // pairs(p, :) = sorted(pair_position(p), :).
@@ -130,13 +161,10 @@ void backward_from_sorted(const DispatchPlan& plan, bool per_token, const View2<
     }
   }
   if (dw.data() != nullptr) {
-    const auto x_sorted = scratch<T>("cvmm.x_sorted", pairs, K);
-    gather_sorted<T>(plan, per_token, x, x_sorted);
     // A segmented reduction in a fixed order: one GEMM over each expert's rows, accumulated into
     // dW[e] (beta = 1); ops::gemm keeps its inner-dimension order independent of the thread count.
-    for_each_expert_block(plan, [&](int e, auto rows) {
-      ops::gemm<T>(true, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL),
-                   Kokkos::subview(dy_sorted, rows, Kokkos::ALL), T(1),
+    for_each_expert_gathered<T>(plan, per_token, x, "cvmm.x_sorted", [&](int e, auto rows, const View2<const T>& a) {
+      ops::gemm<T>(true, false, T(1), a, Kokkos::subview(dy_sorted, rows, Kokkos::ALL), T(1),
                    Kokkos::subview(dw, e, Kokkos::ALL, Kokkos::ALL));
     });
   }
@@ -147,13 +175,10 @@ void backward_from_sorted(const DispatchPlan& plan, bool per_token, const View2<
 template <class T>
 View2<const T> sorted_products(const DispatchPlan& plan, bool per_token, const View2<const T>& x,
                                const View3<const T>& w) {
-  const index_t pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
-  const auto x_sorted = scratch<T>("cvmm.x_sorted", pairs, K);
-  const auto y_sorted = scratch<T>("cvmm.y_sorted", pairs, M);
-  gather_sorted<T>(plan, per_token, x, x_sorted);
-  for_each_expert_block(plan, [&](int e, auto rows) {
-    ops::gemm<T>(false, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL),
-                 Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0), Kokkos::subview(y_sorted, rows, Kokkos::ALL));
+  const auto y_sorted = scratch<T>("cvmm.y_sorted", plan.n_pairs(), w.extent(2));
+  for_each_expert_gathered<T>(plan, per_token, x, "cvmm.x_sorted", [&](int e, auto rows, const View2<const T>& a) {
+    ops::gemm<T>(false, false, T(1), a, Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
+                 Kokkos::subview(y_sorted, rows, Kokkos::ALL));
   });
   return y_sorted;
 }
@@ -205,19 +230,17 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
   if (want_dgates) impl::require_matrix(op, "dgates", dgates, tokens, k);
   impl::require_backward_outputs(op, x, w, dx, dw);
 
-  // Each pair's upstream gradient, unweighted: dy of its token, in sorted order.
-  const auto dy_sorted = scratch<T>("cvmm.dy_sorted", pairs, M);
-  impl::gather_sorted<T>(plan, true, dy, dy_sorted);
   const auto x_sorted = scratch<T>("cvmm.x_sorted", pairs, K);
   impl::gather_sorted<T>(plan, per_token, x, x_sorted);
   const View1<int> sorted_pair = plan.sorted_pair();
+  // Each pair's upstream gradient is dy of its token, unweighted: the dy rows are gathered per
+  // expert (for_each_expert_gathered) as the GEMMs need them.
 
   if (want_dgates || want_dx) {
-    // g_sorted = dy_sorted · W[e]ᵀ per expert: the unweighted input gradient of each pair.
+    // g_sorted = dy_e · W[e]ᵀ per expert: the unweighted input gradient of each pair.
     const auto g_sorted = scratch<T>("cvmm.g_sorted", pairs, K);
-    impl::for_each_expert_block(plan, [&](int e, auto rows) {
-      ops::gemm<T>(false, true, T(1), Kokkos::subview(dy_sorted, rows, Kokkos::ALL),
-                   Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
+    impl::for_each_expert_gathered<T>(plan, true, dy, "cvmm.dy_sorted", [&](int e, auto rows, const View2<const T>& dy_e) {
+      ops::gemm<T>(false, true, T(1), dy_e, Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
                    Kokkos::subview(g_sorted, rows, Kokkos::ALL));
     });
     if (want_dgates) {
@@ -243,16 +266,15 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
     }
   }
   if (dw.data() != nullptr) {
-    // dW[e] += (gates ⊙ x_sorted)ᵀ · dy_sorted: the gate scales the narrow x rows, not dy.
+    // dW[e] += (gates ⊙ x_sorted)ᵀ · dy_e: the gate scales the narrow x rows, not dy.
     Kokkos::parallel_for(
         "kmoe::cvmm::gate_x", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {pairs, K}),
         KOKKOS_LAMBDA(const index_t s, const index_t c) {
           const index_t p = sorted_pair(s);
           x_sorted(s, c) *= gates(p / k, p % k);
         });
-    impl::for_each_expert_block(plan, [&](int e, auto rows) {
-      ops::gemm<T>(true, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL),
-                   Kokkos::subview(dy_sorted, rows, Kokkos::ALL), T(1),
+    impl::for_each_expert_gathered<T>(plan, true, dy, "cvmm.dy_sorted", [&](int e, auto rows, const View2<const T>& dy_e) {
+      ops::gemm<T>(true, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL), dy_e, T(1),
                    Kokkos::subview(dw, e, Kokkos::ALL, Kokkos::ALL));
     });
   }
