@@ -44,6 +44,9 @@ class Tensor {
   Tensor() = default;
   // A zero-initialised tensor in the default memory space.
   Tensor(const std::string& label, const Shape& shape);
+  // A tensor with uninitialised contents, for outputs that a kernel overwrites entirely (no
+  // memset over the allocation).
+  static Tensor uninitialized(const std::string& label, const Shape& shape) { return Tensor(label, shape, false); }
   // A tensor holding a copy of host data (row-major, shape.size() elements).
   static Tensor from_host(const std::string& label, const Shape& shape, const std::vector<T>& values);
 

@@ -353,10 +353,10 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Gener
   SigmaMoEForward<T> f;
   f.training = training;
   f.x = x.reshape({tokens, D});
-  f.router_logits = Tensor<T>("sigma_moe::router_logits", {tokens, E});
+  f.router_logits = Tensor<T>::uninitialized("sigma_moe::router_logits", {tokens, E});
   ops::linear_forward<T>(f.x.as_matrix(), params_.expert_sel.as_matrix(), View1<const T>(),
                          f.router_logits.as_matrix());
-  f.log_probs = Tensor<T>("sigma_moe::log_probs", {tokens, E});
+  f.log_probs = Tensor<T>::uninitialized("sigma_moe::log_probs", {tokens, E});
   ops::log_softmax_forward<T>(f.router_logits.as_3d(1), f.log_probs.as_3d(1));
   f.reg_loss = impl::entropy_regulariser(f.log_probs);
 
@@ -377,10 +377,10 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Gener
 
   // Up-projection: u = x · keys[e] (+ bias[e]), h = dropout(activation(u)).
   const index_t pairs = f.plan.n_pairs();
-  f.pre_activation = Tensor<T>("sigma_moe::pre_activation", {pairs, es});
+  f.pre_activation = Tensor<T>::uninitialized("sigma_moe::pre_activation", {pairs, es});
   moe::cvmm_forward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), f.pre_activation.as_matrix());
   if (c.bias) impl::add_row_bias<T>(f.pre_activation.as_matrix(), params_.bias.as_matrix(), f.plan.expert_of_pair());
-  f.hidden = Tensor<T>("sigma_moe::hidden", {pairs, es});
+  f.hidden = Tensor<T>::uninitialized("sigma_moe::hidden", {pairs, es});
   ops::activation_forward<T>(c.activation, f.pre_activation.flat(), f.hidden.flat());
   if (training && c.dropout > 0) {
     f.dropout_stream = rng.take(static_cast<std::uint64_t>(f.hidden.size()));
@@ -388,7 +388,7 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Gener
   }
 
   // Down-projection reduced with the gates: y_t = Σ_j g_tj · h_tj · values[e_tj] (+ o_bias).
-  const Tensor<T> y("sigma_moe::y", {tokens, Dv});
+  const auto y = Tensor<T>::uninitialized("sigma_moe::y", {tokens, Dv});
   moe::cvmm_forward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
                                y.as_matrix());
   if (c.bias) impl::add_row_bias<T>(y.as_matrix(), params_.o_bias.reshape({1, Dv}).as_matrix(), View1<const int>());
@@ -415,7 +415,8 @@ Tensor<T> SigmaMoE<T>::backward(const SigmaMoEForward<T>& f, const Tensor<T>& dy
   if (c.bias) impl::accumulate_column_sums<T>(dy_rows.as_matrix(), grads_.o_bias.flat());
 
   // Down-projection: dgates, d values, dh.
-  const Tensor<T> du("sigma_moe::du", {pairs, es}), dgates("sigma_moe::dgates", {tokens, c.k});
+  const auto du = Tensor<T>::uninitialized("sigma_moe::du", {pairs, es});
+  const auto dgates = Tensor<T>::uninitialized("sigma_moe::dgates", {tokens, c.k});
   moe::cvmm_backward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
                                 dy_rows.as_matrix(), du.as_matrix(),
                                 grads_.values.template view<3>(), dgates.as_matrix());

@@ -2,6 +2,8 @@
 
 #include "kmoe/core/error.hpp"
 
+#include <type_traits>
+
 namespace kmoe::ops {
 
 Activation parse_activation(const std::string& name) {
@@ -24,13 +26,44 @@ const char* activation_name(Activation activation) {
   return "unknown";
 }
 
+namespace impl {
+
+// Calls launch(std::integral_constant<Activation, A>{}) for the run-time activation, so every
+// kernel is compiled with its activation fixed: the per-element switch folds away and the loop
+// vectorises.
+template <class Launch>
+void with_activation(Activation activation, const Launch& launch) {
+  switch (activation) {
+    case Activation::identity: return launch(std::integral_constant<Activation, Activation::identity>{});
+    case Activation::relu: return launch(std::integral_constant<Activation, Activation::relu>{});
+    case Activation::gelu: return launch(std::integral_constant<Activation, Activation::gelu>{});
+    case Activation::silu: return launch(std::integral_constant<Activation, Activation::silu>{});
+    case Activation::sigmoid: return launch(std::integral_constant<Activation, Activation::sigmoid>{});
+  }
+  fail(Status::invalid_argument, "unknown activation ", static_cast<int>(activation));
+}
+
+template <Activation A, class T>
+void forward_kernel(const View1<const T>& x, const View1<T>& y) {
+  Kokkos::parallel_for(
+      "kmoe::activation_forward", Kokkos::RangePolicy<ExecSpace>(0, x.extent(0)),
+      KOKKOS_LAMBDA(const index_t i) { y(i) = activation_value(A, x(i)); });
+}
+
+template <Activation A, class T>
+void backward_kernel(const View1<const T>& x, const View1<const T>& dy, const View1<T>& dx) {
+  Kokkos::parallel_for(
+      "kmoe::activation_backward", Kokkos::RangePolicy<ExecSpace>(0, x.extent(0)),
+      KOKKOS_LAMBDA(const index_t i) { dx(i) = dy(i) * activation_derivative(A, x(i)); });
+}
+
+}  // namespace impl
+
 template <class T>
 void activation_forward(Activation activation, const View1<const T>& x, const View1<T>& y) {
   require(x.extent(0) == y.extent(0), Status::shape_mismatch, "activation_forward: x has ", x.extent(0),
           " elements, y ", y.extent(0));
-  Kokkos::parallel_for(
-      "kmoe::activation_forward", Kokkos::RangePolicy<ExecSpace>(0, x.extent(0)),
-      KOKKOS_LAMBDA(const index_t i) { y(i) = activation_value(activation, x(i)); });
+  impl::with_activation(activation, [&](auto a) { impl::forward_kernel<decltype(a)::value, T>(x, y); });
 }
 
 template <class T>
@@ -38,9 +71,7 @@ void activation_backward(Activation activation, const View1<const T>& x, const V
                          const View1<T>& dx) {
   require(x.extent(0) == dy.extent(0) && x.extent(0) == dx.extent(0), Status::shape_mismatch,
           "activation_backward: x, dy, dx sizes ", x.extent(0), ", ", dy.extent(0), ", ", dx.extent(0), " differ");
-  Kokkos::parallel_for(
-      "kmoe::activation_backward", Kokkos::RangePolicy<ExecSpace>(0, x.extent(0)),
-      KOKKOS_LAMBDA(const index_t i) { dx(i) = dy(i) * activation_derivative(activation, x(i)); });
+  impl::with_activation(activation, [&](auto a) { impl::backward_kernel<decltype(a)::value, T>(x, dy, dx); });
 }
 
 #define KMOE_INSTANTIATE(T)                                                                           \
