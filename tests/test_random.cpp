@@ -9,23 +9,7 @@
 using namespace kmoe;
 using namespace kmoe::test;
 
-// Outside the anonymous namespace: kmoe keeps KOKKOS_LAMBDA out of it for nvcc (extended lambdas).
-namespace random_test {
 
-// stream.uniform<T>(i) for i in [0, n), drawn inside a device kernel.
-template <class T>
-std::vector<double> draw_on_device(const RngStream& stream, index_t n) {
-  View1<T> values("values", n);
-  Kokkos::parallel_for(
-      "test_random_draw", Kokkos::RangePolicy<ExecSpace>(0, n),
-      KOKKOS_LAMBDA(const index_t i) { values(i) = stream.uniform<T>(static_cast<std::uint64_t>(i)); });
-  const auto host = Kokkos::create_mirror_view_and_copy(HostSpace(), values);
-  return std::vector<double>(host.data(), host.data() + n);
-}
-
-}  // namespace random_test
-
-using random_test::draw_on_device;
 
 namespace {
 

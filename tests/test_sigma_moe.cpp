@@ -17,21 +17,6 @@ using layers::SelectionMode;
 using layers::SigmaMoE;
 using layers::SigmaMoEConfig;
 
-// Outside the anonymous namespace: kmoe keeps KOKKOS_LAMBDA out of it for nvcc (extended lambdas).
-namespace sigma_moe_test {
-
-// stream.normal<T>(i) for i in [0, n), drawn inside a device kernel.
-template <class T>
-std::vector<double> draw_normals(const RngStream& stream, index_t n) {
-  View1<T> values("normals", n);
-  Kokkos::parallel_for(
-      "test_sigma_moe_normals", Kokkos::RangePolicy<ExecSpace>(0, n),
-      KOKKOS_LAMBDA(const index_t i) { values(i) = stream.normal<T>(static_cast<std::uint64_t>(i)); });
-  const auto host = Kokkos::create_mirror_view_and_copy(HostSpace(), values);
-  return std::vector<double>(host.data(), host.data() + n);
-}
-
-}  // namespace sigma_moe_test
 
 namespace {
 
@@ -428,8 +413,8 @@ TEST(SigmaMoEInit, RngStreamNormalHasStandardMoments) {
   const index_t n = 1 << 20;
   for (bool use_float : {true, false}) {
     const RngStream stream{77, 1000};
-    const auto z = use_float ? sigma_moe_test::draw_normals<float>(stream, n)
-                             : sigma_moe_test::draw_normals<double>(stream, n);
+    const auto z = use_float ? draw_on_device<float>(stream, n, true)
+                             : draw_on_device<double>(stream, n, true);
     double sum = 0, sum_sq = 0, sum_4 = 0, within_one = 0;
     for (double v : z) {
       ASSERT_TRUE(std::isfinite(v));

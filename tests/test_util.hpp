@@ -2,6 +2,7 @@
 // finite-difference gradient check every op's backward test uses.
 #pragma once
 
+#include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
 
 #include <gtest/gtest.h>
@@ -109,6 +110,20 @@ inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
   double s = 0;
   for (std::size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
   return s;
+}
+
+// stream.uniform<T>(i), or stream.normal<T>(i) when `normal`, for i in [0, n), drawn inside a
+// device kernel.
+template <class T>
+std::vector<double> draw_on_device(const RngStream& stream, index_t n, bool normal = false) {
+  View1<T> values("values", n);
+  Kokkos::parallel_for(
+      "kmoe::test::draw_on_device", Kokkos::RangePolicy<ExecSpace>(0, n), KOKKOS_LAMBDA(const index_t i) {
+        const auto counter = static_cast<std::uint64_t>(i);
+        values(i) = normal ? stream.normal<T>(counter) : stream.uniform<T>(counter);
+      });
+  const auto host = Kokkos::create_mirror_view_and_copy(HostSpace(), values);
+  return std::vector<double>(host.data(), host.data() + n);
 }
 
 constexpr double fd_tolerance = 1e-6;  // the bound for double-precision gradient checks

@@ -210,9 +210,9 @@ Tensor<T> token_logsumexp(const Tensor<T>& log_probs) {
 // reg = Σ_e p̄_e log p̄_e with log p̄ = LSE_t log_softmax(z)[t, e] − log N, in log space as the
 // original's entropy_reg. The E terms are summed on the host in a fixed order.
 template <class T>
-T entropy_regulariser(const Tensor<T>& log_probs) {
-  const auto lse = token_logsumexp(log_probs).to_host();
-  const T log_tokens = static_cast<T>(std::log(static_cast<double>(log_probs.dim(0))));
+T entropy_regulariser(const Tensor<T>& token_lse, index_t tokens) {
+  const auto lse = token_lse.to_host();
+  const T log_tokens = static_cast<T>(std::log(static_cast<double>(tokens)));
   double reg = 0;
   for (const T value : lse) {
     const T log_mean = value - log_tokens;
@@ -224,9 +224,8 @@ T entropy_regulariser(const Tensor<T>& log_probs) {
 // dz += coef · ∂reg/∂z through the same ops: reg ← log p̄ (dreg/dlog p̄_e = p̄_e (log p̄_e + 1))
 // ← logsumexp over tokens ← log_softmax over experts.
 template <class T>
-void add_regulariser_gradient(const Tensor<T>& log_probs, T coef, const Tensor<T>& dz) {
+void add_regulariser_gradient(const Tensor<T>& log_probs, const Tensor<T>& lse, T coef, const Tensor<T>& dz) {
   const index_t tokens = log_probs.dim(0), experts = log_probs.dim(1);
-  const Tensor<T> lse = token_logsumexp(log_probs);
   const Tensor<T> dlse("sigma_moe::dlse", {1, experts});
   const View2<T> lse_v = lse.as_matrix(), dlse_v = dlse.as_matrix();
   const T log_tokens = static_cast<T>(std::log(static_cast<double>(tokens)));
@@ -358,7 +357,8 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Gener
                          f.router_logits.as_matrix());
   f.log_probs = Tensor<T>::uninitialized("sigma_moe::log_probs", {tokens, E});
   ops::log_softmax_forward<T>(f.router_logits.as_3d(1), f.log_probs.as_3d(1));
-  f.reg_loss = impl::entropy_regulariser(f.log_probs);
+  f.token_lse = impl::token_logsumexp(f.log_probs);
+  f.reg_loss = impl::entropy_regulariser(f.token_lse, tokens);
 
   // Sinkhorn groups: the original's A = z.shape[-2] (one group of all tokens for 2-D x, one per
   // leading index for 3-D/4-D x); a single token for 1-D x.
@@ -431,7 +431,7 @@ Tensor<T> SigmaMoE<T>::backward(const SigmaMoEForward<T>& f, const Tensor<T>& dy
 
   // Router: gates and regulariser → dz → d expert_sel and the router's share of dx.
   const Tensor<T> dz = impl::router_gradient(c, f, dgates);
-  if (reg_coef != T(0)) impl::add_regulariser_gradient(f.log_probs, reg_coef, dz);
+  if (reg_coef != T(0)) impl::add_regulariser_gradient(f.log_probs, f.token_lse, reg_coef, dz);
   const Tensor<T> dx("sigma_moe::dx", {tokens, D});
   ops::linear_backward<T>(f.x.as_matrix(), params_.expert_sel.as_matrix(), dz.as_matrix(), dx.as_matrix(),
                           grads_.expert_sel.as_matrix(), View1<T>());

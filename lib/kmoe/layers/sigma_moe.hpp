@@ -67,6 +67,7 @@ struct SigmaMoEForward {
   Tensor<T> x;                // [tokens, dmodel] (a view of the caller's input)
   Tensor<T> router_logits;    // [tokens, n_experts] z = x · expert_selᵀ
   Tensor<T> log_probs;        // [tokens, n_experts] log_softmax(z), for the regulariser
+  Tensor<T> token_lse;        // [1, n_experts] logsumexp over tokens of log_probs (log p̄ + log N)
   Tensor<int> expert_index;   // [tokens, k] selected experts (descending selection score)
   Tensor<T> gates;            // [tokens, k] reduction weights
   moe::DispatchPlan plan;
