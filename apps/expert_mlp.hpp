@@ -3,6 +3,8 @@
 // reduced with the gates, and the matching backward.
 #pragma once
 
+#include "options.hpp"
+
 #include "kmoe/core/error.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/moe/cvmm.hpp"
@@ -10,7 +12,6 @@
 #include "kmoe/ops/activations.hpp"
 #include "kmoe/ops/topk.hpp"
 
-#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -34,23 +35,18 @@ struct ExpertMlpShape {
   }
 };
 
-// Overrides the fields of `shape` from "--tokens N --dmodel N --experts N --expert-size N --k N".
-inline ExpertMlpShape parse_shape(int argc, char** argv, ExpertMlpShape shape, const std::string& app) {
-  for (int i = 1; i < argc; i += 2) {
-    const std::string key = argv[i];
-    require(i + 1 < argc, Status::invalid_argument, app, ": ", key, " needs a value");
-    char* end = nullptr;
-    const long value = std::strtol(argv[i + 1], &end, 10);
-    require(*end == '\0' && value > 0, Status::invalid_argument, app, ": ", key, " needs a positive integer, got '",
-            argv[i + 1], "'");
-    if (key == "--tokens") shape.tokens = value;
-    else if (key == "--dmodel") shape.dmodel = value;
-    else if (key == "--experts") shape.experts = static_cast<int>(value);
-    else if (key == "--expert-size") shape.expert_size = value;
-    else if (key == "--k") shape.k = static_cast<int>(value);
-    else fail(Status::invalid_argument, app, ": unknown option ", key,
-              " (--tokens, --dmodel, --experts, --expert-size, --k)");
+// Overrides the fields of `shape` from the options --tokens, --dmodel, --experts, --expert-size
+// and --k; any other option throws.
+inline ExpertMlpShape shape_from_options(const Options& options, ExpertMlpShape shape, const std::string& app) {
+  for (const auto& [key, value] : options) {
+    require(key == "--tokens" || key == "--dmodel" || key == "--experts" || key == "--expert-size" || key == "--k",
+            Status::invalid_argument, app, ": unknown option ", key, " (--tokens, --dmodel, --experts, --expert-size, --k)");
   }
+  shape.tokens = positive_option(options, "--tokens", shape.tokens, app);
+  shape.dmodel = positive_option(options, "--dmodel", shape.dmodel, app);
+  shape.experts = static_cast<int>(positive_option(options, "--experts", shape.experts, app));
+  shape.expert_size = positive_option(options, "--expert-size", shape.expert_size, app);
+  shape.k = static_cast<int>(positive_option(options, "--k", shape.k, app));
   require(shape.k <= shape.experts, Status::invalid_argument, app, ": k = ", shape.k, " exceeds experts = ",
           shape.experts);
   return shape;

@@ -2,7 +2,7 @@
 // forward and backward on random data and prints a short table: shapes, time, GFLOP/s, and the
 // largest relative error of the analytic gradients against central finite differences (double).
 #include "expert_mlp.hpp"
-#include "timing.hpp"
+#include "bench/timing.hpp"
 
 #include "kmoe/core/error.hpp"
 
@@ -71,7 +71,7 @@ double gradient_check_error() {
 int main(int argc, char** argv) {
   Kokkos::ScopeGuard kokkos(argc, argv);
   try {
-    const ExpertMlpShape shape = apps::parse_shape(argc, argv, ExpertMlpShape(), "kmoe-demo");
+    const ExpertMlpShape shape = apps::shape_from_options(apps::parse_options(argc, argv, 1, "kmoe-demo"), ExpertMlpShape(), "kmoe-demo");
     ExpertMlp<float> mlp(shape, 1);
     mlp.route();
     mlp.forward();  // warm-up: first-touch allocations, BLAS thread start

@@ -1,0 +1,90 @@
+#include "report.hpp"
+
+#include <KokkosBlas3_gemm.hpp>
+
+#include <algorithm>
+#include <cstdio>
+
+namespace kmoe::apps {
+
+namespace {
+
+// Live bytes per allocation (Kokkos reports the size only at allocation) and the running totals.
+struct AllocationLedger {
+  std::vector<std::pair<const void*, std::uint64_t>> live;
+  std::int64_t held = 0;
+  std::int64_t start = 0;
+  std::int64_t peak = 0;
+};
+AllocationLedger* ledger = nullptr;
+
+void on_allocate(Kokkos::Profiling::SpaceHandle, const char*, const void* ptr, std::uint64_t size) {
+  ledger->live.emplace_back(ptr, size);
+  ledger->held += static_cast<std::int64_t>(size);
+  ledger->peak = std::max(ledger->peak, ledger->held);
+}
+
+void on_deallocate(Kokkos::Profiling::SpaceHandle, const char*, const void* ptr, std::uint64_t) {
+  auto& live = ledger->live;
+  const auto it = std::find_if(live.rbegin(), live.rend(), [&](const auto& entry) { return entry.first == ptr; });
+  if (it == live.rend()) return;  // allocated before the tracker started
+  ledger->held -= static_cast<std::int64_t>(it->second);
+  live.erase(std::next(it).base());
+}
+
+std::string megabytes(const std::optional<std::int64_t>& bytes) {
+  if (!bytes) return "-";
+  char text[32];
+  std::snprintf(text, sizeof text, "%.1f", static_cast<double>(*bytes) / (1024.0 * 1024.0));
+  return text;
+}
+
+}  // namespace
+
+PeakMemory::PeakMemory() {
+  require(ledger == nullptr, Status::invalid_argument, "PeakMemory: only one tracker may be active");
+  ledger = new AllocationLedger;
+  Kokkos::Tools::Experimental::set_allocate_data_callback(on_allocate);
+  Kokkos::Tools::Experimental::set_deallocate_data_callback(on_deallocate);
+}
+
+PeakMemory::~PeakMemory() {
+  Kokkos::Tools::Experimental::set_allocate_data_callback(nullptr);
+  Kokkos::Tools::Experimental::set_deallocate_data_callback(nullptr);
+  delete ledger;
+  ledger = nullptr;
+}
+
+void PeakMemory::reset() {
+  ledger->start = ledger->held;
+  ledger->peak = ledger->held;
+}
+
+std::int64_t PeakMemory::peak_bytes() const { return ledger->peak - ledger->start; }
+
+void BenchTable::print() const {
+  const double base_rate = baseline.flops / baseline.seconds;
+  std::printf("### %s\n\n", title.c_str());
+  std::printf("| %-42s | %10s | %8s | %9s | %13s |\n", "case", "time [ms]", "GFLOP/s", "peak [MB]", "ratio vs base");
+  std::printf("|--------------------------------------------|------------|----------|-----------|---------------|\n");
+  const auto print_row = [&](const BenchRow& row) {
+    const double rate = row.flops / row.seconds;
+    std::printf("| %-42s | %10.2f | %8.1f | %9s | %13.2f |\n", row.name.c_str(), row.seconds * 1e3, rate * 1e-9,
+                megabytes(row.peak_bytes).c_str(), rate / base_rate);
+  };
+  print_row(baseline);
+  for (const BenchRow& row : rows) print_row(row);
+  for (const std::string& note : notes) std::printf("\n%s", note.c_str());
+  std::printf("\n\n");
+}
+
+BenchRow dense_gemm_row(const std::string& name, index_t m, index_t k, index_t n, int repeats) {
+  Tensor<float> a("a", {m, k}), b("b", {k, n}), c("c", {m, n});
+  a.fill(0.5f);
+  b.fill(0.25f);
+  const auto gemm = [&] { KokkosBlas::gemm("N", "N", 1.f, a.view<2>(), b.view<2>(), 0.f, c.view<2>()); };
+  gemm();
+  return {name, median_seconds(repeats, gemm), 2.0 * m * k * n, std::nullopt};
+}
+
+}  // namespace kmoe::apps

@@ -1,0 +1,31 @@
+// The sections kmoe-bench runs, one per layer family, each in bench/<layer>.cpp. A section
+// measures its baseline and its cases in the same run and returns them as a table. A new layer
+// family adds its section function and one line to bench_sections().
+#pragma once
+
+#include "options.hpp"
+#include "report.hpp"
+
+#include <vector>
+
+namespace kmoe::apps {
+
+// A section gets the command line's "--key value" options meant for it.
+using BenchSectionFn = BenchTable (*)(const Options& options, int repeats);
+
+struct BenchSection {
+  const char* name;
+  const char* options;  // the keys it reads (for the usage line)
+  BenchSectionFn run;
+};
+
+BenchTable bench_sigma_moe(const Options& options, int repeats);
+
+inline const std::vector<BenchSection>& bench_sections() {
+  static const std::vector<BenchSection> sections = {
+      {"sigma_moe", "--tokens --dmodel --experts --expert-size --k", bench_sigma_moe},
+  };
+  return sections;
+}
+
+}  // namespace kmoe::apps

@@ -1,0 +1,37 @@
+// Command-line options of the apps as "--key value" pairs.
+#pragma once
+
+#include "kmoe/core/error.hpp"
+
+#include <cstdlib>
+#include <map>
+#include <string>
+
+namespace kmoe::apps {
+
+using Options = std::map<std::string, std::string>;
+
+// argv[first..] as "--key value" pairs; a key without a value or without "--" throws.
+inline Options parse_options(int argc, char** argv, int first, const std::string& app) {
+  Options options;
+  for (int i = first; i < argc; i += 2) {
+    const std::string key = argv[i];
+    require(key.rfind("--", 0) == 0, Status::invalid_argument, app, ": expected an option --key, got '", key, "'");
+    require(i + 1 < argc, Status::invalid_argument, app, ": ", key, " needs a value");
+    options[key] = argv[i + 1];
+  }
+  return options;
+}
+
+// The positive integer under `key`, or `fallback` when absent.
+inline long positive_option(const Options& options, const std::string& key, long fallback, const std::string& app) {
+  const auto it = options.find(key);
+  if (it == options.end()) return fallback;
+  char* end = nullptr;
+  const long value = std::strtol(it->second.c_str(), &end, 10);
+  require(*end == '\0' && value > 0, Status::invalid_argument, app, ": ", key, " needs a positive integer, got '",
+          it->second, "'");
+  return value;
+}
+
+}  // namespace kmoe::apps
