@@ -1,5 +1,7 @@
 #include "kmoe/core/tensor.hpp"
 
+#include "kmoe/core/memory_pool.hpp"
+
 #include <sstream>
 
 namespace kmoe {
@@ -49,11 +51,12 @@ Tensor<T>::Tensor(const std::string& label, const Shape& shape) : Tensor(label, 
 
 template <class T>
 Tensor<T>::Tensor(const std::string& label, const Shape& shape, bool zero_initialise)
-    : label_(label),
-      shape_(shape),
-      storage_(zero_initialise ? View1<T>(label, static_cast<size_t>(shape.size()))
-                               : View1<T>(Kokkos::view_alloc(Kokkos::WithoutInitializing, label),
-                                          static_cast<size_t>(shape.size()))) {}
+    : label_(label), shape_(shape) {
+  void* data = nullptr;
+  block_ = pool_allocate(static_cast<std::size_t>(shape.size()) * sizeof(T), label, &data);
+  storage_ = View1<T>(static_cast<T*>(data), static_cast<size_t>(shape.size()));
+  if (zero_initialise) Kokkos::deep_copy(storage_, T(0));
+}
 
 template <class T>
 Tensor<T> Tensor<T>::from_host(const std::string& label, const Shape& shape, const std::vector<T>& values) {

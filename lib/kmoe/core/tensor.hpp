@@ -1,7 +1,8 @@
 // Tensor<T>: a LayoutRight device allocation of rank 1-4 with its shape, for shape checks,
-// reshapes and host transfers. Kernels take plain Kokkos Views obtained from it (view<R>(),
-// as_matrix(), as_3d()); those Views alias the tensor's storage and do not own it, so the
-// Tensor must outlive them.
+// reshapes and host transfers. Copies share the storage (reference counted); the storage comes
+// from the caching allocator (memory_pool.hpp). Kernels take plain Kokkos Views obtained from it
+// (view<R>(), as_matrix(), as_3d()); those Views alias the tensor's storage and do not own it, so
+// the Tensor must outlive them.
 #pragma once
 
 #include "kmoe/core/config.hpp"
@@ -9,6 +10,7 @@
 
 #include <array>
 #include <initializer_list>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -98,7 +100,8 @@ class Tensor {
 
   std::string label_;
   Shape shape_;
-  View1<T> storage_;
+  std::shared_ptr<void> block_;  // owns the storage
+  View1<T> storage_;             // an unmanaged view of the block
 };
 
 // True when every element is finite (no NaN, no Inf).

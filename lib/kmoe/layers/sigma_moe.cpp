@@ -4,6 +4,8 @@
 #include "kmoe/moe/cvmm.hpp"
 #include "kmoe/ops/dropout.hpp"
 #include "kmoe/ops/gather_scatter.hpp"
+#include "kmoe/ops/gemm.hpp"
+#include "kmoe/ops/impl/team_reduce.hpp"
 #include "kmoe/ops/linear.hpp"
 #include "kmoe/ops/softmax.hpp"
 #include "kmoe/ops/topk.hpp"
@@ -190,14 +192,6 @@ void accumulate_column_sums(const View2<const T>& src, const View1<T>& sums) {
       });
 }
 
-// dst += src elementwise.
-template <class T>
-void add_into(const View1<T>& dst, const View1<const T>& src) {
-  Kokkos::parallel_for(
-      "kmoe::sigma_moe::add_into", Kokkos::RangePolicy<ExecSpace>(0, dst.extent(0)),
-      KOKKOS_LAMBDA(const index_t i) { dst(i) += src(i); });
-}
-
 // [1, E] log Σ_t softmax(z_t)_e = LSE over tokens of the log-probabilities; the regulariser's
 // log p̄ is this minus log N.
 template <class T>
@@ -221,24 +215,33 @@ T entropy_regulariser(const Tensor<T>& token_lse, index_t tokens) {
   return static_cast<T>(reg);
 }
 
-// dz += coef · ∂reg/∂z through the same ops: reg ← log p̄ (dreg/dlog p̄_e = p̄_e (log p̄_e + 1))
-// ← logsumexp over tokens ← log_softmax over experts.
+// dz += coef · ∂reg/∂z, in one pass over the rows: reg ← log p̄ (∂reg/∂log p̄_e = p̄_e (log p̄_e + 1))
+// ← logsumexp over tokens (∂/∂logp[t, e] = exp(logp[t, e] − lse_e)) ← log_softmax over experts
+// (dz[t] = g − softmax(z_t) Σ_e g_e).
 template <class T>
 void add_regulariser_gradient(const Tensor<T>& log_probs, const Tensor<T>& lse, T coef, const Tensor<T>& dz) {
+  using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
   const index_t tokens = log_probs.dim(0), experts = log_probs.dim(1);
-  const Tensor<T> dlse("sigma_moe::dlse", {1, experts});
-  const View2<T> lse_v = lse.as_matrix(), dlse_v = dlse.as_matrix();
+  const Tensor<T> dlse("sigma_moe::dlse", {experts});
+  const View1<T> dlse_v = dlse.flat();
+  const View2<T> lse_v = lse.as_matrix(), logp = log_probs.as_matrix(), dz_v = dz.as_matrix();
   const T log_tokens = static_cast<T>(std::log(static_cast<double>(tokens)));
   Kokkos::parallel_for(
       "kmoe::sigma_moe::dreg_dlog_mean", Kokkos::RangePolicy<ExecSpace>(0, experts), KOKKOS_LAMBDA(const index_t e) {
         const T log_mean = lse_v(0, e) - log_tokens;
-        dlse_v(0, e) = coef * Kokkos::Experimental::exp(log_mean) * (log_mean + T(1));
+        dlse_v(e) = coef * Kokkos::Experimental::exp(log_mean) * (log_mean + T(1));
       });
-  const Tensor<T> dlog_probs("sigma_moe::dlog_probs", log_probs.shape());
-  ops::logsumexp_backward<T>(log_probs.as_3d(0), lse_v, dlse_v, dlog_probs.as_3d(0));
-  const Tensor<T> dz_reg("sigma_moe::dz_reg", log_probs.shape());
-  ops::log_softmax_backward<T>(log_probs.as_3d(1), dlog_probs.as_3d(1), dz_reg.as_3d(1));
-  add_into<T>(dz.flat(), dz_reg.flat());
+  const int E = static_cast<int>(experts);
+  Kokkos::parallel_for(
+      "kmoe::sigma_moe::regulariser_gradient", Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(tokens), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Member& team) {
+        const index_t t = team.league_rank();
+        const auto g = [&](const int e) { return dlse_v(e) * Kokkos::Experimental::exp(logp(t, e) - lse_v(0, e)); };
+        const T g_sum = ops::impl::team_sum<T>(team, E, g);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, E), [&](const int e) {
+          dz_v(t, e) += g(e) - Kokkos::Experimental::exp(logp(t, e)) * g_sum;
+        });
+      });
 }
 
 // The tensor top-k runs on (§1.2 steps 3-4): the activated logits, or the raw ones when the
@@ -248,9 +251,9 @@ Tensor<T> selection_scores(const SigmaMoEConfig& config, const Tensor<T>& z, ind
                            bool training) {
   if (config.selection_mode == SelectionMode::sinkmoid && training)
     return sinkhorn_unnorm(z, rows_per_group, config.sinkhorn_n_iters);
-  const Tensor<T> scores = z.clone("sigma_moe::selection_scores");
   const bool activate = !config.activation_after_topk || config.selection_mode == SelectionMode::sinkmoid;
-  if (!activate) return scores;
+  if (!activate) return z.clone("sigma_moe::selection_scores");
+  const auto scores = Tensor<T>::uninitialized("sigma_moe::selection_scores", z.shape());
   if (config.selection_mode == SelectionMode::softmax) {
     ops::softmax_forward<T>(z.as_3d(1), scores.as_3d(1));
   } else {
@@ -425,17 +428,16 @@ Tensor<T> SigmaMoE<T>::backward(const SigmaMoEForward<T>& f, const Tensor<T>& dy
     ops::dropout_backward<T>(du.flat(), static_cast<T>(c.dropout), f.dropout_stream, du.flat());
   ops::activation_backward<T>(c.activation, f.pre_activation.flat(), du.flat(), du.flat());
   if (c.bias) ops::scatter_add_rows<T>(du.as_matrix(), f.plan.expert_of_pair(), grads_.bias.as_matrix());
-  const Tensor<T> dx_expert("sigma_moe::dx_expert", {tokens, D});
-  moe::cvmm_backward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), du.as_matrix(), dx_expert.as_matrix(),
+  const auto dx = Tensor<T>::uninitialized("sigma_moe::dx", {tokens, D});
+  moe::cvmm_backward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), du.as_matrix(), dx.as_matrix(),
                         grads_.keys.template view<3>());
 
   // Router: gates and regulariser → dz → d expert_sel and the router's share of dx.
   const Tensor<T> dz = impl::router_gradient(c, f, dgates);
   if (reg_coef != T(0)) impl::add_regulariser_gradient(f.log_probs, f.token_lse, reg_coef, dz);
-  const Tensor<T> dx("sigma_moe::dx", {tokens, D});
-  ops::linear_backward<T>(f.x.as_matrix(), params_.expert_sel.as_matrix(), dz.as_matrix(), dx.as_matrix(),
-                          grads_.expert_sel.as_matrix(), View1<T>());
-  impl::add_into<T>(dx.flat(), dx_expert.flat());
+  // z = x · expert_selᵀ: dx += dz · expert_sel (onto the experts' share), d expert_sel += dzᵀ · x.
+  ops::gemm<T>(false, false, T(1), dz.as_matrix(), params_.expert_sel.as_matrix(), T(1), dx.as_matrix());
+  ops::gemm<T>(true, false, T(1), dz.as_matrix(), f.x.as_matrix(), T(1), grads_.expert_sel.as_matrix());
   return dx.reshape(impl::with_last_dim(f.y.shape(), D));
 }
 

@@ -52,6 +52,33 @@ KOKKOS_INLINE_FUNCTION ShiftedSum<T> shifted_exp_sum(const LineMember& team, con
   return {shift, sum};
 }
 
+// logsumexp_forward for strided lines (inner > 1) on a host: a line-per-thread walk would read
+// one element per cache line, so each thread takes a block of adjacent lines and walks their
+// rows together. Same arithmetic as shifted_exp_sum in a sequential order.
+template <class T>
+void strided_logsumexp_on_host(const View3<const T>& x, const View2<T>& y) {
+  constexpr index_t block = 16;
+  const index_t outer = x.extent(0), len = x.extent(1), inner = x.extent(2);
+  const index_t blocks_per_outer = (inner + block - 1) / block;
+  Kokkos::parallel_for(
+      "kmoe::logsumexp_forward_strided", Kokkos::RangePolicy<ExecSpace>(0, outer * blocks_per_outer),
+      KOKKOS_LAMBDA(const index_t b) {
+        const index_t o = b / blocks_per_outer, first = (b % blocks_per_outer) * block;
+        const index_t width = inner - first < block ? inner - first : block;
+        T shift[block], sum[block];
+        for (index_t c = 0; c < width; ++c) shift[c] = -Kokkos::Experimental::infinity<T>::value;
+        for (index_t k = 0; k < len; ++k)
+          for (index_t c = 0; c < width; ++c) shift[c] = x(o, k, first + c) > shift[c] ? x(o, k, first + c) : shift[c];
+        for (index_t c = 0; c < width; ++c) {
+          if (Kokkos::Experimental::isinf(shift[c])) shift[c] = T(0);
+          sum[c] = T(0);
+        }
+        for (index_t k = 0; k < len; ++k)
+          for (index_t c = 0; c < width; ++c) sum[c] += Kokkos::Experimental::exp(x(o, k, first + c) - shift[c]);
+        for (index_t c = 0; c < width; ++c) y(o, first + c) = shift[c] + Kokkos::Experimental::log(sum[c]);
+      });
+}
+
 // Softmax (log_space false) or log-softmax (true) along the middle extent.
 template <class T>
 void softmax_family_forward(const char* op, bool log_space, const View3<const T>& x, const View3<T>& y) {
@@ -117,6 +144,9 @@ void logsumexp_forward(const View3<const T>& x, const View2<T>& y) {
   const char* op = "kmoe::logsumexp_forward";
   impl::require_line_extents(op, "y", y, x);
   const index_t inner = x.extent(2);
+  if constexpr (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible) {
+    if (inner > 1) return impl::strided_logsumexp_on_host<T>(x, y);
+  }
   Kokkos::parallel_for(
       op, impl::line_policy(op, x), KOKKOS_LAMBDA(const impl::LineMember& team) {
         const int o = static_cast<int>(team.league_rank() / inner), i = static_cast<int>(team.league_rank() % inner);

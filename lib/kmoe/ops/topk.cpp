@@ -39,6 +39,8 @@ void topk_forward(const View2<const T>& x, int k, TopkOrder order, const View2<T
         int kept = 0;
         for (int c = 0; c < static_cast<int>(cols); ++c) {
           const T v = x(r, c);
+          // Later columns lose ties, so once k are kept only a larger value or a NaN gets in.
+          if (kept == k && !(v > best[k - 1]) && !Kokkos::Experimental::isnan(v)) continue;
           if (kept == k && !impl::ranks_above(v, c, best[k - 1], best_col[k - 1])) continue;
           int pos = kept < k ? kept++ : k - 1;
           for (; pos > 0 && impl::ranks_above(v, c, best[pos - 1], best_col[pos - 1]); --pos) {
