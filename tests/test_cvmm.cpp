@@ -379,3 +379,56 @@ TEST(Cvmm, BadShapesAreErrors) {
       },
       "cvmm_backward_reduced: dgates is [3, 10]");
 }
+
+// PairRows::sorted: per-pair matrices given and returned in the plan's sorted order hold the
+// same numbers as in pair order, row s being pair sorted_pair(s).
+TEST(Cvmm, SortedPairRowsArePairOrderPermuted) {
+  for (bool per_token : {true, false}) {
+    const auto p = make_problem(203, 3, 11, 40, 24, per_token, 70, 9);
+    const auto plan = make_plan(p);
+    const std::vector<int> sorted_pair = host_ints(plan.sorted_pair());
+    // rows of a [pairs, cols] pair-order matrix in sorted order
+    const auto to_sorted = [&](const std::vector<double>& m, index_t cols) {
+      std::vector<double> out(m.size());
+      for (index_t s = 0; s < p.pairs(); ++s)
+        std::copy_n(m.begin() + sorted_pair[s] * cols, cols, out.begin() + s * cols);
+      return out;
+    };
+    const auto x_in = per_token ? p.x : to_sorted(p.x, p.K);
+    const auto x = make_tensor<double>({p.x_rows(), p.K}, p.x), xs = make_tensor<double>({p.x_rows(), p.K}, x_in);
+    const auto w = make_tensor<double>({p.experts, p.K, p.M}, p.w);
+    const auto gates = make_tensor<double>({p.tokens, p.k}, p.gates);
+    const auto dy_pairs_values = random_values(p.pairs() * p.M, 71), dy_values = random_values(p.tokens * p.M, 72);
+    const auto dy_pairs = make_tensor<double>({p.pairs(), p.M}, dy_pairs_values);
+    const auto dy_pairs_sorted = make_tensor<double>({p.pairs(), p.M}, to_sorted(dy_pairs_values, p.M));
+    const auto dy = make_tensor<double>({p.tokens, p.M}, dy_values);
+    const auto sorted = moe::PairRows::sorted;
+
+    Tensor<double> y_pairs("y_pairs", {p.pairs(), p.M}), y_sorted("y_sorted", {p.pairs(), p.M});
+    moe::cvmm_forward<double>(plan, x.as_matrix(), w.view<3>(), y_pairs.as_matrix());
+    moe::cvmm_forward<double>(plan, xs.as_matrix(), w.view<3>(), y_sorted.as_matrix(), sorted);
+    EXPECT_EQ(to_double(y_sorted), to_sorted(to_double(y_pairs), p.M)) << per_token;
+
+    Tensor<double> y("y", {p.tokens, p.M}), y2("y2", {p.tokens, p.M});
+    moe::cvmm_forward_reduced<double>(plan, x.as_matrix(), w.view<3>(), gates.as_matrix(), y.as_matrix());
+    moe::cvmm_forward_reduced<double>(plan, xs.as_matrix(), w.view<3>(), gates.as_matrix(), y2.as_matrix(), sorted);
+    EXPECT_EQ(to_double(y2), to_double(y)) << per_token;
+
+    const auto x_rows_in = [&](const Tensor<double>& t) { return per_token ? to_double(t) : to_sorted(to_double(t), p.K); };
+    Tensor<double> dx("dx", x.shape()), dx2("dx2", x.shape()), dw("dw", w.shape()), dw2("dw2", w.shape());
+    moe::cvmm_backward<double>(plan, x.as_matrix(), w.view<3>(), dy_pairs.as_matrix(), dx.as_matrix(), dw.view<3>());
+    moe::cvmm_backward<double>(plan, xs.as_matrix(), w.view<3>(), dy_pairs_sorted.as_matrix(), dx2.as_matrix(),
+                               dw2.view<3>(), sorted);
+    EXPECT_EQ(to_double(dx2), x_rows_in(dx)) << per_token;
+    EXPECT_EQ(to_double(dw2), to_double(dw)) << per_token;
+
+    Tensor<double> dg("dg", {p.tokens, p.k}), dg2("dg2", {p.tokens, p.k}), dw3("dw3", w.shape()), dw4("dw4", w.shape());
+    moe::cvmm_backward_reduced<double>(plan, x.as_matrix(), w.view<3>(), gates.as_matrix(), dy.as_matrix(), dx.as_matrix(),
+                                       dw3.view<3>(), dg.as_matrix());
+    moe::cvmm_backward_reduced<double>(plan, xs.as_matrix(), w.view<3>(), gates.as_matrix(), dy.as_matrix(),
+                                       dx2.as_matrix(), dw4.view<3>(), dg2.as_matrix(), sorted);
+    EXPECT_EQ(to_double(dx2), x_rows_in(dx)) << per_token;
+    EXPECT_EQ(to_double(dw4), to_double(dw3)) << per_token;
+    EXPECT_EQ(to_double(dg2), to_double(dg)) << per_token;
+  }
+}

@@ -179,6 +179,16 @@ void add_row_bias(const View2<T>& rows, const View2<const T>& bias, const View1<
       KOKKOS_LAMBDA(const index_t r, const index_t c) { rows(r, c) += bias(indexed ? row_bias(r) : 0, c); });
 }
 
+// The expert of each row of a per-pair matrix in the plan's sorted order.
+inline Tensor<int> experts_of_sorted_rows(const moe::DispatchPlan& plan) {
+  const auto experts = Tensor<int>::uninitialized("sigma_moe::expert_of_row", {plan.n_pairs()});
+  const View1<int> out = experts.flat(), sorted_pair = plan.sorted_pair(), expert_of_pair = plan.expert_of_pair();
+  Kokkos::parallel_for(
+      "kmoe::sigma_moe::experts_of_sorted_rows", Kokkos::RangePolicy<ExecSpace>(0, plan.n_pairs()),
+      KOKKOS_LAMBDA(const index_t s) { out(s) = expert_of_pair(sorted_pair(s)); });
+  return experts;
+}
+
 // sums[c] += Σ_r src[r, c], rows in order (one thread per column: reproducible, no atomics).
 template <class T>
 void accumulate_column_sums(const View2<const T>& src, const View1<T>& sums) {
@@ -381,8 +391,12 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Gener
   // Up-projection: u = x · keys[e] (+ bias[e]), h = dropout(activation(u)).
   const index_t pairs = f.plan.n_pairs();
   f.pre_activation = Tensor<T>::uninitialized("sigma_moe::pre_activation", {pairs, es});
-  moe::cvmm_forward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), f.pre_activation.as_matrix());
-  if (c.bias) impl::add_row_bias<T>(f.pre_activation.as_matrix(), params_.bias.as_matrix(), f.plan.expert_of_pair());
+  moe::cvmm_forward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), f.pre_activation.as_matrix(),
+                       moe::PairRows::sorted);
+  if (c.bias) {
+    impl::add_row_bias<T>(f.pre_activation.as_matrix(), params_.bias.as_matrix(),
+                          impl::experts_of_sorted_rows(f.plan).flat());
+  }
   f.hidden = Tensor<T>::uninitialized("sigma_moe::hidden", {pairs, es});
   ops::activation_forward<T>(c.activation, f.pre_activation.flat(), f.hidden.flat());
   if (training && c.dropout > 0) {
@@ -393,7 +407,7 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Gener
   // Down-projection reduced with the gates: y_t = Σ_j g_tj · h_tj · values[e_tj] (+ o_bias).
   const auto y = Tensor<T>::uninitialized("sigma_moe::y", {tokens, Dv});
   moe::cvmm_forward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
-                               y.as_matrix());
+                               y.as_matrix(), moe::PairRows::sorted);
   if (c.bias) impl::add_row_bias<T>(y.as_matrix(), params_.o_bias.reshape({1, Dv}).as_matrix(), View1<const int>());
   f.y = y.reshape(impl::with_last_dim(x.shape(), Dv));
   return f;
@@ -421,16 +435,18 @@ Tensor<T> SigmaMoE<T>::backward(const SigmaMoEForward<T>& f, const Tensor<T>& dy
   const auto du = Tensor<T>::uninitialized("sigma_moe::du", {pairs, es});
   const auto dgates = Tensor<T>::uninitialized("sigma_moe::dgates", {tokens, c.k});
   moe::cvmm_backward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
-                                dy_rows.as_matrix(), du.as_matrix(),
-                                grads_.values.template view<3>(), dgates.as_matrix());
+                                dy_rows.as_matrix(), du.as_matrix(), grads_.values.template view<3>(),
+                                dgates.as_matrix(), moe::PairRows::sorted);
   // Up-projection: replay the dropout mask, then activation', bias and keys.
   if (f.training && c.dropout > 0)
     ops::dropout_backward<T>(du.flat(), static_cast<T>(c.dropout), f.dropout_stream, du.flat());
   ops::activation_backward<T>(c.activation, f.pre_activation.flat(), du.flat(), du.flat());
-  if (c.bias) ops::scatter_add_rows<T>(du.as_matrix(), f.plan.expert_of_pair(), grads_.bias.as_matrix());
+  if (c.bias) {
+    ops::scatter_add_rows<T>(du.as_matrix(), impl::experts_of_sorted_rows(f.plan).flat(), grads_.bias.as_matrix());
+  }
   const auto dx = Tensor<T>::uninitialized("sigma_moe::dx", {tokens, D});
   moe::cvmm_backward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), du.as_matrix(), dx.as_matrix(),
-                        grads_.keys.template view<3>());
+                        grads_.keys.template view<3>(), moe::PairRows::sorted);
 
   // Router: gates and regulariser → dz → d expert_sel and the router's share of dx.
   const Tensor<T> dz = impl::router_gradient(c, f, dgates);

@@ -71,6 +71,8 @@ struct SigmaMoEForward {
   Tensor<int> expert_index;   // [tokens, k] selected experts (descending selection score)
   Tensor<T> gates;            // [tokens, k] reduction weights
   moe::DispatchPlan plan;
+  // Per-pair hidden units in the plan's sorted order (row s = pair plan.sorted_pair()[s]), so the
+  // experts' rows stay contiguous between the two projections.
   Tensor<T> pre_activation;   // [tokens·k, expert_size] u = x · keys[e] (+ bias)
   Tensor<T> hidden;           // [tokens·k, expert_size] h = dropout(activation(u))
   RngStream dropout_stream;   // the hidden dropout's draws (replayed by backward)

@@ -49,36 +49,55 @@ void for_each_expert_block(const DispatchPlan& plan, const F& f) {
   });
 }
 
-// sorted(s, :) = src(row of pair sorted_pair(s), :): token p / k when per_token, else p. One team
-// per row: a contiguous copy on CPUs, coalesced on GPUs.
+// Where the rows of an input matrix are: one per token (row of pair p = p / k), one per pair in
+// pair order (p), or one per pair already in sorted order (s, nothing to gather).
+enum class RowSource { token, pair, sorted };
+
+inline RowSource row_source(bool per_token, PairRows pair_rows) {
+  if (per_token) return RowSource::token;
+  return pair_rows == PairRows::sorted ? RowSource::sorted : RowSource::pair;
+}
+
+// dst(s, :) = [gate of pair p ·] src(row of pair p = sorted_pair(s), :); no gates means weight 1.
+// One team per row: a contiguous copy on CPUs, coalesced on GPUs.
 template <class T>
-void gather_sorted(const DispatchPlan& plan, bool per_token, const View2<const T>& src, const View2<T>& sorted) {
+void gather_sorted(const DispatchPlan& plan, RowSource source, const View2<const T>& src, const View2<const T>& gates,
+                   const View2<T>& dst) {
   using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
   const View1<int> sorted_pair = plan.sorted_pair();
   const index_t k = plan.k();
   const int cols = static_cast<int>(src.extent(1));
+  const bool gated = gates.data() != nullptr;
   Kokkos::parallel_for(
       "kmoe::cvmm::gather_sorted", Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(plan.n_pairs()), Kokkos::AUTO),
       KOKKOS_LAMBDA(const Member& team) {
         const index_t s = team.league_rank();
         const index_t p = sorted_pair(s);
-        const index_t row = per_token ? p / k : p;
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) { sorted(s, c) = src(row, c); });
+        const index_t row = source == RowSource::token ? p / k : source == RowSource::pair ? p : s;
+        const T gate = gated ? gates(p / k, p % k) : T(1);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) {
+          dst(s, c) = gated ? gate * src(row, c) : src(row, c);
+        });
       });
 }
 
 // Calls f(e, rows, a) for every expert with rows, a [rows, cols] holding the expert's rows of src
-// in sorted order (src row of pair p: p / k when per_token, else p). On the host each expert's
-// rows are copied into the running thread's own buffer right before f, so its GEMMs read them
-// from cache rather than after a round trip through memory; on a device all rows are gathered
-// into the scratch buffer `name` first.
+// in sorted order. Sorted sources are passed through. Otherwise, on the host each expert's rows
+// are copied into the running thread's own buffer right before f, so its GEMMs read them from
+// cache rather than after a round trip through memory; on a device all rows are gathered into the
+// scratch buffer `name` first.
 template <class T, class F>
-void for_each_expert_gathered(const DispatchPlan& plan, bool per_token, const View2<const T>& src, const char* name,
+void for_each_expert_gathered(const DispatchPlan& plan, RowSource source, const View2<const T>& src, const char* name,
                               const F& f) {
   const index_t cols = src.extent(1);
+  if (source == RowSource::sorted) {
+    for_each_expert_block(plan, [&](int e, auto rows) { f(e, rows, Kokkos::subview(src, rows, Kokkos::ALL)); });
+    return;
+  }
   if constexpr (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible) {
     const View1<int> sorted_pair = plan.sorted_pair();
     const index_t k = plan.k();
+    const bool per_token = source == RowSource::token;
     for_each_expert_block(plan, [&](int e, auto rows) {
       thread_local std::vector<T> buffer;
       const index_t n = rows.second - rows.first;
@@ -92,7 +111,7 @@ void for_each_expert_gathered(const DispatchPlan& plan, bool per_token, const Vi
     });
   } else {
     const auto sorted = scratch<T>(name, plan.n_pairs(), cols);
-    gather_sorted<T>(plan, per_token, src, sorted);
+    gather_sorted<T>(plan, source, src, View2<const T>(), sorted);
     for_each_expert_block(plan, [&](int e, auto rows) { f(e, rows, Kokkos::subview(sorted, rows, Kokkos::ALL)); });
   }
 }
@@ -109,25 +128,29 @@ void unsort_pairs(const DispatchPlan& plan, const View2<const T>& sorted, const 
 }
 
 // tokens(t, :) = Σ_slot gates(t, slot) · src(row of pair t · k + slot, :), slots in order. The row
-// is pair_position(p) when src is in sorted order, else p; no gates means weight 1.
+// is pair_position(p) when src is in sorted order, else p; no gates means weight 1. One team per
+// token, slots outermost: each slot's row is one contiguous (vectorised, coalesced) sweep.
 template <class T>
 void sum_slots(const DispatchPlan& plan, const View2<const T>& src, bool src_sorted, const View2<const T>& gates,
                const View2<T>& tokens) {
+  using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
   const View1<int> pair_position = plan.pair_position();
   const int k = plan.k();
+  const int cols = static_cast<int>(tokens.extent(1));
   const bool gated = gates.data() != nullptr;
   Kokkos::parallel_for(
-      "kmoe::cvmm::sum_slots",
-      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0},
-                                                       {plan.n_tokens(), static_cast<index_t>(tokens.extent(1))}),
-      KOKKOS_LAMBDA(const index_t t, const index_t c) {
-        T sum = 0;
+      "kmoe::cvmm::sum_slots", Kokkos::TeamPolicy<ExecSpace>(plan.n_tokens(), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Member& team) {
+        const index_t t = team.league_rank();
         for (int slot = 0; slot < k; ++slot) {
           const index_t p = t * k + slot;
-          const T value = src(src_sorted ? pair_position(p) : p, c);
-          sum += gated ? gates(t, slot) * value : value;
+          const index_t row = src_sorted ? pair_position(p) : p;
+          const T gate = gated ? gates(t, slot) : T(1);
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) {
+            const T value = gated ? gate * src(row, c) : src(row, c);
+            tokens(t, c) = slot == 0 ? value : tokens(t, c) + value;
+          });
         }
-        tokens(t, c) = sum;
       });
 }
 
@@ -144,84 +167,87 @@ void require_backward_outputs(const char* op, const View2<const T>& x, const Vie
 
 // dx and dW from dy in sorted order: per expert, dXs = dYs · Wᵀ and dW += Xsᵀ · dYs.
 template <class T>
-void backward_from_sorted(const DispatchPlan& plan, bool per_token, const View2<const T>& x, const View3<const T>& w,
-                          const View2<const T>& dy_sorted, const View2<T>& dx, const View3<T>& dw) {
+void backward_from_sorted(const DispatchPlan& plan, RowSource x_source, const View2<const T>& x,
+                          const View3<const T>& w, const View2<const T>& dy_sorted, const View2<T>& dx,
+                          const View3<T>& dw) {
   const index_t pairs = plan.n_pairs(), K = x.extent(1);
   if (dx.data() != nullptr) {
-    const auto dx_sorted = scratch<T>("cvmm.dx_sorted", pairs, K);
+    // Per-pair dx in sorted order is written in place; otherwise through a sorted scratch.
+    const View2<T> dx_sorted = x_source == RowSource::sorted ? dx : scratch<T>("cvmm.dx_sorted", pairs, K);
     for_each_expert_block(plan, [&](int e, auto rows) {
       ops::gemm<T>(false, true, T(1), Kokkos::subview(dy_sorted, rows, Kokkos::ALL),
                    Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
                    Kokkos::subview(dx_sorted, rows, Kokkos::ALL));
     });
-    if (per_token) {
-      sum_slots<T>(plan, dx_sorted, true, View2<const T>(), dx);
-    } else {
-      unsort_pairs<T>(plan, dx_sorted, dx);
-    }
+    if (x_source == RowSource::token) sum_slots<T>(plan, dx_sorted, true, View2<const T>(), dx);
+    if (x_source == RowSource::pair) unsort_pairs<T>(plan, dx_sorted, dx);
   }
   if (dw.data() != nullptr) {
     // A segmented reduction in a fixed order: one GEMM over each expert's rows, accumulated into
     // dW[e] (beta = 1); ops::gemm keeps its inner-dimension order independent of the thread count.
-    for_each_expert_gathered<T>(plan, per_token, x, "cvmm.x_sorted", [&](int e, auto rows, const View2<const T>& a) {
+    for_each_expert_gathered<T>(plan, x_source, x, "cvmm.x_sorted", [&](int e, auto rows, const View2<const T>& a) {
       ops::gemm<T>(true, false, T(1), a, Kokkos::subview(dy_sorted, rows, Kokkos::ALL), T(1),
                    Kokkos::subview(dw, e, Kokkos::ALL, Kokkos::ALL));
     });
   }
 }
 
-// The products x_row(p) · W[expert(p)] of every pair, in sorted order: gather, then one GEMM per
-// expert. The result lives in scratch until the next CVMM call.
+// y_sorted = the products x_row(p) · W[expert(p)] of every pair, in sorted order: one GEMM per
+// expert on its gathered rows.
 template <class T>
-View2<const T> sorted_products(const DispatchPlan& plan, bool per_token, const View2<const T>& x,
-                               const View3<const T>& w) {
-  const auto y_sorted = scratch<T>("cvmm.y_sorted", plan.n_pairs(), w.extent(2));
-  for_each_expert_gathered<T>(plan, per_token, x, "cvmm.x_sorted", [&](int e, auto rows, const View2<const T>& a) {
+void sorted_products(const DispatchPlan& plan, RowSource x_source, const View2<const T>& x, const View3<const T>& w,
+                     const View2<T>& y_sorted) {
+  for_each_expert_gathered<T>(plan, x_source, x, "cvmm.x_sorted", [&](int e, auto rows, const View2<const T>& a) {
     ops::gemm<T>(false, false, T(1), a, Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
                  Kokkos::subview(y_sorted, rows, Kokkos::ALL));
   });
-  return y_sorted;
 }
 
 }  // namespace impl
 
 template <class T>
 void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
-                  const View2<T>& y_pairs) {
+                  const View2<T>& y_pairs, PairRows pair_rows) {
   const char* op = "cvmm_forward";
-  const bool per_token = impl::x_is_per_token(op, plan, x, w);
+  const impl::RowSource x_source = impl::row_source(impl::x_is_per_token(op, plan, x, w), pair_rows);
   impl::require_matrix(op, "y_pairs", y_pairs, plan.n_pairs(), w.extent(2));
-  impl::unsort_pairs<T>(plan, impl::sorted_products<T>(plan, per_token, x, w), y_pairs);
+  if (pair_rows == PairRows::sorted) return impl::sorted_products<T>(plan, x_source, x, w, y_pairs);
+  const auto y_sorted = scratch<T>("cvmm.y_sorted", plan.n_pairs(), w.extent(2));
+  impl::sorted_products<T>(plan, x_source, x, w, y_sorted);
+  impl::unsort_pairs<T>(plan, y_sorted, y_pairs);
 }
 
 template <class T>
 void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
-                          const View2<const T>& gates, const View2<T>& y) {
+                          const View2<const T>& gates, const View2<T>& y, PairRows pair_rows) {
   const char* op = "cvmm_forward_reduced";
-  const bool per_token = impl::x_is_per_token(op, plan, x, w);
+  const impl::RowSource x_source = impl::row_source(impl::x_is_per_token(op, plan, x, w), pair_rows);
   impl::require_matrix(op, "gates", gates, plan.n_tokens(), plan.k());
   impl::require_matrix(op, "y", y, plan.n_tokens(), w.extent(2));
-  impl::sum_slots<T>(plan, impl::sorted_products<T>(plan, per_token, x, w), true, gates, y);
+  const auto y_sorted = scratch<T>("cvmm.y_sorted", plan.n_pairs(), w.extent(2));
+  impl::sorted_products<T>(plan, x_source, x, w, y_sorted);
+  impl::sum_slots<T>(plan, y_sorted, true, gates, y);
 }
 
 template <class T>
 void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
-                   const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw) {
+                   const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw, PairRows pair_rows) {
   const char* op = "cvmm_backward";
-  const bool per_token = impl::x_is_per_token(op, plan, x, w);
+  const impl::RowSource x_source = impl::row_source(impl::x_is_per_token(op, plan, x, w), pair_rows);
   impl::require_matrix(op, "dy_pairs", dy_pairs, plan.n_pairs(), w.extent(2));
   impl::require_backward_outputs(op, x, w, dx, dw);
+  if (pair_rows == PairRows::sorted) return impl::backward_from_sorted<T>(plan, x_source, x, w, dy_pairs, dx, dw);
   const auto dy_sorted = scratch<T>("cvmm.dy_sorted", plan.n_pairs(), w.extent(2));
-  impl::gather_sorted<T>(plan, false, dy_pairs, dy_sorted);
-  impl::backward_from_sorted<T>(plan, per_token, x, w, dy_sorted, dx, dw);
+  impl::gather_sorted<T>(plan, impl::RowSource::pair, dy_pairs, View2<const T>(), dy_sorted);
+  impl::backward_from_sorted<T>(plan, x_source, x, w, dy_sorted, dx, dw);
 }
 
 template <class T>
 void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
                            const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
-                           const View3<T>& dw, const View2<T>& dgates) {
+                           const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows) {
   const char* op = "cvmm_backward_reduced";
-  const bool per_token = impl::x_is_per_token(op, plan, x, w);
+  const impl::RowSource x_source = impl::row_source(impl::x_is_per_token(op, plan, x, w), pair_rows);
   const index_t tokens = plan.n_tokens(), pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
   const int k = plan.k();
   impl::require_matrix(op, "gates", gates, tokens, k);
@@ -229,9 +255,6 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
   const bool want_dgates = dgates.data() != nullptr, want_dx = dx.data() != nullptr;
   if (want_dgates) impl::require_matrix(op, "dgates", dgates, tokens, k);
   impl::require_backward_outputs(op, x, w, dx, dw);
-
-  const auto x_sorted = scratch<T>("cvmm.x_sorted", pairs, K);
-  impl::gather_sorted<T>(plan, per_token, x, x_sorted);
   const View1<int> sorted_pair = plan.sorted_pair();
   // Each pair's upstream gradient is dy of its token, unweighted: the dy rows are gathered per
   // expert (for_each_expert_gathered) as the GEMMs need them.
@@ -239,57 +262,60 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
   if (want_dgates || want_dx) {
     // g_sorted = dy_e · W[e]ᵀ per expert: the unweighted input gradient of each pair.
     const auto g_sorted = scratch<T>("cvmm.g_sorted", pairs, K);
-    impl::for_each_expert_gathered<T>(plan, true, dy, "cvmm.dy_sorted", [&](int e, auto rows, const View2<const T>& dy_e) {
-      ops::gemm<T>(false, true, T(1), dy_e, Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
-                   Kokkos::subview(g_sorted, rows, Kokkos::ALL));
-    });
+    impl::for_each_expert_gathered<T>(plan, impl::RowSource::token, dy, "cvmm.dy_sorted",
+                                      [&](int e, auto rows, const View2<const T>& dy_e) {
+                                        ops::gemm<T>(false, true, T(1), dy_e,
+                                                     Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
+                                                     Kokkos::subview(g_sorted, rows, Kokkos::ALL));
+                                      });
     if (want_dgates) {
       Kokkos::parallel_for(
           "kmoe::cvmm::dgates", Kokkos::RangePolicy<ExecSpace>(0, pairs), KOKKOS_LAMBDA(const index_t s) {
             const index_t p = sorted_pair(s);
+            const index_t row = x_source == impl::RowSource::token ? p / k : x_source == impl::RowSource::pair ? p : s;
             T sum = 0;
-            for (index_t c = 0; c < K; ++c) sum += g_sorted(s, c) * x_sorted(s, c);
+            for (index_t c = 0; c < K; ++c) sum += g_sorted(s, c) * x(row, c);
             dgates(p / k, p % k) = sum;
           });
     }
     if (want_dx) {
-      if (per_token) {
+      if (x_source == impl::RowSource::token) {
         impl::sum_slots<T>(plan, g_sorted, true, gates, dx);
       } else {
+        const bool sorted = x_source == impl::RowSource::sorted;
         const View1<int> pair_position = plan.pair_position();
         Kokkos::parallel_for(
             "kmoe::cvmm::gated_dx", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {pairs, K}),
-            KOKKOS_LAMBDA(const index_t p, const index_t c) {
-              dx(p, c) = gates(p / k, p % k) * g_sorted(pair_position(p), c);
+            KOKKOS_LAMBDA(const index_t r, const index_t c) {
+              // Row r of dx is pair r (pair order) or sorted position r.
+              const index_t p = sorted ? sorted_pair(r) : r;
+              dx(r, c) = gates(p / k, p % k) * g_sorted(sorted ? r : pair_position(p), c);
             });
       }
     }
   }
   if (dw.data() != nullptr) {
     // dW[e] += (gates ⊙ x_sorted)ᵀ · dy_e: the gate scales the narrow x rows, not dy.
-    Kokkos::parallel_for(
-        "kmoe::cvmm::gate_x", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {pairs, K}),
-        KOKKOS_LAMBDA(const index_t s, const index_t c) {
-          const index_t p = sorted_pair(s);
-          x_sorted(s, c) *= gates(p / k, p % k);
-        });
-    impl::for_each_expert_gathered<T>(plan, true, dy, "cvmm.dy_sorted", [&](int e, auto rows, const View2<const T>& dy_e) {
-      ops::gemm<T>(true, false, T(1), Kokkos::subview(x_sorted, rows, Kokkos::ALL), dy_e, T(1),
-                   Kokkos::subview(dw, e, Kokkos::ALL, Kokkos::ALL));
-    });
+    const auto gated_x = scratch<T>("cvmm.gated_x_sorted", pairs, K);
+    impl::gather_sorted<T>(plan, x_source, x, gates, gated_x);
+    impl::for_each_expert_gathered<T>(plan, impl::RowSource::token, dy, "cvmm.dy_sorted",
+                                      [&](int e, auto rows, const View2<const T>& dy_e) {
+                                        ops::gemm<T>(true, false, T(1), Kokkos::subview(gated_x, rows, Kokkos::ALL),
+                                                     dy_e, T(1), Kokkos::subview(dw, e, Kokkos::ALL, Kokkos::ALL));
+                                      });
   }
 }
 
 #define KMOE_INSTANTIATE(T)                                                                                        \
   template void cvmm_forward<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,                \
-                                const View2<T>&);                                                                 \
+                                const View2<T>&, PairRows);                                                       \
   template void cvmm_forward_reduced<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,        \
-                                        const View2<const T>&, const View2<T>&);                                  \
+                                        const View2<const T>&, const View2<T>&, PairRows);                        \
   template void cvmm_backward<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,               \
-                                 const View2<const T>&, const View2<T>&, const View3<T>&);                        \
+                                 const View2<const T>&, const View2<T>&, const View3<T>&, PairRows);              \
   template void cvmm_backward_reduced<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,       \
                                          const View2<const T>&, const View2<const T>&, const View2<T>&,           \
-                                         const View3<T>&, const View2<T>&);
+                                         const View3<T>&, const View2<T>&, PairRows);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)
 #undef KMOE_INSTANTIATE

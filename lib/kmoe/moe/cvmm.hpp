@@ -6,6 +6,11 @@
 // order and each expert's block is one dense GEMM (KokkosBlas::gemm). The reduced form sums the
 // pairs of a token with per-pair weights (σ-MoE's gates): y[t, :] = Σ_slot g[t, slot] · y_pair[p].
 //
+// Per-pair matrices (y_pairs, per-pair x, dy_pairs, per-pair dx) have their rows in pair order
+// (row p = pair p) by default, or in the plan's sorted order (PairRows::sorted: row s = pair
+// sorted_pair(s), each expert's rows contiguous). A layer that keeps per-pair activations in sorted
+// order between two CVMMs (σ-MoE's hidden units) saves a gather and a scatter per call.
+//
 // Every reduction has a fixed order: slots of a token are summed in slot order and each expert's
 // weight gradient is one GEMM over that expert's rows (a segmented reduction, no atomics), so
 // results are bit-reproducible from run to run and across thread counts.
@@ -16,22 +21,25 @@
 
 namespace kmoe::moe {
 
-// y_pairs [pairs, M] in pair order.
+enum class PairRows { pair_order, sorted };
+
+// y_pairs [pairs, M].
 template <class T>
 void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
-                  const View2<T>& y_pairs);
+                  const View2<T>& y_pairs, PairRows pair_rows = PairRows::pair_order);
 
 // y [tokens, M] = Σ_slot gates[t, slot] · y_pair. The per-pair products are not kept: backward
 // recomputes what it needs at the width of x (as the original's CVMM backward does).
 template <class T>
 void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
-                          const View2<const T>& gates, const View2<T>& y);
+                          const View2<const T>& gates, const View2<T>& y, PairRows pair_rows = PairRows::pair_order);
 
 // From dy_pairs [pairs, M]: dx overwritten (per-token x: the sum over slots, in slot order),
 // dw accumulated (dw[e] += Σ_{p of e} x_row(p)ᵀ · dy_pair[p]); either is skipped when empty.
 template <class T>
 void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
-                   const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw);
+                   const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw,
+                   PairRows pair_rows = PairRows::pair_order);
 
 // Backward of cvmm_forward_reduced from dy [tokens, M]. With g_pair[p] = dy[t] · W[e]ᵀ (the
 // unweighted input gradient of pair p): dgates[t, slot] = ⟨g_pair[p], x_row(p)⟩ (overwritten,
@@ -40,6 +48,6 @@ void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View
 template <class T>
 void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
                            const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
-                           const View3<T>& dw, const View2<T>& dgates);
+                           const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows = PairRows::pair_order);
 
 }  // namespace kmoe::moe
