@@ -88,7 +88,11 @@ TEST(Tensor, RequireShapeNamesTheTensor) {
 }
 
 TEST(Tensor, RequireFiniteFindsNanAndInf) {
-  auto t = make_tensor<float>({1000}, random_values(1000, 4));
+  auto values = random_values(1000, 4);
+  values[3] = std::numeric_limits<float>::max();  // extreme finite values pass
+  values[4] = -std::numeric_limits<float>::max();
+  values[5] = std::numeric_limits<float>::denorm_min();
+  auto t = make_tensor<float>({1000}, values);
   EXPECT_NO_THROW(require_finite(t, "x"));
   for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
                     -std::numeric_limits<float>::infinity()}) {

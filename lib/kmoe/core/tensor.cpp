@@ -127,7 +127,9 @@ bool all_finite(const View1<const T>& values) {
   Kokkos::parallel_reduce(
       "kmoe::all_finite", Kokkos::RangePolicy<ExecSpace>(0, values.extent(0)),
       KOKKOS_LAMBDA(const index_t i, index_t& count) {
-        if (!Kokkos::Experimental::isfinite(values(i))) ++count;
+        // v − v is 0 exactly when v is finite (Inf − Inf and NaN give NaN): a branch-free test
+        // that vectorises, unlike a call to isfinite.
+        count += static_cast<index_t>(!(values(i) - values(i) == T(0)));
       },
       bad);
   return bad == 0;
