@@ -777,3 +777,52 @@ TEST(SigmaMoEDropout, SameSeedSameBitsOtherSeedDiffers) {
   EXPECT_NE(first.first, other.first);
   EXPECT_NE(first.second, other.second);
 }
+
+// MoEUT's use: the router reads its own input (sel_input, e.g. LN2(x)) and the caller adds a
+// gradient for the router logits (its deferred regulariser); checked against central differences
+// of L = Σ y·R + Σ z·R_z + reg_coef·reg_loss for x, sel_input and every parameter.
+TEST(SigmaMoEBackward, SeparateRouterInputAndRouterLogitGradient) {
+  const SigmaMoEConfig c = tiny_config(SelectionMode::sigmoid);
+  SigmaMoE<double> layer(c, 9);
+  set_params(layer.params(), random_params(c, 90));
+  const index_t tokens = 7, D = c.dmodel;
+  auto x = make_tensor<double>({tokens, D}, random_values(tokens * D, 91));
+  auto sel = make_tensor<double>({tokens, D}, random_values(tokens * D, 92));
+  Generator rng(0);
+  const auto f = layer.forward(x, sel, false, rng);
+  const auto r = random_values(f.y.size(), 93), r_z = random_values(f.router_logits.size(), 94);
+  const double reg_coef = 0.3;
+  layer.zero_grad();
+  const auto g = layer.backward_with_router(f, make_tensor<double>(f.y.shape(), r), reg_coef,
+                                            make_tensor<double>(f.router_logits.shape(), r_z));
+  ASSERT_FALSE(g.dsel_input.empty());
+  const auto loss = [&] {
+    const auto fp = layer.forward(x, sel, false, rng);
+    return dot(to_double(fp.y), r) + dot(to_double(fp.router_logits), r_z) + reg_coef * fp.reg_loss;
+  };
+  const auto check = [&](Tensor<double>& target, const std::vector<double>& analytic, const char* name) {
+    const auto x0 = to_double(target);
+    const auto fn = [&](const std::vector<double>& p) {
+      target.copy_from_host(p);
+      return loss();
+    };
+    EXPECT_LT(finite_difference_error(x0, fn, analytic), fd_tolerance) << name;
+    target.copy_from_host(x0);
+  };
+  check(x, to_double(g.dx), "x");
+  check(sel, to_double(g.dsel_input), "sel_input");
+  check(layer.params().keys, to_double(layer.grads().keys), "keys");
+  check(layer.params().values, to_double(layer.grads().values), "values");
+  check(layer.params().expert_sel, to_double(layer.grads().expert_sel), "expert_sel");
+
+  // With sel_input = x it is the plain layer: same output, and dx + dsel_input = the plain dx.
+  const auto same = layer.forward(x, x, false, rng), plain = layer.forward(x, false, rng);
+  EXPECT_EQ(to_double(same.y), to_double(plain.y));
+  const auto dy = make_tensor<double>(plain.y.shape(), r);
+  const auto split = layer.backward_with_router(same, dy, reg_coef, Tensor<double>());
+  const auto joint = to_double(layer.backward(plain, dy, reg_coef));
+  const auto dx = to_double(split.dx), ds = to_double(split.dsel_input);
+  for (std::size_t i = 0; i < joint.size(); ++i) EXPECT_NEAR(dx[i] + ds[i], joint[i], 1e-12);
+  expect_status([&] { layer.forward(x, make_tensor<double>({tokens, D + 1}, random_values(tokens * (D + 1), 95)), false, rng); },
+                Status::shape_mismatch, "sel_input");
+}

@@ -1,5 +1,7 @@
 #include "report.hpp"
 
+#include "kmoe/core/memory_pool.hpp"
+
 #include <KokkosBlas3_gemm.hpp>
 
 #include <algorithm>
@@ -56,6 +58,7 @@ PeakMemory::~PeakMemory() {
 }
 
 void PeakMemory::reset() {
+  release_memory_pool();
   ledger->start = ledger->held;
   ledger->peak = ledger->held;
 }

@@ -41,7 +41,9 @@ class PeakMemory {
   PeakMemory(const PeakMemory&) = delete;
   PeakMemory& operator=(const PeakMemory&) = delete;
 
-  // Starts a new peak at the bytes held now; peak_bytes() is measured above that level.
+  // Empties kmoe's caching allocator (so that blocks cached by earlier cases cannot hide what the
+  // next one needs) and starts a new peak at the bytes held then; peak_bytes() is measured above
+  // that level.
   void reset();
   std::int64_t peak_bytes() const;
 };

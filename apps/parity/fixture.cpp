@@ -77,6 +77,12 @@ Tensor<T> Fixture::read(const std::string& dataset, const std::optional<Shape>& 
   return tensor;
 }
 
+Tensor<int> Fixture::read_indices(const std::string& dataset, const std::optional<Shape>& expected) const {
+  Tensor<int> tensor = reader_.read_indices(dataset, expected);
+  used_.insert(dataset);
+  return tensor;
+}
+
 std::string Fixture::state_dict_path(const std::string& group, const std::string& name) {
   std::string path = group + "/" + name;
   std::replace(path.begin() + static_cast<std::ptrdiff_t>(group.size()), path.end(), '.', '/');

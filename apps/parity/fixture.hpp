@@ -38,6 +38,8 @@ class Fixture {
   // The dataset converted to T, with its shape checked when expected is given; marks it used.
   template <class T>
   Tensor<T> read(const std::string& dataset, const std::optional<Shape>& expected = std::nullopt) const;
+  // An integer dataset (int64, int32 or uint8: token ids, boolean masks) as int; marks it used.
+  Tensor<int> read_indices(const std::string& dataset, const std::optional<Shape>& expected = std::nullopt) const;
   // "/params/a/b" for the state_dict name "a.b" (group "/params", "/grad/params" or "/buffers").
   static std::string state_dict_path(const std::string& group, const std::string& name);
 

@@ -23,10 +23,16 @@ struct LayerRunner {
 
 template <class T>
 void run_sigma_moe(const Fixture& fixture, Report& report);
+template <class T>
+void run_moeut(const Fixture& fixture, Report& report);
+template <class T>
+void run_moeut_lm(const Fixture& fixture, Report& report);
 
 inline const std::vector<LayerRunner>& layer_runners() {
   static const std::vector<LayerRunner> runners = {
       {"sigma_moe", run_sigma_moe<float>, run_sigma_moe<double>},
+      {"moeut", run_moeut<float>, run_moeut<double>},
+      {"moeut_lm", run_moeut_lm<float>, run_moeut_lm<double>},
   };
   return runners;
 }

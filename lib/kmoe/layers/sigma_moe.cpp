@@ -202,6 +202,14 @@ void accumulate_column_sums(const View2<const T>& src, const View1<T>& sums) {
       });
 }
 
+// dst += src elementwise.
+template <class T>
+void add_into(const View1<T>& dst, const View1<const T>& src) {
+  Kokkos::parallel_for(
+      "kmoe::sigma_moe::add_into", Kokkos::RangePolicy<ExecSpace>(0, dst.extent(0)),
+      KOKKOS_LAMBDA(const index_t i) { dst(i) += src(i); });
+}
+
 // [1, E] log Σ_t softmax(z_t)_e = LSE over tokens of the log-probabilities; the regulariser's
 // log p̄ is this minus log N.
 template <class T>
@@ -353,6 +361,12 @@ void SigmaMoE<T>::zero_grad() {
 
 template <class T>
 SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Generator& rng) const {
+  return forward(x, Tensor<T>(), training, rng);
+}
+
+template <class T>
+SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel_input, bool training,
+                                        Generator& rng) const {
   const SigmaMoEConfig& c = config_;
   const index_t D = c.dmodel, E = c.n_experts, es = c.expert_size, Dv = c.value_dim();
   const int K = c.k;
@@ -365,9 +379,13 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Gener
   SigmaMoEForward<T> f;
   f.training = training;
   f.x = x.reshape({tokens, D});
+  if (!sel_input.empty()) {
+    sel_input.require_shape(x.shape(), "SigmaMoE::forward: sel_input (must match x)");
+    f.sel_input = sel_input.reshape({tokens, D});
+  }
   f.router_logits = Tensor<T>::uninitialized("sigma_moe::router_logits", {tokens, E});
-  ops::linear_forward<T>(f.x.as_matrix(), params_.expert_sel.as_matrix(), View1<const T>(),
-                         f.router_logits.as_matrix());
+  ops::linear_forward<T>((sel_input.empty() ? f.x : f.sel_input).as_matrix(), params_.expert_sel.as_matrix(),
+                         View1<const T>(), f.router_logits.as_matrix());
   f.log_probs = Tensor<T>::uninitialized("sigma_moe::log_probs", {tokens, E});
   ops::log_softmax_forward<T>(f.router_logits.as_3d(1), f.log_probs.as_3d(1));
   f.token_lse = impl::token_logsumexp(f.log_probs);
@@ -415,6 +433,12 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Gener
 
 template <class T>
 Tensor<T> SigmaMoE<T>::backward(const SigmaMoEForward<T>& f, const Tensor<T>& dy, T reg_coef) {
+  return backward_with_router(f, dy, reg_coef, Tensor<T>()).dx;
+}
+
+template <class T>
+SigmaMoEInputGrads<T> SigmaMoE<T>::backward_with_router(const SigmaMoEForward<T>& f, const Tensor<T>& dy, T reg_coef,
+                                                        const Tensor<T>& drouter_logits) {
   const SigmaMoEConfig& c = config_;
   const index_t D = c.dmodel, E = c.n_experts, es = c.expert_size, Dv = c.value_dim();
   require(!f.y.empty() && !f.hidden.empty(), Status::invalid_argument,
@@ -448,13 +472,27 @@ Tensor<T> SigmaMoE<T>::backward(const SigmaMoEForward<T>& f, const Tensor<T>& dy
   moe::cvmm_backward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), du.as_matrix(), dx.as_matrix(),
                         grads_.keys.template view<3>(), moe::PairRows::sorted);
 
-  // Router: gates and regulariser → dz → d expert_sel and the router's share of dx.
+  // Router: gates, regulariser and the caller's logit gradient → dz → d expert_sel and the
+  // router input's gradient (dx itself, or a separate dsel_input).
   const Tensor<T> dz = impl::router_gradient(c, f, dgates);
   if (reg_coef != T(0)) impl::add_regulariser_gradient(f.log_probs, f.token_lse, reg_coef, dz);
-  // z = x · expert_selᵀ: dx += dz · expert_sel (onto the experts' share), d expert_sel += dzᵀ · x.
-  ops::gemm<T>(false, false, T(1), dz.as_matrix(), params_.expert_sel.as_matrix(), T(1), dx.as_matrix());
-  ops::gemm<T>(true, false, T(1), dz.as_matrix(), f.x.as_matrix(), T(1), grads_.expert_sel.as_matrix());
-  return dx.reshape(impl::with_last_dim(f.y.shape(), D));
+  if (!drouter_logits.empty()) {
+    drouter_logits.require_shape(f.router_logits.shape(), "SigmaMoE::backward_with_router: drouter_logits");
+    impl::add_into<T>(dz.flat(), drouter_logits.flat());
+  }
+  const bool separate_router = !f.sel_input.empty();
+  SigmaMoEInputGrads<T> grads;
+  grads.dx = dx.reshape(impl::with_last_dim(f.y.shape(), D));
+  Tensor<T> d_router_input = dx;  // z = x · expert_selᵀ: dx += dz · expert_sel (onto the experts' share)
+  if (separate_router) {
+    d_router_input = Tensor<T>::uninitialized("sigma_moe::dsel_input", {tokens, D});
+    grads.dsel_input = d_router_input.reshape(grads.dx.shape());
+  }
+  ops::gemm<T>(false, false, T(1), dz.as_matrix(), params_.expert_sel.as_matrix(), separate_router ? T(0) : T(1),
+               d_router_input.as_matrix());
+  ops::gemm<T>(true, false, T(1), dz.as_matrix(), (separate_router ? f.sel_input : f.x).as_matrix(), T(1),
+               grads_.expert_sel.as_matrix());
+  return grads;
 }
 
 template class SigmaMoE<float>;

@@ -65,7 +65,8 @@ struct SigmaMoEForward {
 
   // Saved for backward.
   Tensor<T> x;                // [tokens, dmodel] (a view of the caller's input)
-  Tensor<T> router_logits;    // [tokens, n_experts] z = x · expert_selᵀ
+  Tensor<T> sel_input;        // [tokens, dmodel] the router's own input (MoEUT), empty when it reads x
+  Tensor<T> router_logits;    // [tokens, n_experts] z = (sel_input or x) · expert_selᵀ
   Tensor<T> log_probs;        // [tokens, n_experts] log_softmax(z), for the regulariser
   Tensor<T> token_lse;        // [1, n_experts] logsumexp over tokens of log_probs (log p̄ + log N)
   Tensor<int> expert_index;   // [tokens, k] selected experts (descending selection score)
@@ -76,6 +77,13 @@ struct SigmaMoEForward {
   Tensor<T> pre_activation;   // [tokens·k, expert_size] u = x · keys[e] (+ bias)
   Tensor<T> hidden;           // [tokens·k, expert_size] h = dropout(activation(u))
   RngStream dropout_stream;   // the hidden dropout's draws (replayed by backward)
+};
+
+// What backward_with_router returns.
+template <class T>
+struct SigmaMoEInputGrads {
+  Tensor<T> dx;          // [..., dmodel]
+  Tensor<T> dsel_input;  // [..., dmodel] the router input's gradient; empty when the router read x
 };
 
 template <class T>
@@ -96,9 +104,21 @@ class SigmaMoE {
   // Sinkhorn selection; every random draw comes from rng. Non-finite x throws Status::non_finite.
   SigmaMoEForward<T> forward(const Tensor<T>& x, bool training, Generator& rng) const;
 
+  // MoEUT's SigmaMoE: the experts read x, the router reads sel_input (same shape as x, e.g.
+  // LN2(x)); otherwise as forward(x, training, rng). sel_input of another shape throws
+  // Status::shape_mismatch.
+  SigmaMoEForward<T> forward(const Tensor<T>& x, const Tensor<T>& sel_input, bool training, Generator& rng) const;
+
   // dy [..., v_dim]; reg_coef multiplies reg_loss in the differentiated loss. Returns dx
-  // [..., dmodel] and accumulates every parameter gradient into grads().
+  // [..., dmodel] and accumulates every parameter gradient into grads(). After a forward with a
+  // sel_input, dx is only the experts' share (use backward_with_router for the router's).
   Tensor<T> backward(const SigmaMoEForward<T>& forward, const Tensor<T>& dy, T reg_coef);
+
+  // backward with an extra gradient for the router logits, drouter_logits [tokens, n_experts]
+  // (empty: none; MoEUT's regulariser over time × repeats, computed by the owner from the saved
+  // router_logits), and the router input's gradient returned separately when forward had a sel_input.
+  SigmaMoEInputGrads<T> backward_with_router(const SigmaMoEForward<T>& forward, const Tensor<T>& dy, T reg_coef,
+                                             const Tensor<T>& drouter_logits);
 
  private:
   SigmaMoEConfig config_;

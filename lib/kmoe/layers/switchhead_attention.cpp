@@ -1,0 +1,497 @@
+#include "kmoe/layers/switchhead_attention.hpp"
+
+#include "kmoe/core/error.hpp"
+#include "kmoe/layers/moeut_init.hpp"
+#include "kmoe/moe/cvmm.hpp"
+#include "kmoe/ops/activations.hpp"
+#include "kmoe/ops/gemm.hpp"
+#include "kmoe/ops/linear.hpp"
+#include "kmoe/ops/rope.hpp"
+#include "kmoe/ops/topk.hpp"
+
+#include <cmath>
+#include <limits>
+
+namespace kmoe::layers {
+
+int SwitchHeadConfig::rotary_dims() const { return ops::rope_rotary_dims(d_head(), rotate_fraction); }
+
+void SwitchHeadConfig::validate() const {
+  const auto positive = [](const char* field, index_t value) {
+    require(value >= 1, Status::invalid_argument, "SwitchHeadConfig: ", field, " = ", value, " must be at least 1");
+  };
+  positive("state_size", state_size);
+  positive("n_heads", n_heads);
+  positive("n_experts", n_experts);
+  require(projection_size >= 0, Status::invalid_argument, "SwitchHeadConfig: projection_size = ", projection_size,
+          " must be positive (or 0 for state_size / n_heads)");
+  positive("d_head (projection_size, or state_size / n_heads)", d_head());
+  if (n_experts > 1) {
+    require(moe_k >= 1 && moe_k <= n_experts && moe_k <= ops::topk_max_k, Status::invalid_argument,
+            "SwitchHeadConfig: moe_k = ", moe_k, " must lie in [1, n_experts = ", n_experts, "]");
+  }
+  require(expert_dropout >= 0 && expert_dropout < 1, Status::invalid_argument, "SwitchHeadConfig: expert_dropout = ",
+          expert_dropout, " is outside [0, 1)");
+  require(rotate_fraction >= 0 && rotate_fraction <= 1, Status::invalid_argument,
+          "SwitchHeadConfig: rotate_fraction = ", rotate_fraction, " is outside [0, 1]");
+  require(std::isfinite(rope_base) && rope_base > 0, Status::invalid_argument, "SwitchHeadConfig: rope_base = ",
+          rope_base, " must be positive");
+  require(std::isfinite(init_scale) && init_scale > 0, Status::invalid_argument, "SwitchHeadConfig: init_scale = ",
+          init_scale, " must be positive");
+}
+
+namespace switchhead_impl {
+
+using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
+
+// heads [B, H, T, P] = factor · rows [B·T, H·P] regrouped by head.
+template <class T>
+Tensor<T> rows_to_heads(const Tensor<T>& rows, index_t batch, index_t length, index_t heads, index_t d_head,
+                        T factor, const char* label) {
+  auto out = Tensor<T>::uninitialized(label, {batch, heads, length, d_head});
+  const View2<T> r = rows.as_matrix();
+  const View4<T> o = out.template view<4>();
+  Kokkos::parallel_for(
+      "kmoe::switchhead::rows_to_heads", Range2({0, 0}, {batch * length, heads * d_head}),
+      KOKKOS_LAMBDA(const index_t n, const index_t c) {
+        o(n / length, c / d_head, n % length, c % d_head) = factor * r(n, c);
+      });
+  return out;
+}
+
+// rows [B·T, H·P] = factor · heads [B, H, T, P] in token-major order.
+template <class T>
+Tensor<T> heads_to_rows(const Tensor<T>& heads_view, T factor, const char* label) {
+  const index_t batch = heads_view.dim(0), heads = heads_view.dim(1), length = heads_view.dim(2);
+  const index_t d_head = heads_view.dim(3);
+  auto out = Tensor<T>::uninitialized(label, {batch * length, heads * d_head});
+  const View4<T> h = heads_view.template view<4>();
+  const View2<T> o = out.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::switchhead::heads_to_rows", Range2({0, 0}, {batch * length, heads * d_head}),
+      KOKKOS_LAMBDA(const index_t n, const index_t c) {
+        o(n, c) = factor * h(n / length, c / d_head, n % length, c % d_head);
+      });
+  return out;
+}
+
+// [B, H, Tc + T, P] = the cache followed by the new rows along time.
+template <class T>
+Tensor<T> concat_time(const Tensor<T>& cached, const Tensor<T>& fresh, const char* label) {
+  const index_t batch = fresh.dim(0), heads = fresh.dim(1), old_len = cached.dim(2), new_len = fresh.dim(2);
+  const index_t d_head = fresh.dim(3), total = old_len + new_len;
+  auto out = Tensor<T>::uninitialized(label, {batch, heads, total, d_head});
+  const View4<T> c = cached.template view<4>(), f = fresh.template view<4>(), o = out.template view<4>();
+  Kokkos::parallel_for(
+      "kmoe::switchhead::concat_time", Range2({0, 0}, {batch * heads * total, d_head}),
+      KOKKOS_LAMBDA(const index_t row, const index_t p) {
+        const index_t t = row % total, h = (row / total) % heads, b = row / (total * heads);
+        o(b, h, t, p) = t < old_len ? c(b, h, t, p) : f(b, h, t - old_len, p);
+      });
+  return out;
+}
+
+// A sigmoid top-k selection per (token, head) from logits z [N, H·Ea] (the original's get_sel):
+// top-k of σ(z) after expert dropout (−inf where a draw < p), gates = σ(z) of the chosen experts
+// (unmasked). local [N·H, ka]: expert within the head, descending score; gates [N, H·ka];
+// global [N, H·ka] = h·Ea + local (the rows of v / o).
+template <class T>
+struct Selection {
+  Tensor<int> local;
+  Tensor<T> gates;
+  Tensor<int> global;
+};
+
+template <class T>
+Selection<T> select_experts(const Tensor<T>& z, int heads, int experts, int k, bool training, double expert_dropout,
+                            Generator& rng) {
+  const index_t tokens = z.dim(0), lines = tokens * heads;
+  const Tensor<T> probs = Tensor<T>::uninitialized("switchhead::sel_probs", {lines, experts});
+  ops::activation_forward<T>(ops::Activation::sigmoid, z.flat(), probs.flat());
+  Tensor<T> scores = probs;
+  if (training && expert_dropout > 0) {
+    scores = probs.clone("switchhead::sel_scores");
+    const RngStream stream = rng.take(static_cast<std::uint64_t>(scores.size()));
+    const View1<T> values = scores.flat();
+    const T p = static_cast<T>(expert_dropout), minus_inf = -std::numeric_limits<T>::infinity();
+    Kokkos::parallel_for(
+        "kmoe::switchhead::expert_dropout", Kokkos::RangePolicy<ExecSpace>(0, scores.size()),
+        KOKKOS_LAMBDA(const index_t i) {
+          if (stream.uniform<T>(static_cast<std::uint64_t>(i)) < p) values(i) = minus_inf;
+        });
+  }
+  Selection<T> s;
+  s.local = Tensor<int>("switchhead::sel_local", {lines, k});
+  const auto topk_values = Tensor<T>::uninitialized("switchhead::sel_topk", {lines, k});
+  ops::topk_forward<T>(scores.as_matrix(), k, ops::TopkOrder::descending, topk_values.as_matrix(),
+                       s.local.as_matrix());
+  s.gates = Tensor<T>::uninitialized("switchhead::sel_gates", {tokens, static_cast<index_t>(heads) * k});
+  s.global = Tensor<int>("switchhead::sel_global", {tokens, static_cast<index_t>(heads) * k});
+  const View2<T> pv = probs.as_matrix();
+  const View2<int> lv = s.local.as_matrix();
+  const View1<T> gv = s.gates.flat();
+  const View1<int> ev = s.global.flat();
+  Kokkos::parallel_for(
+      "kmoe::switchhead::gather_gates", Range2({0, 0}, {lines, k}), KOKKOS_LAMBDA(const index_t line, const index_t j) {
+        const int e = lv(line, j);
+        gv(line * k + j) = pv(line, e);
+        ev(line * k + j) = static_cast<int>(line % heads) * experts + e;
+      });
+  return s;
+}
+
+// dz [N, H·Ea] = σ'(z) · dgates scattered to the chosen experts (σ' = g(1 − g) with the saved
+// gates), plus dz_extra (the regulariser's gradient) when given.
+template <class T>
+Tensor<T> selection_backward(const Tensor<int>& local, const Tensor<T>& gates, const Tensor<T>& dgates, int heads,
+                             int experts, const Tensor<T>& dz_extra) {
+  const index_t tokens = gates.dim(0), lines = local.dim(0), k = local.dim(1);
+  const auto dselected = Tensor<T>::uninitialized("switchhead::dselected", {lines, k});
+  const View1<T> g = gates.flat(), dg = dgates.flat(), ds = dselected.flat();
+  Kokkos::parallel_for(
+      "kmoe::switchhead::dsigmoid", Kokkos::RangePolicy<ExecSpace>(0, gates.size()),
+      KOKKOS_LAMBDA(const index_t i) { ds(i) = dg(i) * g(i) * (T(1) - g(i)); });
+  const auto dz = Tensor<T>::uninitialized("switchhead::dz", {tokens, static_cast<index_t>(heads) * experts});
+  ops::topk_backward<T>(local.as_matrix(), dselected.as_matrix(), dz.reshape({lines, experts}).as_matrix());
+  if (!dz_extra.empty()) {
+    const View1<T> d = dz.flat(), extra = dz_extra.flat();
+    Kokkos::parallel_for(
+        "kmoe::switchhead::add_dz", Kokkos::RangePolicy<ExecSpace>(0, dz.size()),
+        KOKKOS_LAMBDA(const index_t i) { d(i) += extra(i); });
+  }
+  return dz;
+}
+
+// rows [N, H·P]: rows[t, h·P + c] = Σ_j gates[t, h·ka + j] · pairs[(t·H + h)·ka + j, c].
+template <class T>
+Tensor<T> mix_pairs(const Tensor<T>& pairs, const Tensor<T>& gates, index_t heads, index_t k, index_t d_head) {
+  const index_t tokens = gates.dim(0);
+  auto rows = Tensor<T>::uninitialized("switchhead::v_rows", {tokens, heads * d_head});
+  const View2<T> pv = pairs.as_matrix(), gv = gates.as_matrix(), rv = rows.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::switchhead::mix_pairs", Range2({0, 0}, {tokens, heads * d_head}),
+      KOKKOS_LAMBDA(const index_t t, const index_t col) {
+        const index_t h = col / d_head, c = col % d_head;
+        T sum = 0;
+        for (index_t j = 0; j < k; ++j) sum += gv(t, h * k + j) * pv((t * heads + h) * k + j, c);
+        rv(t, col) = sum;
+      });
+  return rows;
+}
+
+// Backward of mix_pairs: dgates[t, h·ka + j] = ⟨pairs[p], drows[t, h]⟩, dpairs[p] = gate · drows[t, h].
+template <class T>
+void mix_pairs_backward(const Tensor<T>& pairs, const Tensor<T>& gates, const Tensor<T>& drows, index_t heads,
+                        index_t k, index_t d_head, const Tensor<T>& dpairs, const Tensor<T>& dgates) {
+  const index_t tokens = gates.dim(0);
+  const View2<T> pv = pairs.as_matrix(), gv = gates.as_matrix(), dr = drows.as_matrix();
+  const View2<T> dp = dpairs.as_matrix(), dg = dgates.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::switchhead::mix_pairs_backward", Range2({0, 0}, {tokens, heads * k}),
+      KOKKOS_LAMBDA(const index_t t, const index_t slot) {
+        const index_t h = slot / k, p = t * heads * k + slot;
+        const T g = gv(t, slot);
+        T sum = 0;
+        for (index_t c = 0; c < d_head; ++c) {
+          const T d = dr(t, h * d_head + c);
+          sum += pv(p, c) * d;
+          dp(p, c) = g * d;
+        }
+        dg(t, slot) = sum;
+      });
+}
+
+// [N·H·ka, P]: row (t·H + h)·ka + j = attended[t, h·P : (h+1)·P] (one input row per O pair).
+template <class T>
+Tensor<T> replicate_heads(const Tensor<T>& attended, index_t heads, index_t k, index_t d_head) {
+  const index_t tokens = attended.dim(0);
+  auto out = Tensor<T>::uninitialized("switchhead::o_input", {tokens * heads * k, d_head});
+  const View2<T> a = attended.as_matrix(), o = out.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::switchhead::replicate_heads", Range2({0, 0}, {tokens * heads * k, d_head}),
+      KOKKOS_LAMBDA(const index_t p, const index_t c) { o(p, c) = a(p / (heads * k), (p / k) % heads * d_head + c); });
+  return out;
+}
+
+// Backward of replicate_heads: dattended[t, h·P + c] = Σ_j dpairs[(t·H + h)·ka + j, c], slots in order.
+template <class T>
+Tensor<T> sum_replicas(const Tensor<T>& dpairs, index_t tokens, index_t heads, index_t k, index_t d_head) {
+  auto out = Tensor<T>::uninitialized("switchhead::dattended", {tokens, heads * d_head});
+  const View2<T> dp = dpairs.as_matrix(), o = out.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::switchhead::sum_replicas", Range2({0, 0}, {tokens, heads * d_head}),
+      KOKKOS_LAMBDA(const index_t t, const index_t col) {
+        const index_t h = col / d_head, c = col % d_head;
+        T sum = 0;
+        for (index_t j = 0; j < k; ++j) sum += dp((t * heads + h) * k + j, c);
+        o(t, col) = sum;
+      });
+  return out;
+}
+
+// out[t, h·P + c] = attended[t, h·P + c] · gate[t, h] (the n_experts = 1 output gate).
+template <class T>
+Tensor<T> apply_head_gate(const Tensor<T>& attended, const Tensor<T>& gate, index_t d_head) {
+  auto out = Tensor<T>::uninitialized("switchhead::gated", attended.shape());
+  const View2<T> a = attended.as_matrix(), g = gate.as_matrix(), o = out.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::switchhead::apply_head_gate", Range2({0, 0}, {attended.dim(0), attended.dim(1)}),
+      KOKKOS_LAMBDA(const index_t t, const index_t col) { o(t, col) = a(t, col) * g(t, col / d_head); });
+  return out;
+}
+
+// Backward of apply_head_gate: dattended = dgated · gate; dz[t, h] = σ'(z) Σ_c dgated · attended.
+template <class T>
+void apply_head_gate_backward(const Tensor<T>& attended, const Tensor<T>& gate, const Tensor<T>& dgated,
+                              index_t d_head, const Tensor<T>& dattended, const Tensor<T>& dz) {
+  const View2<T> a = attended.as_matrix(), g = gate.as_matrix(), dg = dgated.as_matrix();
+  const View2<T> da = dattended.as_matrix(), dzv = dz.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::switchhead::apply_head_gate_backward", Range2({0, 0}, {gate.dim(0), gate.dim(1)}),
+      KOKKOS_LAMBDA(const index_t t, const index_t h) {
+        const T gate_value = g(t, h);
+        T sum = 0;
+        for (index_t c = h * d_head; c < (h + 1) * d_head; ++c) {
+          sum += dg(t, c) * a(t, c);
+          da(t, c) = dg(t, c) * gate_value;
+        }
+        dzv(t, h) = sum * gate_value * (T(1) - gate_value);
+      });
+}
+
+// dweight += dyᵀ x and dx_accum += dy · weight (a linear map's backward accumulated into dx).
+template <class T>
+void linear_backward_accumulate(const Tensor<T>& x, const Tensor<T>& weight, const Tensor<T>& dy,
+                                const Tensor<T>& dx_accum, const Tensor<T>& dweight) {
+  ops::linear_backward<T>(x.as_matrix(), weight.as_matrix(), dy.as_matrix(), View2<T>(), dweight.as_matrix(),
+                          View1<T>());
+  ops::gemm<T>(false, false, T(1), dy.as_matrix(), weight.as_matrix(), T(1), dx_accum.as_matrix());
+}
+
+template <class T>
+Tensor<T> linear(const Tensor<T>& x, const Tensor<T>& weight, const char* label) {
+  auto y = Tensor<T>::uninitialized(label, {x.dim(0), weight.dim(0)});
+  ops::linear_forward<T>(x.as_matrix(), weight.as_matrix(), View1<const T>(), y.as_matrix());
+  return y;
+}
+
+}  // namespace switchhead_impl
+
+template <class T>
+SwitchHeadAttention<T>::SwitchHeadAttention(const SwitchHeadConfig& config, std::uint64_t seed) : config_(config) {
+  config_.validate();
+  const index_t D = config_.state_size, H = config_.n_heads, P = config_.d_head(), Ea = config_.n_experts;
+  const bool moe = Ea > 1;
+  params_.q = Tensor<T>("switchhead::q", {H * P, D});
+  params_.k = Tensor<T>("switchhead::k", {H * P, D});
+  params_.v = moe ? Tensor<T>("switchhead::v", {H * Ea, D, P}) : Tensor<T>("switchhead::v", {H * P, D});
+  params_.o = moe ? Tensor<T>("switchhead::o", {H * Ea, P, D}) : Tensor<T>("switchhead::o", {D, H * P});
+  if (moe) params_.sel_v = Tensor<T>("switchhead::sel_v", {H * Ea, D});
+  params_.sel_o = Tensor<T>("switchhead::sel_o", {moe ? H * Ea : H, D});
+  // The original's reset_parameters order: sel_v, sel_o, k, q, v, o.
+  Generator generator(seed);
+  const double s = config_.init_scale, in_std = s / std::sqrt(static_cast<double>(D));
+  if (moe) {
+    moeut_init::fill_normal(params_.sel_v, generator, in_std);
+    moeut_init::renorm_rows(params_.sel_v);
+  }
+  moeut_init::fill_normal(params_.sel_o, generator, in_std);
+  moeut_init::renorm_rows(params_.sel_o);
+  moeut_init::fill_normal(params_.k, generator, in_std);
+  moeut_init::fill_normal(params_.q, generator, in_std);
+  moeut_init::fill_normal(params_.v, generator, in_std);
+  moeut_init::fill_normal(params_.o, generator, s / std::sqrt(static_cast<double>(H * P)));
+  const auto zeros_like = [](const Tensor<T>& t) {
+    return t.empty() ? Tensor<T>() : Tensor<T>("grad::" + t.label(), t.shape());
+  };
+  grads_ = {zeros_like(params_.q), zeros_like(params_.k), zeros_like(params_.v), zeros_like(params_.o),
+            zeros_like(params_.sel_v), zeros_like(params_.sel_o)};
+}
+
+template <class T>
+void SwitchHeadAttention<T>::zero_grad() {
+  for (Tensor<T>* grad : {&grads_.q, &grads_.k, &grads_.v, &grads_.o, &grads_.sel_v, &grads_.sel_o})
+    if (!grad->empty()) grad->fill(T(0));
+}
+
+template <class T>
+SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, const Tensor<T>& v_src,
+                                                     const ops::AttentionMask& mask, bool training, Generator& rng,
+                                                     SwitchHeadCache<T>* cache) const {
+  namespace si = switchhead_impl;
+  const SwitchHeadConfig& c = config_;
+  const index_t D = c.state_size, H = c.n_heads, P = c.d_head(), Ea = c.n_experts, ka = c.moe_k;
+  require(qk_src.rank() == 3 && qk_src.dim(2) == D, Status::shape_mismatch, "SwitchHeadAttention::forward: qk_src is ",
+          qk_src.shape().str(), ", expected [B, T, state_size = ", D, "]");
+  v_src.require_shape(qk_src.shape(), "SwitchHeadAttention::forward: v_src (must match qk_src)");
+  const index_t B = qk_src.dim(0), Tq = qk_src.dim(1), N = B * Tq;
+  require(N >= 1, Status::shape_mismatch, "SwitchHeadAttention::forward: qk_src ", qk_src.shape().str(),
+          " has no tokens");
+  const index_t Tc = cache != nullptr ? cache->length() : 0;
+  if (Tc > 0) {
+    cache->k.require_shape({B, H, Tc, P}, "SwitchHeadAttention::forward: cache k");
+    cache->v.require_shape({B, H, Tc, P}, "SwitchHeadAttention::forward: cache v");
+  }
+
+  SwitchHeadForward<T> f;
+  f.training = training;
+  f.cached = cache != nullptr;
+  f.qk_src = qk_src.reshape({N, D});
+  f.v_src = v_src.reshape({N, D});
+  const T qk_scale = static_cast<T>(std::pow(static_cast<double>(P), -0.25));
+  const Tensor<T> q_heads =
+      si::rows_to_heads(si::linear(f.qk_src, params_.q, "switchhead::q_rows"), B, Tq, H, P, qk_scale, "switchhead::q");
+  Tensor<T> k_heads =
+      si::rows_to_heads(si::linear(f.qk_src, params_.k, "switchhead::k_rows"), B, Tq, H, P, qk_scale, "switchhead::k");
+
+  // Values: expert-mixed (Ea > 1) or one linear map; the output selection is made here too.
+  Tensor<T> v_rows;
+  if (Ea > 1) {
+    const Tensor<T> z_v = si::linear(f.qk_src, params_.sel_v, "switchhead::sel_v_logits");
+    const Tensor<T> z_o = si::linear(f.qk_src, params_.sel_o, "switchhead::sel_o_logits");
+    const si::Selection<T> v_sel = si::select_experts(z_v, c.n_heads, c.n_experts, ka, training, c.expert_dropout, rng);
+    const si::Selection<T> o_sel = si::select_experts(z_o, c.n_heads, c.n_experts, ka, training, c.expert_dropout, rng);
+    f.v_local_index = v_sel.local;
+    f.v_gates = v_sel.gates;
+    f.o_local_index = o_sel.local;
+    f.o_gates = o_sel.gates;
+    f.v_plan = moe::DispatchPlan::build(v_sel.global.as_matrix(), static_cast<int>(H * Ea));
+    f.o_plan = moe::DispatchPlan::build(o_sel.global.as_matrix(), static_cast<int>(H * Ea));
+    f.v_pairs = Tensor<T>::uninitialized("switchhead::v_pairs", {N * H * ka, P});
+    moe::cvmm_forward<T>(f.v_plan, f.v_src.as_matrix(), params_.v.template view<3>(), f.v_pairs.as_matrix());
+    v_rows = si::mix_pairs(f.v_pairs, f.v_gates, H, ka, P);
+    f.sel_v_logits = z_v.reshape({B, Tq, H, Ea});
+    f.sel_o_logits = z_o.reshape({B, Tq, H, Ea});
+  } else {
+    v_rows = si::linear(f.v_src, params_.v, "switchhead::v_rows");
+    f.o_gate = si::linear(f.qk_src, params_.sel_o, "switchhead::o_gate");
+    ops::activation_forward<T>(ops::Activation::sigmoid, f.o_gate.flat(), f.o_gate.flat());
+  }
+  Tensor<T> v_heads = si::rows_to_heads(v_rows, B, Tq, H, P, T(1), "switchhead::v");
+
+  if (cache != nullptr) {
+    if (Tc > 0) {
+      k_heads = si::concat_time(cache->k, k_heads, "switchhead::k_cached");
+      v_heads = si::concat_time(cache->v, v_heads, "switchhead::v_cached");
+    }
+    cache->k = k_heads;
+    cache->v = v_heads;
+  }
+  const index_t Tk = Tc + Tq;
+  const int rot = c.rotary_dims();
+  f.q_rot = Tensor<T>::uninitialized("switchhead::q_rot", q_heads.shape());
+  ops::rope_forward<T>(q_heads.template view<4>(), rot, c.rope_base, Tc, f.q_rot.template view<4>());
+  f.k_rot = Tensor<T>::uninitialized("switchhead::k_rot", k_heads.shape());
+  ops::rope_forward<T>(k_heads.template view<4>(), rot, c.rope_base, 0, f.k_rot.template view<4>());
+  f.v_heads = v_heads;
+  f.probs = Tensor<T>::uninitialized("switchhead::probs", {B, H, Tq, Tk});
+  const auto out_heads = Tensor<T>::uninitialized("switchhead::attended_heads", {B, H, Tq, P});
+  ops::attention_forward<T>(f.q_rot.template view<4>(), f.k_rot.template view<4>(), f.v_heads.template view<4>(), T(1),
+                            mask, f.probs.template view<4>(), out_heads.template view<4>());
+  f.attended = si::heads_to_rows(out_heads, T(1), "switchhead::attended");
+
+  auto y = Tensor<T>::uninitialized("switchhead::y", {N, D});
+  if (Ea > 1) {
+    const Tensor<T> o_input = si::replicate_heads(f.attended, H, ka, P);
+    moe::cvmm_forward_reduced<T>(f.o_plan, o_input.as_matrix(), params_.o.template view<3>(), f.o_gates.as_matrix(),
+                                 y.as_matrix());
+  } else {
+    const Tensor<T> gated = si::apply_head_gate(f.attended, f.o_gate, P);
+    ops::linear_forward<T>(gated.as_matrix(), params_.o.as_matrix(), View1<const T>(), y.as_matrix());
+  }
+  f.y = y.reshape({B, Tq, D});
+  return f;
+}
+
+template <class T>
+typename SwitchHeadAttention<T>::InputGrads SwitchHeadAttention<T>::backward(const SwitchHeadForward<T>& f,
+                                                                             const Tensor<T>& dy,
+                                                                             const Tensor<T>& dsel_o_logits,
+                                                                             const Tensor<T>& dsel_v_logits) {
+  namespace si = switchhead_impl;
+  const SwitchHeadConfig& c = config_;
+  const index_t D = c.state_size, H = c.n_heads, P = c.d_head(), Ea = c.n_experts, ka = c.moe_k;
+  require(!f.y.empty(), Status::invalid_argument, "SwitchHeadAttention::backward: the forward result is empty");
+  require(!f.cached, Status::invalid_argument,
+          "SwitchHeadAttention::backward: the forward used a KV cache (inference only); run it without one");
+  require(f.y.rank() == 3 && f.y.dim(2) == D && f.q_rot.dim(1) == H && f.q_rot.dim(3) == P, Status::shape_mismatch,
+          "SwitchHeadAttention::backward: the forward result (y ", f.y.shape().str(),
+          ") does not come from a layer with state_size = ", D, ", n_heads = ", H, ", d_head = ", P);
+  dy.require_shape(f.y.shape(), "SwitchHeadAttention::backward: dy");
+  const index_t B = f.y.dim(0), Tq = f.y.dim(1), N = B * Tq;
+  const Shape logits_shape{B, Tq, H, Ea};
+  if (!dsel_o_logits.empty()) dsel_o_logits.require_shape(logits_shape, "SwitchHeadAttention::backward: dsel_o_logits");
+  if (!dsel_v_logits.empty()) dsel_v_logits.require_shape(logits_shape, "SwitchHeadAttention::backward: dsel_v_logits");
+  require(Ea > 1 || (dsel_o_logits.empty() && dsel_v_logits.empty()), Status::invalid_argument,
+          "SwitchHeadAttention::backward: router-logit gradients given, but n_experts = 1 has no routers");
+  const Tensor<T> dy_rows = dy.reshape({N, D});
+
+  InputGrads grads;
+  grads.dqk_src = Tensor<T>("switchhead::dqk_src", {N, D});
+  grads.dv_src = Tensor<T>::uninitialized("switchhead::dv_src", {N, D});
+
+  // Output projection → d attended, d o-router.
+  Tensor<T> dattended;
+  if (Ea > 1) {
+    const Tensor<T> o_input = si::replicate_heads(f.attended, H, ka, P);
+    const auto do_input = Tensor<T>::uninitialized("switchhead::do_input", o_input.shape());
+    const auto dgates = Tensor<T>::uninitialized("switchhead::do_gates", f.o_gates.shape());
+    moe::cvmm_backward_reduced<T>(f.o_plan, o_input.as_matrix(), params_.o.template view<3>(), f.o_gates.as_matrix(),
+                                  dy_rows.as_matrix(), do_input.as_matrix(), grads_.o.template view<3>(),
+                                  dgates.as_matrix());
+    dattended = si::sum_replicas(do_input, N, H, ka, P);
+    const Tensor<T> dz_o = si::selection_backward(f.o_local_index, f.o_gates, dgates, c.n_heads, c.n_experts,
+                                                  dsel_o_logits.empty() ? Tensor<T>() : dsel_o_logits.reshape({N, H * Ea}));
+    si::linear_backward_accumulate(f.qk_src, params_.sel_o, dz_o, grads.dqk_src, grads_.sel_o);
+  } else {
+    const Tensor<T> gated = si::apply_head_gate(f.attended, f.o_gate, P);
+    const auto dgated = Tensor<T>::uninitialized("switchhead::dgated", gated.shape());
+    ops::linear_backward<T>(gated.as_matrix(), params_.o.as_matrix(), dy_rows.as_matrix(), dgated.as_matrix(),
+                            grads_.o.as_matrix(), View1<T>());
+    dattended = Tensor<T>::uninitialized("switchhead::dattended", gated.shape());
+    const auto dz_o = Tensor<T>::uninitialized("switchhead::dz_o", f.o_gate.shape());
+    si::apply_head_gate_backward(f.attended, f.o_gate, dgated, P, dattended, dz_o);
+    si::linear_backward_accumulate(f.qk_src, params_.sel_o, dz_o, grads.dqk_src, grads_.sel_o);
+  }
+
+  // Attention, then RoPE (in place) and the q/k scale back to token-major rows.
+  const Tensor<T> dout_heads = si::rows_to_heads(dattended, B, Tq, H, P, T(1), "switchhead::dattended_heads");
+  const auto dq = Tensor<T>::uninitialized("switchhead::dq_rot", f.q_rot.shape());
+  const auto dk = Tensor<T>::uninitialized("switchhead::dk_rot", f.k_rot.shape());
+  const auto dv = Tensor<T>::uninitialized("switchhead::dv_heads", f.v_heads.shape());
+  ops::attention_backward<T>(f.q_rot.template view<4>(), f.k_rot.template view<4>(), f.v_heads.template view<4>(), T(1),
+                             f.probs.template view<4>(), dout_heads.template view<4>(), dq.template view<4>(),
+                             dk.template view<4>(), dv.template view<4>());
+  const int rot = c.rotary_dims();
+  ops::rope_backward<T>(dq.template view<4>(), rot, c.rope_base, 0, dq.template view<4>());
+  ops::rope_backward<T>(dk.template view<4>(), rot, c.rope_base, 0, dk.template view<4>());
+  const T qk_scale = static_cast<T>(std::pow(static_cast<double>(P), -0.25));
+  si::linear_backward_accumulate(f.qk_src, params_.q, si::heads_to_rows(dq, qk_scale, "switchhead::dq_rows"),
+                                 grads.dqk_src, grads_.q);
+  si::linear_backward_accumulate(f.qk_src, params_.k, si::heads_to_rows(dk, qk_scale, "switchhead::dk_rows"),
+                                 grads.dqk_src, grads_.k);
+
+  // Values → dv_src and the v-router.
+  const Tensor<T> dv_rows = si::heads_to_rows(dv, T(1), "switchhead::dv_rows");
+  if (Ea > 1) {
+    const auto dpairs = Tensor<T>::uninitialized("switchhead::dv_pairs", f.v_pairs.shape());
+    const auto dgates = Tensor<T>::uninitialized("switchhead::dv_gates", f.v_gates.shape());
+    si::mix_pairs_backward(f.v_pairs, f.v_gates, dv_rows, H, ka, P, dpairs, dgates);
+    moe::cvmm_backward<T>(f.v_plan, f.v_src.as_matrix(), params_.v.template view<3>(), dpairs.as_matrix(),
+                          grads.dv_src.as_matrix(), grads_.v.template view<3>());
+    const Tensor<T> dz_v = si::selection_backward(f.v_local_index, f.v_gates, dgates, c.n_heads, c.n_experts,
+                                                  dsel_v_logits.empty() ? Tensor<T>() : dsel_v_logits.reshape({N, H * Ea}));
+    si::linear_backward_accumulate(f.qk_src, params_.sel_v, dz_v, grads.dqk_src, grads_.sel_v);
+  } else {
+    ops::linear_backward<T>(f.v_src.as_matrix(), params_.v.as_matrix(), dv_rows.as_matrix(), grads.dv_src.as_matrix(),
+                            grads_.v.as_matrix(), View1<T>());
+  }
+  grads.dqk_src = grads.dqk_src.reshape({B, Tq, D});
+  grads.dv_src = grads.dv_src.reshape({B, Tq, D});
+  return grads;
+}
+
+template class SwitchHeadAttention<float>;
+template class SwitchHeadAttention<double>;
+
+}  // namespace kmoe::layers
