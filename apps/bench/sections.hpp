@@ -21,11 +21,13 @@ struct BenchSection {
 
 BenchTable bench_sigma_moe(const Options& options, int repeats);
 BenchTable bench_moeut(const Options& options, int repeats);
+BenchTable bench_soft_moe(const Options& options, int repeats);
 
 inline const std::vector<BenchSection>& bench_sections() {
   static const std::vector<BenchSection> sections = {
       {"sigma_moe", "--tokens --dmodel --experts --expert-size --k", bench_sigma_moe},
       {"moeut", "--batch --seq", bench_moeut},
+      {"soft_moe", "--batch --seq --dim --experts --slots", bench_soft_moe},
   };
   return sections;
 }

@@ -27,12 +27,18 @@ template <class T>
 void run_moeut(const Fixture& fixture, Report& report);
 template <class T>
 void run_moeut_lm(const Fixture& fixture, Report& report);
+template <class T>
+void run_soft_moe_lite(const Fixture& fixture, Report& report);
+template <class T>
+void run_soft_moe_lucidrains(const Fixture& fixture, Report& report);
 
 inline const std::vector<LayerRunner>& layer_runners() {
   static const std::vector<LayerRunner> runners = {
       {"sigma_moe", run_sigma_moe<float>, run_sigma_moe<double>},
       {"moeut", run_moeut<float>, run_moeut<double>},
       {"moeut_lm", run_moeut_lm<float>, run_moeut_lm<double>},
+      {"soft_moe_lite", run_soft_moe_lite<float>, run_soft_moe_lite<double>},
+      {"soft_moe_lucidrains", run_soft_moe_lucidrains<float>, run_soft_moe_lucidrains<double>},
   };
   return runners;
 }

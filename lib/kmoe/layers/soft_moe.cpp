@@ -1,0 +1,529 @@
+#include "kmoe/layers/soft_moe.hpp"
+
+#include <KokkosBlas1_axpby.hpp>
+#include <cmath>
+#include <limits>
+
+#include "kmoe/core/error.hpp"
+#include "kmoe/ops/gemm.hpp"
+#include "kmoe/ops/norms.hpp"
+#include "kmoe/ops/softmax.hpp"
+
+namespace kmoe::layers {
+
+const char* soft_moe_variant_name(SoftMoEVariant variant) {
+  return variant == SoftMoEVariant::lite ? "lite" : "lucidrains";
+}
+
+SoftMoEConfig SoftMoEConfig::lite(index_t d_model, int num_experts, index_t num_slots) {
+  SoftMoEConfig c;
+  c.variant = SoftMoEVariant::lite;
+  c.dim = d_model;
+  c.num_experts = num_experts;
+  c.num_slots = num_slots;
+  c.experts.dim = d_model;
+  c.experts.hidden = d_model;
+  c.experts.n_experts = num_experts;
+  c.experts.activation = ops::Activation::relu;
+  c.experts.hidden_layer_norm = true;
+  c.experts.init = ExpertInit::orthogonal_gain_001;
+  return c;
+}
+
+SoftMoEConfig SoftMoEConfig::lucidrains(index_t dim, const LucidrainsSoftMoEOptions& o) {
+  SoftMoEConfig c;
+  c.variant = SoftMoEVariant::lucidrains;
+  c.dim = dim;
+  c.num_experts = o.num_experts;
+  c.num_slots = o.num_slots;
+  c.seq_len = o.seq_len;
+  c.use_layernorm = o.use_layernorm;
+  c.experts.dim = dim;
+  // int(dim * mult) and int(dim * mult * 2 / 3) in Python's float arithmetic.
+  c.experts.hidden = static_cast<index_t>(o.geglu ? static_cast<double>(dim) * o.expert_mult * 2.0 / 3.0
+                                                  : static_cast<double>(dim) * o.expert_mult);
+  c.experts.n_experts = o.num_experts;
+  c.experts.activation = ops::Activation::gelu;
+  c.experts.glu = o.geglu;
+  c.experts.dropout = o.dropout;
+  c.experts.init = ExpertInit::torch_default;
+  return c;
+}
+
+index_t SoftMoEConfig::slots_per_expert() const {
+  return num_slots > 0 ? num_slots : (num_experts > 0 ? seq_len / num_experts : 0);
+}
+
+void SoftMoEConfig::validate() const {
+  const char* name = soft_moe_variant_name(variant);
+  require(dim >= 1, Status::invalid_argument, "SoftMoEConfig (", name, "): dim = ", dim, " must be at least 1");
+  require(num_experts >= 1, Status::invalid_argument, "SoftMoEConfig (", name, "): num_experts = ", num_experts,
+          " must be at least 1");
+  require(num_slots >= 0 && seq_len >= 0, Status::invalid_argument, "SoftMoEConfig (", name,
+          "): num_slots = ", num_slots, " and seq_len = ", seq_len, " must not be negative (0 means None)");
+  if (variant == SoftMoEVariant::lite) {
+    require(num_slots >= 1 && seq_len == 0, Status::invalid_argument,
+            "SoftMoEConfig (lite): needs num_slots ≥ 1 "
+            "and no seq_len, got num_slots = ",
+            num_slots, ", seq_len = ", seq_len);
+    require(!use_layernorm, Status::invalid_argument,
+            "SoftMoEConfig (lite): use_layernorm is a lucidrains option (lite normalises nothing)");
+  } else {
+    require((num_slots > 0) != (seq_len > 0), Status::invalid_argument,
+            "SoftMoEConfig (lucidrains): exactly one of seq_len and num_slots must be given, got seq_len = ", seq_len,
+            ", num_slots = ", num_slots, " (0 = None)");
+    require(slots_per_expert() >= 1, Status::invalid_argument, "SoftMoEConfig (lucidrains): seq_len = ", seq_len,
+            " // num_experts = ", num_experts, " gives no slots per expert");
+  }
+  require(std::isfinite(layer_norm_eps) && layer_norm_eps > 0, Status::invalid_argument, "SoftMoEConfig (", name,
+          "): layer_norm_eps = ", layer_norm_eps, " must be finite and positive");
+  require(std::isfinite(rms_norm_eps) && rms_norm_eps > 0, Status::invalid_argument, "SoftMoEConfig (", name,
+          "): rms_norm_eps = ", rms_norm_eps, " must be finite and positive");
+  require(experts.dim == dim && experts.n_experts == num_experts, Status::invalid_argument, "SoftMoEConfig (", name,
+          "): experts.dim = ", experts.dim, " and experts.n_experts = ", experts.n_experts, " must equal dim = ", dim,
+          " and num_experts = ", num_experts);
+  experts.validate();
+}
+
+template <class T>
+std::vector<Tensor<T>*> SoftMoEParams<T>::all() {
+  std::vector<Tensor<T>*> present;
+  for (Tensor<T>* t : {&phi, &slot_embeds, &norm_gamma, &slot_norm_gamma})
+    if (!t->empty()) present.push_back(t);
+  for (Tensor<T>* t : experts.all()) present.push_back(t);
+  return present;
+}
+
+namespace impl::soft_moe {
+
+using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
+using Range3 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<3>>;
+
+// One state_dict entry: the whole tensor (expert < 0), or one expert's slice of a stacked tensor
+// (a transposed [in, out] matrix for Linear weights, a row for vectors).
+template <class T>
+struct StateEntry {
+  std::string name;
+  Tensor<T> tensor;
+  int expert;
+  bool transposed;
+};
+
+template <class T>
+std::vector<StateEntry<T>> state_entries(const SoftMoEConfig& c, const SoftMoEParams<T>& p) {
+  std::vector<StateEntry<T>> entries;
+  const bool lite = c.variant == SoftMoEVariant::lite;
+  if (lite) {
+    entries.push_back({"phi", p.phi, -1, false});
+  } else {
+    entries.push_back({"norm.gamma", p.norm_gamma, -1, false});
+    entries.push_back({"slot_norm.gamma", p.slot_norm_gamma, -1, false});
+    entries.push_back({"slot_embeds", p.slot_embeds, -1, false});
+  }
+  // lite: Mlp's fcs.0 / layer_norms.0 / last_fc / last_ln; lucidrains: nn.Sequential indices 0 and 3
+  // (norm names there are kmoe's own: the reference has none).
+  const SlotExpertParams<T>& x = p.experts;
+  for (int e = 0; e < c.num_experts; ++e) {
+    const std::string prefix = (lite ? "experts." : "experts.experts.") + std::to_string(e) + ".";
+    const std::string first = lite ? "fcs.0" : "0", second = lite ? "last_fc" : "3";
+    const std::string hidden_norm = lite ? "layer_norms.0" : "hidden_norm",
+                      output_norm = lite ? "last_ln" : "output_norm";
+    entries.push_back({prefix + first + ".weight", x.w1, e, true});
+    entries.push_back({prefix + first + ".bias", x.b1, e, false});
+    if (c.experts.hidden_layer_norm) {
+      entries.push_back({prefix + hidden_norm + ".weight", x.hidden_norm_weight, e, false});
+      entries.push_back({prefix + hidden_norm + ".bias", x.hidden_norm_bias, e, false});
+    }
+    entries.push_back({prefix + second + ".weight", x.w2, e, true});
+    entries.push_back({prefix + second + ".bias", x.b2, e, false});
+    if (c.experts.output_layer_norm) {
+      entries.push_back({prefix + output_norm + ".weight", x.output_norm_weight, e, false});
+      entries.push_back({prefix + output_norm + ".bias", x.output_norm_bias, e, false});
+    }
+  }
+  return entries;
+}
+
+template <class T>
+Tensor<T> entry_value(const StateEntry<T>& entry) {
+  if (entry.expert < 0) return entry.tensor.clone(entry.name);
+  return entry.transposed ? expert_weight(entry.tensor, entry.expert) : expert_row(entry.tensor, entry.expert);
+}
+
+template <class T>
+std::vector<NamedTensor<T>> named_values(const SoftMoEConfig& c, const SoftMoEParams<T>& p) {
+  std::vector<NamedTensor<T>> named;
+  for (const StateEntry<T>& entry : state_entries(c, p)) named.push_back({entry.name, entry_value(entry)});
+  return named;
+}
+
+// out[i] = stddev · N(0, 1) draw i of the stream.
+template <class T>
+void fill_normal(const Tensor<T>& out, const RngStream& stream) {
+  const View1<T> values = out.flat();
+  Kokkos::parallel_for(
+      "kmoe::soft_moe::fill_normal", Kokkos::RangePolicy<ExecSpace>(0, out.size()),
+      KOKKOS_LAMBDA(const index_t i) { values(i) = stream.normal<T>(static_cast<std::uint64_t>(i)); });
+}
+
+// dst[b, c, a] = src[b, a, c]: images [B, dim, H·W] ↔ token rows [B, H·W, dim].
+template <class T>
+Tensor<T> swap_last_two(const Tensor<T>& src, const char* label) {
+  const index_t B = src.dim(0), A = src.dim(1), C = src.dim(2);
+  const auto dst = Tensor<T>::uninitialized(label, {B, C, A});
+  const View3<T> s = src.template view<3>(), d = dst.template view<3>();
+  Kokkos::parallel_for(
+      "kmoe::soft_moe::swap_last_two", Range3({0, 0, 0}, {B, C, A}),
+      KOKKOS_LAMBDA(const index_t b, const index_t c, const index_t a) { d(b, c, a) = s(b, a, c); });
+  return dst;
+}
+
+// The token rows [batch, tokens, dim] of an input of rank 2, 3 or 4 (lucidrains' reshapes).
+template <class T>
+Tensor<T> as_token_rows(const Tensor<T>& x, const char* label) {
+  if (x.rank() == 2) return x.reshape({x.dim(0), 1, x.dim(1)});
+  if (x.rank() == 3) return x;
+  return swap_last_two(x.reshape({x.dim(0), x.dim(1), x.dim(2) * x.dim(3)}), label);
+}
+
+// The inverse of as_token_rows: rows [batch, tokens, dim] back into `shape`.
+template <class T>
+Tensor<T> from_token_rows(const Tensor<T>& rows, const Shape& shape, const char* label) {
+  if (shape.rank() != 4) return rows.reshape(shape);
+  return swap_last_two(rows, label).reshape(shape);
+}
+
+// Per-batch GEMMs: c[b] = op(a[b]) · op(bm[b]) + beta · c[b], one after another, each threaded
+// inside ops::gemm (whose bits do not depend on the thread count).
+template <class T>
+void gemm_per_batch(bool transpose_a, bool transpose_b, const View3<const T>& a, const View3<const T>& bm, T beta,
+                    const View3<T>& c) {
+  for (int b = 0; b < static_cast<int>(a.extent(0)); ++b) {
+    ops::gemm<T>(transpose_a, transpose_b, T(1), Kokkos::subview(a, b, Kokkos::ALL, Kokkos::ALL),
+                 Kokkos::subview(bm, b, Kokkos::ALL, Kokkos::ALL), beta,
+                 Kokkos::subview(c, b, Kokkos::ALL, Kokkos::ALL));
+  }
+}
+
+// The token / slot-embedding norm (lucidrains): RMSNorm (F.normalize · √dim · γ) or LayerNorm (γ, β
+// buffer). stat_a, stat_b: the row statistics (scale; or mean, rstd).
+template <class T>
+Tensor<T> norm_forward(const SoftMoEConfig& c, const Tensor<T>& x, const Tensor<T>& gamma, const Tensor<T>& beta,
+                       Tensor<T>& stat_a, Tensor<T>& stat_b, const char* label) {
+  const index_t rows = x.dim(0);
+  const auto y = Tensor<T>::uninitialized(label, x.shape());
+  stat_a = Tensor<T>::uninitialized(label, {rows});
+  if (c.use_layernorm) {
+    stat_b = Tensor<T>::uninitialized(label, {rows});
+    ops::layer_norm_forward<T>(x.as_matrix(), gamma.flat(), beta.flat(), static_cast<T>(c.layer_norm_eps),
+                               y.as_matrix(), stat_a.flat(), stat_b.flat());
+  } else {
+    ops::rms_norm_forward<T>(ops::RmsNormMode::l2_normalize, x.as_matrix(), gamma.flat(),
+                             static_cast<T>(c.rms_norm_eps), y.as_matrix(), stat_a.flat());
+  }
+  return y;
+}
+
+// dx (new tensor) from dy; dgamma accumulated. β is a buffer: no gradient.
+template <class T>
+Tensor<T> norm_backward(const SoftMoEConfig& c, const Tensor<T>& x, const Tensor<T>& gamma, const Tensor<T>& stat_a,
+                        const Tensor<T>& stat_b, const Tensor<T>& dy, const Tensor<T>& dgamma, const char* label) {
+  const auto dx = Tensor<T>::uninitialized(label, x.shape());
+  if (c.use_layernorm) {
+    ops::layer_norm_backward<T>(x.as_matrix(), gamma.flat(), stat_a.flat(), stat_b.flat(), dy.as_matrix(),
+                                dx.as_matrix(), dgamma.flat(), View1<T>());
+  } else {
+    ops::rms_norm_backward<T>(ops::RmsNormMode::l2_normalize, x.as_matrix(), gamma.flat(),
+                              static_cast<T>(c.rms_norm_eps), stat_a.flat(), dy.as_matrix(), dx.as_matrix(),
+                              dgamma.flat());
+  }
+  return dx;
+}
+
+// logits[i] += mult · (−log(−log u_i)), with lucidrains' clamp of both logs' arguments at 1e-20.
+template <class T>
+void add_gumbel_noise(const Tensor<T>& logits, const RngStream& stream, T mult) {
+  const View1<T> l = logits.flat();
+  Kokkos::parallel_for(
+      "kmoe::soft_moe::gumbel_noise", Kokkos::RangePolicy<ExecSpace>(0, logits.size()), KOKKOS_LAMBDA(const index_t i) {
+        const T tiny = T(1e-20);
+        const T u = stream.uniform<T>(static_cast<std::uint64_t>(i));
+        const T inner = -Kokkos::Experimental::log(u > tiny ? u : tiny);
+        l(i) += mult * -Kokkos::Experimental::log(inner > tiny ? inner : tiny);
+      });
+}
+
+// rows(t, :) = value for every token t whose mask is 0.
+template <class T>
+void fill_masked_rows(const View2<T>& rows, const View1<const int>& mask, T value) {
+  Kokkos::parallel_for(
+      "kmoe::soft_moe::fill_masked_rows", Range2({0, 0}, {rows.extent(0), rows.extent(1)}),
+      KOKKOS_LAMBDA(const index_t t, const index_t z) {
+        if (mask(t) == 0) rows(t, z) = value;
+      });
+}
+
+// v, or 0 when |v| is below the smallest normal number. Softmax weights (and their logit
+// gradients) that small change no sum they enter by more than that bound times the other operand,
+// far below the rounding of the result; but x86 CPUs multiply denormal operands about 100x slower,
+// and with lucidrains' logits of size ±dim most dispatch weights over a long sequence underflow
+// into that range (the slot and combine GEMMs ran 10-20x slower with them).
+template <class T>
+KOKKOS_INLINE_FUNCTION T flush_denormal(T v, T smallest_normal) {
+  return (v < smallest_normal && v > -smallest_normal) ? T(0) : v;
+}
+
+template <class T>
+void flush_denormals(const Tensor<T>& a, const Tensor<T>& b) {
+  const View1<T> av = a.flat(), bv = b.flat();
+  const T smallest = std::numeric_limits<T>::min();
+  Kokkos::parallel_for(
+      "kmoe::soft_moe::flush_denormals", Kokkos::RangePolicy<ExecSpace>(0, a.size()), KOKKOS_LAMBDA(const index_t i) {
+        av(i) = flush_denormal(av(i), smallest);
+        bv(i) = flush_denormal(bv(i), smallest);
+      });
+}
+
+// dlogits = dcombine_logits + ddispatch_logits (denormals flushed), 0 where masked (masked_fill
+// passes no gradient).
+template <class T>
+void sum_logit_gradients(const View2<T>& dlogits, const View2<const T>& other, const View1<const int>& mask) {
+  const bool masked = mask.data() != nullptr;
+  const T smallest = std::numeric_limits<T>::min();
+  Kokkos::parallel_for(
+      "kmoe::soft_moe::logit_gradient", Range2({0, 0}, {dlogits.extent(0), dlogits.extent(1)}),
+      KOKKOS_LAMBDA(const index_t t, const index_t z) {
+        dlogits(t, z) = masked && mask(t) == 0 ? T(0) : flush_denormal(dlogits(t, z) + other(t, z), smallest);
+      });
+}
+
+template <class T>
+View3<T> per_batch(const Tensor<T>& t, index_t batch) {
+  return t.reshape({batch, t.size() / (batch * t.dim(t.rank() - 1)), t.dim(t.rank() - 1)}).template view<3>();
+}
+
+}  // namespace impl::soft_moe
+
+template <class T>
+SoftMoE<T>::SoftMoE(const SoftMoEConfig& config, std::uint64_t seed) : config_(config) {
+  config_.validate();
+  const index_t D = config_.dim, E = config_.num_experts, S = config_.slots_per_expert();
+  Generator generator(seed);
+  if (config_.variant == SoftMoEVariant::lite) {
+    params_.phi = Tensor<T>("soft_moe::phi", {D, E, S});
+    impl::soft_moe::fill_normal<T>(params_.phi, generator.take(static_cast<std::uint64_t>(params_.phi.size())));
+  } else {
+    params_.slot_embeds = Tensor<T>("soft_moe::slot_embeds", {E, S, D});
+    impl::soft_moe::fill_normal<T>(params_.slot_embeds,
+                                   generator.take(static_cast<std::uint64_t>(params_.slot_embeds.size())));
+    params_.norm_gamma = Tensor<T>("soft_moe::norm_gamma", {D});
+    params_.norm_gamma.fill(T(1));
+    params_.slot_norm_gamma = Tensor<T>("soft_moe::slot_norm_gamma", {D});
+    params_.slot_norm_gamma.fill(T(1));
+    if (config_.use_layernorm) {
+      norm_beta_ = Tensor<T>("soft_moe::norm_beta", {D});
+      slot_norm_beta_ = Tensor<T>("soft_moe::slot_norm_beta", {D});
+    }
+  }
+  params_.experts = init_slot_expert_params<T>(config_.experts, generator);
+  const auto zeros = [](const Tensor<T>& t) {
+    return t.empty() ? Tensor<T>() : Tensor<T>("grad::" + t.label(), t.shape());
+  };
+  grads_.phi = zeros(params_.phi);
+  grads_.slot_embeds = zeros(params_.slot_embeds);
+  grads_.norm_gamma = zeros(params_.norm_gamma);
+  grads_.slot_norm_gamma = zeros(params_.slot_norm_gamma);
+  grads_.experts = zeros_like(params_.experts);
+}
+
+template <class T>
+void SoftMoE<T>::zero_grad() {
+  for (Tensor<T>* grad : grads_.all()) grad->fill(T(0));
+}
+
+template <class T>
+std::vector<NamedTensor<T>> SoftMoE<T>::buffers() const {
+  if (norm_beta_.empty()) return {};
+  return {{"norm.beta", norm_beta_}, {"slot_norm.beta", slot_norm_beta_}};
+}
+
+template <class T>
+std::vector<NamedTensor<T>> SoftMoE<T>::state_dict() const {
+  return impl::soft_moe::named_values(config_, params_);
+}
+
+template <class T>
+std::vector<NamedTensor<T>> SoftMoE<T>::grad_state_dict() const {
+  return impl::soft_moe::named_values(config_, grads_);
+}
+
+template <class T>
+void SoftMoE<T>::load_state_dict(const std::vector<NamedTensor<T>>& values) {
+  const auto entries = impl::soft_moe::state_entries(config_, params_);
+  const auto buffer_entries = buffers();
+  for (const NamedTensor<T>& value : values) {
+    const std::string what = "SoftMoE::load_state_dict: '" + value.name + "'";
+    bool found = false;
+    for (const impl::soft_moe::StateEntry<T>& entry : entries) {
+      if (entry.name != value.name) continue;
+      found = true;
+      if (entry.expert < 0) {
+        value.tensor.require_shape(entry.tensor.shape(), what);
+        Kokkos::deep_copy(entry.tensor.flat(), value.tensor.flat());
+      } else if (entry.transposed) {
+        set_expert_weight(entry.tensor, entry.expert, value.tensor);
+      } else {
+        set_expert_row(entry.tensor, entry.expert, value.tensor);
+      }
+    }
+    for (const NamedTensor<T>& buffer : buffer_entries) {
+      if (buffer.name != value.name) continue;
+      found = true;
+      value.tensor.require_shape(buffer.tensor.shape(), what);
+      Kokkos::deep_copy(buffer.tensor.flat(), value.tensor.flat());
+    }
+    require(found, Status::invalid_argument, what, " is not a parameter or buffer of this ",
+            soft_moe_variant_name(config_.variant), " Soft MoE");
+  }
+}
+
+template <class T>
+SoftMoEForward<T> SoftMoE<T>::forward(const Tensor<T>& x, const Tensor<int>& mask, bool training, Generator& rng,
+                                      const SoftMoENoise& noise) const {
+  const SoftMoEConfig& c = config_;
+  const index_t D = c.dim, Z = c.total_slots();
+  const bool image = x.rank() == 4;
+  require((x.rank() == 2 || x.rank() == 3) ? x.dim(x.rank() - 1) == D : image && x.dim(1) == D, Status::shape_mismatch,
+          "SoftMoE::forward: x is ", x.shape().str(),
+          ", expected [batch, dim], [batch, tokens, dim] or [batch, dim, height, width] with dim = ", D);
+  require(x.size() > 0, Status::shape_mismatch, "SoftMoE::forward: x ", x.shape().str(), " has no tokens");
+  require_finite(x, "SoftMoE::forward: x");
+
+  SoftMoEForward<T> f;
+  f.training = training;
+  f.input_shape = x.shape();
+  const Tensor<T> rows = impl::soft_moe::as_token_rows(x, "soft_moe::x_tokens");
+  const index_t B = rows.dim(0), n = rows.dim(1), N = B * n;
+  f.batch = B;
+  f.tokens = n;
+  if (!mask.empty()) {
+    mask.require_shape({B, n}, "SoftMoE::forward: mask ([batch, tokens] of x " + x.shape().str() + ")");
+    f.mask = mask;
+  }
+  f.x_tokens = rows.reshape({N, D});
+
+  // Tokens and slot embeddings as the logits and slots use them.
+  if (c.normalizes()) {
+    f.tokens_normed = impl::soft_moe::norm_forward(c, f.x_tokens, params_.norm_gamma, norm_beta_, f.norm_stat_a,
+                                                   f.norm_stat_b, "soft_moe::x_normed");
+    f.slot_embeds_normed =
+        impl::soft_moe::norm_forward(c, params_.slot_embeds.reshape({Z, D}), params_.slot_norm_gamma, slot_norm_beta_,
+                                     f.slot_norm_stat_a, f.slot_norm_stat_b, "soft_moe::slot_embeds_normed");
+  } else {
+    f.tokens_normed = f.x_tokens;
+  }
+
+  // Logits [N, Z]: tokens · φ [dim, Z] (lite) or tokens · φ̂ᵀ (lucidrains), then noise and mask.
+  f.logits = Tensor<T>::uninitialized("soft_moe::logits", {B, n, Z});
+  const View2<T> logits = f.logits.reshape({N, Z}).as_matrix();
+  if (c.normalizes()) {
+    ops::gemm<T>(false, true, T(1), f.tokens_normed.as_matrix(), f.slot_embeds_normed.as_matrix(), T(0), logits);
+  } else {
+    ops::gemm<T>(false, false, T(1), f.tokens_normed.as_matrix(), params_.phi.reshape({D, Z}).as_matrix(), T(0),
+                 logits);
+  }
+  if (noise.add)
+    impl::soft_moe::add_gumbel_noise(f.logits, rng.take(static_cast<std::uint64_t>(f.logits.size())),
+                                     static_cast<T>(noise.mult));
+  if (!mask.empty()) impl::soft_moe::fill_masked_rows<T>(logits, mask.flat(), -std::numeric_limits<T>::max());
+
+  f.dispatch = Tensor<T>::uninitialized("soft_moe::dispatch", {B, n, Z});
+  ops::softmax_forward<T>(f.logits.template view<3>(), f.dispatch.template view<3>());
+  f.combine = Tensor<T>::uninitialized("soft_moe::combine", {B, n, Z});
+  ops::softmax_forward<T>(f.logits.reshape({N, Z, 1}).template view<3>(),
+                          f.combine.reshape({N, Z, 1}).template view<3>());
+  impl::soft_moe::flush_denormals(f.dispatch, f.combine);
+  if (!mask.empty() && c.masked_output == MaskedTokenOutput::zeros)
+    impl::soft_moe::fill_masked_rows<T>(f.combine.reshape({N, Z}).as_matrix(), mask.flat(), T(0));
+
+  // Slots [B, Z, dim] = dispatchᵀ · tokens per batch; the experts; y = combine · expert outputs.
+  f.slots = Tensor<T>::uninitialized("soft_moe::slots", {B * Z, D});
+  impl::soft_moe::gemm_per_batch<T>(true, false, f.dispatch.template view<3>(),
+                                    impl::soft_moe::per_batch(f.tokens_normed, B), T(0),
+                                    impl::soft_moe::per_batch(f.slots, B));
+  f.plan = slot_dispatch_plan(B, c.num_experts, c.slots_per_expert());
+  f.experts = slot_experts_forward<T>(c.experts, params_.experts, f.plan, f.slots, training, rng);
+  const auto y = Tensor<T>::uninitialized("soft_moe::y", {B, n, D});
+  impl::soft_moe::gemm_per_batch<T>(false, false, f.combine.template view<3>(),
+                                    impl::soft_moe::per_batch(f.experts.y, B), T(0), y.template view<3>());
+  f.y = impl::soft_moe::from_token_rows(y, x.shape(), "soft_moe::y_image");
+  return f;
+}
+
+template <class T>
+Tensor<T> SoftMoE<T>::backward(const SoftMoEForward<T>& f, const Tensor<T>& dy) {
+  const SoftMoEConfig& c = config_;
+  const index_t D = c.dim, Z = c.total_slots(), B = f.batch, n = f.tokens, N = B * n;
+  require(!f.y.empty(), Status::invalid_argument,
+          "SoftMoE::backward: the forward result is empty (default-constructed)");
+  require(
+      f.x_tokens.shape() == Shape{N, D} && f.logits.shape() == Shape{B, n, Z} && f.experts.y.shape() == Shape{B * Z, D},
+      Status::shape_mismatch, "SoftMoE::backward: the forward result (tokens ", f.x_tokens.shape().str(), ", logits ",
+      f.logits.shape().str(), ") does not come from a layer with dim = ", D, " and ", Z, " slots");
+  dy.require_shape(f.y.shape(), "SoftMoE::backward: dy");
+  const Tensor<T> dy_rows = impl::soft_moe::as_token_rows(dy, "soft_moe::dy_tokens");
+  const View1<const int> mask = f.mask.empty() ? View1<const int>() : View1<const int>(f.mask.flat());
+
+  // y = combine · expert outputs: dcombine = dy · outᵀ, dout = combineᵀ · dy.
+  const auto dcombine = Tensor<T>::uninitialized("soft_moe::dcombine", {B, n, Z});
+  impl::soft_moe::gemm_per_batch<T>(false, true, dy_rows.template view<3>(), impl::soft_moe::per_batch(f.experts.y, B),
+                                    T(0), dcombine.template view<3>());
+  const auto dexpert_out = Tensor<T>::uninitialized("soft_moe::dexpert_out", {B * Z, D});
+  impl::soft_moe::gemm_per_batch<T>(true, false, f.combine.template view<3>(), dy_rows.template view<3>(), T(0),
+                                    impl::soft_moe::per_batch(dexpert_out, B));
+  const Tensor<T> dslots =
+      slot_experts_backward<T>(c.experts, params_.experts, f.plan, f.experts, dexpert_out, grads_.experts);
+
+  // slots = dispatchᵀ · tokens: ddispatch = tokens · dslotsᵀ, dtokens = dispatch · dslots.
+  const auto ddispatch = Tensor<T>::uninitialized("soft_moe::ddispatch", {B, n, Z});
+  impl::soft_moe::gemm_per_batch<T>(false, true, impl::soft_moe::per_batch(f.tokens_normed, B),
+                                    impl::soft_moe::per_batch(dslots, B), T(0), ddispatch.template view<3>());
+  const auto dtokens = Tensor<T>::uninitialized("soft_moe::dtokens", {N, D});
+  impl::soft_moe::gemm_per_batch<T>(false, false, f.dispatch.template view<3>(), impl::soft_moe::per_batch(dslots, B),
+                                    T(0), impl::soft_moe::per_batch(dtokens, B));
+
+  // The two softmaxes back to the logits (both reuse the buffers of their upstream gradients).
+  const auto dlogits = Tensor<T>::uninitialized("soft_moe::dlogits", {B, n, Z});
+  ops::softmax_backward<T>(f.combine.reshape({N, Z, 1}).template view<3>(),
+                           dcombine.reshape({N, Z, 1}).template view<3>(),
+                           dlogits.reshape({N, Z, 1}).template view<3>());
+  ops::softmax_backward<T>(f.dispatch.template view<3>(), ddispatch.template view<3>(), dcombine.template view<3>());
+  const View2<T> dl = dlogits.reshape({N, Z}).as_matrix();
+  impl::soft_moe::sum_logit_gradients<T>(dl, dcombine.reshape({N, Z}).as_matrix(), mask);
+
+  // The logits' product: onto the tokens' gradient and the slot embeddings.
+  if (c.normalizes()) {
+    ops::gemm<T>(false, false, T(1), dl, f.slot_embeds_normed.as_matrix(), T(1), dtokens.as_matrix());
+    const auto dslot_normed = Tensor<T>::uninitialized("soft_moe::dslot_embeds_normed", {Z, D});
+    ops::gemm<T>(true, false, T(1), dl, f.tokens_normed.as_matrix(), T(0), dslot_normed.as_matrix());
+    const Tensor<T> dslot_embeds = impl::soft_moe::norm_backward(
+        c, params_.slot_embeds.reshape({Z, D}), params_.slot_norm_gamma, f.slot_norm_stat_a, f.slot_norm_stat_b,
+        dslot_normed, grads_.slot_norm_gamma, "soft_moe::dslot_embeds");
+    KokkosBlas::axpy(T(1), dslot_embeds.flat(), grads_.slot_embeds.flat());
+    const Tensor<T> dx_rows =
+        impl::soft_moe::norm_backward(c, f.x_tokens, params_.norm_gamma, f.norm_stat_a, f.norm_stat_b, dtokens,
+                                      grads_.norm_gamma, "soft_moe::dx_tokens");
+    return impl::soft_moe::from_token_rows(dx_rows.reshape({B, n, D}), f.input_shape, "soft_moe::dx_image");
+  }
+  const View2<T> phi = params_.phi.reshape({D, Z}).as_matrix();
+  ops::gemm<T>(false, true, T(1), dl, phi, T(1), dtokens.as_matrix());
+  ops::gemm<T>(true, false, T(1), f.tokens_normed.as_matrix(), dl, T(1), grads_.phi.reshape({D, Z}).as_matrix());
+  return impl::soft_moe::from_token_rows(dtokens.reshape({B, n, D}), f.input_shape, "soft_moe::dx_image");
+}
+
+template struct SoftMoEParams<float>;
+template struct SoftMoEParams<double>;
+template class SoftMoE<float>;
+template class SoftMoE<double>;
+
+}  // namespace kmoe::layers

@@ -1,0 +1,184 @@
+// Soft MoE (Puigcerver et al., arXiv 2308.00951) in its two public PyTorch forms (seeds-spec §4):
+//   lite:       zhaozijie2022/soft-moe SoftMoE(d_model, num_experts, num_slots): logits from the raw
+//               tokens and φ [dim, E, S]; slots mix the raw tokens; experts are the Mlp
+//               (Linear → LayerNorm → ReLU → Linear, orthogonal init with gain 0.01).
+//   lucidrains: lucidrains/soft-moe-pytorch SoftMoE(dim, seq_len | num_slots, num_experts, ...):
+//               tokens and slot embeddings [E, S, dim] are both RMSNorm-ed (F.normalize · √dim · γ)
+//               or LayerNorm-ed (γ, β = 0 buffer); slots mix the NORMALISED tokens; experts are
+//               GELU or GEGLU MLPs with dropout.
+// Both: logits L[b, n, (e, s)] = ⟨token, slot embedding⟩; dispatch = softmax over tokens n per
+// slot, combine = softmax over all E·S slots per token; slots = dispatchᵀ · tokens; the experts
+// run as one grouped computation over all slots (soft_moe_experts.hpp); y = combine · expert
+// outputs. Masked tokens' logits are set to −max(T) as both references do, so they get zero
+// dispatch weight and a uniform combine row (their output is the mean of all slot outputs) —
+// or, with MaskedTokenOutput::zeros, a zero output. A fully masked sequence stays finite: every
+// slot then averages all of its (masked) tokens, as in the references.
+// Dispatch and combine weights below the smallest normal number of T are flushed to 0: they
+// change no result by more than rounding, and x86 CPUs multiply denormals ~100x slower.
+// Backward: the input gradient (through the logits and the slot contents, and the norms) and
+// accumulated gradients of every parameter.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kmoe/core/random.hpp"
+#include "kmoe/core/tensor.hpp"
+#include "kmoe/layers/soft_moe_experts.hpp"
+#include "kmoe/moe/dispatch_plan.hpp"
+
+namespace kmoe::layers {
+
+enum class SoftMoEVariant { lite, lucidrains };
+const char* soft_moe_variant_name(SoftMoEVariant variant);
+
+enum class MaskedTokenOutput {
+  slot_mean,  // the references: a uniform combine row, i.e. the mean of all slot outputs
+  zeros,      // masked tokens output 0 (and pass no gradient back through the combine step)
+};
+
+// lucidrains' constructor keywords with its defaults (seq_len and num_slots: 0 means None).
+struct LucidrainsSoftMoEOptions {
+  index_t seq_len = 0;
+  int num_experts = 4;
+  index_t num_slots = 0;
+  double expert_mult = 4;
+  double dropout = 0.0;
+  bool geglu = false;
+  bool use_layernorm = false;
+};
+
+struct SoftMoEConfig {
+  SoftMoEVariant variant = SoftMoEVariant::lucidrains;
+  index_t dim = 0;  // d_model (lite) / dim (lucidrains)
+  int num_experts = 4;
+  index_t num_slots = 0;         // slots per expert; 0 = None (lucidrains then takes seq_len / num_experts)
+  index_t seq_len = 0;           // lucidrains only; 0 = None. Exactly one of num_slots and seq_len is given.
+  bool use_layernorm = false;    // lucidrains: LayerNorm instead of RMSNorm for tokens and slot embeddings
+  double layer_norm_eps = 1e-5;  // F.layer_norm's default
+  double rms_norm_eps = 1e-12;   // F.normalize's default
+  MaskedTokenOutput masked_output = MaskedTokenOutput::slot_mean;
+  // The experts; experts.dim and experts.n_experts must equal dim and num_experts.
+  SlotExpertConfig experts;
+
+  // zhaozijie2022/soft-moe as its code builds it: experts Mlp(d, d, [d]) = Linear → LayerNorm →
+  // ReLU → Linear, orthogonal init (gain 0.01). Its README's experts differ: set
+  // experts.output_layer_norm = true and experts.output_activation = relu for those.
+  static SoftMoEConfig lite(index_t d_model, int num_experts, index_t num_slots);
+  // lucidrains/soft-moe-pytorch: FeedForward (hidden int(dim · mult), GELU) or GLUFeedForward
+  // (hidden int(dim · mult · 2/3), GEGLU), dropout after the activation, PyTorch default init.
+  static SoftMoEConfig lucidrains(index_t dim, const LucidrainsSoftMoEOptions& options = {});
+
+  // S: num_slots, or seq_len / num_experts (integer division) when num_slots is None.
+  index_t slots_per_expert() const;
+  index_t total_slots() const { return slots_per_expert() * num_experts; }  // Z = E · S
+  bool normalizes() const { return variant == SoftMoEVariant::lucidrains; }
+  // Throws Status::invalid_argument naming the field: dim or num_experts < 1; both or neither of
+  // num_slots and seq_len (lucidrains) or a seq_len / no num_slots (lite); negative values;
+  // seq_len < num_experts (no slots); use_layernorm for lite; eps not finite or ≤ 0; an expert
+  // config that is invalid or disagrees with dim / num_experts.
+  void validate() const;
+};
+
+// Parameters (and, with the same shapes, their gradients). Tensors a variant does not have are
+// empty. The expert weights are stacked in the CVMM layout (soft_moe_experts.hpp); state_dict()
+// gives them in the references' per-expert torch layouts.
+template <class T>
+struct SoftMoEParams {
+  Tensor<T> phi;              // lite: [dim, E, S]
+  Tensor<T> slot_embeds;      // lucidrains: [E, S, dim]
+  Tensor<T> norm_gamma;       // lucidrains: [dim] (state_dict norm.gamma)
+  Tensor<T> slot_norm_gamma;  // lucidrains: [dim] (slot_norm.gamma)
+  SlotExpertParams<T> experts;
+
+  std::vector<Tensor<T>*> all();  // every non-empty tensor, in a fixed order
+};
+
+// A tensor under its name in the reference's state_dict ("experts.experts.0.0.weight").
+template <class T>
+struct NamedTensor {
+  std::string name;
+  Tensor<T> tensor;
+};
+
+// Forward options of lucidrains' forward(x, mask, add_noise, noise_mult): Gumbel noise
+// mult · (−log(−log u)) added to the logits before masking (no gradient flows into it).
+struct SoftMoENoise {
+  bool add = false;
+  double mult = 1.0;
+};
+
+// What forward returns: the output and everything backward needs (also the references' debug
+// intermediates).
+template <class T>
+struct SoftMoEForward {
+  Tensor<T> y;  // the shape of x
+  bool training = false;
+
+  // Saved for backward. N = batch · tokens, Z = E · S.
+  Shape input_shape;
+  index_t batch = 0, tokens = 0;
+  Tensor<int> mask;                    // [batch, tokens], nonzero = valid; empty when no mask was given
+  Tensor<T> x_tokens;                  // [N, dim] the input as token rows (images transposed)
+  Tensor<T> tokens_normed;             // [N, dim] what the logits and slots use (= x_tokens for lite)
+  Tensor<T> norm_stat_a, norm_stat_b;  // token norm statistics (mean, rstd / scale)
+  Tensor<T> slot_embeds_normed;        // [Z, dim] lucidrains (empty for lite)
+  Tensor<T> slot_norm_stat_a, slot_norm_stat_b;
+  Tensor<T> logits;    // [batch, tokens, Z], masked entries −max(T)
+  Tensor<T> dispatch;  // [batch, tokens, Z] softmax over tokens
+  Tensor<T> combine;   // [batch, tokens, Z] softmax over Z (zero rows for masked tokens with zeros)
+  Tensor<T> slots;     // [batch · Z, dim] expert inputs, row (b · E + e) · S + s
+  moe::DispatchPlan plan;
+  SlotExpertForward<T> experts;  // experts.y [batch · Z, dim]: the expert outputs
+};
+
+template <class T>
+class SoftMoE {
+ public:
+  // Parameters initialised as the reference: φ / slot_embeds ~ N(0, 1), norm γ = 1, β = 0,
+  // experts as config.experts.init; drawn from Generator(seed). Throws on an invalid config.
+  SoftMoE(const SoftMoEConfig& config, std::uint64_t seed);
+
+  const SoftMoEConfig& config() const { return config_; }
+  SoftMoEParams<T>& params() { return params_; }
+  const SoftMoEParams<T>& params() const { return params_; }
+  SoftMoEParams<T>& grads() { return grads_; }
+  void zero_grad();
+
+  // Non-trainable buffers: LayerNorm β of lucidrains' norm and slot_norm ([dim] zeros; empty with
+  // RMSNorm), as state_dict names "norm.beta" and "slot_norm.beta".
+  std::vector<NamedTensor<T>> buffers() const;
+  // The parameters (or their gradients) as the reference's state_dict: copies in its names and
+  // layouts (per-expert torch nn.Linear weights [out, in]).
+  std::vector<NamedTensor<T>> state_dict() const;
+  std::vector<NamedTensor<T>> grad_state_dict() const;
+  // Loads parameters or buffers by state_dict name (any subset); an unknown name or a shape other
+  // than state_dict()'s throws Status::invalid_argument / shape_mismatch.
+  void load_state_dict(const std::vector<NamedTensor<T>>& entries);
+
+  // x: [batch, dim] (one token each), [batch, tokens, dim] or [batch, dim, height, width]
+  // (tokens = height · width), as lucidrains accepts. mask: empty, or [batch, tokens] with
+  // nonzero = valid token. training enables expert dropout; dropout and noise draw from rng.
+  // Throws Status::shape_mismatch on a wrong shape, Status::non_finite on non-finite x.
+  SoftMoEForward<T> forward(const Tensor<T>& x, const Tensor<int>& mask, bool training, Generator& rng,
+                            const SoftMoENoise& noise = {}) const;
+  SoftMoEForward<T> forward(const Tensor<T>& x, bool training, Generator& rng) const {
+    return forward(x, Tensor<int>(), training, rng);
+  }
+
+  // dy: the shape of forward.y. Returns dx (the shape of x); accumulates every parameter gradient
+  // into grads().
+  Tensor<T> backward(const SoftMoEForward<T>& forward, const Tensor<T>& dy);
+
+ private:
+  SoftMoEConfig config_;
+  SoftMoEParams<T> params_;
+  SoftMoEParams<T> grads_;
+  Tensor<T> norm_beta_, slot_norm_beta_;
+};
+
+extern template class SoftMoE<float>;
+extern template class SoftMoE<double>;
+
+}  // namespace kmoe::layers
