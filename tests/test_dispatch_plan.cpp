@@ -1,7 +1,9 @@
 #include "kmoe/moe/dispatch_plan.hpp"
 #include "test_util.hpp"
 
+#include <algorithm>
 #include <numeric>
+#include <tuple>
 
 using namespace kmoe;
 using namespace kmoe::test;
@@ -83,4 +85,62 @@ TEST(DispatchPlan, BadIndicesAreErrors) {
   expect_status([&] { build(index, 20, 4, 8); }, Status::invalid_argument, op + "value -1 at element 46");
   expect_status([&] { build({0, 0}, 2, 1, 0); }, Status::invalid_argument, "n_experts");
   expect_status([&] { build({}, 2, 0, 3); }, Status::invalid_argument, "k must be at least 1");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plans with dropped pairs (expert −1: ST-MoE's choices that were not routed or found no slot).
+
+TEST(DispatchPlan, DroppedPairsSortLastAndBelongToNoExpert) {
+  for (const auto& [tokens, k, experts, seed] : {std::tuple<index_t, int, int, std::uint64_t>{37, 3, 5, 7},
+                                                 {1000, 2, 16, 8}, {9, 1, 4, 9}, {13, 4, 1, 10}}) {
+    auto index = random_experts(tokens, k, -1, experts - 1, seed);  // about 1 in experts + 1 dropped
+    const auto t = Tensor<int>::from_host("expert_index", {tokens, k}, index);
+    const auto plan = moe::DispatchPlan::build_with_drops(t.as_matrix(), experts);
+    const auto label = ::testing::Message() << "tokens " << tokens << " k " << k << " experts " << experts;
+    EXPECT_EQ(plan.n_pairs(), tokens * k) << label;
+    EXPECT_EQ(host_ints(plan.expert_of_pair()), index) << label;
+    // Stable by expert, dropped pairs (−1) last.
+    const auto key = [&](int p) { return index[p] < 0 ? experts : index[p]; };
+    std::vector<int> sorted(index.size());
+    std::iota(sorted.begin(), sorted.end(), 0);
+    std::stable_sort(sorted.begin(), sorted.end(), [&](int a, int b) { return key(a) < key(b); });
+    EXPECT_EQ(host_ints(plan.sorted_pair()), sorted) << label;
+    std::vector<int> position(index.size());
+    for (std::size_t s = 0; s < sorted.size(); ++s) position[sorted[s]] = static_cast<int>(s);
+    EXPECT_EQ(host_ints(plan.pair_position()), position) << label;
+    std::vector<int> offsets(experts + 1, 0);
+    for (int e : index)
+      if (e >= 0) ++offsets[e + 1];
+    std::partial_sum(offsets.begin(), offsets.end(), offsets.begin());
+    EXPECT_EQ(plan.expert_offsets_host(), offsets) << label;
+    EXPECT_EQ(host_ints(plan.expert_offsets()), offsets) << label;
+    EXPECT_EQ(plan.n_routed_pairs(), offsets.back()) << label;
+    EXPECT_LT(plan.n_routed_pairs(), plan.n_pairs()) << label;
+  }
+}
+
+TEST(DispatchPlan, WithoutDropsBuildWithDropsEqualsBuild) {
+  const auto index = random_experts(41, 3, 0, 6, 11);
+  const auto t = Tensor<int>::from_host("expert_index", {41, 3}, index);
+  const auto a = moe::DispatchPlan::build(t.as_matrix(), 7), b = moe::DispatchPlan::build_with_drops(t.as_matrix(), 7);
+  EXPECT_EQ(host_ints(a.sorted_pair()), host_ints(b.sorted_pair()));
+  EXPECT_EQ(a.expert_offsets_host(), b.expert_offsets_host());
+  EXPECT_EQ(a.n_routed_pairs(), a.n_pairs());
+  // Everything dropped: no expert has rows.
+  const auto none = Tensor<int>::from_host("expert_index", {5, 2}, std::vector<int>(10, -1));
+  const auto empty = moe::DispatchPlan::build_with_drops(none.as_matrix(), 3);
+  EXPECT_EQ(empty.n_routed_pairs(), 0);
+  EXPECT_EQ(empty.expert_offsets_host(), (std::vector<int>{0, 0, 0, 0}));
+}
+
+TEST(DispatchPlan, BadIndicesWithDropsAreErrors) {
+  auto index = random_experts(20, 4, -1, 7, 12);
+  index[4 * 11 + 2] = 8;
+  const auto build_drops = [&] {
+    const auto t = Tensor<int>::from_host("expert_index", {20, 4}, index);
+    moe::DispatchPlan::build_with_drops(t.as_matrix(), 8);
+  };
+  expect_status(build_drops, Status::invalid_argument, "value 8 at element 46 is outside [-1, 8)");
+  index[46] = -2;
+  expect_status(build_drops, Status::invalid_argument, "value -2 at element 46");
 }

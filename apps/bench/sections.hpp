@@ -22,12 +22,14 @@ struct BenchSection {
 BenchTable bench_sigma_moe(const Options& options, int repeats);
 BenchTable bench_moeut(const Options& options, int repeats);
 BenchTable bench_soft_moe(const Options& options, int repeats);
+BenchTable bench_st_moe(const Options& options, int repeats);
 
 inline const std::vector<BenchSection>& bench_sections() {
   static const std::vector<BenchSection> sections = {
       {"sigma_moe", "--tokens --dmodel --experts --expert-size --k", bench_sigma_moe},
       {"moeut", "--batch --seq", bench_moeut},
       {"soft_moe", "--batch --seq --dim --experts --slots", bench_soft_moe},
+      {"st_moe", "--batch --seq --dim --experts --top-n", bench_st_moe},
   };
   return sections;
 }

@@ -32,6 +32,9 @@ void run_soft_moe_lite(const Fixture& fixture, Report& report);
 template <class T>
 void run_soft_moe_lucidrains(const Fixture& fixture, Report& report);
 
+template <class T>
+void run_st_moe(const Fixture& fixture, Report& report);  // st_moe.cpp: the st-moe-pytorch layers below
+
 inline const std::vector<LayerRunner>& layer_runners() {
   static const std::vector<LayerRunner> runners = {
       {"sigma_moe", run_sigma_moe<float>, run_sigma_moe<double>},
@@ -39,6 +42,11 @@ inline const std::vector<LayerRunner>& layer_runners() {
       {"moeut_lm", run_moeut_lm<float>, run_moeut_lm<double>},
       {"soft_moe_lite", run_soft_moe_lite<float>, run_soft_moe_lite<double>},
       {"soft_moe_lucidrains", run_soft_moe_lucidrains<float>, run_soft_moe_lucidrains<double>},
+      {"st_moe", run_st_moe<float>, run_st_moe<double>},
+      {"st_moe_block", run_st_moe<float>, run_st_moe<double>},
+      {"st_moe_v0014", run_st_moe<float>, run_st_moe<double>},
+      {"hier_moe_v0014", run_st_moe<float>, run_st_moe<double>},
+      {"st_moe_block_v0014", run_st_moe<float>, run_st_moe<double>},
   };
   return runners;
 }

@@ -4,6 +4,13 @@
 // lists the pairs grouped by expert so each expert's rows are contiguous. Every sparse layer
 // builds one from its top-k indices; expert compute (CVMM, GEGLU experts) runs per expert group,
 // and the combine step maps results back to pairs. Pair ids are p = token · k + slot.
+//
+// Capacity-limited routers (ST-MoE) also have dropped pairs: choices that were not routed or did
+// not fit an expert's capacity. build_with_drops marks them with expert −1; they belong to no
+// expert and sort after every expert's group, at positions [n_routed_pairs(), n_pairs()), so
+// per-expert work never sees them. With such a plan, keep per-pair matrices in sorted order
+// (CVMM's PairRows::sorted with one x row per pair) and touch only the routed prefix: CVMM's
+// pair-order and per-token paths visit every pair, and would read unspecified rows for dropped ones.
 #pragma once
 
 #include "kmoe/core/config.hpp"
@@ -16,15 +23,23 @@ class DispatchPlan {
  public:
   // expert_index [tokens, k], values in [0, n_experts); otherwise Status::invalid_argument.
   static DispatchPlan build(const View2<const int>& expert_index, int n_experts);
+  // As build, but expert_index may also hold −1 (a dropped pair); any other value outside
+  // [−1, n_experts) throws Status::invalid_argument naming the element.
+  static DispatchPlan build_with_drops(const View2<const int>& expert_index, int n_experts);
 
   int n_tokens() const { return n_tokens_; }
   int k() const { return k_; }
   int n_experts() const { return n_experts_; }
   index_t n_pairs() const { return static_cast<index_t>(n_tokens_) * k_; }
 
-  // [pairs] expert of pair p (the flattened expert_index).
+  // Pairs that some expert computes (all pairs unless built with drops): sorted positions
+  // [0, n_routed_pairs()) = [expert_offsets[0], expert_offsets[n_experts]).
+  index_t n_routed_pairs() const { return expert_offsets_host_.empty() ? 0 : expert_offsets_host_.back(); }
+
+  // [pairs] expert of pair p (the flattened expert_index; −1 for a dropped pair).
   const View1<int>& expert_of_pair() const { return expert_of_pair_; }
-  // [pairs] pair ids grouped by expert, ascending pair id within an expert (stable).
+  // [pairs] pair ids grouped by expert, ascending pair id within an expert (stable); dropped
+  // pairs last, also in ascending pair id.
   const View1<int>& sorted_pair() const { return sorted_pair_; }
   // [pairs] position of pair p in sorted_pair (the inverse permutation).
   const View1<int>& pair_position() const { return pair_position_; }
@@ -35,6 +50,8 @@ class DispatchPlan {
   int expert_rows(int expert) const { return expert_offsets_host_[expert + 1] - expert_offsets_host_[expert]; }
 
  private:
+  static DispatchPlan build_impl(const View2<const int>& expert_index, int n_experts, bool allow_drops);
+
   int n_tokens_ = 0;
   int k_ = 0;
   int n_experts_ = 0;

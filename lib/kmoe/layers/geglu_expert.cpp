@@ -1,0 +1,276 @@
+#include "kmoe/layers/geglu_expert.hpp"
+
+#include "kmoe/core/error.hpp"
+#include "kmoe/moe/cvmm.hpp"
+#include "kmoe/ops/glu.hpp"
+#include "kmoe/ops/linear.hpp"
+#include "kmoe/ops/norms.hpp"
+
+#include <cmath>
+#include <string>
+
+namespace kmoe::layers {
+
+index_t geglu_hidden_size(index_t dim, double hidden_mult) {
+  // Python's int(dim * hidden_mult * 2 / 3): left to right in doubles, truncated.
+  const double width = static_cast<double>(dim) * hidden_mult * 2.0 / 3.0;
+  require(std::isfinite(width) && width >= 1, Status::invalid_argument, "GEGLU expert: dim = ", dim,
+          ", hidden_mult = ", hidden_mult, " give a hidden size int(dim · hidden_mult · 2/3) below 1");
+  return static_cast<index_t>(width);
+}
+
+namespace geglu_impl {
+
+using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
+constexpr double rms_norm_eps = 1e-12;  // F.normalize's eps
+
+// out[i] = U(−bound, bound), draw i of the stream.
+template <class T>
+void fill_uniform(const View1<T>& out, const RngStream& stream, T bound) {
+  Kokkos::parallel_for(
+      "kmoe::geglu::fill_uniform", Kokkos::RangePolicy<ExecSpace>(0, out.extent(0)), KOKKOS_LAMBDA(const index_t i) {
+        out(i) = bound * (T(2) * stream.uniform<T>(static_cast<std::uint64_t>(i)) - T(1));
+      });
+}
+
+template <class T>
+void fill_uniform(const View1<T>& out, Generator& rng, double bound) {
+  fill_uniform<T>(out, rng.take(out.extent(0)), static_cast<T>(bound));
+}
+
+// rows(s, :) += bias(row_expert(s), :) for the routed rows s.
+template <class T>
+void add_expert_bias(const View2<T>& rows, const View2<const T>& bias, const View1<const int>& row_expert) {
+  Kokkos::parallel_for(
+      "kmoe::geglu::add_expert_bias",
+      Range2({0, 0}, {static_cast<index_t>(row_expert.extent(0)), static_cast<index_t>(rows.extent(1))}),
+      KOKKOS_LAMBDA(const index_t s, const index_t c) { rows(s, c) += bias(row_expert(s), c); });
+}
+
+// sums(e, c) += Σ_{rows s of expert e} rows(s, c), rows in order (one thread per (e, c): reproducible).
+template <class T>
+void accumulate_expert_column_sums(const moe::DispatchPlan& plan, const View2<const T>& rows, const View2<T>& sums) {
+  const View1<int> offsets = plan.expert_offsets();
+  Kokkos::parallel_for(
+      "kmoe::geglu::expert_column_sums",
+      Range2({0, 0}, {static_cast<index_t>(sums.extent(0)), static_cast<index_t>(sums.extent(1))}),
+      KOKKOS_LAMBDA(const index_t e, const index_t c) {
+        T sum = 0;
+        for (index_t s = offsets(e); s < offsets(e + 1); ++s) sum += rows(s, c);
+        sums(e, c) += sum;
+      });
+}
+
+inline Tensor<int> row_experts(const moe::DispatchPlan& plan) {
+  const auto experts = Tensor<int>::uninitialized("geglu::row_expert", {plan.n_routed_pairs()});
+  const View1<int> out = experts.flat(), sorted_pair = plan.sorted_pair(), expert_of_pair = plan.expert_of_pair();
+  Kokkos::parallel_for(
+      "kmoe::geglu::row_experts", Kokkos::RangePolicy<ExecSpace>(0, plan.n_routed_pairs()),
+      KOKKOS_LAMBDA(const index_t s) { out(s) = expert_of_pair(sorted_pair(s)); });
+  return experts;
+}
+
+template <class T>
+View1<T> expert_row(const Tensor<T>& stacked, int e) {
+  const index_t width = stacked.dim(1);
+  return View1<T>(stacked.data() + e * width, width);
+}
+
+}  // namespace geglu_impl
+
+// ---- GegluExpert ----
+
+template <class T>
+GegluExpert<T>::GegluExpert(index_t dim, double hidden_mult, bool prenorm, std::uint64_t seed)
+    : dim_(dim), hidden_(0), prenorm_(prenorm) {
+  require(dim >= 1, Status::invalid_argument, "GegluExpert: dim = ", dim, " must be at least 1");
+  hidden_ = geglu_hidden_size(dim, hidden_mult);
+  const index_t h = hidden_;
+  const auto make = [&](const char* name, const Shape& shape) { return Tensor<T>(std::string("geglu::") + name, shape); };
+  for (GegluExpertParams<T>* p : {&params_, &grads_}) {
+    p->gamma = prenorm ? make("gamma", {dim}) : Tensor<T>();
+    p->w_in = make("w_in", {2 * h, dim});
+    p->b_in = make("b_in", {2 * h});
+    p->mult_bias = make("mult_bias", {h});
+    p->w_out = make("w_out", {dim, h});
+    p->b_out = make("b_out", {dim});
+  }
+  if (prenorm) params_.gamma.fill(T(1));
+  params_.mult_bias.fill(T(1));
+  // The original's order: net Linear 1 (weight, bias), Linear 2 (weight, bias); bound out_features^−½.
+  Generator rng(seed);
+  const double bound_in = 1.0 / std::sqrt(static_cast<double>(2 * h)), bound_out = 1.0 / std::sqrt(static_cast<double>(dim));
+  geglu_impl::fill_uniform<T>(params_.w_in.flat(), rng, bound_in);
+  geglu_impl::fill_uniform<T>(params_.b_in.flat(), rng, bound_in);
+  geglu_impl::fill_uniform<T>(params_.w_out.flat(), rng, bound_out);
+  geglu_impl::fill_uniform<T>(params_.b_out.flat(), rng, bound_out);
+}
+
+template <class T>
+void GegluExpert<T>::zero_grad() {
+  for (Tensor<T>* g : {&grads_.gamma, &grads_.w_in, &grads_.b_in, &grads_.mult_bias, &grads_.w_out, &grads_.b_out})
+    if (!g->empty()) g->fill(T(0));
+}
+
+template <class T>
+GegluExpertForward<T> GegluExpert<T>::forward(const Tensor<T>& x) const {
+  require(x.rank() == 2 && x.dim(1) == dim_, Status::shape_mismatch, "GegluExpert::forward: x is ", x.shape().str(),
+          ", expected [rows, dim = ", dim_, "]");
+  const index_t rows = x.dim(0), h = hidden_;
+  GegluExpertForward<T> f;
+  f.x = x;
+  Tensor<T> in = x;
+  if (prenorm_) {
+    f.normed = Tensor<T>::uninitialized("geglu::normed", {rows, dim_});
+    f.scale = Tensor<T>::uninitialized("geglu::scale", {rows});
+    ops::rms_norm_forward<T>(ops::RmsNormMode::l2_normalize, x.as_matrix(), params_.gamma.flat(),
+                             static_cast<T>(geglu_impl::rms_norm_eps), f.normed.as_matrix(), f.scale.flat());
+    in = f.normed;
+  }
+  f.pre = Tensor<T>::uninitialized("geglu::pre", {rows, 2 * h});
+  ops::linear_forward<T>(in.as_matrix(), params_.w_in.as_matrix(), params_.b_in.flat(), f.pre.as_matrix());
+  f.hidden = Tensor<T>::uninitialized("geglu::hidden", {rows, h});
+  ops::glu_forward<T>(ops::Activation::gelu, f.pre.as_matrix(), params_.mult_bias.flat(), f.hidden.as_matrix());
+  f.y = Tensor<T>::uninitialized("geglu::y", {rows, dim_});
+  ops::linear_forward<T>(f.hidden.as_matrix(), params_.w_out.as_matrix(), params_.b_out.flat(), f.y.as_matrix());
+  return f;
+}
+
+template <class T>
+Tensor<T> GegluExpert<T>::backward(const GegluExpertForward<T>& f, const Tensor<T>& dy) {
+  require(!f.y.empty(), Status::invalid_argument, "GegluExpert::backward: the forward result is empty");
+  dy.require_shape(f.y.shape(), "GegluExpert::backward: dy");
+  const index_t rows = f.x.dim(0), h = hidden_;
+  const auto dhidden = Tensor<T>::uninitialized("geglu::dhidden", {rows, h});
+  ops::linear_backward<T>(f.hidden.as_matrix(), params_.w_out.as_matrix(), dy.as_matrix(), dhidden.as_matrix(),
+                          grads_.w_out.as_matrix(), grads_.b_out.flat());
+  const auto dpre = Tensor<T>::uninitialized("geglu::dpre", {rows, 2 * h});
+  ops::glu_backward<T>(ops::Activation::gelu, f.pre.as_matrix(), params_.mult_bias.flat(), dhidden.as_matrix(),
+                       dpre.as_matrix(), grads_.mult_bias.flat());
+  const Tensor<T>& in = prenorm_ ? f.normed : f.x;
+  const auto din = Tensor<T>::uninitialized("geglu::din", {rows, dim_});
+  ops::linear_backward<T>(in.as_matrix(), params_.w_in.as_matrix(), dpre.as_matrix(), din.as_matrix(),
+                          grads_.w_in.as_matrix(), grads_.b_in.flat());
+  if (!prenorm_) return din;
+  const auto dx = Tensor<T>::uninitialized("geglu::dx", {rows, dim_});
+  ops::rms_norm_backward<T>(ops::RmsNormMode::l2_normalize, f.x.as_matrix(), params_.gamma.flat(),
+                            static_cast<T>(geglu_impl::rms_norm_eps), f.scale.flat(), din.as_matrix(), dx.as_matrix(),
+                            grads_.gamma.flat());
+  return dx;
+}
+
+// ---- stacked experts ----
+
+template <class T>
+GegluExpertsParams<T> make_geglu_experts(int experts, index_t dim, index_t hidden, Generator& rng, bool zeros) {
+  require(experts >= 1 && dim >= 1 && hidden >= 1, Status::invalid_argument, "make_geglu_experts: experts = ",
+          experts, ", dim = ", dim, ", hidden = ", hidden, " must all be at least 1");
+  const index_t E = experts, h = hidden;
+  GegluExpertsParams<T> p{Tensor<T>("experts::w_in", {E, dim, 2 * h}), Tensor<T>("experts::b_in", {E, 2 * h}),
+                          Tensor<T>("experts::mult_bias", {E, h}), Tensor<T>("experts::w_out", {E, h, dim}),
+                          Tensor<T>("experts::b_out", {E, dim})};
+  if (zeros) return p;
+  p.mult_bias.fill(T(1));
+  const double bound_in = 1.0 / std::sqrt(static_cast<double>(2 * h)), bound_out = 1.0 / std::sqrt(static_cast<double>(dim));
+  for (int e = 0; e < experts; ++e) {
+    // Expert by expert in the original's module order; the weights' draw order within a matrix
+    // is kmoe's own (the stored layout is the transpose of PyTorch's).
+    const auto slice = [&](const Tensor<T>& t) {
+      const index_t width = t.size() / E;
+      return View1<T>(t.data() + e * width, width);
+    };
+    geglu_impl::fill_uniform<T>(slice(p.w_in), rng, bound_in);
+    geglu_impl::fill_uniform<T>(slice(p.b_in), rng, bound_in);
+    geglu_impl::fill_uniform<T>(slice(p.w_out), rng, bound_out);
+    geglu_impl::fill_uniform<T>(slice(p.b_out), rng, bound_out);
+  }
+  return p;
+}
+
+namespace geglu_impl {
+
+template <class T>
+void require_experts_args(const char* op, const GegluExpertsParams<T>& params, const moe::DispatchPlan& plan,
+                          const Tensor<T>& a, const char* a_name, const Tensor<T>& b, const char* b_name) {
+  const index_t E = params.w_in.dim(0), dim = params.w_in.dim(1);
+  require(plan.n_experts() == E, Status::shape_mismatch, op, ": the plan has ", plan.n_experts(),
+          " experts, the parameters ", E);
+  require(plan.k() >= 2, Status::invalid_argument, op, ": the plan has k = ", plan.k(),
+          "; per-pair rows need k >= 2 (pad with dropped pairs)");
+  a.require_shape({plan.n_pairs(), dim}, std::string(op) + ": " + a_name);
+  b.require_shape({plan.n_pairs(), dim}, std::string(op) + ": " + b_name);
+}
+
+}  // namespace geglu_impl
+
+template <class T>
+GegluExpertsSaved<T> geglu_experts_forward(const GegluExpertsParams<T>& params, const moe::DispatchPlan& plan,
+                                           const Tensor<T>& x_sorted, const Tensor<T>& y_sorted) {
+  geglu_impl::require_experts_args("geglu_experts_forward", params, plan, x_sorted, "x_sorted", y_sorted, "y_sorted");
+  const index_t pairs = plan.n_pairs(), h = params.mult_bias.dim(1);
+  GegluExpertsSaved<T> saved;
+  saved.row_expert = geglu_impl::row_experts(plan);
+  saved.pre = Tensor<T>::uninitialized("experts::pre", {pairs, 2 * h});
+  moe::cvmm_forward<T>(plan, x_sorted.as_matrix(), params.w_in.template view<3>(), saved.pre.as_matrix(),
+                       moe::PairRows::sorted);
+  geglu_impl::add_expert_bias<T>(saved.pre.as_matrix(), params.b_in.as_matrix(), saved.row_expert.flat());
+  saved.hidden = Tensor<T>::uninitialized("experts::hidden", {pairs, h});
+  const auto& offsets = plan.expert_offsets_host();
+  for (int e = 0; e < plan.n_experts(); ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;
+    const auto rows = Kokkos::make_pair(offsets[e], offsets[e + 1]);
+    ops::glu_forward<T>(ops::Activation::gelu, Kokkos::subview(saved.pre.as_matrix(), rows, Kokkos::ALL),
+                        geglu_impl::expert_row(params.mult_bias, e),
+                        Kokkos::subview(saved.hidden.as_matrix(), rows, Kokkos::ALL));
+  }
+  moe::cvmm_forward<T>(plan, saved.hidden.as_matrix(), params.w_out.template view<3>(), y_sorted.as_matrix(),
+                       moe::PairRows::sorted);
+  geglu_impl::add_expert_bias<T>(y_sorted.as_matrix(), params.b_out.as_matrix(), saved.row_expert.flat());
+  return saved;
+}
+
+template <class T>
+void geglu_experts_backward(const GegluExpertsParams<T>& params, GegluExpertsParams<T>& grads,
+                            const moe::DispatchPlan& plan, const Tensor<T>& x_sorted,
+                            const GegluExpertsSaved<T>& saved, const Tensor<T>& dy_sorted,
+                            const Tensor<T>& dx_sorted) {
+  const char* op = "geglu_experts_backward";
+  geglu_impl::require_experts_args(op, params, plan, dy_sorted, "dy_sorted", dx_sorted, "dx_sorted");
+  x_sorted.require_shape(dy_sorted.shape(), std::string(op) + ": x_sorted");
+  const index_t pairs = plan.n_pairs(), h = params.mult_bias.dim(1);
+  require(!saved.hidden.empty() && saved.hidden.dim(0) == pairs, Status::shape_mismatch, op,
+          ": the saved activations do not come from this plan");
+  geglu_impl::accumulate_expert_column_sums<T>(plan, dy_sorted.as_matrix(), grads.b_out.as_matrix());
+  const auto dhidden = Tensor<T>::uninitialized("experts::dhidden", {pairs, h});
+  moe::cvmm_backward<T>(plan, saved.hidden.as_matrix(), params.w_out.template view<3>(), dy_sorted.as_matrix(),
+                        dhidden.as_matrix(), grads.w_out.template view<3>(), moe::PairRows::sorted);
+  const auto dpre = Tensor<T>::uninitialized("experts::dpre", {pairs, 2 * h});
+  const auto& offsets = plan.expert_offsets_host();
+  for (int e = 0; e < plan.n_experts(); ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;
+    const auto rows = Kokkos::make_pair(offsets[e], offsets[e + 1]);
+    ops::glu_backward<T>(ops::Activation::gelu, Kokkos::subview(saved.pre.as_matrix(), rows, Kokkos::ALL),
+                         geglu_impl::expert_row(params.mult_bias, e),
+                         Kokkos::subview(dhidden.as_matrix(), rows, Kokkos::ALL),
+                         Kokkos::subview(dpre.as_matrix(), rows, Kokkos::ALL), geglu_impl::expert_row(grads.mult_bias, e));
+  }
+  geglu_impl::accumulate_expert_column_sums<T>(plan, dpre.as_matrix(), grads.b_in.as_matrix());
+  moe::cvmm_backward<T>(plan, x_sorted.as_matrix(), params.w_in.template view<3>(), dpre.as_matrix(),
+                        dx_sorted.as_matrix(), grads.w_in.template view<3>(), moe::PairRows::sorted);
+}
+
+template class GegluExpert<float>;
+template class GegluExpert<double>;
+
+#define KMOE_INSTANTIATE(T)                                                                                        \
+  template GegluExpertsParams<T> make_geglu_experts<T>(int, index_t, index_t, Generator&, bool);                  \
+  template GegluExpertsSaved<T> geglu_experts_forward<T>(const GegluExpertsParams<T>&, const moe::DispatchPlan&, \
+                                                         const Tensor<T>&, const Tensor<T>&);                     \
+  template void geglu_experts_backward<T>(const GegluExpertsParams<T>&, GegluExpertsParams<T>&,                   \
+                                          const moe::DispatchPlan&, const Tensor<T>&, const GegluExpertsSaved<T>&, \
+                                          const Tensor<T>&, const Tensor<T>&);
+KMOE_INSTANTIATE(float)
+KMOE_INSTANTIATE(double)
+#undef KMOE_INSTANTIATE
+
+}  // namespace kmoe::layers

@@ -1,0 +1,484 @@
+#include "kmoe/layers/st_moe.hpp"
+
+#include "kmoe/core/error.hpp"
+#include "kmoe/ops/gemm.hpp"
+#include "kmoe/ops/impl/team_reduce.hpp"
+#include "kmoe/ops/linear.hpp"
+#include "kmoe/ops/topk.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+namespace kmoe::layers {
+
+// ---- configuration ----
+
+index_t StMoEConfig::expert_hidden() const { return geglu_hidden_size(dim, expert_hidden_mult); }
+
+namespace st_moe_impl {
+
+// τ of choices 1 … top_n − 1 from one value or one per choice (the original's cast_tuple).
+inline std::vector<double> thresholds_per_choice(const std::vector<double>& given, int top_n) {
+  if (top_n <= 1) return {};
+  if (given.size() == 1) return std::vector<double>(top_n - 1, given[0]);
+  return given;
+}
+
+inline void require_thresholds(const char* field, const std::vector<double>& given, int top_n) {
+  require(given.size() == 1 || static_cast<int>(given.size()) == top_n - 1 || (top_n == 1 && given.empty()),
+          Status::invalid_argument, "StMoEConfig: ", field, " has ", given.size(),
+          " values, expected one or gating_top_n - 1 = ", top_n - 1);
+  for (std::size_t i = 0; i < given.size(); ++i) {
+    require(std::isfinite(given[i]) && given[i] > 0, Status::invalid_argument, "StMoEConfig: ", field, "[", i,
+            "] = ", given[i], " must be finite and positive");
+  }
+}
+
+}  // namespace st_moe_impl
+
+moe::TopNGatingOptions StMoEConfig::gating_options(bool training, bool inner) const {
+  moe::TopNGatingOptions options;
+  options.num_gates = inner ? num_experts_inner : num_experts;
+  options.top_n = gating_top_n;
+  options.thresholds = st_moe_impl::thresholds_per_choice(training ? threshold_train : threshold_eval, gating_top_n);
+  options.capacity_factor = training ? capacity_factor_train : capacity_factor_eval;
+  options.balance_density = balance_density;
+  options.normalisation = gate_normalisation;
+  options.compute_losses = training;
+  return options;
+}
+
+void StMoEConfig::validate() const {
+  const char* op = "StMoEConfig";
+  require(dim >= 1, Status::invalid_argument, op, ": dim = ", dim, " must be at least 1");
+  require(num_experts >= 1, Status::invalid_argument, op, ": num_experts = ", num_experts, " must be at least 1");
+  require(num_experts_inner >= 0, Status::invalid_argument, op, ": num_experts_inner = ", num_experts_inner,
+          " must not be negative (0: no hierarchy)");
+  const int routed = std::min(num_experts, hierarchical() ? num_experts_inner : num_experts);
+  require(gating_top_n >= 1 && gating_top_n <= routed && gating_top_n <= ops::topk_max_k, Status::invalid_argument,
+          op, ": gating_top_n = ", gating_top_n, " must lie in [1, min(experts per gate = ", routed, ", ",
+          ops::topk_max_k, ")]");
+  require(!hierarchical() || gating_top_n == 2, Status::invalid_argument, op, ": gating_top_n = ", gating_top_n,
+          ", but the hierarchical MoE gates are top-2");
+  st_moe_impl::require_thresholds("threshold_train", threshold_train, gating_top_n);
+  st_moe_impl::require_thresholds("threshold_eval", threshold_eval, gating_top_n);
+  for (const auto& [field, value] : {std::pair<const char*, double>{"capacity_factor_train", capacity_factor_train},
+                                     {"capacity_factor_eval", capacity_factor_eval}}) {
+    require(std::isfinite(value) && value >= 0, Status::invalid_argument, op, ": ", field, " = ", value,
+            " must be finite and not negative");
+  }
+  for (const auto& [field, value] : {std::pair<const char*, double>{"balance_loss_coef", balance_loss_coef},
+                                     {"router_z_loss_coef", router_z_loss_coef}}) {
+    require(std::isfinite(value), Status::invalid_argument, op, ": ", field, " = ", value, " must be finite");
+  }
+  require(std::isfinite(expert_hidden_mult) && expert_hidden_mult > 0, Status::invalid_argument, op,
+          ": expert_hidden_mult = ", expert_hidden_mult, " must be finite and positive");
+  expert_hidden();  // throws when the hidden size is below 1
+}
+
+StMoEConfig StMoEV0014Config::to_config() const {
+  StMoEConfig c;
+  c.dim = dim;
+  c.num_experts = num_experts;
+  c.num_experts_inner = num_experts_inner;
+  c.expert_hidden_mult = expert_hidden_mult;
+  c.threshold_train = {second_threshold_train};
+  c.threshold_eval = {second_threshold_eval};
+  c.capacity_factor_train = capacity_factor_train;
+  c.capacity_factor_eval = capacity_factor_eval;
+  c.gating_top_n = 2;
+  c.balance_loss_coef = loss_coef;
+  c.router_z_loss_coef = router_z_loss_coef;
+  c.straight_through_dispatch_tensor = !detached_dispatch_tensor;
+  c.balance_density = moe::BalanceDensity::before_capacity;
+  c.gate_normalisation = moe::GateNormalisation::sum_plus_eps;
+  c.router_init = RouterInit::standard_normal;
+  return c;
+}
+
+namespace st_moe_impl {
+
+using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
+using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
+
+// The routing levels all move rows through one index structure: rows(t, j) is the row, in the
+// next stage's matrix, of token t's kept choice j (−1: not kept). Every such row belongs to exactly
+// one (t, j), so the scatters below write each row once (no accumulation).
+
+// out(rows(t, j), :) = x(t, :).
+template <class T>
+void dispatch_rows(const View2<const T>& x, const View2<const int>& rows, const View2<T>& out) {
+  const int k = static_cast<int>(rows.extent(1)), D = static_cast<int>(x.extent(1));
+  Kokkos::parallel_for(
+      "kmoe::st_moe::dispatch_rows", Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(rows.extent(0) * k), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Member& team) {
+        const index_t t = team.league_rank() / k;
+        const int row = rows(t, team.league_rank() % k);
+        if (row < 0) return;
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, D), [&](const int c) { out(row, c) = x(t, c); });
+      });
+}
+
+// out(t, :) = Σ_j gate(t, j) · src(rows(t, j), :), kept choices in order.
+template <class T>
+void combine_rows(const View2<const T>& gate, const View2<const int>& rows, const View2<const T>& src,
+                  const View2<T>& out) {
+  const int k = static_cast<int>(rows.extent(1));
+  Kokkos::parallel_for(
+      "kmoe::st_moe::combine_rows",
+      Range2({0, 0}, {static_cast<index_t>(out.extent(0)), static_cast<index_t>(out.extent(1))}),
+      KOKKOS_LAMBDA(const index_t t, const index_t c) {
+        T sum = 0;
+        for (int j = 0; j < k; ++j) {
+          const int row = rows(t, j);
+          if (row >= 0) sum += gate(t, j) * src(row, c);
+        }
+        out(t, c) = sum;
+      });
+}
+
+// dsrc(rows(t, j), :) = gate(t, j) · dout(t, :): the combine's gradient with respect to its rows.
+template <class T>
+void scatter_row_gradients(const View2<const T>& gate, const View2<const int>& rows, const View2<const T>& dout,
+                           const View2<T>& dsrc) {
+  const int k = static_cast<int>(rows.extent(1)), D = static_cast<int>(dout.extent(1));
+  Kokkos::parallel_for(
+      "kmoe::st_moe::scatter_row_gradients",
+      Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(rows.extent(0) * k), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Member& team) {
+        const index_t t = team.league_rank() / k;
+        const int j = team.league_rank() % k;
+        const int row = rows(t, j);
+        if (row < 0) return;
+        const T g = gate(t, j);
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, D), [&](const int c) { dsrc(row, c) = g * dout(t, c); });
+      });
+}
+
+// The rest of a level's backward, once the gradient of the dispatched rows (drows) is known:
+//   dgate(t, j) = ⟨dout(t), src(row)⟩ [+ ⟨drows(row), x(t)⟩ with the straight-through dispatch],
+//   dx(t) = Σ_j drows(row(t, j)) (overwritten).
+template <class T>
+void level_backward(const View2<const int>& rows, const View2<const T>& dout, const View2<const T>& src,
+                    const View2<const T>& drows, const View2<const T>& x, bool straight_through,
+                    const View2<T>& dgate, const View2<T>& dx) {
+  const int k = static_cast<int>(rows.extent(1)), D = static_cast<int>(x.extent(1));
+  Kokkos::parallel_for(
+      "kmoe::st_moe::level_backward", Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(rows.extent(0)), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Member& team) {
+        const index_t t = team.league_rank();
+        for (int j = 0; j < k; ++j) {
+          const int row = rows(t, j);  // the same for the whole team
+          T d = 0;
+          if (row >= 0) {
+            d = ops::impl::team_sum<T>(team, D, [&](const int c) {
+              const T through_combine = dout(t, c) * src(row, c);
+              return straight_through ? through_combine + drows(row, c) * x(t, c) : through_combine;
+            });
+          }
+          Kokkos::single(Kokkos::PerTeam(team), [&]() { dgate(t, j) = d; });
+        }
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, D), [&](const int c) {
+          T sum = 0;
+          for (int j = 0; j < k; ++j) {
+            const int row = rows(t, j);
+            if (row >= 0) sum += drows(row, c);
+          }
+          dx(t, c) = sum;
+        });
+      });
+}
+
+// [rows, k_plan] experts of the kept choices for a DispatchPlan: expert_index + (row / rows_per_block)
+// · experts_per_block (the inner gates' experts are numbered group by group), −1 for choices not
+// kept and for the padding columns j ≥ k.
+inline Tensor<int> plan_index(const Tensor<int>& expert_index, int k_plan, index_t rows_per_block,
+                              int experts_per_block) {
+  const index_t R = expert_index.dim(0);
+  const int k = static_cast<int>(expert_index.dim(1));
+  const auto index = Tensor<int>::uninitialized("st_moe::plan_index", {R, k_plan});
+  const View2<int> in = expert_index.as_matrix(), out = index.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::st_moe::plan_index", Range2({0, 0}, {R, static_cast<index_t>(k_plan)}),
+      KOKKOS_LAMBDA(const index_t r, const index_t j) {
+        const int e = j < k ? in(r, j) : -1;
+        out(r, j) = e < 0 ? -1 : e + static_cast<int>(r / rows_per_block) * experts_per_block;
+      });
+  return index;
+}
+
+// rows(t, j) = the plan's sorted position of pair t · k_plan + j, −1 for a dropped pair.
+inline Tensor<int> pair_rows(const moe::DispatchPlan& plan, int k) {
+  const index_t R = plan.n_tokens();
+  const int k_plan = plan.k();
+  const auto rows = Tensor<int>::uninitialized("st_moe::pair_rows", {R, k});
+  const View2<int> out = rows.as_matrix();
+  const View1<int> expert_of_pair = plan.expert_of_pair(), pair_position = plan.pair_position();
+  Kokkos::parallel_for(
+      "kmoe::st_moe::pair_rows", Range2({0, 0}, {R, static_cast<index_t>(k)}),
+      KOKKOS_LAMBDA(const index_t r, const index_t j) {
+        const index_t p = r * k_plan + j;
+        out(r, j) = expert_of_pair(p) < 0 ? -1 : pair_position(p);
+      });
+  return rows;
+}
+
+// rows(t, j) = slot (o · batch + b) · capacity + position of token t's kept outer choice j.
+template <class T>
+Tensor<int> slot_rows(const moe::TopNRouting<T>& routing, index_t batch) {
+  const index_t tokens = routing.expert_index.dim(0), n = routing.group_size, C = routing.capacity;
+  const int k = static_cast<int>(routing.expert_index.dim(1));
+  const auto rows = Tensor<int>::uninitialized("st_moe::slot_rows", {tokens, k});
+  const View2<int> out = rows.as_matrix(), expert = routing.expert_index.as_matrix(),
+                   position = routing.position.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::st_moe::slot_rows", Range2({0, 0}, {tokens, static_cast<index_t>(k)}),
+      KOKKOS_LAMBDA(const index_t t, const index_t j) {
+        const int o = expert(t, j);
+        out(t, j) = o < 0 ? -1 : static_cast<int>((o * batch + t / n) * C + position(t, j));
+      });
+  return rows;
+}
+
+// The inner gate's importance of each slot: 0.5 · ([g > 0.5] + [g > 0]) with g the outer gate of
+// the token in the slot (0 for an empty slot), as the original reduces its combine tensor.
+template <class T>
+Tensor<T> slot_importance(const moe::TopNRouting<T>& routing, const Tensor<int>& rows, index_t slots) {
+  const Tensor<T> importance("st_moe::importance", {slots});
+  const View1<T> out = importance.flat();
+  const View2<int> r = rows.as_matrix();
+  const View2<T> gate = routing.gate.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::st_moe::slot_importance", Range2({0, 0}, {rows.dim(0), rows.dim(1)}),
+      KOKKOS_LAMBDA(const index_t t, const index_t j) {
+        const int row = r(t, j);
+        if (row < 0) return;
+        const T g = gate(t, j);
+        out(row) = T(0.5) * ((g > T(0.5) ? T(1) : T(0)) + (g > T(0) ? T(1) : T(0)));
+      });
+  return importance;
+}
+
+// The [rows, cols] block b of a matrix viewed as consecutive blocks of `rows` rows.
+template <class T>
+View2<T> row_block(const Tensor<T>& matrix, index_t block, index_t rows) {
+  return View2<T>(matrix.data() + block * rows * matrix.dim(1), rows, matrix.dim(1));
+}
+
+// values = stddev · N(0, 1), or U(±bound) when uniform.
+template <class T>
+void fill_random(const Tensor<T>& t, const RngStream& stream, bool uniform, T scale) {
+  const View1<T> values = t.flat();
+  Kokkos::parallel_for(
+      "kmoe::st_moe::fill_random", Kokkos::RangePolicy<ExecSpace>(0, t.size()), KOKKOS_LAMBDA(const index_t i) {
+        const auto counter = static_cast<std::uint64_t>(i);
+        values(i) = uniform ? scale * (T(2) * stream.uniform<T>(counter) - T(1)) : scale * stream.normal<T>(counter);
+      });
+}
+
+}  // namespace st_moe_impl
+
+// ---- the layer ----
+
+template <class T>
+StMoE<T>::StMoE(const StMoEConfig& config, std::uint64_t seed) : config_(config) {
+  config_.validate();
+  const index_t D = config_.dim, E = config_.num_experts, I = config_.num_experts_inner;
+  Generator rng(seed);
+  const bool uniform = config_.router_init == RouterInit::linear_default;
+  const T scale = uniform ? static_cast<T>(1.0 / std::sqrt(static_cast<double>(D))) : T(1);
+  for (StMoEParams<T>* p : {&params_, &grads_}) {
+    p->router = Tensor<T>("st_moe::router", {E, D});
+    p->router_inner = config_.hierarchical() ? Tensor<T>("st_moe::router_inner", {E, I, D}) : Tensor<T>();
+  }
+  // The original's order: gate(s) first, then the experts.
+  st_moe_impl::fill_random<T>(params_.router, rng.take(params_.router.size()), uniform, scale);
+  if (config_.hierarchical()) {
+    st_moe_impl::fill_random<T>(params_.router_inner, rng.take(params_.router_inner.size()), uniform, scale);
+  }
+  params_.experts = make_geglu_experts<T>(config_.total_experts(), D, config_.expert_hidden(), rng);
+  grads_.experts = make_geglu_experts<T>(config_.total_experts(), D, config_.expert_hidden(), rng, true);
+}
+
+template <class T>
+void StMoE<T>::zero_grad() {
+  GegluExpertsParams<T>& e = grads_.experts;
+  for (Tensor<T>* g : {&grads_.router, &grads_.router_inner, &e.w_in, &e.b_in, &e.mult_bias, &e.w_out, &e.b_out})
+    if (!g->empty()) g->fill(T(0));
+}
+
+namespace st_moe_impl {
+
+// The experts' stage of a forward: the plan over the level's kept choices, their rows gathered
+// from `inputs` in sorted order, the experts run. rows_per_block / experts_per_block number the
+// inner gates' experts group by group (flat: one block).
+template <class T>
+void run_experts(const StMoEParams<T>& params, int total_experts, const Tensor<T>& inputs, index_t rows_per_block,
+                 int experts_per_block, StMoERoutingLevel<T>& level, StMoEForward<T>& f) {
+  const int k = static_cast<int>(level.routing.expert_index.dim(1));
+  // At least two slots per row, so CVMM never reads a per-pair matrix as a per-token one (k = 1).
+  const int k_plan = std::max(k, 2);
+  const Tensor<int> index = plan_index(level.routing.expert_index, k_plan, rows_per_block, experts_per_block);
+  f.plan = moe::DispatchPlan::build_with_drops(index.as_matrix(), total_experts);
+  level.rows = pair_rows(f.plan, k);
+  const index_t D = inputs.dim(1), pairs = f.plan.n_pairs();
+  f.expert_input = Tensor<T>::uninitialized("st_moe::expert_input", {pairs, D});
+  dispatch_rows<T>(inputs.as_matrix(), level.rows.as_matrix(), f.expert_input.as_matrix());
+  f.expert_output = Tensor<T>::uninitialized("st_moe::expert_output", {pairs, D});
+  f.experts = geglu_experts_forward(params.experts, f.plan, f.expert_input, f.expert_output);
+}
+
+// The experts' stage of a backward: from the gradient of the level's combined rows (dcombined
+// [R, dim]) to the level's gate gradient and the gradient of its inputs (both overwritten).
+template <class T>
+void experts_backward(const StMoEParams<T>& params, StMoEParams<T>& grads, bool straight_through,
+                      const StMoEForward<T>& f, const StMoERoutingLevel<T>& level, const Tensor<T>& inputs,
+                      const Tensor<T>& dcombined, const Tensor<T>& dgate, const Tensor<T>& dinputs) {
+  const index_t pairs = f.plan.n_pairs(), D = inputs.dim(1);
+  const auto dy = Tensor<T>::uninitialized("st_moe::dexpert_output", {pairs, D});
+  scatter_row_gradients<T>(level.routing.gate.as_matrix(), level.rows.as_matrix(), dcombined.as_matrix(),
+                           dy.as_matrix());
+  const auto dx = Tensor<T>::uninitialized("st_moe::dexpert_input", {pairs, D});
+  geglu_experts_backward(params.experts, grads.experts, f.plan, f.expert_input, f.experts, dy, dx);
+  level_backward<T>(level.rows.as_matrix(), dcombined.as_matrix(), f.expert_output.as_matrix(), dx.as_matrix(),
+                    inputs.as_matrix(), straight_through, dgate.as_matrix(), dinputs.as_matrix());
+}
+
+template <class T>
+Tensor<T> injected_uniforms(const Tensor<T>& given, const Shape& expected, const char* what) {
+  if (given.empty()) return given;
+  given.require_shape(expected, std::string("StMoE::forward: ") + what);
+  return given.reshape({expected[0], expected.size() / expected[0]});
+}
+
+}  // namespace st_moe_impl
+
+template <class T>
+StMoEForward<T> StMoE<T>::forward(const Tensor<T>& x, bool training, Generator& rng, const StMoECall<T>& call) const {
+  const StMoEConfig& c = config_;
+  const index_t D = c.dim, E = c.num_experts;
+  require(x.rank() == 3 && x.dim(2) == D && x.dim(0) >= 1 && x.dim(1) >= 1, Status::shape_mismatch,
+          "StMoE::forward: x is ", x.shape().str(), ", expected [batch >= 1, n >= 1, dim = ", D, "]");
+  require_finite(x, "StMoE::forward: x");
+  require(!call.noise_gates || !c.hierarchical(), Status::invalid_argument,
+          "StMoE::forward: noise_gates is not available with the hierarchical MoE (v0.0.14 has no gate noise)");
+  require(std::isfinite(call.noise_mult), Status::invalid_argument, "StMoE::forward: noise_mult = ", call.noise_mult,
+          " is not finite");
+  const index_t B = x.dim(0), n = x.dim(1), tokens = B * n;
+  const int k = c.gating_top_n;
+
+  StMoEForward<T> f;
+  f.training = training;
+  f.x = x.reshape({tokens, D});
+
+  // The (outer) gate over the tokens, one routing group per batch row.
+  const moe::TopNGatingOptions options = c.gating_options(training);
+  const auto logits = Tensor<T>::uninitialized("st_moe::logits", {B, n, E});
+  ops::linear_forward<T>(f.x.as_matrix(), params_.router.as_matrix(), View1<const T>(),
+                         logits.reshape({tokens, E}).as_matrix());
+  const Tensor<T> noise = call.noise_gates ? moe::gumbel_noise<T>(logits.shape(), rng.take(tokens * E),
+                                                                  static_cast<T>(call.noise_mult))
+                                           : Tensor<T>();
+  const Tensor<T> uniform = st_moe_impl::injected_uniforms(call.route_uniform, {k, B, n}, "route_uniform");
+  f.gate.routing = moe::top_n_gating_forward<T>(options, logits, noise, Tensor<T>(), uniform, rng.take(k * tokens));
+
+  const auto out = Tensor<T>::uninitialized("st_moe::out", {tokens, D});
+  if (!c.hierarchical()) {
+    st_moe_impl::run_experts(params_, c.total_experts(), f.x, tokens, 0, f.gate, f);
+    st_moe_impl::combine_rows<T>(f.gate.routing.gate.as_matrix(), f.gate.rows.as_matrix(), f.expert_output.as_matrix(),
+                          out.as_matrix());
+  } else {
+    // Outer slots [groups, batch, C_outer] hold the tokens routed there (empty slots: zeros).
+    const index_t I = c.num_experts_inner, C = f.gate.routing.capacity, slots = E * B * C, block = B * C;
+    f.gate.rows = st_moe_impl::slot_rows(f.gate.routing, B);
+    f.slot_input = Tensor<T>("st_moe::slot_input", {slots, D});
+    st_moe_impl::dispatch_rows<T>(f.x.as_matrix(), f.gate.rows.as_matrix(), f.slot_input.as_matrix());
+    const Tensor<T> importance = st_moe_impl::slot_importance(f.gate.routing, f.gate.rows, slots);
+    // Inner logits: each group's slots through its own router.
+    const auto inner_logits = Tensor<T>::uninitialized("st_moe::inner_logits", {E * B, C, I});
+    const auto inner_logit_rows = inner_logits.reshape({slots, I});
+    for (index_t o = 0; o < E; ++o) {
+      ops::gemm<T>(false, true, T(1), st_moe_impl::row_block(f.slot_input, o, block),
+                   st_moe_impl::row_block(params_.router_inner.reshape({E * I, D}), o, I), T(0),
+                   st_moe_impl::row_block(inner_logit_rows, o, block));
+    }
+    const Tensor<T> inner_uniform =
+        st_moe_impl::injected_uniforms(call.route_uniform_inner, {2, E, B, C}, "route_uniform_inner");
+    f.gate_inner.routing = moe::top_n_gating_forward<T>(c.gating_options(training, true), inner_logits, Tensor<T>(),
+                                                        importance.reshape({E * B, C}), inner_uniform,
+                                                        rng.take(2 * slots));
+    st_moe_impl::run_experts(params_, c.total_experts(), f.slot_input, block, static_cast<int>(I), f.gate_inner, f);
+    f.slot_output = Tensor<T>::uninitialized("st_moe::slot_output", {slots, D});
+    st_moe_impl::combine_rows<T>(f.gate_inner.routing.gate.as_matrix(), f.gate_inner.rows.as_matrix(),
+                          f.expert_output.as_matrix(), f.slot_output.as_matrix());
+    st_moe_impl::combine_rows<T>(f.gate.routing.gate.as_matrix(), f.gate.rows.as_matrix(), f.slot_output.as_matrix(),
+                          out.as_matrix());
+  }
+  f.out = out.reshape(x.shape());
+
+  f.balance_loss = f.gate.routing.balance_loss + (c.hierarchical() ? f.gate_inner.routing.balance_loss : T(0));
+  f.router_z_loss = f.gate.routing.router_z_loss + (c.hierarchical() ? f.gate_inner.routing.router_z_loss : T(0));
+  f.total_aux_loss = static_cast<T>(c.balance_loss_coef) * f.balance_loss +
+                     static_cast<T>(c.router_z_loss_coef) * f.router_z_loss;
+  return f;
+}
+
+template <class T>
+Tensor<T> StMoE<T>::backward(const StMoEForward<T>& f, const Tensor<T>& dout, T aux_weight) {
+  const StMoEConfig& c = config_;
+  const char* op = "StMoE::backward";
+  require(!f.out.empty() && !f.expert_output.empty(), Status::invalid_argument, op,
+          ": the forward result is empty (default-constructed)");
+  const index_t D = c.dim, E = c.num_experts, tokens = f.x.dim(0);
+  require(f.x.dim(1) == D && f.gate.routing.probs.dim(1) == E && f.plan.n_experts() == c.total_experts() &&
+              f.gate_inner.routing.gate.empty() != c.hierarchical(),
+          Status::shape_mismatch, op, ": the forward result (x ", f.x.shape().str(), ", router probabilities ",
+          f.gate.routing.probs.shape().str(), ") does not come from a layer with dim = ", D, ", num_experts = ", E,
+          c.hierarchical() ? " (hierarchical)" : "");
+  dout.require_shape(f.out.shape(), std::string(op) + ": dout");
+  const Tensor<T> dout_rows = dout.reshape({tokens, D});
+  const T balance_coef = aux_weight * static_cast<T>(c.balance_loss_coef);
+  const T z_coef = aux_weight * static_cast<T>(c.router_z_loss_coef);
+  const bool st = c.straight_through_dispatch_tensor;
+
+  const int k = c.gating_top_n;
+  const auto dgate = Tensor<T>::uninitialized("st_moe::dgate", {tokens, k});
+  const auto dx = Tensor<T>::uninitialized("st_moe::dx", {tokens, D});
+  if (!c.hierarchical()) {
+    st_moe_impl::experts_backward(params_, grads_, st, f, f.gate, f.x, dout_rows, dgate, dx);
+  } else {
+    const index_t I = c.num_experts_inner, slots = f.slot_input.dim(0), block = slots / E;
+    // Outer combine → slot outputs; inner level → slot inputs.
+    const Tensor<T> dslot_output("st_moe::dslot_output", {slots, D});
+    st_moe_impl::scatter_row_gradients<T>(f.gate.routing.gate.as_matrix(), f.gate.rows.as_matrix(), dout_rows.as_matrix(),
+                                   dslot_output.as_matrix());
+    const auto dgate_inner = Tensor<T>::uninitialized("st_moe::dgate_inner", {slots, 2});
+    const auto dslot_input = Tensor<T>::uninitialized("st_moe::dslot_input", {slots, D});
+    st_moe_impl::experts_backward(params_, grads_, st, f, f.gate_inner, f.slot_input, dslot_output, dgate_inner,
+                           dslot_input);
+    const Tensor<T> dlogits_inner = moe::top_n_gating_backward<T>(
+        c.gating_options(f.training, true), f.gate_inner.routing, dgate_inner, balance_coef, z_coef);
+    const Tensor<T> router_inner = params_.router_inner.reshape({E * I, D});
+    const Tensor<T> drouter_inner = grads_.router_inner.reshape({E * I, D});
+    for (index_t o = 0; o < E; ++o) {
+      const View2<T> dl = st_moe_impl::row_block(dlogits_inner, o, block), xs = st_moe_impl::row_block(f.slot_input, o, block);
+      ops::gemm<T>(false, false, T(1), dl, st_moe_impl::row_block(router_inner, o, I), T(1),
+                   st_moe_impl::row_block(dslot_input, o, block));
+      ops::gemm<T>(true, false, T(1), dl, xs, T(1), st_moe_impl::row_block(drouter_inner, o, I));
+    }
+    st_moe_impl::level_backward<T>(f.gate.rows.as_matrix(), dout_rows.as_matrix(), f.slot_output.as_matrix(),
+                            dslot_input.as_matrix(), f.x.as_matrix(), st, dgate.as_matrix(), dx.as_matrix());
+  }
+  // The (outer) router: logits = x · routerᵀ.
+  const Tensor<T> dlogits =
+      moe::top_n_gating_backward<T>(c.gating_options(f.training), f.gate.routing, dgate, balance_coef, z_coef);
+  ops::gemm<T>(false, false, T(1), dlogits.as_matrix(), params_.router.as_matrix(), T(1), dx.as_matrix());
+  ops::gemm<T>(true, false, T(1), dlogits.as_matrix(), f.x.as_matrix(), T(1), grads_.router.as_matrix());
+  return dx.reshape(f.out.shape());
+}
+
+template class StMoE<float>;
+template class StMoE<double>;
+
+}  // namespace kmoe::layers

@@ -1,0 +1,347 @@
+#include "kmoe/moe/top_n_gating.hpp"
+
+#include "kmoe/core/error.hpp"
+#include "kmoe/ops/softmax.hpp"
+#include "kmoe/ops/topk.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace kmoe::moe {
+
+void TopNGatingOptions::validate() const {
+  const char* op = "TopNGatingOptions";
+  require(num_gates >= 1, Status::invalid_argument, op, ": num_gates = ", num_gates, " must be at least 1");
+  require(top_n >= 1 && top_n <= num_gates && top_n <= ops::topk_max_k, Status::invalid_argument, op,
+          ": top_n = ", top_n, " must lie in [1, min(num_gates = ", num_gates, ", ", ops::topk_max_k, ")]");
+  require(static_cast<int>(thresholds.size()) == top_n - 1, Status::invalid_argument, op, ": thresholds has ",
+          thresholds.size(), " values, expected top_n - 1 = ", top_n - 1);
+  for (std::size_t i = 0; i < thresholds.size(); ++i) {
+    require(std::isfinite(thresholds[i]) && thresholds[i] > 0, Status::invalid_argument, op, ": thresholds[", i,
+            "] = ", thresholds[i], " must be finite and positive");
+  }
+  require(std::isfinite(capacity_factor) && capacity_factor >= 0, Status::invalid_argument, op,
+          ": capacity_factor = ", capacity_factor, " must be finite and not negative");
+  require(std::isfinite(eps) && eps > 0, Status::invalid_argument, op, ": eps = ", eps,
+          " must be finite and positive");
+}
+
+index_t TopNGatingOptions::capacity(index_t group_size) const {
+  // The original: max(min(n, int(n · cf / E)), MIN_EXPERT_CAPACITY), in Python floats.
+  const auto scaled = static_cast<index_t>(std::floor(static_cast<double>(group_size) * capacity_factor / num_gates));
+  return std::max<index_t>(std::min<index_t>(group_size, scaled), min_expert_capacity);
+}
+
+namespace gating_impl {
+
+using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
+
+// Per-token choices: importance adjustments, normalised gates, routing decisions. routed [tokens, k]
+// gets the expert of each routed choice (−1 otherwise); expert_index and position start at −1.
+template <class T>
+void route_choices(const TopNGatingOptions& options, const TopNRouting<T>& r, const Tensor<T>& route_uniform,
+                   const RngStream& stream, const View2<int>& routed) {
+  const View2<int> index = r.choice_index.as_matrix(), expert_index = r.expert_index.as_matrix(),
+                   position = r.position.as_matrix();
+  const View2<T> value = r.choice_value.as_matrix(), gate = r.normalised_gate.as_matrix();
+  const bool has_importance = !r.importance.empty(), injected = !route_uniform.empty();
+  const View1<T> importance = has_importance ? r.importance.flat() : View1<T>();
+  const View2<T> uniform = injected ? route_uniform.as_matrix() : View2<T>();
+  const int k = options.top_n;
+  const index_t tokens = r.choice_index.dim(0);
+  // τ_0 = eps as in the original's buffer [eps, τ_1, …] (choice 0 is routed regardless).
+  View1<T> threshold("kmoe::gating::threshold", k);
+  {
+    const auto host = Kokkos::create_mirror_view(threshold);
+    for (int i = 0; i < k; ++i) {
+      host(i) = static_cast<T>(std::max(i == 0 ? options.eps : options.thresholds[i - 1], options.eps));
+    }
+    Kokkos::deep_copy(threshold, host);
+  }
+  const T eps = static_cast<T>(options.eps);
+  const GateNormalisation normalisation = options.normalisation;
+  Kokkos::parallel_for(
+      "kmoe::gating::route_choices", Kokkos::RangePolicy<ExecSpace>(0, tokens), KOKKOS_LAMBDA(const index_t t) {
+        // v0.0.14 with importance ≠ 1: no first choice, the second is the best expert.
+        const T imp = has_importance ? importance(t) : T(1);
+        if (has_importance && imp != T(1)) {
+          index(t, 1) = index(t, 0);
+          value(t, 1) = value(t, 0);
+          value(t, 0) = T(0);
+        }
+        T sum = 0;
+        for (int i = 0; i < k; ++i) sum += value(t, i);
+        const T denominator = normalisation == GateNormalisation::clamped_sum ? Kokkos::Experimental::fmax(sum, eps)
+                              : normalisation == GateNormalisation::sum_plus_eps ? sum + eps
+                                                                                 : T(1);
+        for (int i = 0; i < k; ++i) {
+          const T g = value(t, i) / denominator;
+          gate(t, i) = g;
+          const T u = injected ? uniform(i, t) : stream.uniform<T>(static_cast<std::uint64_t>(i * tokens + t));
+          const bool allowed = i == 0 ? imp == T(1) : imp > T(0);
+          const bool route = allowed && (i == 0 || u < g / threshold(i));
+          routed(t, i) = route ? index(t, i) : -1;
+          expert_index(t, i) = -1;
+          position(t, i) = -1;
+        }
+      });
+}
+
+// One thread per (group, expert): slots in priority order (choice-major, then sequence order),
+// the kept choices and their positions, the first-choice density and the balance term
+// mean_t(p · m) · density of this (group, expert).
+template <class T>
+void assign_slots(const TopNGatingOptions& options, const TopNRouting<T>& r, const View2<const int>& routed,
+                  const View2<T>& balance_terms) {
+  const View2<int> expert_index = r.expert_index.as_matrix(), position = r.position.as_matrix();
+  const View2<T> density = r.density.as_matrix(), probs = r.probs.as_matrix();
+  const bool has_importance = !r.importance.empty();
+  const View1<T> importance = has_importance ? r.importance.flat() : View1<T>();
+  const int k = options.top_n, E = options.num_gates;
+  const index_t n = r.group_size, capacity = r.capacity;
+  const bool before_capacity = options.balance_density == BalanceDensity::before_capacity;
+  const bool losses = options.compute_losses;
+  Kokkos::parallel_for(
+      "kmoe::gating::assign_slots", Range2({0, 0}, {r.groups, static_cast<index_t>(E)}),
+      KOKKOS_LAMBDA(const index_t g, const index_t e) {
+        index_t count = 0, first_routed = 0, first_kept = 0;
+        for (int i = 0; i < k; ++i) {
+          for (index_t t = g * n; t < (g + 1) * n; ++t) {
+            if (routed(t, i) != e) continue;
+            const bool kept = count < capacity;
+            if (kept) {
+              expert_index(t, i) = static_cast<int>(e);
+              position(t, i) = static_cast<int>(count);
+            }
+            if (i == 0) {
+              ++first_routed;
+              first_kept += kept ? 1 : 0;
+            }
+            ++count;
+          }
+          // Only kept choices hold slots, so the next choice's slots start at min(count, C); when
+          // count ≥ C they are all dropped either way, so count itself can carry on.
+        }
+        const T d = static_cast<T>(before_capacity ? first_routed : first_kept) / static_cast<T>(n);
+        density(g, e) = d;
+        if (losses) {
+          T proxy = 0;
+          for (index_t t = g * n; t < (g + 1) * n; ++t) {
+            if (!has_importance || importance(t) == T(1)) proxy += probs(t, e);
+          }
+          balance_terms(g, e) = proxy / static_cast<T>(n) * d;
+        }
+      });
+}
+
+// gate(t, i) = ĝ_i where the choice was kept, else 0.
+template <class T>
+void kept_gates(const TopNRouting<T>& r) {
+  const View2<int> expert_index = r.expert_index.as_matrix();
+  const View2<T> normalised = r.normalised_gate.as_matrix(), gate = r.gate.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::gating::kept_gates", Range2({0, 0}, {r.gate.dim(0), r.gate.dim(1)}),
+      KOKKOS_LAMBDA(const index_t t, const index_t i) {
+        gate(t, i) = expert_index(t, i) >= 0 ? normalised(t, i) : T(0);
+      });
+}
+
+// Per group: Σ_t m_t · LSE_t² and Σ_t m_t (m = [importance == 1], or 1); summed over groups on the
+// host in group order.
+template <class T>
+void router_z_loss(TopNRouting<T>& r) {
+  const View1<T> lse = r.logit_lse.flat();
+  const bool has_importance = !r.importance.empty();
+  const View1<T> importance = has_importance ? r.importance.flat() : View1<T>();
+  const index_t n = r.group_size;
+  View2<T> per_group("kmoe::gating::z_per_group", r.groups, 2);
+  Kokkos::parallel_for(
+      "kmoe::gating::z_loss", Kokkos::RangePolicy<ExecSpace>(0, r.groups), KOKKOS_LAMBDA(const index_t g) {
+        T sum = 0, count = 0;
+        for (index_t t = g * n; t < (g + 1) * n; ++t) {
+          if (has_importance && importance(t) != T(1)) continue;
+          sum += lse(t) * lse(t);
+          count += T(1);
+        }
+        per_group(g, 0) = sum;
+        per_group(g, 1) = count;
+      });
+  const auto host = Kokkos::create_mirror_view_and_copy(HostSpace(), per_group);
+  double sum = 0, count = 0;
+  for (index_t g = 0; g < r.groups; ++g) {
+    sum += host(g, 0);
+    count += host(g, 1);
+  }
+  r.z_loss_count = has_importance ? std::max(count, 1e-5) : static_cast<double>(r.groups * n);
+  r.router_z_loss = static_cast<T>(sum / r.z_loss_count);
+}
+
+template <class T>
+T sum_on_host(const View2<T>& values) {
+  const auto host = Kokkos::create_mirror_view_and_copy(HostSpace(), values);
+  double sum = 0;
+  for (std::size_t i = 0; i < host.extent(0); ++i)
+    for (std::size_t j = 0; j < host.extent(1); ++j) sum += host(i, j);
+  return static_cast<T>(sum);
+}
+
+}  // namespace gating_impl
+
+template <class T>
+TopNRouting<T> top_n_gating_forward(const TopNGatingOptions& options, const Tensor<T>& logits,
+                                    const Tensor<T>& noise, const Tensor<T>& importance,
+                                    const Tensor<T>& route_uniform, const RngStream& routing) {
+  const char* op = "top_n_gating_forward";
+  options.validate();
+  require(logits.rank() == 3 && logits.dim(2) == options.num_gates, Status::shape_mismatch, op, ": logits are ",
+          logits.shape().str(), ", expected [groups, group_size, num_gates = ", options.num_gates, "]");
+  const index_t groups = logits.dim(0), n = logits.dim(1), tokens = groups * n, E = options.num_gates;
+  const int k = options.top_n;
+  require(tokens >= 1, Status::shape_mismatch, op, ": logits ", logits.shape().str(), " hold no tokens");
+  if (!noise.empty()) noise.require_shape(logits.shape(), std::string(op) + ": noise");
+  if (!importance.empty()) {
+    importance.require_shape({groups, n}, std::string(op) + ": importance");
+    require(k == 2, Status::invalid_argument, op, ": importance needs top_n = 2 (v0.0.14 Top2Gating), got top_n = ",
+            k);
+  }
+  if (!route_uniform.empty()) route_uniform.require_shape({k, tokens}, std::string(op) + ": route_uniform");
+
+  TopNRouting<T> r;
+  r.groups = groups;
+  r.group_size = n;
+  r.capacity = options.capacity(n);
+  r.logits = logits.reshape({tokens, E});
+  r.importance = importance.empty() ? Tensor<T>() : importance.reshape({tokens});
+
+  r.logit_lse = Tensor<T>::uninitialized("gating::logit_lse", {tokens});
+  ops::logsumexp_forward<T>(r.logits.as_3d(1), View2<T>(r.logit_lse.data(), tokens, 1));
+  r.probs = Tensor<T>::uninitialized("gating::probs", {tokens, E});
+  if (noise.empty()) {
+    ops::softmax_forward<T>(r.logits.as_3d(1), r.probs.as_3d(1));
+  } else {
+    const View1<T> noisy = r.probs.flat(), clean = r.logits.flat(), added = noise.flat();
+    Kokkos::parallel_for(
+        "kmoe::gating::add_noise", Kokkos::RangePolicy<ExecSpace>(0, tokens * E),
+        KOKKOS_LAMBDA(const index_t i) { noisy(i) = clean(i) + added(i); });
+    ops::softmax_forward<T>(r.probs.as_3d(1), r.probs.as_3d(1));
+  }
+
+  r.choice_index = Tensor<int>::uninitialized("gating::choice_index", {tokens, k});
+  r.choice_value = Tensor<T>::uninitialized("gating::choice_value", {tokens, k});
+  ops::topk_forward<T>(r.probs.as_matrix(), k, ops::TopkOrder::descending, r.choice_value.as_matrix(),
+                       r.choice_index.as_matrix());
+  r.normalised_gate = Tensor<T>::uninitialized("gating::normalised_gate", {tokens, k});
+  r.expert_index = Tensor<int>::uninitialized("gating::expert_index", {tokens, k});
+  r.position = Tensor<int>::uninitialized("gating::position", {tokens, k});
+  const auto routed = Tensor<int>::uninitialized("gating::routed", {tokens, k});
+  gating_impl::route_choices(options, r, route_uniform, routing, routed.as_matrix());
+
+  r.density = Tensor<T>::uninitialized("gating::density", {groups, E});
+  const auto balance_terms =
+      options.compute_losses ? Tensor<T>::uninitialized("gating::balance_terms", {groups, E}) : Tensor<T>();
+  gating_impl::assign_slots(options, r, routed.as_matrix(), options.compute_losses ? balance_terms.as_matrix() : View2<T>());
+  r.gate = Tensor<T>::uninitialized("gating::gate", {tokens, k});
+  gating_impl::kept_gates(r);
+
+  if (options.compute_losses) {
+    // E² · mean over (group, expert) = E / groups · Σ.
+    r.balance_loss = static_cast<T>(static_cast<double>(gating_impl::sum_on_host(balance_terms.as_matrix())) *
+                                    static_cast<double>(E) / static_cast<double>(groups));
+    gating_impl::router_z_loss(r);
+  }
+  return r;
+}
+
+template <class T>
+Tensor<T> top_n_gating_backward(const TopNGatingOptions& options, const TopNRouting<T>& r, const Tensor<T>& dgate,
+                                T balance_coef, T z_coef) {
+  const char* op = "top_n_gating_backward";
+  require(!r.gate.empty(), Status::invalid_argument, op, ": the routing is empty (default-constructed)");
+  const index_t tokens = r.gate.dim(0), E = options.num_gates, n = r.group_size, groups = r.groups;
+  const int k = options.top_n;
+  require(r.gate.dim(1) == k && r.probs.dim(1) == E, Status::shape_mismatch, op, ": the routing (gate ",
+          r.gate.shape().str(), ", probs ", r.probs.shape().str(), ") does not match top_n = ", k,
+          ", num_gates = ", E);
+  dgate.require_shape({tokens, k}, std::string(op) + ": dgate");
+
+  const auto dlogits = Tensor<T>::uninitialized("gating::dlogits", {tokens, E});
+  const View2<T> dl = dlogits.as_matrix(), probs = r.probs.as_matrix(), logits = r.logits.as_matrix(),
+                 value = r.choice_value.as_matrix(), density = r.density.as_matrix();
+  const View2<const T> dg = dgate.as_matrix();
+  const View2<int> index = r.choice_index.as_matrix(), expert_index = r.expert_index.as_matrix();
+  const View1<T> lse = r.logit_lse.flat();
+  const bool has_importance = !r.importance.empty();
+  const View1<T> importance = has_importance ? r.importance.flat() : View1<T>();
+  const bool losses = options.compute_losses;
+  // d balance / d p[t, e] = E² / (groups · E) · density[g, e] / n;  d z / d logit = 2 · LSE · softmax / count.
+  const T balance_scale =
+      losses ? static_cast<T>(static_cast<double>(balance_coef) * E / static_cast<double>(groups * n)) : T(0);
+  const T z_scale = losses ? static_cast<T>(2.0 * static_cast<double>(z_coef) / r.z_loss_count) : T(0);
+  const T eps = static_cast<T>(options.eps);
+  const GateNormalisation normalisation = options.normalisation;
+  Kokkos::parallel_for(
+      "kmoe::gating::backward", Kokkos::RangePolicy<ExecSpace>(0, tokens), KOKKOS_LAMBDA(const index_t t) {
+        const index_t g = t / n;
+        const T m = has_importance && importance(t) != T(1) ? T(0) : T(1);
+        // ĝ_i = v_i / S(v): dv_i = dĝ_i / S − [S depends on v] · Σ_j dĝ_j v_j / S².
+        T sum = 0, weighted = 0;
+        for (int i = 0; i < k; ++i) {
+          sum += value(t, i);
+          if (expert_index(t, i) >= 0) weighted += dg(t, i) * value(t, i);
+        }
+        T denominator = T(1), correction = T(0);
+        if (normalisation == GateNormalisation::clamped_sum) {
+          denominator = Kokkos::Experimental::fmax(sum, eps);
+          correction = sum > eps ? weighted / (denominator * denominator) : T(0);
+        } else if (normalisation == GateNormalisation::sum_plus_eps) {
+          denominator = sum + eps;
+          correction = weighted / (denominator * denominator);
+        }
+        // An absent first choice (importance ≠ 1) has no gate: nothing flows through it.
+        const int first = has_importance && importance(t) != T(1) ? 1 : 0;
+        const auto dprob = [&](const index_t e) {
+          T d = balance_scale * m * density(g, e);
+          for (int i = first; i < k; ++i) {
+            if (index(t, i) != e) continue;
+            const T dgi = expert_index(t, i) >= 0 ? dg(t, i) : T(0);
+            d += dgi / denominator - correction;
+          }
+          return d;
+        };
+        T dot = 0;
+        for (index_t e = 0; e < E; ++e) dot += dprob(e) * probs(t, e);
+        const T z_factor = z_scale * m * lse(t);
+        for (index_t e = 0; e < E; ++e) {
+          const T clean_softmax = Kokkos::Experimental::exp(logits(t, e) - lse(t));
+          dl(t, e) = probs(t, e) * (dprob(e) - dot) + z_factor * clean_softmax;
+        }
+      });
+  return dlogits;
+}
+
+template <class T>
+Tensor<T> gumbel_noise(const Shape& shape, const RngStream& stream, T noise_mult) {
+  const auto noise = Tensor<T>::uninitialized("gating::gumbel_noise", shape);
+  const View1<T> out = noise.flat();
+  Kokkos::parallel_for(
+      "kmoe::gating::gumbel_noise", Kokkos::RangePolicy<ExecSpace>(0, noise.size()), KOKKOS_LAMBDA(const index_t i) {
+        const T u = stream.uniform<T>(static_cast<std::uint64_t>(i));
+        const T inner = -Kokkos::Experimental::log(Kokkos::Experimental::fmax(u, T(1e-20)));
+        out(i) = -Kokkos::Experimental::log(Kokkos::Experimental::fmax(inner, T(1e-20))) * noise_mult;
+      });
+  return noise;
+}
+
+#define KMOE_INSTANTIATE(T)                                                                                      \
+  template struct TopNRouting<T>;                                                                               \
+  template TopNRouting<T> top_n_gating_forward<T>(const TopNGatingOptions&, const Tensor<T>&, const Tensor<T>&, \
+                                                  const Tensor<T>&, const Tensor<T>&, const RngStream&);       \
+  template Tensor<T> top_n_gating_backward<T>(const TopNGatingOptions&, const TopNRouting<T>&,                  \
+                                              const Tensor<T>&, T, T);                                          \
+  template Tensor<T> gumbel_noise<T>(const Shape&, const RngStream&, T);
+KMOE_INSTANTIATE(float)
+KMOE_INSTANTIATE(double)
+#undef KMOE_INSTANTIATE
+
+}  // namespace kmoe::moe
