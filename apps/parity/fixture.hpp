@@ -159,4 +159,13 @@ class Report {
 // Relative L2 error ≤ this passes: 1e-4 for float32 dumps, 1e-10 for float64.
 double default_tolerance(io::Dtype dtype);
 
+// Σ a ⊙ b in double: the "sum(out * grad_out)" term of the fixtures' losses.
+template <class T>
+double dot(const Tensor<T>& a, const Tensor<T>& b) {
+  const std::vector<T> x = a.to_host(), y = b.to_host();
+  double sum = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) sum += static_cast<double>(x[i]) * static_cast<double>(y[i]);
+  return sum;
+}
+
 }  // namespace kmoe::parity

@@ -86,14 +86,6 @@ BoolMatrix read_mask(const Fixture& fixture, const std::string& dataset) {
   return mask;
 }
 
-template <class T>
-double dot(const Tensor<T>& a, const Tensor<T>& b) {
-  const std::vector<T> x = a.to_host(), y = b.to_host();
-  double sum = 0;
-  for (std::size_t i = 0; i < x.size(); ++i) sum += static_cast<double>(x[i]) * static_cast<double>(y[i]);
-  return sum;
-}
-
 // Columns [start, start + len) of a [B, T] token matrix.
 Tensor<int> token_columns(const std::vector<int>& tokens, index_t B, index_t T, index_t start, index_t len) {
   std::vector<int> out;
@@ -149,7 +141,8 @@ void run_kv_chunks(const Fixture& fixture, Report& report, const layers::MoEUTLM
   for (std::size_t l = 0; l < cache.layers.size(); ++l) {
     const std::string prefix = "/debug/kv_cache/" + std::to_string(l);
     if (!fixture.has(prefix)) continue;
-    for (const auto& [name, computed] : {std::pair{"/k", cache.layers[l].k}, std::pair{"/v", cache.layers[l].v}}) {
+    const std::pair<const char*, Tensor<T>> cached[] = {{"/k", cache.layers[l].k}, {"/v", cache.layers[l].v}};
+    for (const auto& [name, computed] : cached) {
       if (l == 0) {
         report.compare(prefix + name, computed);
         continue;

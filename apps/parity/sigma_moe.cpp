@@ -53,14 +53,6 @@ std::vector<std::pair<std::string, Tensor<T>*>> named_tensors(layers::SigmaMoEPa
   return named;
 }
 
-template <class T>
-double dot(const Tensor<T>& a, const Tensor<T>& b) {
-  const std::vector<T> x = a.to_host(), y = b.to_host();
-  double sum = 0;
-  for (std::size_t i = 0; i < x.size(); ++i) sum += static_cast<double>(x[i]) * static_cast<double>(y[i]);
-  return sum;
-}
-
 }  // namespace
 
 template <class T>

@@ -48,14 +48,6 @@ void require_plain_loss(const Fixture& fixture) {
           fixture.layer(), " runner knows only 'sum(out * grad_out)'");
 }
 
-template <class T>
-double dot(const Tensor<T>& a, const Tensor<T>& b) {
-  const std::vector<T> x = a.to_host(), y = b.to_host();
-  double sum = 0;
-  for (std::size_t i = 0; i < x.size(); ++i) sum += static_cast<double>(x[i]) * static_cast<double>(y[i]);
-  return sum;
-}
-
 // The debug intermediates of the folder READMEs, each compared when the dump has it.
 template <class T>
 void compare_debug(const Fixture& fixture, Report& report, const layers::SoftMoEConfig& c,

@@ -311,14 +311,6 @@ Tensor<T> with_unused_first_row(const Tensor<T>& second) {
 }
 
 template <class T>
-double dot(const Tensor<T>& a, const Tensor<T>& b) {
-  const std::vector<T> x = a.to_host(), y = b.to_host();
-  double sum = 0;
-  for (std::size_t i = 0; i < x.size(); ++i) sum += static_cast<double>(x[i]) * static_cast<double>(y[i]);
-  return sum;
-}
-
-template <class T>
 void run_st_moe_family(const Fixture& fixture, Report& report) {
   const Model m = parse_model(fixture);
   require_known_loss(fixture);
