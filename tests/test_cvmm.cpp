@@ -432,3 +432,75 @@ TEST(Cvmm, SortedPairRowsArePairOrderPermuted) {
     EXPECT_EQ(to_double(dg2), to_double(dg)) << per_token;
   }
 }
+
+// With k = 1 a per-token and a per-pair x look alike, so sorted pair rows are refused.
+TEST(Cvmm, SortedPairRowsNeedKAboveOne) {
+  const auto p = make_problem(9, 1, 4, 6, 5, true, 80);
+  const auto plan = make_plan(p);
+  const auto x = make_tensor<float>({p.tokens, p.K}, p.x);
+  const auto w = make_tensor<float>({p.experts, p.K, p.M}, p.w);
+  Tensor<float> y("y", {p.pairs(), p.M});
+  expect_status([&] { moe::cvmm_forward<float>(plan, x.as_matrix(), w.view<3>(), y.as_matrix(), moe::PairRows::sorted); },
+                Status::invalid_argument, "needs k > 1");
+}
+
+// Dropped pairs (expert −1, capacity-limited routers): every path leaves them out of its sums and
+// gives them zero rows and zero gate gradients, in pair order and in sorted order alike.
+TEST(Cvmm, DroppedPairsAreLeftOut) {
+  for (bool per_token : {true, false}) {
+    auto p = make_problem(41, 3, 6, 10, 7, per_token, 90);
+    std::vector<int> dropped_index = p.expert_index;
+    std::mt19937_64 gen(91);
+    for (auto& e : dropped_index)
+      if (gen() % 3 == 0) e = -1;
+    const auto index = Tensor<int>::from_host("index", {p.tokens, p.k}, dropped_index);
+    const auto plan = moe::DispatchPlan::build_with_drops(index.as_matrix(), p.experts);
+    // The reference: the same problem without drops, dropped pairs' gates 0 and rows zeroed.
+    Problem kept = p;
+    for (std::size_t i = 0; i < dropped_index.size(); ++i)
+      if (dropped_index[i] < 0) kept.gates[i] = 0;
+    const auto dy = random_values(p.tokens * p.M, 92), dy_pairs = random_values(p.pairs() * p.M, 93);
+    const auto zero_dropped = [&](std::vector<double> rows, index_t cols) {
+      for (index_t q = 0; q < p.pairs(); ++q)
+        if (dropped_index[q] < 0) std::fill_n(rows.begin() + q * cols, cols, 0.0);
+      return rows;
+    };
+    const auto expected_pairs = zero_dropped(reference_y_pairs(kept, kept.x, kept.w), p.M);
+    const auto expected_y = reference_reduce(kept, reference_y_pairs(kept, kept.x, kept.w), kept.gates);
+
+    const auto x = make_tensor<double>({p.x_rows(), p.K}, p.x);
+    const auto w = make_tensor<double>({p.experts, p.K, p.M}, p.w);
+    const auto gates = make_tensor<double>({p.tokens, p.k}, p.gates);  // nonzero gates on dropped pairs
+    Tensor<double> y_pairs("y_pairs", {p.pairs(), p.M}), y("y", {p.tokens, p.M});
+    y_pairs.fill(7.0);
+    moe::cvmm_forward<double>(plan, x.as_matrix(), w.view<3>(), y_pairs.as_matrix());
+    EXPECT_LT(max_rel_error(to_double(y_pairs), expected_pairs), 1e-13) << per_token;
+    moe::cvmm_forward_reduced<double>(plan, x.as_matrix(), w.view<3>(), gates.as_matrix(), y.as_matrix());
+    EXPECT_LT(max_rel_error(to_double(y), expected_y), 1e-13) << per_token;
+
+    // Backward of the reduced form: dropped pairs get zero dgates; with per-pair x, zero dx rows.
+    Tensor<double> dx("dx", x.shape()), dw("dw", w.shape()), dgates("dgates", {p.tokens, p.k});
+    dx.fill(7.0);
+    dgates.fill(7.0);
+    const auto dy_t = make_tensor<double>({p.tokens, p.M}, dy);
+    moe::cvmm_backward_reduced<double>(plan, x.as_matrix(), w.view<3>(), gates.as_matrix(), dy_t.as_matrix(),
+                                       dx.as_matrix(), dw.view<3>(), dgates.as_matrix());
+    const auto g = reference_backward_reduced(kept, dy);
+    auto expected_dgates = g.dgates;
+    for (std::size_t i = 0; i < dropped_index.size(); ++i)
+      if (dropped_index[i] < 0) expected_dgates[i] = 0;
+    EXPECT_LT(max_rel_error(to_double(dgates), expected_dgates), 1e-13) << per_token;
+    EXPECT_LT(max_rel_error(to_double(dx), g.dx), 1e-13) << per_token;
+    EXPECT_LT(max_rel_error(to_double(dw), g.dw), 1e-13) << per_token;
+
+    // Unreduced backward: a dropped pair's upstream gradient reaches nothing.
+    const auto dyp = make_tensor<double>({p.pairs(), p.M}, zero_dropped(dy_pairs, p.M));
+    const auto dyp_raw = make_tensor<double>({p.pairs(), p.M}, dy_pairs);
+    Tensor<double> dx1("dx1", x.shape()), dx2("dx2", x.shape()), dw1("dw1", w.shape()), dw2("dw2", w.shape());
+    const auto plan_kept = make_plan(p);
+    moe::cvmm_backward<double>(plan, x.as_matrix(), w.view<3>(), dyp_raw.as_matrix(), dx1.as_matrix(), dw1.view<3>());
+    moe::cvmm_backward<double>(plan_kept, x.as_matrix(), w.view<3>(), dyp.as_matrix(), dx2.as_matrix(), dw2.view<3>());
+    EXPECT_LT(max_rel_error(to_double(dx1), per_token ? to_double(dx2) : zero_dropped(to_double(dx2), p.K)), 1e-13);
+    EXPECT_LT(max_rel_error(to_double(dw1), to_double(dw2)), 1e-13) << per_token;
+  }
+}

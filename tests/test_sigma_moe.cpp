@@ -492,6 +492,7 @@ TEST(SigmaMoEForward, MatchesHostReference) {
     ops::Activation activation;
     index_t v_dim;
     Shape x_shape;
+    int k = 2;  // top-1 keeps its hidden units in pair order, larger k in the plan's sorted order
   };
   using A = ops::Activation;
   const std::vector<Case> cases = {
@@ -503,10 +504,14 @@ TEST(SigmaMoEForward, MatchesHostReference) {
       {SelectionMode::sinkmoid, false, false, true, A::gelu, 0, {6, 5}},
       {SelectionMode::sinkmoid, true, true, true, A::relu, 7, {2, 3, 5}},
       {SelectionMode::sinkmoid, false, false, true, A::relu, 0, {2, 1, 3, 5}},
+      {SelectionMode::sigmoid, false, true, false, A::relu, 0, {6, 5}, 1},
+      {SelectionMode::softmax, true, true, true, A::gelu, 3, {2, 3, 5}, 1},
+      {SelectionMode::sigmoid, false, true, true, A::relu, 0, {7, 5}, 4},
   };
   for (std::size_t i = 0; i < cases.size(); ++i) {
     const Case& k = cases[i];
     SigmaMoEConfig c = tiny_config(k.mode);
+    c.k = k.k;
     c.activation_after_topk = k.after_topk;
     c.bias = k.bias;
     c.activation = k.activation;
@@ -609,6 +614,13 @@ TEST(SigmaMoEGolden, SinkmoidEval) { check_golden("sigma_moe_sinkmoid_eval.h5");
 TEST(SigmaMoEGolden, SinkmoidTrain) { check_golden("sigma_moe_sinkmoid_train.h5"); }
 
 TEST(SigmaMoEGradient, SigmoidEval) { check_gradients(gradient_case(SelectionMode::sigmoid, false, 1)); }
+
+TEST(SigmaMoEGradient, TopOneBias) {
+  check_gradients(gradient_case(SelectionMode::sigmoid, false, 11, [](auto& c) {
+    c.k = 1;
+    c.bias = true;
+  }));
+}
 
 TEST(SigmaMoEGradient, SigmoidTrainBiasDropout) {
   // Hidden dropout in training: backward must replay the forward mask.

@@ -179,13 +179,21 @@ void add_row_bias(const View2<T>& rows, const View2<const T>& bias, const View1<
       KOKKOS_LAMBDA(const index_t r, const index_t c) { rows(r, c) += bias(indexed ? row_bias(r) : 0, c); });
 }
 
-// The expert of each row of a per-pair matrix in the plan's sorted order.
-inline Tensor<int> experts_of_sorted_rows(const moe::DispatchPlan& plan) {
+// The order of the per-pair hidden units: the plan's sorted order, so that each expert's rows stay
+// contiguous between the projections; with k = 1 pair order (CVMM's sorted order needs k > 1, and
+// with one pair per token the two projections read the same rows anyway).
+inline moe::PairRows hidden_order(const moe::DispatchPlan& plan) {
+  return plan.k() > 1 ? moe::PairRows::sorted : moe::PairRows::pair_order;
+}
+
+// The expert of each row of a per-pair matrix in hidden_order.
+inline Tensor<int> experts_of_hidden_rows(const moe::DispatchPlan& plan) {
   const auto experts = Tensor<int>::uninitialized("sigma_moe::expert_of_row", {plan.n_pairs()});
   const View1<int> out = experts.flat(), sorted_pair = plan.sorted_pair(), expert_of_pair = plan.expert_of_pair();
+  const bool sorted = hidden_order(plan) == moe::PairRows::sorted;
   Kokkos::parallel_for(
-      "kmoe::sigma_moe::experts_of_sorted_rows", Kokkos::RangePolicy<ExecSpace>(0, plan.n_pairs()),
-      KOKKOS_LAMBDA(const index_t s) { out(s) = expert_of_pair(sorted_pair(s)); });
+      "kmoe::sigma_moe::experts_of_hidden_rows", Kokkos::RangePolicy<ExecSpace>(0, plan.n_pairs()),
+      KOKKOS_LAMBDA(const index_t r) { out(r) = expert_of_pair(sorted ? sorted_pair(r) : r); });
   return experts;
 }
 
@@ -410,10 +418,10 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   const index_t pairs = f.plan.n_pairs();
   f.pre_activation = Tensor<T>::uninitialized("sigma_moe::pre_activation", {pairs, es});
   moe::cvmm_forward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), f.pre_activation.as_matrix(),
-                       moe::PairRows::sorted);
+                       impl::hidden_order(f.plan));
   if (c.bias) {
     impl::add_row_bias<T>(f.pre_activation.as_matrix(), params_.bias.as_matrix(),
-                          impl::experts_of_sorted_rows(f.plan).flat());
+                          impl::experts_of_hidden_rows(f.plan).flat());
   }
   f.hidden = Tensor<T>::uninitialized("sigma_moe::hidden", {pairs, es});
   ops::activation_forward<T>(c.activation, f.pre_activation.flat(), f.hidden.flat());
@@ -425,7 +433,7 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   // Down-projection reduced with the gates: y_t = Σ_j g_tj · h_tj · values[e_tj] (+ o_bias).
   const auto y = Tensor<T>::uninitialized("sigma_moe::y", {tokens, Dv});
   moe::cvmm_forward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
-                               y.as_matrix(), moe::PairRows::sorted);
+                               y.as_matrix(), impl::hidden_order(f.plan));
   if (c.bias) impl::add_row_bias<T>(y.as_matrix(), params_.o_bias.reshape({1, Dv}).as_matrix(), View1<const int>());
   f.y = y.reshape(impl::with_last_dim(x.shape(), Dv));
   return f;
@@ -460,17 +468,17 @@ SigmaMoEInputGrads<T> SigmaMoE<T>::backward_with_router(const SigmaMoEForward<T>
   const auto dgates = Tensor<T>::uninitialized("sigma_moe::dgates", {tokens, c.k});
   moe::cvmm_backward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
                                 dy_rows.as_matrix(), du.as_matrix(), grads_.values.template view<3>(),
-                                dgates.as_matrix(), moe::PairRows::sorted);
+                                dgates.as_matrix(), impl::hidden_order(f.plan));
   // Up-projection: replay the dropout mask, then activation', bias and keys.
   if (f.training && c.dropout > 0)
     ops::dropout_backward<T>(du.flat(), static_cast<T>(c.dropout), f.dropout_stream, du.flat());
   ops::activation_backward<T>(c.activation, f.pre_activation.flat(), du.flat(), du.flat());
   if (c.bias) {
-    ops::scatter_add_rows<T>(du.as_matrix(), impl::experts_of_sorted_rows(f.plan).flat(), grads_.bias.as_matrix());
+    ops::scatter_add_rows<T>(du.as_matrix(), impl::experts_of_hidden_rows(f.plan).flat(), grads_.bias.as_matrix());
   }
   const auto dx = Tensor<T>::uninitialized("sigma_moe::dx", {tokens, D});
   moe::cvmm_backward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), du.as_matrix(), dx.as_matrix(),
-                        grads_.keys.template view<3>(), moe::PairRows::sorted);
+                        grads_.keys.template view<3>(), impl::hidden_order(f.plan));
 
   // Router: gates, regulariser and the caller's logit gradient → dz → d expert_sel and the
   // router input's gradient (dx itself, or a separate dsel_input).

@@ -73,7 +73,7 @@ struct SigmaMoEForward {
   Tensor<T> gates;            // [tokens, k] reduction weights
   moe::DispatchPlan plan;
   // Per-pair hidden units in the plan's sorted order (row s = pair plan.sorted_pair()[s]), so the
-  // experts' rows stay contiguous between the two projections.
+  // experts' rows stay contiguous between the two projections; in pair order when k = 1.
   Tensor<T> pre_activation;   // [tokens·k, expert_size] u = x · keys[e] (+ bias)
   Tensor<T> hidden;           // [tokens·k, expert_size] h = dropout(activation(u))
   RngStream dropout_stream;   // the hidden dropout's draws (replayed by backward)

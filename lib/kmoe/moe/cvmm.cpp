@@ -49,12 +49,27 @@ void for_each_expert_block(const DispatchPlan& plan, const F& f) {
   });
 }
 
+// Zeroes the rows of a sorted per-pair matrix past the routed pairs (dropped pairs: no expert
+// writes them).
+template <class T>
+void zero_dropped_rows(const DispatchPlan& plan, const View2<T>& sorted) {
+  const index_t routed = plan.n_routed_pairs(), pairs = plan.n_pairs();
+  if (routed < pairs) Kokkos::deep_copy(Kokkos::subview(sorted, Kokkos::make_pair(routed, pairs), Kokkos::ALL), T(0));
+}
+
 // Where the rows of an input matrix are: one per token (row of pair p = p / k), one per pair in
 // pair order (p), or one per pair already in sorted order (s, nothing to gather).
 enum class RowSource { token, pair, sorted };
 
-inline RowSource row_source(bool per_token, PairRows pair_rows) {
-  if (per_token) return RowSource::token;
+// Checks x against the plan and W and says where its rows are. With k = 1 a per-token and a
+// per-pair x have the same shape; in pair order they are also the same rows, but in sorted order
+// they are not, so PairRows::sorted needs k > 1 (a k = 1 caller keeps pair order).
+template <class T>
+RowSource x_row_source(const char* op, const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+                       PairRows pair_rows) {
+  require(pair_rows == PairRows::pair_order || plan.k() > 1, Status::invalid_argument, op,
+          ": PairRows::sorted needs k > 1 (with k = 1 a per-token x and a per-pair x look alike); use pair order");
+  if (x_is_per_token(op, plan, x, w)) return RowSource::token;
   return pair_rows == PairRows::sorted ? RowSource::sorted : RowSource::pair;
 }
 
@@ -116,25 +131,28 @@ void for_each_expert_gathered(const DispatchPlan& plan, RowSource source, const 
   }
 }
 
-// pairs(p, :) = sorted(pair_position(p), :).
+// pairs(p, :) = sorted(pair_position(p), :), or 0 for a dropped pair (no expert computed it).
 template <class T>
 void unsort_pairs(const DispatchPlan& plan, const View2<const T>& sorted, const View2<T>& pairs) {
-  const View1<int> pair_position = plan.pair_position();
+  const View1<int> pair_position = plan.pair_position(), expert_of_pair = plan.expert_of_pair();
   Kokkos::parallel_for(
       "kmoe::cvmm::unsort_pairs",
       Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0},
                                                        {plan.n_pairs(), static_cast<index_t>(pairs.extent(1))}),
-      KOKKOS_LAMBDA(const index_t p, const index_t c) { pairs(p, c) = sorted(pair_position(p), c); });
+      KOKKOS_LAMBDA(const index_t p, const index_t c) {
+        pairs(p, c) = expert_of_pair(p) < 0 ? T(0) : sorted(pair_position(p), c);
+      });
 }
 
-// tokens(t, :) = Σ_slot gates(t, slot) · src(row of pair t · k + slot, :), slots in order. The row
-// is pair_position(p) when src is in sorted order, else p; no gates means weight 1. One team per
-// token, slots outermost: each slot's row is one contiguous (vectorised, coalesced) sweep.
+// tokens(t, :) = Σ_slot gates(t, slot) · src(row of pair t · k + slot, :), slots in order, dropped
+// pairs left out. The row is pair_position(p) when src is in sorted order, else p; no gates means
+// weight 1. One team per token, slots outermost: each slot's row is one contiguous (vectorised,
+// coalesced) sweep.
 template <class T>
 void sum_slots(const DispatchPlan& plan, const View2<const T>& src, bool src_sorted, const View2<const T>& gates,
                const View2<T>& tokens) {
   using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
-  const View1<int> pair_position = plan.pair_position();
+  const View1<int> pair_position = plan.pair_position(), expert_of_pair = plan.expert_of_pair();
   const int k = plan.k();
   const int cols = static_cast<int>(tokens.extent(1));
   const bool gated = gates.data() != nullptr;
@@ -144,10 +162,11 @@ void sum_slots(const DispatchPlan& plan, const View2<const T>& src, bool src_sor
         const index_t t = team.league_rank();
         for (int slot = 0; slot < k; ++slot) {
           const index_t p = t * k + slot;
+          const bool dropped = expert_of_pair(p) < 0;
           const index_t row = src_sorted ? pair_position(p) : p;
           const T gate = gated ? gates(t, slot) : T(1);
           Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) {
-            const T value = gated ? gate * src(row, c) : src(row, c);
+            const T value = dropped ? T(0) : gated ? gate * src(row, c) : src(row, c);
             tokens(t, c) = slot == 0 ? value : tokens(t, c) + value;
           });
         }
@@ -181,6 +200,7 @@ void backward_from_sorted(const DispatchPlan& plan, RowSource x_source, const Vi
     });
     if (x_source == RowSource::token) sum_slots<T>(plan, dx_sorted, true, View2<const T>(), dx);
     if (x_source == RowSource::pair) unsort_pairs<T>(plan, dx_sorted, dx);
+    if (x_source == RowSource::sorted) zero_dropped_rows<T>(plan, dx);
   }
   if (dw.data() != nullptr) {
     // A segmented reduction in a fixed order: one GEMM over each expert's rows, accumulated into
@@ -209,9 +229,12 @@ template <class T>
 void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
                   const View2<T>& y_pairs, PairRows pair_rows) {
   const char* op = "cvmm_forward";
-  const impl::RowSource x_source = impl::row_source(impl::x_is_per_token(op, plan, x, w), pair_rows);
+  const impl::RowSource x_source = impl::x_row_source<T>(op, plan, x, w, pair_rows);
   impl::require_matrix(op, "y_pairs", y_pairs, plan.n_pairs(), w.extent(2));
-  if (pair_rows == PairRows::sorted) return impl::sorted_products<T>(plan, x_source, x, w, y_pairs);
+  if (pair_rows == PairRows::sorted) {
+    impl::sorted_products<T>(plan, x_source, x, w, y_pairs);
+    return impl::zero_dropped_rows<T>(plan, y_pairs);
+  }
   const auto y_sorted = scratch<T>("cvmm.y_sorted", plan.n_pairs(), w.extent(2));
   impl::sorted_products<T>(plan, x_source, x, w, y_sorted);
   impl::unsort_pairs<T>(plan, y_sorted, y_pairs);
@@ -221,7 +244,7 @@ template <class T>
 void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
                           const View2<const T>& gates, const View2<T>& y, PairRows pair_rows) {
   const char* op = "cvmm_forward_reduced";
-  const impl::RowSource x_source = impl::row_source(impl::x_is_per_token(op, plan, x, w), pair_rows);
+  const impl::RowSource x_source = impl::x_row_source<T>(op, plan, x, w, pair_rows);
   impl::require_matrix(op, "gates", gates, plan.n_tokens(), plan.k());
   impl::require_matrix(op, "y", y, plan.n_tokens(), w.extent(2));
   const auto y_sorted = scratch<T>("cvmm.y_sorted", plan.n_pairs(), w.extent(2));
@@ -233,7 +256,7 @@ template <class T>
 void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
                    const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw, PairRows pair_rows) {
   const char* op = "cvmm_backward";
-  const impl::RowSource x_source = impl::row_source(impl::x_is_per_token(op, plan, x, w), pair_rows);
+  const impl::RowSource x_source = impl::x_row_source<T>(op, plan, x, w, pair_rows);
   impl::require_matrix(op, "dy_pairs", dy_pairs, plan.n_pairs(), w.extent(2));
   impl::require_backward_outputs(op, x, w, dx, dw);
   if (pair_rows == PairRows::sorted) return impl::backward_from_sorted<T>(plan, x_source, x, w, dy_pairs, dx, dw);
@@ -247,7 +270,7 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
                            const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
                            const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows) {
   const char* op = "cvmm_backward_reduced";
-  const impl::RowSource x_source = impl::row_source(impl::x_is_per_token(op, plan, x, w), pair_rows);
+  const impl::RowSource x_source = impl::x_row_source<T>(op, plan, x, w, pair_rows);
   const index_t tokens = plan.n_tokens(), pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
   const int k = plan.k();
   impl::require_matrix(op, "gates", gates, tokens, k);
@@ -256,6 +279,7 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
   if (want_dgates) impl::require_matrix(op, "dgates", dgates, tokens, k);
   impl::require_backward_outputs(op, x, w, dx, dw);
   const View1<int> sorted_pair = plan.sorted_pair();
+  const index_t routed = plan.n_routed_pairs();  // sorted positions past it are dropped pairs
   // Each pair's upstream gradient is dy of its token, unweighted: the dy rows are gathered per
   // expert (for_each_expert_gathered) as the GEMMs need them.
 
@@ -274,7 +298,9 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
             const index_t p = sorted_pair(s);
             const index_t row = x_source == impl::RowSource::token ? p / k : x_source == impl::RowSource::pair ? p : s;
             T sum = 0;
-            for (index_t c = 0; c < K; ++c) sum += g_sorted(s, c) * x(row, c);
+            if (s < routed) {  // a dropped pair's gate does not reach the output
+              for (index_t c = 0; c < K; ++c) sum += g_sorted(s, c) * x(row, c);
+            }
             dgates(p / k, p % k) = sum;
           });
     }
@@ -287,9 +313,10 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
         Kokkos::parallel_for(
             "kmoe::cvmm::gated_dx", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {pairs, K}),
             KOKKOS_LAMBDA(const index_t r, const index_t c) {
-              // Row r of dx is pair r (pair order) or sorted position r.
+              // Row r of dx is pair r (pair order) or sorted position r; dropped pairs get 0.
               const index_t p = sorted ? sorted_pair(r) : r;
-              dx(r, c) = gates(p / k, p % k) * g_sorted(sorted ? r : pair_position(p), c);
+              const index_t position = sorted ? r : pair_position(p);
+              dx(r, c) = position < routed ? gates(p / k, p % k) * g_sorted(position, c) : T(0);
             });
       }
     }

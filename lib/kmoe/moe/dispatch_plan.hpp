@@ -8,9 +8,8 @@
 // Capacity-limited routers (ST-MoE) also have dropped pairs: choices that were not routed or did
 // not fit an expert's capacity. build_with_drops marks them with expert −1; they belong to no
 // expert and sort after every expert's group, at positions [n_routed_pairs(), n_pairs()), so
-// per-expert work never sees them. With such a plan, keep per-pair matrices in sorted order
-// (CVMM's PairRows::sorted with one x row per pair) and touch only the routed prefix: CVMM's
-// pair-order and per-token paths visit every pair, and would read unspecified rows for dropped ones.
+// per-expert work never sees them. CVMM leaves them out of its sums and gives them zero rows and
+// zero gate gradients.
 #pragma once
 
 #include "kmoe/core/config.hpp"
