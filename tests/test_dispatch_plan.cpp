@@ -100,7 +100,8 @@ TEST(DispatchPlan, DroppedPairsSortLastAndBelongToNoExpert) {
     EXPECT_EQ(plan.n_pairs(), tokens * k) << label;
     EXPECT_EQ(host_ints(plan.expert_of_pair()), index) << label;
     // Stable by expert, dropped pairs (−1) last.
-    const auto key = [&](int p) { return index[p] < 0 ? experts : index[p]; };
+    const int n_experts = experts;  // a lambda may not capture a structured binding before C++20
+    const auto key = [&](int p) { return index[p] < 0 ? n_experts : index[p]; };
     std::vector<int> sorted(index.size());
     std::iota(sorted.begin(), sorted.end(), 0);
     std::stable_sort(sorted.begin(), sorted.end(), [&](int a, int b) { return key(a) < key(b); });
