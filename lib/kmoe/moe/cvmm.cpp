@@ -160,15 +160,21 @@ void sum_slots(const DispatchPlan& plan, const View2<const T>& src, bool src_sor
       "kmoe::cvmm::sum_slots", Kokkos::TeamPolicy<ExecSpace>(plan.n_tokens(), Kokkos::AUTO),
       KOKKOS_LAMBDA(const Member& team) {
         const index_t t = team.league_rank();
+        bool first = true;
         for (int slot = 0; slot < k; ++slot) {
           const index_t p = t * k + slot;
-          const bool dropped = expert_of_pair(p) < 0;
+          if (expert_of_pair(p) < 0) continue;
           const index_t row = src_sorted ? pair_position(p) : p;
           const T gate = gated ? gates(t, slot) : T(1);
-          Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) {
-            const T value = dropped ? T(0) : gated ? gate * src(row, c) : src(row, c);
-            tokens(t, c) = slot == 0 ? value : tokens(t, c) + value;
-          });
+          if (first) {
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) { tokens(t, c) = gate * src(row, c); });
+          } else {
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) { tokens(t, c) += gate * src(row, c); });
+          }
+          first = false;
+        }
+        if (first) {  // every pair of the token dropped
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) { tokens(t, c) = T(0); });
         }
       });
 }
