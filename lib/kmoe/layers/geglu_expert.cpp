@@ -3,6 +3,7 @@
 #include "kmoe/core/error.hpp"
 #include "kmoe/moe/cvmm.hpp"
 #include "kmoe/ops/glu.hpp"
+#include "kmoe/ops/init.hpp"
 #include "kmoe/ops/linear.hpp"
 #include "kmoe/ops/norms.hpp"
 
@@ -24,18 +25,10 @@ namespace geglu_impl {
 using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
 constexpr double rms_norm_eps = 1e-12;  // F.normalize's eps
 
-// out[i] = U(−bound, bound), draw i of the stream.
-template <class T>
-void fill_uniform(const View1<T>& out, const RngStream& stream, T bound) {
-  Kokkos::parallel_for(
-      "kmoe::geglu::fill_uniform", Kokkos::RangePolicy<ExecSpace>(0, out.extent(0)), KOKKOS_LAMBDA(const index_t i) {
-        out(i) = bound * (T(2) * stream.uniform<T>(static_cast<std::uint64_t>(i)) - T(1));
-      });
-}
-
+// out[i] = U(−bound, bound), from the next counters of rng.
 template <class T>
 void fill_uniform(const View1<T>& out, Generator& rng, double bound) {
-  fill_uniform<T>(out, rng.take(out.extent(0)), static_cast<T>(bound));
+  ops::fill_uniform<T>(out, rng.take(out.extent(0)), static_cast<T>(-bound), static_cast<T>(bound));
 }
 
 // rows(s, :) += bias(row_expert(s), :) for the routed rows s.

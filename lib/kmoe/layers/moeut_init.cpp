@@ -1,5 +1,7 @@
 #include "kmoe/layers/moeut_init.hpp"
 
+#include "kmoe/ops/init.hpp"
+
 #include <cmath>
 #include <vector>
 
@@ -7,24 +9,14 @@ namespace kmoe::layers::moeut_init {
 
 template <class T>
 void fill_normal(const Tensor<T>& tensor, Generator& generator, double stddev) {
-  const RngStream stream = generator.take(static_cast<std::uint64_t>(tensor.size()));
-  const View1<T> values = tensor.flat();
-  const T scale = static_cast<T>(stddev);
-  Kokkos::parallel_for(
-      "kmoe::moeut_init::fill_normal", Kokkos::RangePolicy<ExecSpace>(0, tensor.size()),
-      KOKKOS_LAMBDA(const index_t i) { values(i) = scale * stream.normal<T>(static_cast<std::uint64_t>(i)); });
+  ops::fill_normal<T>(tensor.flat(), generator.take(static_cast<std::uint64_t>(tensor.size())), T(0),
+                      static_cast<T>(stddev));
 }
 
 template <class T>
 void fill_uniform(const Tensor<T>& tensor, Generator& generator, double bound) {
-  const RngStream stream = generator.take(static_cast<std::uint64_t>(tensor.size()));
-  const View1<T> values = tensor.flat();
-  const T b = static_cast<T>(bound);
-  Kokkos::parallel_for(
-      "kmoe::moeut_init::fill_uniform", Kokkos::RangePolicy<ExecSpace>(0, tensor.size()),
-      KOKKOS_LAMBDA(const index_t i) {
-        values(i) = b * (T(2) * stream.uniform<T>(static_cast<std::uint64_t>(i)) - T(1));
-      });
+  ops::fill_uniform<T>(tensor.flat(), generator.take(static_cast<std::uint64_t>(tensor.size())),
+                       static_cast<T>(-bound), static_cast<T>(bound));
 }
 
 template <class T>

@@ -5,6 +5,7 @@
 #include "kmoe/ops/dropout.hpp"
 #include "kmoe/ops/gather_scatter.hpp"
 #include "kmoe/ops/gemm.hpp"
+#include "kmoe/ops/init.hpp"
 #include "kmoe/ops/impl/team_reduce.hpp"
 #include "kmoe/ops/linear.hpp"
 #include "kmoe/ops/softmax.hpp"
@@ -64,15 +65,6 @@ inline Shape with_last_dim(const Shape& shape, index_t last) {
   auto dims = shape.dims();
   dims.back() = last;
   return Shape(dims);
-}
-
-// out[i] = stddev · N(0, 1) draw i of the stream.
-template <class T>
-void fill_normal(const Tensor<T>& out, const RngStream& stream, T stddev) {
-  const View1<T> values = out.flat();
-  Kokkos::parallel_for(
-      "kmoe::sigma_moe::fill_normal", Kokkos::RangePolicy<ExecSpace>(0, out.size()),
-      KOKKOS_LAMBDA(const index_t i) { values(i) = stddev * stream.normal<T>(static_cast<std::uint64_t>(i)); });
 }
 
 // The original's renorm_keep_std(dim=1): rows scaled to unit L2 norm, then the whole matrix
@@ -143,18 +135,6 @@ Tensor<T> sinkhorn_unnorm(const Tensor<T>& z, index_t rows_per_group, int n_iter
         out(n, e) = Kokkos::Experimental::exp(av(n / A, e) + bv(n, 0) + zv(n, e));
       });
   return scores;
-}
-
-// Expert dropout: scores[n, e] = −inf where stream.uniform(n · E + e) < p.
-template <class T>
-void drop_experts(const Tensor<T>& scores, T p, const RngStream& stream) {
-  const View1<T> values = scores.flat();
-  const T minus_inf = -std::numeric_limits<T>::infinity();
-  Kokkos::parallel_for(
-      "kmoe::sigma_moe::expert_dropout", Kokkos::RangePolicy<ExecSpace>(0, scores.size()),
-      KOKKOS_LAMBDA(const index_t i) {
-        if (stream.uniform<T>(static_cast<std::uint64_t>(i)) < p) values(i) = minus_inf;
-      });
 }
 
 // out[t, j] = z[t, index[t, j]]: the router logits of the selected experts.
@@ -344,7 +324,8 @@ SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed) : config
   // The original's creation order: keys, values, expert_sel.
   Generator generator(seed);
   const auto draw = [&](const Tensor<T>& tensor, double stddev) {
-    impl::fill_normal<T>(tensor, generator.take(static_cast<std::uint64_t>(tensor.size())), static_cast<T>(stddev));
+    ops::fill_normal<T>(tensor.flat(), generator.take(static_cast<std::uint64_t>(tensor.size())), T(0),
+                        static_cast<T>(stddev));
   };
   draw(params_.keys, std::pow(static_cast<double>(D), -0.5) * wss);
   draw(params_.values, std::pow(static_cast<double>(E * es), -0.5) * wss);
@@ -404,8 +385,8 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   const index_t rows_per_group = x.rank() >= 2 ? x.dim(x.rank() - 2) : 1;
   f.selection_scores = impl::selection_scores(c, f.router_logits, rows_per_group, training);
   if (training && c.expert_dropout > 0) {
-    impl::drop_experts<T>(f.selection_scores, static_cast<T>(c.expert_dropout),
-                          rng.take(static_cast<std::uint64_t>(f.selection_scores.size())));
+    ops::drop_to_minus_infinity<T>(f.selection_scores.flat(), static_cast<T>(c.expert_dropout),
+                                   rng.take(static_cast<std::uint64_t>(f.selection_scores.size())));
   }
   const Tensor<T> topk_values("sigma_moe::topk_values", {tokens, K});
   f.expert_index = Tensor<int>("sigma_moe::expert_index", {tokens, K});

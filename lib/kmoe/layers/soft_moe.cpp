@@ -6,6 +6,7 @@
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/ops/gemm.hpp"
+#include "kmoe/ops/init.hpp"
 #include "kmoe/ops/norms.hpp"
 #include "kmoe/ops/softmax.hpp"
 
@@ -157,15 +158,6 @@ std::vector<NamedTensor<T>> named_values(const SoftMoEConfig& c, const SoftMoEPa
   return named;
 }
 
-// out[i] = stddev · N(0, 1) draw i of the stream.
-template <class T>
-void fill_normal(const Tensor<T>& out, const RngStream& stream) {
-  const View1<T> values = out.flat();
-  Kokkos::parallel_for(
-      "kmoe::soft_moe::fill_normal", Kokkos::RangePolicy<ExecSpace>(0, out.size()),
-      KOKKOS_LAMBDA(const index_t i) { values(i) = stream.normal<T>(static_cast<std::uint64_t>(i)); });
-}
-
 // dst[b, c, a] = src[b, a, c]: images [B, dim, H·W] ↔ token rows [B, H·W, dim].
 template <class T>
 Tensor<T> swap_last_two(const Tensor<T>& src, const char* label) {
@@ -311,11 +303,11 @@ SoftMoE<T>::SoftMoE(const SoftMoEConfig& config, std::uint64_t seed) : config_(c
   Generator generator(seed);
   if (config_.variant == SoftMoEVariant::lite) {
     params_.phi = Tensor<T>("soft_moe::phi", {D, E, S});
-    impl::soft_moe::fill_normal<T>(params_.phi, generator.take(static_cast<std::uint64_t>(params_.phi.size())));
+    ops::fill_normal<T>(params_.phi.flat(), generator.take(static_cast<std::uint64_t>(params_.phi.size())), T(0), T(1));
   } else {
     params_.slot_embeds = Tensor<T>("soft_moe::slot_embeds", {E, S, D});
-    impl::soft_moe::fill_normal<T>(params_.slot_embeds,
-                                   generator.take(static_cast<std::uint64_t>(params_.slot_embeds.size())));
+    ops::fill_normal<T>(params_.slot_embeds.flat(),
+                        generator.take(static_cast<std::uint64_t>(params_.slot_embeds.size())), T(0), T(1));
     params_.norm_gamma = Tensor<T>("soft_moe::norm_gamma", {D});
     params_.norm_gamma.fill(T(1));
     params_.slot_norm_gamma = Tensor<T>("soft_moe::slot_norm_gamma", {D});

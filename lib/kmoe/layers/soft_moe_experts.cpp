@@ -11,6 +11,7 @@
 #include "kmoe/moe/cvmm.hpp"
 #include "kmoe/ops/dropout.hpp"
 #include "kmoe/ops/glu.hpp"
+#include "kmoe/ops/init.hpp"
 #include "kmoe/ops/norms.hpp"
 
 namespace kmoe::layers {
@@ -42,17 +43,6 @@ namespace impl::slot_experts {
 using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
 
 inline Range2 all_of(index_t rows, index_t cols) { return Range2({0, 0}, {rows, cols}); }
-
-// out[i] = lo + (hi − lo) · uniform draw i of the stream.
-template <class T>
-void fill_uniform(const Tensor<T>& out, const RngStream& stream, T lo, T hi) {
-  const View1<T> values = out.flat();
-  Kokkos::parallel_for(
-      "kmoe::soft_moe_experts::fill_uniform", Kokkos::RangePolicy<ExecSpace>(0, out.size()),
-      KOKKOS_LAMBDA(const index_t i) {
-        values(i) = lo + (hi - lo) * stream.uniform<T>(static_cast<std::uint64_t>(i));
-      });
-}
 
 // stacked [E, in, out] = gain · (per expert) the transpose of torch.nn.init.orthogonal_ of an
 // [out, in] weight: a normal matrix of the taller orientation, orthonormalised column by column
@@ -244,8 +234,8 @@ SlotExpertParams<T> init_slot_expert_params(const SlotExpertConfig& c, Generator
     // nn.Linear.reset_parameters: kaiming_uniform(a = √5) is U(±1/√in), as is the bias.
     for (const auto& [w, b, in] : {std::make_tuple(p.w1, p.b1, D), std::make_tuple(p.w2, p.b2, H)}) {
       const T bound = static_cast<T>(1.0 / std::sqrt(static_cast<double>(in)));
-      impl::slot_experts::fill_uniform<T>(w, take(w), -bound, bound);
-      impl::slot_experts::fill_uniform<T>(b, take(b), -bound, bound);
+      ops::fill_uniform<T>(w.flat(), take(w), -bound, bound);
+      ops::fill_uniform<T>(b.flat(), take(b), -bound, bound);
     }
   }
   if (c.hidden_layer_norm) {

@@ -3,6 +3,7 @@
 #include "kmoe/core/error.hpp"
 #include "kmoe/ops/gemm.hpp"
 #include "kmoe/ops/impl/team_reduce.hpp"
+#include "kmoe/ops/init.hpp"
 #include "kmoe/ops/linear.hpp"
 #include "kmoe/ops/topk.hpp"
 
@@ -269,12 +270,8 @@ View2<T> row_block(const Tensor<T>& matrix, index_t block, index_t rows) {
 // values = stddev · N(0, 1), or U(±bound) when uniform.
 template <class T>
 void fill_random(const Tensor<T>& t, const RngStream& stream, bool uniform, T scale) {
-  const View1<T> values = t.flat();
-  Kokkos::parallel_for(
-      "kmoe::st_moe::fill_random", Kokkos::RangePolicy<ExecSpace>(0, t.size()), KOKKOS_LAMBDA(const index_t i) {
-        const auto counter = static_cast<std::uint64_t>(i);
-        values(i) = uniform ? scale * (T(2) * stream.uniform<T>(counter) - T(1)) : scale * stream.normal<T>(counter);
-      });
+  if (uniform) return ops::fill_uniform<T>(t.flat(), stream, -scale, scale);
+  ops::fill_normal<T>(t.flat(), stream, T(0), scale);
 }
 
 }  // namespace st_moe_impl

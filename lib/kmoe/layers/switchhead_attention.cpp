@@ -4,6 +4,7 @@
 #include "kmoe/layers/moeut_init.hpp"
 #include "kmoe/moe/cvmm.hpp"
 #include "kmoe/ops/activations.hpp"
+#include "kmoe/ops/dropout.hpp"
 #include "kmoe/ops/gemm.hpp"
 #include "kmoe/ops/linear.hpp"
 #include "kmoe/ops/rope.hpp"
@@ -111,14 +112,8 @@ Selection<T> select_experts(const Tensor<T>& z, int heads, int experts, int k, b
   Tensor<T> scores = probs;
   if (training && expert_dropout > 0) {
     scores = probs.clone("switchhead::sel_scores");
-    const RngStream stream = rng.take(static_cast<std::uint64_t>(scores.size()));
-    const View1<T> values = scores.flat();
-    const T p = static_cast<T>(expert_dropout), minus_inf = -std::numeric_limits<T>::infinity();
-    Kokkos::parallel_for(
-        "kmoe::switchhead::expert_dropout", Kokkos::RangePolicy<ExecSpace>(0, scores.size()),
-        KOKKOS_LAMBDA(const index_t i) {
-          if (stream.uniform<T>(static_cast<std::uint64_t>(i)) < p) values(i) = minus_inf;
-        });
+    ops::drop_to_minus_infinity<T>(scores.flat(), static_cast<T>(expert_dropout),
+                                   rng.take(static_cast<std::uint64_t>(scores.size())));
   }
   Selection<T> s;
   s.local = Tensor<int>("switchhead::sel_local", {lines, k});

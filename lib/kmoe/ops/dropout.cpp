@@ -34,9 +34,23 @@ void dropout_backward(const View1<const T>& dy, T p, const RngStream& rng, const
   impl::apply_dropout_mask<T>("kmoe::dropout_backward", dy, p, rng, dx);
 }
 
+template <class T>
+void drop_to_minus_infinity(const View1<T>& scores, T p, const RngStream& rng) {
+  require(p >= T(0) && p < T(1), Status::invalid_argument, "kmoe::drop_to_minus_infinity: p = ", p,
+          " is outside [0, 1)");
+  const RngStream stream = rng;
+  const T minus_inf = -Kokkos::Experimental::infinity<T>::value;
+  Kokkos::parallel_for(
+      "kmoe::drop_to_minus_infinity", Kokkos::RangePolicy<ExecSpace>(0, scores.extent(0)),
+      KOKKOS_LAMBDA(const index_t i) {
+        if (stream.uniform<T>(static_cast<std::uint64_t>(i)) < p) scores(i) = minus_inf;
+      });
+}
+
 #define KMOE_INSTANTIATE(T)                                                                      \
   template void dropout_forward<T>(const View1<const T>&, T, const RngStream&, const View1<T>&); \
-  template void dropout_backward<T>(const View1<const T>&, T, const RngStream&, const View1<T>&);
+  template void dropout_backward<T>(const View1<const T>&, T, const RngStream&, const View1<T>&); \
+  template void drop_to_minus_infinity<T>(const View1<T>&, T, const RngStream&);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)
 #undef KMOE_INSTANTIATE

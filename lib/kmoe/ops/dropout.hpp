@@ -17,4 +17,9 @@ void dropout_forward(const View1<const T>& x, T p, const RngStream& rng, const V
 template <class T>
 void dropout_backward(const View1<const T>& dy, T p, const RngStream& rng, const View1<T>& dx);
 
+// Expert dropout of σ-MoE and SwitchHead selection scores: scores[i] = −inf where rng.uniform(i)
+// < p (the expert cannot be selected), in place. p in [0, 1).
+template <class T>
+void drop_to_minus_infinity(const View1<T>& scores, T p, const RngStream& rng);
+
 }  // namespace kmoe::ops
