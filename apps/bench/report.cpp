@@ -67,12 +67,16 @@ std::int64_t PeakMemory::peak_bytes() const { return ledger->peak - ledger->star
 
 void BenchTable::print() const {
   const double base_rate = baseline.flops / baseline.seconds;
+  std::size_t width = 4;  // "case"
+  width = std::max(width, baseline.name.size());
+  for (const BenchRow& row : rows) width = std::max(width, row.name.size());
+  const int w = static_cast<int>(width);
   std::printf("### %s\n\n", title.c_str());
-  std::printf("| %-42s | %10s | %8s | %9s | %13s |\n", "case", "time [ms]", "GFLOP/s", "peak [MB]", "ratio vs base");
-  std::printf("|--------------------------------------------|------------|----------|-----------|---------------|\n");
+  std::printf("| %-*s | %10s | %8s | %9s | %13s |\n", w, "case", "time [ms]", "GFLOP/s", "peak [MB]", "ratio vs base");
+  std::printf("|%s|------------|----------|-----------|---------------|\n", std::string(width + 2, '-').c_str());
   const auto print_row = [&](const BenchRow& row) {
     const double rate = row.flops / row.seconds;
-    std::printf("| %-42s | %10.2f | %8.1f | %9s | %13.2f |\n", row.name.c_str(), row.seconds * 1e3, rate * 1e-9,
+    std::printf("| %-*s | %10.2f | %8.1f | %9s | %13.2f |\n", w, row.name.c_str(), row.seconds * 1e3, rate * 1e-9,
                 megabytes(row.peak_bytes).c_str(), rate / base_rate);
   };
   print_row(baseline);
