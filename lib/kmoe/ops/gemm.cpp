@@ -1,6 +1,7 @@
 #include "kmoe/ops/gemm.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/tensor.hpp"
 
 #include <KokkosBlas3_gemm.hpp>
 #if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
@@ -9,6 +10,17 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdint>
+#include <vector>
+
+#if defined(KOKKOS_ENABLE_CUDA) && defined(KOKKOSKERNELS_ENABLE_TPL_CUBLAS)
+#include <KokkosBlas_tpl_spec.hpp>
+#include <cublas_v2.h>
+// cublas<t>gemmGroupedBatched arrived in cuBLAS 12.5.
+#if CUBLAS_VERSION >= 120500
+#define KMOE_GROUPED_CUBLAS 1
+#endif
+#endif
 
 #if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
 // OpenBLAS's thread control, looked up weakly: null when the BLAS in use is not OpenBLAS.
@@ -73,6 +85,118 @@ void host_blas_gemm(bool transpose_a, bool transpose_b, index_t m, index_t n, in
 }
 #endif
 
+// One GEMM recorded by a GroupedGemms, in cuBLAS's column-major terms: row-major C = op(A)·op(B)
+// is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, so the first operand is B.
+struct RecordedGemm {
+  bool transpose_first, transpose_second;
+  std::int64_t m, n, k;  // column-major: Cᵀ is m × n
+  double alpha, beta;
+  const void* first;
+  const void* second;
+  void* c;
+  std::int64_t ld_first, ld_second, ld_c;
+  bool is_double;
+};
+
+// The GEMMs recorded by the live GroupedGemms (device builds with cuBLAS only).
+struct GemmRecording {
+  bool active = false;
+  std::vector<RecordedGemm> gemms;
+};
+
+GemmRecording& recording() {
+  static GemmRecording instance;
+  return instance;
+}
+
+GroupedGemms::GroupedGemms() {
+#if defined(KMOE_GROUPED_CUBLAS)
+  require(!recording().active, Status::invalid_argument, "GroupedGemms: groups do not nest");
+  recording().active = true;
+  recording().gemms.clear();
+#endif
+}
+
+GroupedGemms::~GroupedGemms() {
+#if defined(KMOE_GROUPED_CUBLAS)
+  recording().active = false;
+  recording().gemms.clear();
+#endif
+}
+
+#if defined(KMOE_GROUPED_CUBLAS)
+// Issues the recorded GEMMs of one scalar type as a single cublas<t>gemmGroupedBatched call, each
+// GEMM its own group of one. The operand pointer arrays live in device memory.
+template <class T>
+void run_grouped(const std::vector<RecordedGemm>& all) {
+  std::vector<const RecordedGemm*> gemms;
+  for (const RecordedGemm& g : all)
+    if (g.is_double == std::is_same_v<T, double>) gemms.push_back(&g);
+  const std::int64_t count = static_cast<std::int64_t>(gemms.size());
+  if (count == 0) return;
+  std::vector<cublasOperation_t> op_first, op_second;
+  std::vector<std::int64_t> m, n, k, ld_first, ld_second, ld_c, group_size(count, 1), pointers(3 * count);
+  std::vector<T> alpha, beta;
+  for (std::int64_t i = 0; i < count; ++i) {
+    const RecordedGemm& g = *gemms[i];
+    op_first.push_back(g.transpose_first ? CUBLAS_OP_T : CUBLAS_OP_N);
+    op_second.push_back(g.transpose_second ? CUBLAS_OP_T : CUBLAS_OP_N);
+    m.push_back(g.m);
+    n.push_back(g.n);
+    k.push_back(g.k);
+    ld_first.push_back(g.ld_first);
+    ld_second.push_back(g.ld_second);
+    ld_c.push_back(g.ld_c);
+    alpha.push_back(static_cast<T>(g.alpha));
+    beta.push_back(static_cast<T>(g.beta));
+    pointers[i] = reinterpret_cast<std::int64_t>(g.first);
+    pointers[count + i] = reinterpret_cast<std::int64_t>(g.second);
+    pointers[2 * count + i] = reinterpret_cast<std::int64_t>(g.c);
+  }
+  // From the caching allocator: a later kernel that reuses the block runs after this call in
+  // stream order.
+  const auto device_pointers = Tensor<std::int64_t>::from_host("kmoe::gemm_group_pointers", {3 * count}, pointers);
+  const auto* first = reinterpret_cast<const T* const*>(device_pointers.data());
+  const auto* second = reinterpret_cast<const T* const*>(device_pointers.data() + count);
+  auto* const* c = reinterpret_cast<T* const*>(device_pointers.data() + 2 * count);
+  cublasHandle_t handle = KokkosBlas::Impl::CudaBlasSingleton::singleton().handle;
+  cublasStatus_t status;
+  if constexpr (std::is_same_v<T, double>) {
+    status = cublasDgemmGroupedBatched_64(handle, op_first.data(), op_second.data(), m.data(), n.data(), k.data(),
+                                          alpha.data(), first, ld_first.data(), second, ld_second.data(), beta.data(),
+                                          c, ld_c.data(), count, group_size.data());
+  } else {
+    status = cublasSgemmGroupedBatched_64(handle, op_first.data(), op_second.data(), m.data(), n.data(), k.data(),
+                                          alpha.data(), first, ld_first.data(), second, ld_second.data(), beta.data(),
+                                          c, ld_c.data(), count, group_size.data());
+  }
+  require(status == CUBLAS_STATUS_SUCCESS, Status::invalid_argument, "gemm: cuBLAS grouped GEMM of ", count,
+          " products failed with status ", static_cast<int>(status));
+}
+#endif
+
+void GroupedGemms::run() {
+#if defined(KMOE_GROUPED_CUBLAS)
+  GemmRecording& r = recording();
+  r.active = false;  // the GEMMs below are launched, not recorded
+  run_grouped<float>(r.gemms);
+  run_grouped<double>(r.gemms);
+  r.gemms.clear();
+#endif
+}
+
+// Records the GEMM when a GroupedGemms is live (device builds with cuBLAS); false otherwise.
+template <class T>
+bool record_gemm(bool transpose_a, bool transpose_b, index_t m, index_t n, index_t k, T alpha,
+                 const View2<const T>& a, const View2<const T>& b, T beta, const View2<T>& c) {
+  if (!recording().active) return false;
+  recording().gemms.push_back({transpose_b, transpose_a, n, m, k, static_cast<double>(alpha),
+                               static_cast<double>(beta), b.data(), a.data(), c.data(),
+                               static_cast<std::int64_t>(b.stride(0)), static_cast<std::int64_t>(a.stride(0)),
+                               static_cast<std::int64_t>(c.stride(0)), std::is_same_v<T, double>});
+  return true;
+}
+
 }  // namespace impl
 
 template <class T>
@@ -106,6 +230,7 @@ void gemm(bool transpose_a, bool transpose_b, T alpha, const View2<const T>& a, 
   }
 #endif
   // cuBLAS (or Kokkos Kernels' own kernels where no BLAS TPL is enabled).
+  if (impl::record_gemm(transpose_a, transpose_b, m, n, k, alpha, a, b, beta, c)) return;
   KokkosBlas::gemm(transpose_a ? "T" : "N", transpose_b ? "T" : "N", alpha, a, b, beta, c);
 }
 

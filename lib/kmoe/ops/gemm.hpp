@@ -28,13 +28,27 @@ class SingleThreadedBlas {
  private:
   int previous_threads_ = 0;
 };
+
+// While a GroupedGemms lives, ops::gemm on a device records its GEMMs instead of launching them,
+// and run() issues them all as one grouped launch (cuBLAS grouped batched GEMM): a MoE layer's
+// per-expert GEMMs are many and small, and one launch each leaves a GPU mostly idle. The recorded
+// GEMMs must not read each other's outputs. On the host, or without cuBLAS, it records nothing.
+class GroupedGemms {
+ public:
+  GroupedGemms();
+  ~GroupedGemms();  // drops what was not run (only after an exception)
+  GroupedGemms(const GroupedGemms&) = delete;
+  GroupedGemms& operator=(const GroupedGemms&) = delete;
+  void run();
+};
 }  // namespace impl
 
 // Calls body(i) for every i in [0, n); each body issues its own ops::gemm calls on outputs no
 // other body touches (e.g. one expert's block). On the host with OpenBLAS the bodies run in
 // parallel, each GEMM on one thread: many mid-sized GEMMs then keep all cores busy, which one
 // threaded GEMM after another does not, and a single-threaded GEMM's bits do not depend on the
-// thread count. Elsewhere (cuBLAS, other BLAS) the bodies run in order.
+// thread count. On a GPU the bodies' GEMMs go out as one grouped cuBLAS launch (GroupedGemms), so
+// a body must not read what its own GEMMs write. Elsewhere (other BLAS) the bodies run in order.
 template <class Body>
 void for_each_independent_gemm(int n, const Body& body) {
   if constexpr (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible) {
@@ -48,7 +62,9 @@ void for_each_independent_gemm(int n, const Body& body) {
       return;
     }
   }
+  impl::GroupedGemms group;
   for (int i = 0; i < n; ++i) body(i);
+  group.run();
 }
 
 }  // namespace kmoe::ops
