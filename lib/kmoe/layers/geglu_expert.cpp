@@ -2,6 +2,7 @@
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/moe/cvmm.hpp"
+#include "kmoe/moe/expert_bias.hpp"
 #include "kmoe/ops/glu.hpp"
 #include "kmoe/ops/init.hpp"
 #include "kmoe/ops/linear.hpp"
@@ -29,38 +30,6 @@ constexpr double rms_norm_eps = 1e-12;  // F.normalize's eps
 template <class T>
 void fill_uniform(const View1<T>& out, Generator& rng, double bound) {
   ops::fill_uniform<T>(out, rng.take(out.extent(0)), static_cast<T>(-bound), static_cast<T>(bound));
-}
-
-// rows(s, :) += bias(row_expert(s), :) for the routed rows s.
-template <class T>
-void add_expert_bias(const View2<T>& rows, const View2<const T>& bias, const View1<const int>& row_expert) {
-  Kokkos::parallel_for(
-      "kmoe::geglu::add_expert_bias",
-      Range2({0, 0}, {static_cast<index_t>(row_expert.extent(0)), static_cast<index_t>(rows.extent(1))}),
-      KOKKOS_LAMBDA(const index_t s, const index_t c) { rows(s, c) += bias(row_expert(s), c); });
-}
-
-// sums(e, c) += Σ_{rows s of expert e} rows(s, c), rows in order (one thread per (e, c): reproducible).
-template <class T>
-void accumulate_expert_column_sums(const moe::DispatchPlan& plan, const View2<const T>& rows, const View2<T>& sums) {
-  const View1<int> offsets = plan.expert_offsets();
-  Kokkos::parallel_for(
-      "kmoe::geglu::expert_column_sums",
-      Range2({0, 0}, {static_cast<index_t>(sums.extent(0)), static_cast<index_t>(sums.extent(1))}),
-      KOKKOS_LAMBDA(const index_t e, const index_t c) {
-        T sum = 0;
-        for (index_t s = offsets(e); s < offsets(e + 1); ++s) sum += rows(s, c);
-        sums(e, c) += sum;
-      });
-}
-
-inline Tensor<int> row_experts(const moe::DispatchPlan& plan) {
-  const auto experts = Tensor<int>::uninitialized("geglu::row_expert", {plan.n_routed_pairs()});
-  const View1<int> out = experts.flat(), sorted_pair = plan.sorted_pair(), expert_of_pair = plan.expert_of_pair();
-  Kokkos::parallel_for(
-      "kmoe::geglu::row_experts", Kokkos::RangePolicy<ExecSpace>(0, plan.n_routed_pairs()),
-      KOKKOS_LAMBDA(const index_t s) { out(s) = expert_of_pair(sorted_pair(s)); });
-  return experts;
 }
 
 template <class T>
@@ -202,11 +171,10 @@ GegluExpertsSaved<T> geglu_experts_forward(const GegluExpertsParams<T>& params, 
   geglu_impl::require_experts_args("geglu_experts_forward", params, plan, x_sorted, "x_sorted", y_sorted, "y_sorted");
   const index_t pairs = plan.n_pairs(), h = params.mult_bias.dim(1);
   GegluExpertsSaved<T> saved;
-  saved.row_expert = geglu_impl::row_experts(plan);
   saved.pre = Tensor<T>::uninitialized("experts::pre", {pairs, 2 * h});
   moe::cvmm_forward<T>(plan, x_sorted.as_matrix(), params.w_in.template view<3>(), saved.pre.as_matrix(),
                        moe::PairRows::sorted);
-  geglu_impl::add_expert_bias<T>(saved.pre.as_matrix(), params.b_in.as_matrix(), saved.row_expert.flat());
+  moe::add_expert_bias<T>(plan, moe::PairRows::sorted, saved.pre.as_matrix(), params.b_in.as_matrix());
   saved.hidden = Tensor<T>::uninitialized("experts::hidden", {pairs, h});
   const auto& offsets = plan.expert_offsets_host();
   for (int e = 0; e < plan.n_experts(); ++e) {
@@ -218,7 +186,7 @@ GegluExpertsSaved<T> geglu_experts_forward(const GegluExpertsParams<T>& params, 
   }
   moe::cvmm_forward<T>(plan, saved.hidden.as_matrix(), params.w_out.template view<3>(), y_sorted.as_matrix(),
                        moe::PairRows::sorted);
-  geglu_impl::add_expert_bias<T>(y_sorted.as_matrix(), params.b_out.as_matrix(), saved.row_expert.flat());
+  moe::add_expert_bias<T>(plan, moe::PairRows::sorted, y_sorted.as_matrix(), params.b_out.as_matrix());
   return saved;
 }
 
@@ -233,7 +201,7 @@ void geglu_experts_backward(const GegluExpertsParams<T>& params, GegluExpertsPar
   const index_t pairs = plan.n_pairs(), h = params.mult_bias.dim(1);
   require(!saved.hidden.empty() && saved.hidden.dim(0) == pairs, Status::shape_mismatch, op,
           ": the saved activations do not come from this plan");
-  geglu_impl::accumulate_expert_column_sums<T>(plan, dy_sorted.as_matrix(), grads.b_out.as_matrix());
+  moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::sorted, dy_sorted.as_matrix(), grads.b_out.as_matrix());
   const auto dhidden = Tensor<T>::uninitialized("experts::dhidden", {pairs, h});
   moe::cvmm_backward<T>(plan, saved.hidden.as_matrix(), params.w_out.template view<3>(), dy_sorted.as_matrix(),
                         dhidden.as_matrix(), grads.w_out.template view<3>(), moe::PairRows::sorted);
@@ -247,7 +215,7 @@ void geglu_experts_backward(const GegluExpertsParams<T>& params, GegluExpertsPar
                          Kokkos::subview(dhidden.as_matrix(), rows, Kokkos::ALL),
                          Kokkos::subview(dpre.as_matrix(), rows, Kokkos::ALL), geglu_impl::expert_row(grads.mult_bias, e));
   }
-  geglu_impl::accumulate_expert_column_sums<T>(plan, dpre.as_matrix(), grads.b_in.as_matrix());
+  moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::sorted, dpre.as_matrix(), grads.b_in.as_matrix());
   moe::cvmm_backward<T>(plan, x_sorted.as_matrix(), params.w_in.template view<3>(), dpre.as_matrix(),
                         dx_sorted.as_matrix(), grads.w_in.template view<3>(), moe::PairRows::sorted);
 }

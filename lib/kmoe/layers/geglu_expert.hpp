@@ -91,7 +91,6 @@ template <class T>
 struct GegluExpertsSaved {
   Tensor<T> pre;         // [pairs, 2h]
   Tensor<T> hidden;      // [pairs, h]
-  Tensor<int> row_expert;  // [routed pairs] expert of each sorted row
 };
 
 // x_sorted [pairs, dim] (row s = input of pair sorted_pair(s)) → y_sorted [pairs, dim]; rows at or

@@ -2,8 +2,8 @@
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/moe/cvmm.hpp"
+#include "kmoe/moe/expert_bias.hpp"
 #include "kmoe/ops/dropout.hpp"
-#include "kmoe/ops/gather_scatter.hpp"
 #include "kmoe/ops/gemm.hpp"
 #include "kmoe/ops/init.hpp"
 #include "kmoe/ops/impl/team_reduce.hpp"
@@ -149,14 +149,13 @@ Tensor<T> gather_selected(const Tensor<T>& z, const Tensor<int>& index) {
   return out;
 }
 
-// rows[r, :] += bias[row_bias[r], :], or bias[0, :] for every row when row_bias is empty.
+// rows[r, :] += bias for every row (o_bias).
 template <class T>
-void add_row_bias(const View2<T>& rows, const View2<const T>& bias, const View1<const int>& row_bias) {
-  const bool indexed = row_bias.data() != nullptr;
+void add_bias_to_rows(const View2<T>& rows, const View1<const T>& bias) {
   Kokkos::parallel_for(
       "kmoe::sigma_moe::add_bias",
       Range2({0, 0}, {static_cast<index_t>(rows.extent(0)), static_cast<index_t>(rows.extent(1))}),
-      KOKKOS_LAMBDA(const index_t r, const index_t c) { rows(r, c) += bias(indexed ? row_bias(r) : 0, c); });
+      KOKKOS_LAMBDA(const index_t r, const index_t c) { rows(r, c) += bias(c); });
 }
 
 // The order of the per-pair hidden units: the plan's sorted order, so that each expert's rows stay
@@ -164,17 +163,6 @@ void add_row_bias(const View2<T>& rows, const View2<const T>& bias, const View1<
 // with one pair per token the two projections read the same rows anyway).
 inline moe::PairRows hidden_order(const moe::DispatchPlan& plan) {
   return plan.k() > 1 ? moe::PairRows::sorted : moe::PairRows::pair_order;
-}
-
-// The expert of each row of a per-pair matrix in hidden_order.
-inline Tensor<int> experts_of_hidden_rows(const moe::DispatchPlan& plan) {
-  const auto experts = Tensor<int>::uninitialized("sigma_moe::expert_of_row", {plan.n_pairs()});
-  const View1<int> out = experts.flat(), sorted_pair = plan.sorted_pair(), expert_of_pair = plan.expert_of_pair();
-  const bool sorted = hidden_order(plan) == moe::PairRows::sorted;
-  Kokkos::parallel_for(
-      "kmoe::sigma_moe::experts_of_hidden_rows", Kokkos::RangePolicy<ExecSpace>(0, plan.n_pairs()),
-      KOKKOS_LAMBDA(const index_t r) { out(r) = expert_of_pair(sorted ? sorted_pair(r) : r); });
-  return experts;
 }
 
 // sums[c] += Σ_r src[r, c], rows in order (one thread per column: reproducible, no atomics).
@@ -401,8 +389,8 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   moe::cvmm_forward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), f.pre_activation.as_matrix(),
                        impl::hidden_order(f.plan));
   if (c.bias) {
-    impl::add_row_bias<T>(f.pre_activation.as_matrix(), params_.bias.as_matrix(),
-                          impl::experts_of_hidden_rows(f.plan).flat());
+    moe::add_expert_bias<T>(f.plan, impl::hidden_order(f.plan), f.pre_activation.as_matrix(),
+                            params_.bias.as_matrix());
   }
   f.hidden = Tensor<T>::uninitialized("sigma_moe::hidden", {pairs, es});
   ops::activation_forward<T>(c.activation, f.pre_activation.flat(), f.hidden.flat());
@@ -415,7 +403,7 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   const auto y = Tensor<T>::uninitialized("sigma_moe::y", {tokens, Dv});
   moe::cvmm_forward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
                                y.as_matrix(), impl::hidden_order(f.plan));
-  if (c.bias) impl::add_row_bias<T>(y.as_matrix(), params_.o_bias.reshape({1, Dv}).as_matrix(), View1<const int>());
+  if (c.bias) impl::add_bias_to_rows<T>(y.as_matrix(), params_.o_bias.flat());
   f.y = y.reshape(impl::with_last_dim(x.shape(), Dv));
   return f;
 }
@@ -455,7 +443,8 @@ SigmaMoEInputGrads<T> SigmaMoE<T>::backward_with_router(const SigmaMoEForward<T>
     ops::dropout_backward<T>(du.flat(), static_cast<T>(c.dropout), f.dropout_stream, du.flat());
   ops::activation_backward<T>(c.activation, f.pre_activation.flat(), du.flat(), du.flat());
   if (c.bias) {
-    ops::scatter_add_rows<T>(du.as_matrix(), impl::experts_of_hidden_rows(f.plan).flat(), grads_.bias.as_matrix());
+    moe::accumulate_expert_bias_gradient<T>(f.plan, impl::hidden_order(f.plan), du.as_matrix(),
+                                            grads_.bias.as_matrix());
   }
   const auto dx = Tensor<T>::uninitialized("sigma_moe::dx", {tokens, D});
   moe::cvmm_backward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), du.as_matrix(), dx.as_matrix(),

@@ -9,6 +9,7 @@
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/moe/cvmm.hpp"
+#include "kmoe/moe/expert_bias.hpp"
 #include "kmoe/ops/dropout.hpp"
 #include "kmoe/ops/glu.hpp"
 #include "kmoe/ops/init.hpp"
@@ -81,14 +82,6 @@ void fill_orthogonal(Tensor<T> stacked, const RngStream& stream, double gain) {
   stacked.copy_from_host(values);
 }
 
-// rows(r, c) += bias(expert(r), c).
-template <class T>
-void add_expert_bias(const View2<T>& rows, const View1<const int>& expert, const View2<const T>& bias) {
-  Kokkos::parallel_for(
-      "kmoe::soft_moe_experts::add_bias", all_of(rows.extent(0), rows.extent(1)),
-      KOKKOS_LAMBDA(const index_t r, const index_t c) { rows(r, c) += bias(expert(r), c); });
-}
-
 // rows(r, c) = rows(r, c) · gamma(expert(r), c) + beta(expert(r), c): the per-expert affine part of
 // a LayerNorm whose normalisation ran without one.
 template <class T>
@@ -111,27 +104,22 @@ void expert_affine_input_gradient(const View2<const T>& dz, const View1<const in
       KOKKOS_LAMBDA(const index_t r, const index_t c) { dnormalized(r, c) = dz(r, c) * gamma(expert(r), c); });
 }
 
-// Per-expert column sums over the expert's rows in plan order (a fixed order: reproducible, no
-// atomics): dshift[e, c] += Σ_r dz(r, c) and, when dgain is present, dgain[e, c] += Σ_r dz(r, c) ·
-// x̂(r, c) with x̂ = (x(r, c) − mean(r)) · rstd(r). Bias gradients are the first sum alone; a
-// per-expert LayerNorm affine takes both.
+// dgain[e, c] += Σ over expert e's rows r of dz(r, c) · x̂(r, c), x̂ = (x(r, c) − mean(r)) · rstd(r), in
+// ascending pair order (reproducible, no atomics): the gain gradient of a per-expert LayerNorm
+// affine (its shift gradient is moe::accumulate_expert_bias_gradient).
 template <class T>
-void accumulate_expert_sums(const moe::DispatchPlan& plan, const View2<const T>& dz, const View2<const T>& x,
-                            const View1<const T>& mean, const View1<const T>& rstd, const View2<T>& dgain,
-                            const View2<T>& dshift) {
+void accumulate_expert_gain_gradient(const moe::DispatchPlan& plan, const View2<const T>& dz, const View2<const T>& x,
+                                     const View1<const T>& mean, const View1<const T>& rstd, const View2<T>& dgain) {
   const View1<int> offsets = plan.expert_offsets(), sorted_row = plan.sorted_pair();
-  const bool with_gain = dgain.data() != nullptr;
   Kokkos::parallel_for(
-      "kmoe::soft_moe_experts::expert_sums", all_of(plan.n_experts(), dz.extent(1)),
+      "kmoe::soft_moe_experts::expert_gain_gradient", all_of(plan.n_experts(), dz.extent(1)),
       KOKKOS_LAMBDA(const index_t e, const index_t c) {
-        T shift_sum = 0, gain_sum = 0;
+        T sum = 0;
         for (int s = offsets(e); s < offsets(e + 1); ++s) {
           const int r = sorted_row(s);
-          shift_sum += dz(r, c);
-          if (with_gain) gain_sum += dz(r, c) * (x(r, c) - mean(r)) * rstd(r);
+          sum += dz(r, c) * (x(r, c) - mean(r)) * rstd(r);
         }
-        dshift(e, c) += shift_sum;
-        if (with_gain) dgain(e, c) += gain_sum;
+        dgain(e, c) += sum;
       });
 }
 
@@ -141,7 +129,7 @@ Tensor<T> expert_linear(const moe::DispatchPlan& plan, const Tensor<T>& x, const
                         const char* label) {
   const auto out = Tensor<T>::uninitialized(label, {x.dim(0), w.dim(2)});
   moe::cvmm_forward<T>(plan, x.as_matrix(), w.template view<3>(), out.as_matrix());
-  add_expert_bias<T>(out.as_matrix(), plan.expert_of_pair(), b.as_matrix());
+  moe::add_expert_bias<T>(plan, moe::PairRows::pair_order, out.as_matrix(), b.as_matrix());
   return out;
 }
 
@@ -169,8 +157,9 @@ Tensor<T> maybe_expert_layer_norm_backward(bool enabled, const moe::DispatchPlan
                                            const Tensor<T>& dout, Tensor<T>& dgamma, Tensor<T>& dbeta,
                                            const char* label) {
   if (!enabled) return dout;
-  accumulate_expert_sums<T>(plan, dout.as_matrix(), pre.as_matrix(), mean.flat(), rstd.flat(), dgamma.as_matrix(),
-                            dbeta.as_matrix());
+  accumulate_expert_gain_gradient<T>(plan, dout.as_matrix(), pre.as_matrix(), mean.flat(), rstd.flat(),
+                                     dgamma.as_matrix());
+  moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::pair_order, dout.as_matrix(), dbeta.as_matrix());
   const auto dnormalized = Tensor<T>::uninitialized(label, pre.shape());
   expert_affine_input_gradient<T>(dout.as_matrix(), plan.expert_of_pair(), gamma.as_matrix(), dnormalized.as_matrix());
   const auto dpre = Tensor<T>::uninitialized(label, pre.shape());
@@ -334,8 +323,7 @@ Tensor<T> slot_experts_backward(const SlotExpertConfig& c, const SlotExpertParam
   const Tensor<T> dsecond = impl::slot_experts::maybe_expert_layer_norm_backward(
       c.output_layer_norm, plan, f.second, p.output_norm_weight, f.output_mean, f.output_rstd, doutput_in,
       g.output_norm_weight, g.output_norm_bias, "soft_moe_experts::dsecond");
-  impl::slot_experts::accumulate_expert_sums<T>(plan, dsecond.as_matrix(), View2<const T>(), View1<const T>(),
-                                                View1<const T>(), View2<T>(), g.b2.as_matrix());
+  moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::pair_order, dsecond.as_matrix(), g.b2.as_matrix());
   const auto dh = Tensor<T>::uninitialized("soft_moe_experts::dh", f.h.shape());
   moe::cvmm_backward<T>(plan, f.h.as_matrix(), p.w2.template view<3>(), dsecond.as_matrix(), dh.as_matrix(),
                         g.w2.template view<3>());
@@ -358,8 +346,7 @@ Tensor<T> slot_experts_backward(const SlotExpertConfig& c, const SlotExpertParam
   const Tensor<T> dfirst = impl::slot_experts::maybe_expert_layer_norm_backward(
       c.hidden_layer_norm, plan, f.first, p.hidden_norm_weight, f.hidden_mean, f.hidden_rstd, dactivation_in,
       g.hidden_norm_weight, g.hidden_norm_bias, "soft_moe_experts::dfirst");
-  impl::slot_experts::accumulate_expert_sums<T>(plan, dfirst.as_matrix(), View2<const T>(), View1<const T>(),
-                                                View1<const T>(), View2<T>(), g.b1.as_matrix());
+  moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::pair_order, dfirst.as_matrix(), g.b1.as_matrix());
   const auto du = Tensor<T>::uninitialized("soft_moe_experts::du", f.u.shape());
   moe::cvmm_backward<T>(plan, f.u.as_matrix(), p.w1.template view<3>(), dfirst.as_matrix(), du.as_matrix(),
                         g.w1.template view<3>());
