@@ -95,6 +95,21 @@ void check_mask(const char* op, const AttentionMask& mask, index_t batch, index_
   }
 }
 
+// q, k, v and probs agree on batch, heads and lengths (q's batch, heads, q_len and d_head, k's
+// k_len, v's d_value); scale is finite.
+template <class T, class Probs>
+void require_attention_inputs(const char* op, const View4<const T>& q, const View4<const T>& k,
+                              const View4<const T>& v, T scale, const Probs& probs) {
+  const index_t batch = q.extent(0), heads = q.extent(1), q_len = q.extent(2), d_head = q.extent(3);
+  const index_t k_len = k.extent(2), d_value = v.extent(3);
+  require_extents(op, "q", q, batch, heads, q_len, d_head);
+  require_extents(op, "k", k, batch, heads, k_len, d_head);
+  require_extents(op, "v", v, batch, heads, k_len, d_value);
+  require_extents(op, "probs", probs, batch, heads, q_len, k_len);
+  require(std::isfinite(static_cast<double>(scale)), Status::invalid_argument, op, ": scale = ", scale,
+          " is not finite");
+}
+
 }  // namespace impl
 
 template <class T>
@@ -103,14 +118,9 @@ void attention_forward(const View4<const T>& q, const View4<const T>& k, const V
   const char* op = "attention_forward";
   const index_t batch = q.extent(0), heads = q.extent(1), q_len = q.extent(2), d_head = q.extent(3);
   const index_t k_len = k.extent(2), d_value = v.extent(3);
-  impl::require_extents(op, "q", q, batch, heads, q_len, d_head);
-  impl::require_extents(op, "k", k, batch, heads, k_len, d_head);
-  impl::require_extents(op, "v", v, batch, heads, k_len, d_value);
-  impl::require_extents(op, "probs", probs, batch, heads, q_len, k_len);
+  impl::require_attention_inputs<T>(op, q, k, v, scale, probs);
   impl::require_extents(op, "out", out, batch, heads, q_len, d_value);
   impl::check_mask<T>(op, mask, batch, q_len, k_len);
-  require(std::isfinite(static_cast<double>(scale)), Status::invalid_argument, op, ": scale = ", scale,
-          " is not finite");
   if (batch * heads * q_len == 0) return;
   if (k_len == 0 || d_head == 0) {  // no keys (every row fully masked) or empty dot products
     Kokkos::deep_copy(probs, T(0));
@@ -139,16 +149,11 @@ void attention_backward(const View4<const T>& q, const View4<const T>& k, const 
   const char* op = "attention_backward";
   const index_t batch = q.extent(0), heads = q.extent(1), q_len = q.extent(2), d_head = q.extent(3);
   const index_t k_len = k.extent(2), d_value = v.extent(3);
-  impl::require_extents(op, "q", q, batch, heads, q_len, d_head);
-  impl::require_extents(op, "k", k, batch, heads, k_len, d_head);
-  impl::require_extents(op, "v", v, batch, heads, k_len, d_value);
-  impl::require_extents(op, "probs", probs, batch, heads, q_len, k_len);
+  impl::require_attention_inputs<T>(op, q, k, v, scale, probs);
   impl::require_extents(op, "dout", dout, batch, heads, q_len, d_value);
   impl::require_extents(op, "dq", dq, batch, heads, q_len, d_head);
   impl::require_extents(op, "dk", dk, batch, heads, k_len, d_head);
   impl::require_extents(op, "dv", dv, batch, heads, k_len, d_value);
-  require(std::isfinite(static_cast<double>(scale)), Status::invalid_argument, op, ": scale = ", scale,
-          " is not finite");
   Kokkos::deep_copy(dq, T(0));
   Kokkos::deep_copy(dk, T(0));
   Kokkos::deep_copy(dv, T(0));
