@@ -330,11 +330,11 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
         v_logits.push_back(lf.attention.sel_v_logits.reshape({B, T_len, H, Ea}));
       }
     }
-    f.ffn_reg.push_back(entropy_reg_forward(ffn_logits));
+    f.ffn_reg.push_back(moe::entropy_reg_forward(ffn_logits));
     reg += c.entropy_reg * static_cast<double>(f.ffn_reg.back().value);
     if (Ea > 1) {
-      f.att_o_reg.push_back(entropy_reg_forward(o_logits));
-      f.att_v_reg.push_back(entropy_reg_forward(v_logits));
+      f.att_o_reg.push_back(moe::entropy_reg_forward(o_logits));
+      f.att_v_reg.push_back(moe::entropy_reg_forward(v_logits));
       reg += c.att_entropy_reg *
              (static_cast<double>(f.att_o_reg.back().value) + static_cast<double>(f.att_v_reg.back().value));
     }
@@ -362,12 +362,12 @@ Tensor<T> MoEUT<T>::backward(const MoEUTForward<T>& f, const Tensor<T>& dout, T 
   std::vector<Tensor<T>> dz_ffn(G * R), dz_o(G * R), dz_v(G * R);
   if (f.training && dreg_loss != T(0)) {
     for (int i = 0; i < G; ++i) {
-      const auto ffn = entropy_reg_backward(f.ffn_reg[i], static_cast<T>(dreg_loss * c.entropy_reg));
+      const auto ffn = moe::entropy_reg_backward(f.ffn_reg[i], static_cast<T>(dreg_loss * c.entropy_reg));
       for (int r = 0; r < R; ++r) dz_ffn[r * G + i] = ffn[r].reshape({N, E});
       if (!att_moe) continue;
       const T att_coef = static_cast<T>(dreg_loss * c.att_entropy_reg);
-      const auto o = entropy_reg_backward(f.att_o_reg[i], att_coef);
-      const auto v = entropy_reg_backward(f.att_v_reg[i], att_coef);
+      const auto o = moe::entropy_reg_backward(f.att_o_reg[i], att_coef);
+      const auto v = moe::entropy_reg_backward(f.att_v_reg[i], att_coef);
       for (int r = 0; r < R; ++r) {
         dz_o[r * G + i] = o[r].reshape({B, T_len, H, Ea});
         dz_v[r * G + i] = v[r].reshape({B, T_len, H, Ea});

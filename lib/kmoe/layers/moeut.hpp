@@ -10,7 +10,7 @@
 //     x = x + σ-MoE(experts ← x, router ← LN2(x)).
 // reg_loss (training only, as the original) = entropy_reg · Σ σ-MoE entropies + att_entropy_reg ·
 // Σ SwitchHead entropies (v and o selections), each per sequence over time × repeats
-// (moeut_entropy.hpp).
+// (moe/entropy_regulariser.hpp).
 //
 // Fixed relative to the original (documented in the README of data/golden/moeut/ and seeds-spec
 // §2.10): an odd rotary width rounds down to even (MoEUT_44M: d_head 82 → 40 rotated channels,
@@ -22,9 +22,9 @@
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
-#include "kmoe/layers/moeut_entropy.hpp"
 #include "kmoe/layers/sigma_moe.hpp"
 #include "kmoe/layers/switchhead_attention.hpp"
+#include "kmoe/moe/entropy_regulariser.hpp"
 #include "kmoe/ops/attention.hpp"
 
 #include <cstdint>
@@ -112,7 +112,7 @@ struct MoEUTForward {
   // Saved for backward: applications in order (absolute layer l = r·G + i), and per distinct
   // layer the regularisers of its R calls (FFN, attention o and v selections).
   std::vector<MoEUTLayerForward<T>> calls;
-  std::vector<EntropyRegForward<T>> ffn_reg, att_o_reg, att_v_reg;
+  std::vector<moe::EntropyRegForward<T>> ffn_reg, att_o_reg, att_v_reg;
 };
 
 template <class T>

@@ -2,11 +2,11 @@
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/moe/cvmm.hpp"
+#include "kmoe/moe/entropy_regulariser.hpp"
 #include "kmoe/moe/expert_bias.hpp"
 #include "kmoe/ops/dropout.hpp"
 #include "kmoe/ops/gemm.hpp"
 #include "kmoe/ops/init.hpp"
-#include "kmoe/ops/impl/team_reduce.hpp"
 #include "kmoe/ops/linear.hpp"
 #include "kmoe/ops/softmax.hpp"
 #include "kmoe/ops/topk.hpp"
@@ -186,58 +186,6 @@ void add_into(const View1<T>& dst, const View1<const T>& src) {
       KOKKOS_LAMBDA(const index_t i) { dst(i) += src(i); });
 }
 
-// [1, E] log Σ_t softmax(z_t)_e = LSE over tokens of the log-probabilities; the regulariser's
-// log p̄ is this minus log N.
-template <class T>
-Tensor<T> token_logsumexp(const Tensor<T>& log_probs) {
-  const Tensor<T> lse("sigma_moe::token_lse", {1, log_probs.dim(1)});
-  ops::logsumexp_forward<T>(log_probs.as_3d(0), lse.as_matrix());
-  return lse;
-}
-
-// reg = Σ_e p̄_e log p̄_e with log p̄ = LSE_t log_softmax(z)[t, e] − log N, in log space as the
-// original's entropy_reg. The E terms are summed on the host in a fixed order.
-template <class T>
-T entropy_regulariser(const Tensor<T>& token_lse, index_t tokens) {
-  const auto lse = token_lse.to_host();
-  const T log_tokens = static_cast<T>(std::log(static_cast<double>(tokens)));
-  double reg = 0;
-  for (const T value : lse) {
-    const T log_mean = value - log_tokens;
-    reg += static_cast<double>(log_mean * std::exp(log_mean));
-  }
-  return static_cast<T>(reg);
-}
-
-// dz += coef · ∂reg/∂z, in one pass over the rows: reg ← log p̄ (∂reg/∂log p̄_e = p̄_e (log p̄_e + 1))
-// ← logsumexp over tokens (∂/∂logp[t, e] = exp(logp[t, e] − lse_e)) ← log_softmax over experts
-// (dz[t] = g − softmax(z_t) Σ_e g_e).
-template <class T>
-void add_regulariser_gradient(const Tensor<T>& log_probs, const Tensor<T>& lse, T coef, const Tensor<T>& dz) {
-  using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
-  const index_t tokens = log_probs.dim(0), experts = log_probs.dim(1);
-  const Tensor<T> dlse("sigma_moe::dlse", {experts});
-  const View1<T> dlse_v = dlse.flat();
-  const View2<T> lse_v = lse.as_matrix(), logp = log_probs.as_matrix(), dz_v = dz.as_matrix();
-  const T log_tokens = static_cast<T>(std::log(static_cast<double>(tokens)));
-  Kokkos::parallel_for(
-      "kmoe::sigma_moe::dreg_dlog_mean", Kokkos::RangePolicy<ExecSpace>(0, experts), KOKKOS_LAMBDA(const index_t e) {
-        const T log_mean = lse_v(0, e) - log_tokens;
-        dlse_v(e) = coef * Kokkos::Experimental::exp(log_mean) * (log_mean + T(1));
-      });
-  const int E = static_cast<int>(experts);
-  Kokkos::parallel_for(
-      "kmoe::sigma_moe::regulariser_gradient", Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(tokens), Kokkos::AUTO),
-      KOKKOS_LAMBDA(const Member& team) {
-        const index_t t = team.league_rank();
-        const auto g = [&](const int e) { return dlse_v(e) * Kokkos::Experimental::exp(logp(t, e) - lse_v(0, e)); };
-        const T g_sum = ops::impl::team_sum<T>(team, E, g);
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, E), [&](const int e) {
-          dz_v(t, e) += g(e) - Kokkos::Experimental::exp(logp(t, e)) * g_sum;
-        });
-      });
-}
-
 // The tensor top-k runs on (§1.2 steps 3-4): the activated logits, or the raw ones when the
 // activation comes after top-k; for sinkmoid the Sinkhorn scores in training, σ(z) in eval.
 template <class T>
@@ -363,10 +311,9 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   f.router_logits = Tensor<T>::uninitialized("sigma_moe::router_logits", {tokens, E});
   ops::linear_forward<T>((sel_input.empty() ? f.x : f.sel_input).as_matrix(), params_.expert_sel.as_matrix(),
                          View1<const T>(), f.router_logits.as_matrix());
-  f.log_probs = Tensor<T>::uninitialized("sigma_moe::log_probs", {tokens, E});
-  ops::log_softmax_forward<T>(f.router_logits.as_3d(1), f.log_probs.as_3d(1));
-  f.token_lse = impl::token_logsumexp(f.log_probs);
-  f.reg_loss = impl::entropy_regulariser(f.token_lse, tokens);
+  // The regulariser pools all tokens of the batch: one sequence, one call, one group.
+  f.regulariser = moe::entropy_reg_forward(std::vector<Tensor<T>>{f.router_logits.reshape({1, tokens, 1, E})});
+  f.reg_loss = f.regulariser.value;
 
   // Sinkhorn groups: the original's A = z.shape[-2] (one group of all tokens for 2-D x, one per
   // leading index for 3-D/4-D x); a single token for 1-D x.
@@ -453,7 +400,9 @@ SigmaMoEInputGrads<T> SigmaMoE<T>::backward_with_router(const SigmaMoEForward<T>
   // Router: gates, regulariser and the caller's logit gradient → dz → d expert_sel and the
   // router input's gradient (dx itself, or a separate dsel_input).
   const Tensor<T> dz = impl::router_gradient(c, f, dgates);
-  if (reg_coef != T(0)) impl::add_regulariser_gradient(f.log_probs, f.token_lse, reg_coef, dz);
+  if (reg_coef != T(0)) {
+    moe::entropy_reg_backward_add(f.regulariser, reg_coef, std::vector<Tensor<T>>{dz.reshape({1, tokens, 1, E})});
+  }
   if (!drouter_logits.empty()) {
     drouter_logits.require_shape(f.router_logits.shape(), "SigmaMoE::backward_with_router: drouter_logits");
     impl::add_into<T>(dz.flat(), drouter_logits.flat());

@@ -9,6 +9,7 @@
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
+#include "kmoe/moe/entropy_regulariser.hpp"
 #include "kmoe/ops/activations.hpp"
 
 #include <cstdint>
@@ -67,8 +68,7 @@ struct SigmaMoEForward {
   Tensor<T> x;                // [tokens, dmodel] (a view of the caller's input)
   Tensor<T> sel_input;        // [tokens, dmodel] the router's own input (MoEUT), empty when it reads x
   Tensor<T> router_logits;    // [tokens, n_experts] z = (sel_input or x) · expert_selᵀ
-  Tensor<T> log_probs;        // [tokens, n_experts] log_softmax(z), for the regulariser
-  Tensor<T> token_lse;        // [1, n_experts] logsumexp over tokens of log_probs (log p̄ + log N)
+  moe::EntropyRegForward<T> regulariser;  // over all tokens of the batch
   Tensor<int> expert_index;   // [tokens, k] selected experts (descending selection score)
   Tensor<T> gates;            // [tokens, k] reduction weights
   moe::DispatchPlan plan;

@@ -1,0 +1,39 @@
+// The routers' entropy regulariser of σ-MoE and MoEUT (seeds-spec §1.4, §2.4, §2.7): the negative
+// entropy of mean routing distributions, in log space as the originals compute it (log_softmax,
+// logsumexp over rows − log(rows)). A router called R times (MoEUT: once per repeat of a shared
+// layer's group) gives R logits tensors, each [B, T, G, E] (G = heads for SwitchHead, 1
+// otherwise); they are stacked over time × calls and
+//     reg = (1 / (B·G)) Σ_{b,g} Σ_e p̄_{b,g,e} log p̄_{b,g,e},   p̄_{b,g} = mean over the R·T rows of softmax_E(z).
+// σ-MoE's regulariser over all tokens of a batch is the case B = R = G = 1.
+#pragma once
+
+#include "kmoe/core/tensor.hpp"
+
+#include <vector>
+
+namespace kmoe::moe {
+
+template <class T>
+struct EntropyRegForward {
+  T value = T(0);
+  // Saved for backward.
+  index_t calls = 0, batch = 0, length = 0, groups = 0, experts = 0;
+  Tensor<T> log_probs;  // [B, R·T, G·E] log_softmax over E of the stacked logits
+  Tensor<T> row_lse;    // [B, G·E] logsumexp over the R·T rows
+};
+
+// logits: the R ≥ 1 calls' router logits, each [B, T, G, E] (all the same shape). Throws
+// Status::invalid_argument for no calls, Status::shape_mismatch for differing shapes.
+template <class T>
+EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits);
+
+// Adds the gradient of coef · reg with respect to each call's logits into dlogits (one [B, T, G, E]
+// tensor per call, in call order), in one pass over the rows.
+template <class T>
+void entropy_reg_backward_add(const EntropyRegForward<T>& forward, T coef, const std::vector<Tensor<T>>& dlogits);
+
+// The same gradients as new tensors.
+template <class T>
+std::vector<Tensor<T>> entropy_reg_backward(const EntropyRegForward<T>& forward, T coef);
+
+}  // namespace kmoe::moe
