@@ -32,10 +32,16 @@ void print_usage(std::FILE* to) {
   std::string layers;
   for (const LayerRunner& runner : layer_runners()) layers += std::string(layers.empty() ? "" : ", ") + runner.layer;
   std::fprintf(to,
-               "usage: kmoe-parity [--tolerance REL] FILE.h5 [FILE.h5 ...]\n"
+               "usage: kmoe-parity [--tolerance REL] [--params CHECKPOINT.h5] FILE.h5 [FILE.h5 ...]\n"
                "Checks kmoe against reference dumps (format: data/golden/README.md); layers: %s.\n"
                "  --tolerance REL  pass when relative L2 error <= REL (default 1e-4 for float32 dumps,\n"
-               "                   1e-10 for float64)\n"
+               "                   1e-10 for float64). A scalar loss that sums many terms is judged\n"
+               "                   against the magnitude of its terms: |computed - expected| /\n"
+               "                   max(|expected|, sum of |terms|) <= REL, so heavy cancellation in\n"
+               "                   sum(out * grad_out) does not fail a loss whose terms all match.\n"
+               "  --params FILE    take the parameters from this kmoe checkpoint (e.g. made by\n"
+               "                   kmoe-convert from a .safetensors file) instead of the dump's /params;\n"
+               "                   its model and config must be the dump's\n"
                "Exit status: 0 all tensors within tolerance, 1 some tensor out of tolerance,\n"
                "2 a file that cannot be used (unknown layer, missing dataset, shape mismatch, ...).\n",
                layers.c_str());
@@ -47,10 +53,11 @@ std::string without_path_prefix(const std::string& message, const std::string& p
   return message.compare(0, prefix.size(), prefix) == 0 ? message.substr(prefix.size()) : message;
 }
 
-Outcome check_file(const std::string& path, const std::optional<double>& tolerance) {
+Outcome check_file(const std::string& path, const std::optional<double>& tolerance, const std::string& params) {
   try {
     require(std::filesystem::exists(path), Status::io_error, "no such file");
-    const Fixture fixture(path);
+    Fixture fixture(path);
+    if (!params.empty()) fixture.use_parameters_from(params);
     Report report(fixture, tolerance.value_or(default_tolerance(fixture.dtype())), std::cout);
     std::printf("%s: layer %s, mode %s, %s, tolerance rel_l2 <= %.1e\n", path.c_str(), fixture.layer().c_str(),
                 fixture.training() ? "train" : "eval", io::dtype_name(fixture.dtype()), report.tolerance());
@@ -76,6 +83,7 @@ Outcome check_file(const std::string& path, const std::optional<double>& toleran
 int main(int argc, char** argv) {
   Kokkos::ScopeGuard kokkos(argc, argv);
   std::optional<double> tolerance;
+  std::string params;
   std::vector<std::string> files;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -91,6 +99,12 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "kmoe-parity: --tolerance needs a positive number, got '%s'\n", value);
         return unusable;
       }
+    } else if (arg == "--params") {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "kmoe-parity: --params needs a checkpoint file\n");
+        return unusable;
+      }
+      params = argv[++i];
     } else if (arg.rfind("--", 0) == 0) {
       std::fprintf(stderr, "kmoe-parity: unknown option '%s'\n", arg.c_str());
       print_usage(stderr);
@@ -107,7 +121,7 @@ int main(int argc, char** argv) {
   int worst = pass;
   int counts[3] = {0, 0, 0};
   for (const std::string& file : files) {
-    const Outcome outcome = check_file(file, tolerance);
+    const Outcome outcome = check_file(file, tolerance, params);
     ++counts[outcome];
     worst = std::max(worst, static_cast<int>(outcome));
   }

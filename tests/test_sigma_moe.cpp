@@ -21,7 +21,9 @@ using layers::SigmaMoEConfig;
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Host reference of the original forward in double (seeds-spec §1.2-1.4), dropout-free.
+// Host reference of the original forward in double (MoE.forward, sinkhorn_unnorm and entropy_reg of
+// RobertCsordas/moe_layer@c9b9c01c7071fe5c39d1f91ae6f24911fb75adb0
+// triton_src/moe_layer/moe_layer_simple.py), dropout-free.
 
 struct HostParams {
   std::vector<double> keys, values, expert_sel, bias, o_bias;
@@ -610,7 +612,8 @@ TEST(SigmaMoEGolden, SoftmaxAfterTopkBiasVdim48Train) {
   check_golden("sigma_moe_softmax_after_topk_bias_vdim48_train.h5");
 }
 TEST(SigmaMoEGolden, SinkmoidEval) { check_golden("sigma_moe_sinkmoid_eval.h5"); }
-// Sinkhorn selection in training, reproduced literally (seeds-spec §1.3) down to the reference's choice.
+// Sinkhorn selection in training, reproduced literally (moe_layer@c9b9c01 sinkhorn_unnorm, whose
+// updates subtract the log-domain potentials but whose output adds them) down to the reference's choice.
 TEST(SigmaMoEGolden, SinkmoidTrain) { check_golden("sigma_moe_sinkmoid_train.h5"); }
 
 TEST(SigmaMoEGradient, SigmoidEval) { check_gradients(gradient_case(SelectionMode::sigmoid, false, 1)); }

@@ -44,7 +44,7 @@ template <class T>
 ref::StateDict randomise(SoftMoE<T>& layer, std::uint64_t seed) {
   ref::StateDict state;
   std::uint64_t s = seed;
-  for (const auto& group : {layer.state_dict(), layer.buffers()}) {
+  for (const auto& group : {ref::state_entries(layer)}) {
     for (const auto& entry : group) {
       const std::string& name = entry.name;
       const auto n = static_cast<std::size_t>(entry.tensor.size());
@@ -64,6 +64,7 @@ ref::StateDict randomise(SoftMoE<T>& layer, std::uint64_t seed) {
     }
   }
   ref::load_host_state_dict(layer, state);
+  for (const auto& buffer : ref::buffer_entries(layer)) state[buffer.name] = to_double(buffer.tensor);
   return state;
 }
 
@@ -136,14 +137,14 @@ void expect_gradients(const GradientCase& g, std::uint64_t seed) {
   const auto loss_of_x = [&](const std::vector<double>& input) { return dot(to_double(run(input).y), weights); };
   EXPECT_LT(finite_difference_error(x, loss_of_x, dx), fd_tolerance) << what << ": dx";
 
-  for (const auto& grad : layer.grad_state_dict()) {
+  for (const auto& grad : ref::grad_entries(layer)) {
     const auto loss_of_param = [&](const std::vector<double>& values) {
-      layer.load_state_dict({{grad.name, make_tensor<double>(grad.tensor.shape(), values)}});
+      ref::load_entries(layer, {{grad.name, make_tensor<double>(grad.tensor.shape(), values)}});
       return dot(to_double(run(x).y), weights);
     };
     EXPECT_LT(ref::sampled_fd_error(state.at(grad.name), loss_of_param, to_double(grad.tensor)), fd_tolerance)
         << what << ": " << grad.name;
-    layer.load_state_dict({{grad.name, make_tensor<double>(grad.tensor.shape(), state.at(grad.name))}});
+    ref::load_entries(layer, {{grad.name, make_tensor<double>(grad.tensor.shape(), state.at(grad.name))}});
   }
 }
 
@@ -292,7 +293,7 @@ TEST(SoftMoE, MaskedTokensGetNoDispatchAndAUniformCombineRow) {
   SoftMoEConfig zeros = c;
   zeros.masked_output = MaskedTokenOutput::zeros;
   SoftMoE<float> zero_layer(zeros, 141);
-  zero_layer.load_state_dict(layer.state_dict());
+  ref::load_entries(zero_layer, ref::state_entries(layer));
   const auto yz = to_double(zero_layer.forward(x, mask_tensor(B, n, mask), false, rng).y);
   for (index_t t = 0; t < B * n; ++t)
     for (index_t d = 0; d < D; ++d) EXPECT_EQ(yz[t * D + d], mask[t] ? y[t * D + d] : 0.0) << "token " << t;
@@ -323,7 +324,7 @@ TEST(SoftMoE, FullyMaskedSequenceIsFiniteAndFollowsTheReference) {
       }
       const auto dx = to_double(layer.backward(f, make_tensor<float>(f.y.shape(), random_values(B * n * D, 153))));
       for (const double v : dx) ASSERT_TRUE(std::isfinite(v));
-      for (const auto& grad : layer.grad_state_dict())
+      for (const auto& grad : ref::grad_entries(layer))
         for (const double v : to_double(grad.tensor)) ASSERT_TRUE(std::isfinite(v)) << grad.name;
     }
   }
@@ -390,7 +391,7 @@ TEST(SoftMoE, ExpertDropoutOnlyInTraining) {
   const SoftMoEConfig with = SoftMoEConfig::lucidrains(6, o);
   SoftMoE<double> a(without, 181), b(with, 181);
   randomise(a, 181);
-  b.load_state_dict(a.state_dict());
+  ref::load_entries(b, ref::state_entries(a));
   const auto x = make_tensor<double>({2, 5, 6}, random_values(60, 182));
   Generator rng(1);
   const auto eval_a = to_double(a.forward(x, false, rng).y), eval_b = to_double(b.forward(x, false, rng).y);
@@ -412,7 +413,7 @@ TEST(SoftMoE, StateDictUsesTheReferencesNamesAndLayouts) {
   SoftMoEConfig lite = lite_readme(4, 2, 3, false);
   SoftMoE<float> lite_layer(lite, 191);
   std::set<std::string> names;
-  for (const auto& entry : lite_layer.state_dict()) names.insert(entry.name + " " + entry.tensor.shape().str());
+  for (const auto& entry : ref::state_entries(lite_layer)) names.insert(entry.name + " " + entry.tensor.shape().str());
   const std::set<std::string> lite_names = {"phi [4, 2, 3]",
                                             "experts.0.fcs.0.weight [4, 4]",
                                             "experts.0.fcs.0.bias [4]",
@@ -431,11 +432,11 @@ TEST(SoftMoE, StateDictUsesTheReferencesNamesAndLayouts) {
                                             "experts.1.last_ln.weight [4]",
                                             "experts.1.last_ln.bias [4]"};
   EXPECT_EQ(names, lite_names);
-  EXPECT_TRUE(lite_layer.buffers().empty());
+  EXPECT_TRUE(ref::buffer_entries(lite_layer).empty());
 
   SoftMoE<float> geglu(SoftMoEConfig::lucidrains(6, lucidrains_options(2, 1, 2, true, true)), 192);
   names.clear();
-  for (const auto& entry : geglu.state_dict()) names.insert(entry.name + " " + entry.tensor.shape().str());
+  for (const auto& entry : ref::state_entries(geglu)) names.insert(entry.name + " " + entry.tensor.shape().str());
   const std::set<std::string> lucidrains_names = {"norm.gamma [6]",
                                                   "slot_norm.gamma [6]",
                                                   "slot_embeds [2, 1, 6]",
@@ -448,29 +449,29 @@ TEST(SoftMoE, StateDictUsesTheReferencesNamesAndLayouts) {
                                                   "experts.experts.1.3.weight [6, 8]",
                                                   "experts.experts.1.3.bias [6]"};
   EXPECT_EQ(names, lucidrains_names);
-  ASSERT_EQ(geglu.buffers().size(), 2u);
-  EXPECT_EQ(geglu.buffers()[0].name, "norm.beta");
-  EXPECT_EQ(to_double(geglu.buffers()[1].tensor), std::vector<double>(6, 0.0));
+  ASSERT_EQ(ref::buffer_entries(geglu).size(), 2u);
+  EXPECT_EQ(ref::buffer_entries(geglu)[0].name, "norm.beta");
+  EXPECT_EQ(to_double(ref::buffer_entries(geglu)[1].tensor), std::vector<double>(6, 0.0));
 
   // A torch-layout weight lands transposed in the stacked CVMM weight.
   const auto w = random_values(16 * 6, 193);
-  geglu.load_state_dict({{"experts.experts.1.0.weight", make_tensor<float>({16, 6}, w)}});
+  ref::load_entries(geglu, {{"experts.experts.1.0.weight", make_tensor<float>({16, 6}, w)}});
   const auto stacked = to_double(geglu.params().experts.w1);  // [2, 6, 16]
   for (index_t o = 0; o < 16; ++o)
     for (index_t i = 0; i < 6; ++i) EXPECT_EQ(stacked[(6 + i) * 16 + o], static_cast<float>(w[o * 6 + i]));
   expect_status(
       [&] {
-        geglu.load_state_dict({{"experts.experts.2.0.weight", make_tensor<float>({16, 6}, w)}});
+        ref::load_entries(geglu, {{"experts.experts.2.0.weight", make_tensor<float>({16, 6}, w)}});
       },
-      Status::invalid_argument, "'experts.experts.2.0.weight' is not a parameter or buffer");
+      Status::invalid_argument, "not parameters of this layer: experts.experts.2.0.weight");
   expect_status(
       [&] {
-        geglu.load_state_dict({{"experts.experts.1.0.weight", make_tensor<float>({6, 16}, w)}});
+        ref::load_entries(geglu, {{"experts.experts.1.0.weight", make_tensor<float>({6, 16}, w)}});
       },
-      Status::shape_mismatch, "torch_weight");
+      Status::shape_mismatch, "'experts.experts.1.0.weight': expected shape [16, 6], got [6, 16]");
   expect_status(
       [&] {
-        geglu.load_state_dict({{"slot_embeds", make_tensor<float>({2, 6}, random_values(12, 1))}});
+        ref::load_entries(geglu, {{"slot_embeds", make_tensor<float>({2, 6}, random_values(12, 1))}});
       },
       Status::shape_mismatch, "'slot_embeds'");
 }
@@ -486,7 +487,7 @@ TEST(SoftMoE, InitialisationFollowsTheReferences) {
   }
   EXPECT_NEAR(mean, 0.0, 0.05);
   EXPECT_NEAR(std::sqrt(sq - mean * mean), 1.0, 0.05);
-  for (const auto& entry : lite.state_dict()) {
+  for (const auto& entry : ref::state_entries(lite)) {
     const auto v = to_double(entry.tensor);
     if (entry.name.find("fcs.0.weight") != std::string::npos ||
         entry.name.find("last_fc.weight") != std::string::npos) {
@@ -504,7 +505,7 @@ TEST(SoftMoE, InitialisationFollowsTheReferences) {
   }
   // lucidrains: nn.Linear's U(±1/√in) for weights and biases, norm gains 1.
   SoftMoE<double> luc(SoftMoEConfig::lucidrains(16, lucidrains_options(2, 2, 4, false, false)), 202);
-  for (const auto& entry : luc.state_dict()) {
+  for (const auto& entry : ref::state_entries(luc)) {
     const auto v = to_double(entry.tensor);
     const bool second = entry.name.find(".3.") != std::string::npos;
     if (entry.name.find("experts.") == 0) {

@@ -1,6 +1,8 @@
-// Host reference of Soft MoE in double, written from seeds-spec §4 in the references' own layouts
-// (torch nn.Linear weights [out, in], φ [dim, E, S], slot_embeds [E, S, dim]), for the Soft MoE
-// tests. Straight loops, no kmoe kernels.
+// Host reference of Soft MoE in double, written from the two references (class SoftMoE of
+// zhaozijie2022/soft-moe@5bf98ffddfb7ace8114fb3834e1ad91f1835572f soft_moe.py and of
+// lucidrains/soft-moe-pytorch@f3779d58860bb302a45459fc7ab5c5e24005d46c soft_moe_pytorch/soft_moe.py)
+// in their own layouts (torch nn.Linear weights [out, in], φ [dim, E, S], slot_embeds [E, S, dim]),
+// for the Soft MoE tests. Straight loops, no kmoe kernels.
 #pragma once
 
 #include <algorithm>
@@ -12,6 +14,7 @@
 #include <vector>
 
 #include "kmoe/layers/soft_moe.hpp"
+#include "kmoe/model/state_dict.hpp"
 #include "test_util.hpp"
 
 namespace kmoe::test::soft_moe_reference {
@@ -102,22 +105,58 @@ inline Vec expert_forward(const layers::SlotExpertConfig& c, const Expert& p, co
 // Parameters and buffers by state_dict name.
 using StateDict = std::map<std::string, Vec>;
 
+// The layer's state_dict entries as tensors, through the registry (model/state_dict.hpp).
 template <class T>
-StateDict host_state_dict(const layers::SoftMoE<T>& layer) {
+struct NamedTensor {
+  std::string name;
+  Tensor<T> tensor;
+};
+
+template <class T>
+std::vector<NamedTensor<T>> entries_of(layers::SoftMoE<T>& layer, bool buffers, model::StateOf what) {
+  model::ParameterList<T> selected;
+  for (const auto& p : model::collect_parameters(layer))
+    if ((p.kind == model::ParameterKind::buffer) == buffers) selected.push_back(p);
+  std::vector<NamedTensor<T>> out;
+  for (const auto& [name, host] : model::state_dict(selected, what))
+    out.push_back({name, make_tensor<T>(host.shape, host.values, name)});
+  return out;
+}
+template <class T>
+std::vector<NamedTensor<T>> state_entries(layers::SoftMoE<T>& layer) {
+  return entries_of(layer, false, model::StateOf::parameters);
+}
+template <class T>
+std::vector<NamedTensor<T>> buffer_entries(layers::SoftMoE<T>& layer) {
+  return entries_of(layer, true, model::StateOf::parameters);
+}
+template <class T>
+std::vector<NamedTensor<T>> grad_entries(layers::SoftMoE<T>& layer) {
+  return entries_of(layer, false, model::StateOf::gradients);
+}
+// Sets the named entries (any subset); unknown names and wrong shapes throw.
+template <class T>
+void load_entries(layers::SoftMoE<T>& layer, const std::vector<NamedTensor<T>>& entries) {
+  model::StateDict state;
+  for (const auto& e : entries) state[e.name] = {e.tensor.shape(), to_double(e.tensor)};
+  model::load_state_dict(model::collect_parameters(layer), state, false);
+}
+
+template <class T>
+StateDict host_state_dict(layers::SoftMoE<T>& layer) {
   StateDict dict;
-  for (const auto& entry : layer.state_dict()) dict[entry.name] = to_double(entry.tensor);
-  for (const auto& entry : layer.buffers()) dict[entry.name] = to_double(entry.tensor);
+  for (const auto& [name, host] : model::state_dict(model::collect_parameters(layer))) dict[name] = host.values;
   return dict;
 }
 
-// Loads every parameter and buffer of the layer from dict.
+// Loads every parameter of the layer from dict (buffers are the config's; dict must agree).
 template <class T>
 void load_host_state_dict(layers::SoftMoE<T>& layer, const StateDict& dict) {
-  std::vector<layers::NamedTensor<T>> entries;
-  for (const auto& group : {layer.state_dict(), layer.buffers()})
-    for (const auto& entry : group)
-      entries.push_back({entry.name, make_tensor<T>(entry.tensor.shape(), dict.at(entry.name))});
-  layer.load_state_dict(entries);
+  model::StateDict state;
+  for (const auto& p : model::collect_parameters(layer))
+    for (const auto& entry : model::torch_entries(p))
+      if (dict.count(entry.name) != 0) state[entry.name] = {entry.shape, dict.at(entry.name)};
+  model::load_state_dict(model::collect_parameters(layer), state, true);
 }
 
 inline Expert expert_from_state(const layers::SoftMoEConfig& c, const StateDict& s, int e) {

@@ -35,6 +35,49 @@ TEST(Tensor, HostRoundTripAndZeroInitialisation) {
   EXPECT_FALSE(zeros.empty());
 }
 
+TEST(Tensor, DefaultConstructedIsEmptyWithNoElements) {
+  const Tensor<float> t;
+  EXPECT_TRUE(t.empty());
+  EXPECT_EQ(t.size(), 0);
+  EXPECT_EQ(t.data(), nullptr);
+  EXPECT_TRUE(t.to_host().empty());
+  // Status::invalid_argument (not a Kokkos exception, nor a shape mismatch): it names the label.
+  expect_status([&] { t.reshape({1}); }, Status::invalid_argument, "empty", "reshape({1})");
+  expect_status([&] { t.reshape({0}); }, Status::invalid_argument, "empty", "reshape({0})");
+  const Tensor<float> named = t.clone("named");
+  EXPECT_TRUE(named.empty());
+  EXPECT_EQ(named.label(), "named");
+  expect_status([&] { named.reshape({1}); }, Status::invalid_argument, "'named'", "reshape names the label");
+  expect_status([&] { t.view<1>(); }, Status::invalid_argument, "empty", "view<1>");
+  expect_status([&] { t.as_matrix(); }, Status::invalid_argument, "empty", "as_matrix");
+  expect_status([&] { t.as_3d(0); }, Status::invalid_argument, "empty", "as_3d");
+  expect_status([&] { t.require_shape({}, "layer.bias"); }, Status::invalid_argument, "layer.bias", "require_shape");
+  Tensor<float> u;
+  EXPECT_NO_THROW(u.fill(1.0f));
+  EXPECT_NO_THROW(u.copy_from_host({}));
+  expect_status([&] { u.copy_from_host({1.0f}); }, Status::invalid_argument, "empty", "copy_from_host");
+  EXPECT_TRUE(u.empty());
+}
+
+TEST(Tensor, ZeroSizedDimensionIsNotEmpty) {
+  Tensor<float> t("rows", {0, 5});
+  EXPECT_FALSE(t.empty());
+  EXPECT_EQ(t.size(), 0);
+  EXPECT_TRUE(t.to_host().empty());
+  EXPECT_NO_THROW(t.fill(2.0f));
+  EXPECT_NO_THROW(t.copy_from_host({}));
+  const auto r = t.reshape({5, 0});
+  EXPECT_FALSE(r.empty());
+  EXPECT_EQ(r.shape(), (Shape{5, 0}));
+  EXPECT_EQ(t.view<2>().extent(1), 5u);
+  EXPECT_EQ(t.as_matrix().extent(0), 0u);
+  const auto c = t.clone("copy");
+  EXPECT_FALSE(c.empty());
+  EXPECT_EQ(c.shape(), t.shape());
+  EXPECT_NO_THROW(t.require_shape({0, 5}, "rows"));
+  EXPECT_THROW(t.reshape({1}), Error);
+}
+
 TEST(Tensor, ViewsAliasStorageWithTheRightExtents) {
   auto t = make_tensor<float>({2, 3, 4}, random_values(24, 2));
   const auto v3 = t.view<3>();

@@ -13,7 +13,8 @@ namespace kmoe::apps {
 
 namespace {
 
-// The MoEUT-244M feed-forward shape (seeds-spec §2 profiles), 8192 tokens.
+// The MoEUT-244M feed-forward shape (profile MoEUT_244M of
+// RobertCsordas/moeut@87f04973d3db3ad7cb4ca67a0750241e40210d3c profiles.py), 8192 tokens.
 ExpertMlpShape moeut_244m_ffn() {
   ExpertMlpShape s;
   s.tokens = 8192;

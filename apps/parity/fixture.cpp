@@ -1,6 +1,8 @@
 #include "fixture.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/io/checkpoint.hpp"
+#include "kmoe/model/builder.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -102,15 +104,28 @@ void Fixture::require_all_used() const {
           "' runner neither loads nor compares (does the config match the dump?): ", unused);
 }
 
-void ConfigReader::finish() const {
-  std::string unknown;
-  for (const auto& item : fixture_.config().items()) {
-    if (known_.count(item.key()) == 0) unknown += (unknown.empty() ? "'" : ", '") + item.key() + "'";
+template <class T>
+std::unique_ptr<model::Layer<T>> build_fixture_layer(const Fixture& fixture) {
+  return model::build_layer<T>(fixture.layer(), fixture.config(), fixture.seed());
+}
+
+template <class T>
+void load_fixture_parameters(const Fixture& fixture, model::Layer<T>& layer) {
+  model::ParameterList<T> parameters = layer.parameters();
+  model::StateDict state;
+  for (const model::Parameter<T>& p : parameters) {
+    const bool buffer = p.kind == model::ParameterKind::buffer;
+    for (const model::TorchEntry& entry : model::torch_entries(p)) {
+      const std::string dataset = Fixture::state_dict_path(buffer ? "/buffers" : "/params", entry.name);
+      // Buffers come from the config; a dump that stores them must agree with it.
+      if (buffer && !fixture.has(dataset)) continue;
+      const bool replaced = !buffer && !fixture.parameters_checkpoint().empty();
+      const std::vector<double> values = fixture.read<double>(dataset, entry.shape).to_host();
+      if (!replaced) state[entry.name] = {entry.shape, values};
+    }
   }
-  std::string accepted;
-  for (const std::string& key : known_) accepted += (accepted.empty() ? "" : ", ") + key;
-  require(unknown.empty(), Status::io_error, "config keys unknown to layer '", fixture_.layer(),
-          "': ", unknown, " (accepted: ", accepted, ")");
+  model::load_state_dict(parameters, state, fixture.parameters_checkpoint().empty());
+  if (!fixture.parameters_checkpoint().empty()) io::load_checkpoint(fixture.parameters_checkpoint(), layer);
 }
 
 Report::Report(const Fixture& fixture, double tolerance, std::ostream& out)
@@ -122,11 +137,22 @@ void Report::compare(const std::string& dataset, const Tensor<T>& computed) {
   compare_values(dataset, computed.shape(), std::vector<double>(values.begin(), values.end()));
 }
 
-void Report::compare_scalar(const std::string& dataset, double computed) {
-  compare_values(dataset, Shape(), {computed});
+void Report::compare(const std::string& dataset, const model::HostTensor& computed) {
+  compare_values(dataset, computed.shape, computed.values);
 }
 
-void Report::compare_values(const std::string& dataset, const Shape& shape, const std::vector<double>& computed) {
+void Report::compare_scalar(const std::string& dataset, double computed, double magnitude) {
+  compare_values(dataset, Shape(), {computed}, magnitude);
+}
+
+template <class T>
+void Report::compare_gradients(model::Layer<T>& layer) {
+  for (const auto& [name, grad] : model::state_dict(layer.parameters(), model::StateOf::gradients))
+    compare(Fixture::state_dict_path("/grad/params", name), grad);
+}
+
+void Report::compare_values(const std::string& dataset, const Shape& shape, const std::vector<double>& computed,
+                            double magnitude) {
   const std::vector<double> expected = fixture_.read<double>(dataset, shape).to_host();
   double max_abs = 0, diff_sq = 0, ref_sq = 0;
   bool finite = true;
@@ -137,7 +163,8 @@ void Report::compare_values(const std::string& dataset, const Shape& shape, cons
     diff_sq += diff * diff;
     ref_sq += expected[i] * expected[i];
   }
-  // A zero reference makes the relative error the absolute one.
+  // A zero reference makes the relative error the absolute one; a sum is judged against its terms.
+  ref_sq = std::max(ref_sq, magnitude * magnitude);
   const double rel_l2 = ref_sq > 0 ? std::sqrt(diff_sq / ref_sq) : std::sqrt(diff_sq);
   const bool ok = finite && rel_l2 <= tolerance_;
   ++compared_;
@@ -154,5 +181,11 @@ template Tensor<float> Fixture::read<float>(const std::string&, const std::optio
 template Tensor<double> Fixture::read<double>(const std::string&, const std::optional<Shape>&) const;
 template void Report::compare<float>(const std::string&, const Tensor<float>&);
 template void Report::compare<double>(const std::string&, const Tensor<double>&);
+template void Report::compare_gradients<float>(model::Layer<float>&);
+template void Report::compare_gradients<double>(model::Layer<double>&);
+template std::unique_ptr<model::Layer<float>> build_fixture_layer<float>(const Fixture&);
+template std::unique_ptr<model::Layer<double>> build_fixture_layer<double>(const Fixture&);
+template void load_fixture_parameters<float>(const Fixture&, model::Layer<float>&);
+template void load_fixture_parameters<double>(const Fixture&, model::Layer<double>&);
 
 }  // namespace kmoe::parity

@@ -7,10 +7,12 @@
 #include "kmoe/core/error.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/io/hdf5_reader.hpp"
+#include "kmoe/model/layer.hpp"
+#include "kmoe/model/state_dict.hpp"
 
-#include <nlohmann/json.hpp>
-
+#include <cmath>
 #include <cstdint>
+#include <memory>
 #include <iosfwd>
 #include <limits>
 #include <optional>
@@ -35,6 +37,10 @@ class Fixture {
   std::uint64_t seed() const { return seed_; }
   bool has(const std::string& object_path) const { return reader_.has(object_path); }
 
+  // kmoe-parity --params: the parameters come from this kmoe checkpoint instead of /params.
+  void use_parameters_from(const std::string& checkpoint) { parameters_checkpoint_ = checkpoint; }
+  const std::string& parameters_checkpoint() const { return parameters_checkpoint_; }
+
   // The dataset converted to T, with its shape checked when expected is given; marks it used.
   template <class T>
   Tensor<T> read(const std::string& dataset, const std::optional<Shape>& expected = std::nullopt) const;
@@ -55,81 +61,18 @@ class Fixture {
   io::Dtype dtype_ = io::Dtype::other;
   std::string loss_;
   std::uint64_t seed_ = 0;
+  std::string parameters_checkpoint_;
   mutable std::set<std::string> used_;
 };
 
-// Typed access to the config JSON with the file named in every error: required keys, keys with
-// the original constructor's defaults, nullable keys; finish() rejects keys nobody asked for
-// (an option kmoe does not know could change the computation).
-class ConfigReader {
- public:
-  explicit ConfigReader(const Fixture& fixture) : fixture_(fixture) {}
+// The fixture's layer, built from its `layer` and `config` attributes (model/builder.hpp).
+template <class T>
+std::unique_ptr<model::Layer<T>> build_fixture_layer(const Fixture& fixture);
 
-  template <class V>
-  V required(const std::string& key);
-  template <class V>
-  V get(const std::string& key, const V& fallback);
-  // Absent or null → nullopt (the original's None).
-  template <class V>
-  std::optional<V> get_nullable(const std::string& key);
-  void finish() const;
-
- private:
-  template <class V>
-  V convert(const std::string& key, const nlohmann::json& value) const;
-
-  const Fixture& fixture_;
-  std::set<std::string> known_;
-};
-
-template <class V>
-V ConfigReader::convert(const std::string& key, const nlohmann::json& value) const {
-  const char* expected = nullptr;
-  if constexpr (std::is_same_v<V, bool>) {
-    if (!value.is_boolean()) expected = "a boolean";
-  } else if constexpr (std::is_integral_v<V>) {
-    if (!value.is_number_integer()) expected = "an integer";
-  } else if constexpr (std::is_floating_point_v<V>) {
-    if (!value.is_number()) expected = "a number";
-  } else {
-    static_assert(std::is_same_v<V, std::string>, "config values are booleans, numbers or strings");
-    if (!value.is_string()) expected = "a string";
-  }
-  require(expected == nullptr, Status::io_error, "config key '", key, "' must be ", expected,
-          ", got ", value.dump());
-  if constexpr (std::is_integral_v<V> && !std::is_same_v<V, bool>) {
-    const auto wide = value.get<std::int64_t>();
-    require(wide >= std::numeric_limits<V>::min() && wide <= std::numeric_limits<V>::max(), Status::io_error,
-            "config key '", key, "' = ", wide, " is out of range");
-    return static_cast<V>(wide);
-  } else {
-    return value.get<V>();
-  }
-}
-
-template <class V>
-V ConfigReader::required(const std::string& key) {
-  known_.insert(key);
-  const nlohmann::json& config = fixture_.config();
-  require(config.contains(key), Status::io_error, "config has no '", key,
-          "' (required by layer '", fixture_.layer(), "'): ", config.dump());
-  return convert<V>(key, config.at(key));
-}
-
-template <class V>
-V ConfigReader::get(const std::string& key, const V& fallback) {
-  known_.insert(key);
-  const nlohmann::json& config = fixture_.config();
-  return config.contains(key) ? convert<V>(key, config.at(key)) : fallback;
-}
-
-template <class V>
-std::optional<V> ConfigReader::get_nullable(const std::string& key) {
-  known_.insert(key);
-  const nlohmann::json& config = fixture_.config();
-  if (!config.contains(key) || config.at(key).is_null()) return std::nullopt;
-  return convert<V>(key, config.at(key));
-}
+// Loads every parameter from /params under its state_dict name (checking /buffers where the dump
+// has them), or from the --params checkpoint, whose model and config must be the fixture's.
+template <class T>
+void load_fixture_parameters(const Fixture& fixture, model::Layer<T>& layer);
 
 // Compares kmoe's tensors with the dump's, one printed line per tensor.
 class Report {
@@ -139,7 +82,14 @@ class Report {
   // Compares with the dataset of the same shape (a 0-d dataset for a scalar).
   template <class T>
   void compare(const std::string& dataset, const Tensor<T>& computed);
-  void compare_scalar(const std::string& dataset, double computed);
+  void compare(const std::string& dataset, const model::HostTensor& computed);
+  // A scalar that sums terms of size up to `magnitude` (Σ|terms|; 0: a plain value) is judged by
+  // |computed − expected| / max(|expected|, magnitude): a sum with heavy cancellation is as
+  // accurate as its terms, not as its small result.
+  void compare_scalar(const std::string& dataset, double computed, double magnitude = 0);
+  // Every parameter gradient of the layer against /grad/params, by state_dict name.
+  template <class T>
+  void compare_gradients(model::Layer<T>& layer);
 
   bool all_ok() const { return failed_.empty(); }
   int compared() const { return compared_; }
@@ -147,7 +97,8 @@ class Report {
   double tolerance() const { return tolerance_; }
 
  private:
-  void compare_values(const std::string& dataset, const Shape& shape, const std::vector<double>& computed);
+  void compare_values(const std::string& dataset, const Shape& shape, const std::vector<double>& computed,
+                      double magnitude = 0);
 
   const Fixture& fixture_;
   double tolerance_;
@@ -159,13 +110,22 @@ class Report {
 // Relative L2 error ≤ this passes: 1e-4 for float32 dumps, 1e-10 for float64.
 double default_tolerance(io::Dtype dtype);
 
-// Σ a ⊙ b in double: the "sum(out * grad_out)" term of the fixtures' losses.
-template <class T>
-double dot(const Tensor<T>& a, const Tensor<T>& b) {
-  const std::vector<T> x = a.to_host(), y = b.to_host();
+// Σ a ⊙ b in double (the "sum(out * grad_out)" term of the fixtures' losses) and Σ |a ⊙ b|, the
+// magnitude of its terms that compare_scalar judges the sum against.
+struct Dot {
   double sum = 0;
-  for (std::size_t i = 0; i < x.size(); ++i) sum += static_cast<double>(x[i]) * static_cast<double>(y[i]);
-  return sum;
+  double magnitude = 0;
+};
+template <class T>
+Dot dot(const Tensor<T>& a, const Tensor<T>& b) {
+  const std::vector<T> x = a.to_host(), y = b.to_host();
+  Dot d;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const double term = static_cast<double>(x[i]) * static_cast<double>(y[i]);
+    d.sum += term;
+    d.magnitude += std::abs(term);
+  }
+  return d;
 }
 
 }  // namespace kmoe::parity

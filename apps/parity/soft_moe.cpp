@@ -12,36 +12,6 @@ namespace kmoe::parity {
 
 namespace {
 
-// SoftMoE(d_model, num_experts, num_slots): no other arguments.
-layers::SoftMoEConfig parse_lite_config(const Fixture& fixture) {
-  ConfigReader keys(fixture);
-  const auto d_model = keys.required<index_t>("d_model");
-  const auto num_experts = keys.required<int>("num_experts");
-  const auto num_slots = keys.required<index_t>("num_slots");
-  keys.finish();
-  return layers::SoftMoEConfig::lite(d_model, num_experts, num_slots);
-}
-
-// SoftMoE(dim, *, seq_len=None, num_experts=4, num_slots=None, expert_mult=4, dropout=0., geglu=False,
-// is_distributed=None, offload_unused_experts_to_cpu=True, use_layernorm=False).
-layers::SoftMoEConfig parse_lucidrains_config(const Fixture& fixture) {
-  ConfigReader keys(fixture);
-  layers::LucidrainsSoftMoEOptions o;
-  const auto dim = keys.required<index_t>("dim");
-  o.seq_len = keys.get_nullable<index_t>("seq_len").value_or(0);
-  o.num_experts = keys.get("num_experts", o.num_experts);
-  o.num_slots = keys.get_nullable<index_t>("num_slots").value_or(0);
-  o.expert_mult = keys.get("expert_mult", o.expert_mult);
-  o.dropout = keys.get("dropout", o.dropout);
-  o.geglu = keys.get("geglu", o.geglu);
-  o.use_layernorm = keys.get("use_layernorm", o.use_layernorm);
-  // Where the experts live (ranks, CPU offload) does not change the computed values.
-  keys.get_nullable<bool>("is_distributed");
-  keys.get("offload_unused_experts_to_cpu", true);
-  keys.finish();
-  return layers::SoftMoEConfig::lucidrains(dim, o);
-}
-
 void require_plain_loss(const Fixture& fixture) {
   static const std::regex form(R"(\s*sum\(\s*out\s*\*\s*grad_out\s*\)\s*)");
   require(std::regex_match(fixture.loss(), form), Status::io_error, "attribute 'loss' is '", fixture.loss(), "'; the ",
@@ -68,54 +38,46 @@ void compare_debug(const Fixture& fixture, Report& report, const layers::SoftMoE
 }
 
 template <class T>
-void run_soft_moe(const Fixture& fixture, Report& report, const layers::SoftMoEConfig& config) {
+void run_soft_moe(const Fixture& fixture, Report& report) {
   require_plain_loss(fixture);
-  layers::SoftMoE<T> layer(config, fixture.seed());
-  std::vector<layers::NamedTensor<T>> stored;
-  for (const auto& entry : layer.state_dict()) {
-    stored.push_back(
-        {entry.name, fixture.read<T>(Fixture::state_dict_path("/params", entry.name), entry.tensor.shape())});
-  }
-  for (const auto& entry : layer.buffers()) {
-    stored.push_back(
-        {entry.name, fixture.read<T>(Fixture::state_dict_path("/buffers", entry.name), entry.tensor.shape())});
-  }
-  layer.load_state_dict(stored);
+  const auto layer = build_fixture_layer<T>(fixture);
+  load_fixture_parameters(fixture, *layer);
+  const layers::SoftMoEConfig& config = layer->template as<layers::SoftMoE<T>>()->config();
 
-  const Tensor<T> x = fixture.read<T>("/input/x");
-  Tensor<int> mask;
+  model::LayerInputs<T> inputs;
+  inputs.x = fixture.read<T>("/input/x");
+  const Tensor<T>& x = inputs.x;
   if (fixture.has("/input/mask")) {
     // The batch and token extents of x as the layer reads it: [B, n, D], [B, D] or [B, D, H, W].
     const index_t tokens = x.rank() == 3 ? x.dim(1) : x.rank() == 4 ? x.dim(2) * x.dim(3) : 1;
-    mask = fixture.read_indices("/input/mask", Shape{x.dim(0), tokens});
+    inputs.mask = fixture.read_indices("/input/mask", Shape{x.dim(0), tokens});
   }
   Generator rng(fixture.seed());
-  const layers::SoftMoEForward<T> forward = layer.forward(x, mask, fixture.training(), rng);
-  report.compare("/output/out", forward.y);
-  compare_debug(fixture, report, config, forward);
+  const model::LayerForward<T> forward = layer->forward(inputs, fixture.training(), rng);
+  report.compare("/output/out", forward.out);
+  compare_debug(fixture, report, config, forward.template state_as<layers::SoftMoEForward<T>>());
 
   const bool has_loss = fixture.has("/output/loss"), has_grad = fixture.has("/grad");
   if (!has_loss && !has_grad) return;
-  const Tensor<T> grad_out = fixture.read<T>("/input/grad_out", forward.y.shape());
-  if (has_loss) report.compare_scalar("/output/loss", dot(forward.y, grad_out));
+  const Tensor<T> grad_out = fixture.read<T>("/input/grad_out", forward.out.shape());
+  const Dot d = dot(forward.out, grad_out);
+  if (has_loss) report.compare_scalar("/output/loss", d.sum, d.magnitude);
   if (!has_grad) return;
-  layer.zero_grad();
-  report.compare("/grad/input/x", layer.backward(forward, grad_out));
-  for (const auto& grad : layer.grad_state_dict()) {
-    report.compare(Fixture::state_dict_path("/grad/params", grad.name), grad.tensor);
-  }
+  layer->zero_grad();
+  report.compare("/grad/input/x", layer->backward(forward, grad_out, T(0)));
+  report.compare_gradients(*layer);
 }
 
 }  // namespace
 
 template <class T>
 void run_soft_moe_lite(const Fixture& fixture, Report& report) {
-  run_soft_moe<T>(fixture, report, parse_lite_config(fixture));
+  run_soft_moe<T>(fixture, report);
 }
 
 template <class T>
 void run_soft_moe_lucidrains(const Fixture& fixture, Report& report) {
-  run_soft_moe<T>(fixture, report, parse_lucidrains_config(fixture));
+  run_soft_moe<T>(fixture, report);
 }
 
 template void run_soft_moe_lite<float>(const Fixture&, Report&);

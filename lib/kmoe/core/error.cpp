@@ -11,6 +11,8 @@ const char* status_name(Status status) {
     case Status::io_error: return "I/O error";
     case Status::out_of_memory: return "out of memory";
     case Status::internal: return "internal error";
+    case Status::corrupt_file: return "corrupt file";
+    case Status::unsupported: return "unsupported";
   }
   return "unknown status";
 }

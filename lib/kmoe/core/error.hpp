@@ -13,9 +13,11 @@ enum class Status : int {
   invalid_argument = 1,  // a value out of range: k > experts, negative dropout, unknown mode
   shape_mismatch = 2,    // a tensor's shape differs from what the operation needs
   non_finite = 3,        // NaN or Inf where finite values are required
-  io_error = 4,          // a file that cannot be opened, read, or is corrupt
+  io_error = 4,          // a file that cannot be opened, read or written (missing, unwritable, disk full)
   out_of_memory = 5,
   internal = 6,          // a broken invariant inside kmoe
+  corrupt_file = 7,      // a file that opens but whose contents are damaged or inconsistent
+  unsupported = 8,       // a valid request kmoe does not implement
 };
 
 const char* status_name(Status status);

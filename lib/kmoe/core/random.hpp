@@ -98,6 +98,12 @@ class Generator {
   }
   std::uint64_t seed() const { return seed_; }
   std::uint64_t position() const { return next_; }
+  // A generator continuing from a saved (seed, position), as checkpoints store it.
+  static Generator restore(std::uint64_t seed, std::uint64_t position) {
+    Generator g(seed);
+    g.next_ = position;
+    return g;
+  }
 
  private:
   std::uint64_t seed_;

@@ -66,13 +66,21 @@ Tensor<T> Tensor<T>::from_host(const std::string& label, const Shape& shape, con
 }
 
 template <class T>
+void Tensor<T>::require_storage(const char* op) const {
+  require(!empty(), Status::invalid_argument, "Tensor::", op, ": tensor '", label_,
+          "' is empty (default-constructed, no storage)");
+}
+
+template <class T>
 View2<T> Tensor<T>::as_matrix() const {
+  require_storage("as_matrix");
   require(rank() >= 1, Status::shape_mismatch, label_, ": a scalar has no rows");
   return View2<T>(storage_.data(), shape_.product(0, rank() - 1), shape_[rank() - 1]);
 }
 
 template <class T>
 View3<T> Tensor<T>::as_3d(int axis) const {
+  require_storage("as_3d");
   require(axis >= 0 && axis < rank(), Status::invalid_argument, label_, ": axis ", axis, " out of range for shape ",
           shape_.str());
   return View3<T>(storage_.data(), shape_.product(0, axis), shape_[axis], shape_.product(axis + 1, rank()));
@@ -80,6 +88,8 @@ View3<T> Tensor<T>::as_3d(int axis) const {
 
 template <class T>
 Tensor<T> Tensor<T>::reshape(const Shape& shape) const {
+  // Even to a 0-element shape: an empty tensor keeps the rank-0 shape.
+  require_storage("reshape");
   require(shape.size() == size(), Status::shape_mismatch, label_, ": cannot reshape ", shape_.str(), " to ",
           shape.str());
   Tensor t = *this;
@@ -89,6 +99,11 @@ Tensor<T> Tensor<T>::reshape(const Shape& shape) const {
 
 template <class T>
 Tensor<T> Tensor<T>::clone(const std::string& label) const {
+  if (empty()) {
+    Tensor t;
+    t.label_ = label;
+    return t;
+  }
   Tensor t(label, shape_, false);
   Kokkos::deep_copy(t.storage_, storage_);
   return t;
@@ -96,6 +111,7 @@ Tensor<T> Tensor<T>::clone(const std::string& label) const {
 
 template <class T>
 std::vector<T> Tensor<T>::to_host() const {
+  if (empty()) return {};
   std::vector<T> out(static_cast<size_t>(size()));
   Kokkos::View<T*, Layout, HostSpace, Kokkos::MemoryUnmanaged> host(out.data(), out.size());
   Kokkos::deep_copy(host, storage_);
@@ -104,6 +120,11 @@ std::vector<T> Tensor<T>::to_host() const {
 
 template <class T>
 void Tensor<T>::copy_from_host(const std::vector<T>& values) {
+  if (empty()) {
+    require(values.empty(), Status::invalid_argument, "Tensor::copy_from_host: tensor '", label_,
+            "' is empty (default-constructed, no storage); cannot take ", values.size(), " host values");
+    return;
+  }
   require(static_cast<index_t>(values.size()) == size(), Status::shape_mismatch, label_, ": ", values.size(),
           " host values for shape ", shape_.str());
   Kokkos::View<const T*, Layout, HostSpace, Kokkos::MemoryUnmanaged> host(values.data(), values.size());
@@ -112,11 +133,14 @@ void Tensor<T>::copy_from_host(const std::vector<T>& values) {
 
 template <class T>
 void Tensor<T>::fill(T value) {
+  if (empty()) return;
   Kokkos::deep_copy(storage_, value);
 }
 
 template <class T>
 void Tensor<T>::require_shape(const Shape& expected, const std::string& what) const {
+  require(!empty(), Status::invalid_argument, what, ": expected shape ", expected.str(), ", got tensor '", label_,
+          "', which is empty (default-constructed, no storage)");
   require(shape_ == expected, Status::shape_mismatch, what, ": expected shape ", expected.str(), ", got ",
           shape_.str());
 }

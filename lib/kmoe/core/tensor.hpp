@@ -3,6 +3,12 @@
 // from the caching allocator (memory_pool.hpp). Kernels take plain Kokkos Views obtained from it
 // (view<R>(), as_matrix(), as_3d()); those Views alias the tensor's storage and do not own it, so
 // the Tensor must outlive them.
+//
+// A default-constructed Tensor is empty: it has no storage, size() 0 and the rank-0 shape [].
+// to_host() of it returns no values, fill() and copy_from_host({}) do nothing and clone() gives
+// another empty tensor; reshape, the views (view<R>, as_matrix, as_3d), require_shape and copying
+// host values into it throw Status::invalid_argument. A tensor constructed with a shape that has
+// a 0 dimension ([0, 5]) is not empty: it owns a block and holds 0 elements.
 #pragma once
 
 #include "kmoe/core/config.hpp"
@@ -55,9 +61,12 @@ class Tensor {
   const Shape& shape() const { return shape_; }
   int rank() const { return shape_.rank(); }
   index_t dim(int axis) const { return shape_[axis]; }
-  index_t size() const { return shape_.size(); }
-  // True for a default-constructed tensor (no storage).
-  bool empty() const { return storage_.data() == nullptr; }
+  // The number of elements: shape().size(), or 0 for an empty tensor (whose rank-0 shape would
+  // otherwise count as one element).
+  index_t size() const { return empty() ? 0 : shape_.size(); }
+  // True for a default-constructed (or moved-from) tensor: no storage. Tested on the owner, not on
+  // data(), so that a 0-element tensor from a shape such as [0, 5] is never empty.
+  bool empty() const { return block_.use_count() == 0; }
   T* data() const { return storage_.data(); }
   const std::string& label() const { return label_; }
 
@@ -66,6 +75,7 @@ class Tensor {
   // The storage as a View of rank R; the tensor's rank must be R.
   template <int R>
   typename ViewOfRank<T, R>::type view() const {
+    require_storage("view");
     require(rank() == R, Status::shape_mismatch, label_, ": expected a rank-", R, " tensor, got shape ",
             shape_.str());
     return make_view<R>();
@@ -84,11 +94,14 @@ class Tensor {
   void copy_from_host(const std::vector<T>& values);
   void fill(T value);
 
-  // Throws Status::shape_mismatch naming `what` when the shape differs.
+  // Throws Status::shape_mismatch naming `what` when the shape differs (Status::invalid_argument
+  // when the tensor is empty).
   void require_shape(const Shape& expected, const std::string& what) const;
 
  private:
   Tensor(const std::string& label, const Shape& shape, bool zero_initialise);
+  // Throws Status::invalid_argument naming `op` and the label when the tensor is empty.
+  void require_storage(const char* op) const;
   template <int R>
   typename ViewOfRank<T, R>::type make_view() const {
     using V = typename ViewOfRank<T, R>::type;

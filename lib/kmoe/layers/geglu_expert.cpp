@@ -69,6 +69,22 @@ GegluExpert<T>::GegluExpert(index_t dim, double hidden_mult, bool prenorm, std::
 }
 
 template <class T>
+void GegluExpert<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix) {
+  // The Sequential's indices shift by one with the RMSNorm in front.
+  const int first = prenorm_ ? 1 : 0;
+  const auto dense = [&](int index, const char* name, Tensor<T>& param, Tensor<T>& grad) {
+    auto entry = model::dense_parameter(prefix + "net." + std::to_string(index) + "." + name, param, grad);
+    visit(entry);
+  };
+  if (prenorm_) dense(0, "gamma", params_.gamma, grads_.gamma);
+  dense(first, "weight", params_.w_in, grads_.w_in);
+  dense(first, "bias", params_.b_in, grads_.b_in);
+  dense(first + 1, "mult_bias", params_.mult_bias, grads_.mult_bias);
+  dense(first + 2, "weight", params_.w_out, grads_.w_out);
+  dense(first + 2, "bias", params_.b_out, grads_.b_out);
+}
+
+template <class T>
 void GegluExpert<T>::zero_grad() {
   for (Tensor<T>* g : {&grads_.gamma, &grads_.w_in, &grads_.b_in, &grads_.mult_bias, &grads_.w_out, &grads_.b_out})
     if (!g->empty()) g->fill(T(0));

@@ -1,4 +1,5 @@
-// ST-MoE's expert (st-moe-pytorch `Expert`, seeds-spec §3.4): [RMSNorm →] Linear(dim, 2h) →
+// ST-MoE's expert (lucidrains/st-moe-pytorch@d94e65d8a1f50eb5b41efa5317b0d1b17c9dbfad
+// st_moe_pytorch/st_moe_pytorch.py, class Expert): [RMSNorm →] Linear(dim, 2h) →
 // GEGLU with learned mult_bias → Linear(h, dim), h = int(dim · hidden_mult · 2/3), GEGLU input
 // [value | gate] (first half value), exact GELU, RMSNorm = F.normalize(x) · √dim · γ.
 // Initialisation as the original: every Linear's weight and bias ~ U(±out_features^−½),
@@ -12,6 +13,7 @@
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/model/parameter.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
 
 namespace kmoe::layers {
@@ -46,6 +48,7 @@ struct GegluExpertForward {
 template <class T>
 class GegluExpert {
  public:
+  using value_type = T;
   // Throws Status::invalid_argument for dim < 1 or a hidden size < 1. Parameters from Generator(seed).
   GegluExpert(index_t dim, double hidden_mult, bool prenorm, std::uint64_t seed);
 
@@ -56,6 +59,8 @@ class GegluExpert {
   const GegluExpertParams<T>& params() const { return params_; }
   GegluExpertParams<T>& grads() { return grads_; }
   void zero_grad();
+  // The registry: net.<i>.weight / bias / mult_bias / gamma under the original's indices (dense).
+  void visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix = "");
 
   // x [rows, dim] (rows ≥ 0); otherwise Status::shape_mismatch.
   GegluExpertForward<T> forward(const Tensor<T>& x) const;

@@ -1,6 +1,7 @@
 #include "kmoe/layers/moeut.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/model/config_fields.hpp"
 #include "kmoe/layers/moeut_init.hpp"
 #include "kmoe/ops/dropout.hpp"
 #include "kmoe/ops/embedding.hpp"
@@ -44,22 +45,43 @@ SigmaMoEConfig MoEUTConfig::ffn_config() const {
   return c;
 }
 
-void MoEUTConfig::validate() const {
-  const auto positive = [](const char* field, index_t value) {
-    require(value >= 1, Status::invalid_argument, "MoEUTConfig: ", field, " = ", value, " must be at least 1");
+const model::FieldTable<MoEUTConfig>& moeut_fields(bool lm) {
+  using C = MoEUTConfig;
+  const auto make = [](bool with_tokens) {
+    model::FieldTable<C> table;
+    if (with_tokens) table.push_back(model::required_field("n_tokens", &C::n_tokens, model::at_least(&C::n_tokens, index_t(1))));
+    table.push_back(model::required_field("d_model", &C::d_model, model::at_least(&C::d_model, index_t(1))));
+    table.push_back(model::required_field("n_layers", &C::n_layers, model::at_least(&C::n_layers, 1)));
+    table.push_back(model::required_field("n_heads", &C::n_heads, model::at_least(&C::n_heads, 1)));
+    table.push_back(model::required_field("ff_n_experts", &C::ff_n_experts, model::at_least(&C::ff_n_experts, 1)));
+    table.push_back(model::required_field("att_n_experts", &C::att_n_experts, model::at_least(&C::att_n_experts, 1)));
+    table.push_back(model::nullable_field("d_head", &C::d_head, model::at_least(&C::d_head, index_t(0))));
+    table.push_back(model::field("group_size", &C::group_size, model::at_least(&C::group_size, 1)));
+    table.push_back(model::field("ff_k", &C::ff_k));
+    table.push_back(model::field("att_k", &C::att_k));
+    table.push_back(model::field("ff_expert_dropout", &C::ff_expert_dropout, model::probability(&C::ff_expert_dropout)));
+    table.push_back(model::field("att_expert_dropout", &C::att_expert_dropout, model::probability(&C::att_expert_dropout)));
+    model::Field<C> ff_expert_size = model::field("ff_expert_size", &C::ff_expert_size, model::at_least(&C::ff_expert_size, index_t(1)));
+    ff_expert_size.required = !with_tokens;
+    table.push_back(ff_expert_size);
+    table.push_back(model::field("dropout", &C::dropout, model::probability(&C::dropout)));
+    table.push_back(model::field("entropy_reg", &C::entropy_reg, model::finite(&C::entropy_reg)));
+    table.push_back(model::field("att_entropy_reg", &C::att_entropy_reg, model::finite(&C::att_entropy_reg)));
+    table.push_back(model::fixed_field<C>("attention", [](const nlohmann::json& v) { return v == "SwitchHeadRope"; },
+                                          "kmoe implements SwitchHeadRope attention only"));
+    table.push_back(model::field("rotate_fraction", &C::rotate_fraction));
+    table.push_back(model::field("rope_base", &C::rope_base));
+    return table;
   };
-  positive("d_model", d_model);
-  positive("n_layers", n_layers);
-  positive("n_heads", n_heads);
-  positive("group_size", group_size);
+  static const model::FieldTable<C> lm_table = make(true), plain_table = make(false);
+  return lm ? lm_table : plain_table;
+}
+
+void MoEUTConfig::validate() const {
+  model::check_fields(moeut_fields(false), *this, "MoEUTConfig");
   require(n_layers % group_size == 0, Status::invalid_argument, "MoEUTConfig: n_layers = ", n_layers,
           " is not a multiple of group_size = ", group_size, " (the original would silently drop ",
           n_layers % group_size, " layers)");
-  require(d_head >= 0, Status::invalid_argument, "MoEUTConfig: d_head = ", d_head, " must be positive (or 0)");
-  require(dropout >= 0 && dropout < 1, Status::invalid_argument, "MoEUTConfig: dropout = ", dropout,
-          " is outside [0, 1)");
-  require(std::isfinite(entropy_reg) && std::isfinite(att_entropy_reg), Status::invalid_argument,
-          "MoEUTConfig: entropy_reg = ", entropy_reg, ", att_entropy_reg = ", att_entropy_reg, " must be finite");
   attention_config().validate();
   ffn_config().validate();
 }
@@ -211,64 +233,32 @@ MoEUT<T>::MoEUT(const MoEUTConfig& config, std::uint64_t seed) : config_(config)
   }
 }
 
-namespace moeut_impl {
-
-// The state_dict of one distinct layer i, from its modules' parameter (or gradient) structs.
 template <class T>
-void append_layer(std::vector<std::pair<std::string, Tensor<T>*>>& out, const std::string& prefix,
-                  SwitchHeadParams<T>& att, SigmaMoEParams<T>& ffn, MoEUTNorms<T>& norms) {
-  out.emplace_back(prefix + "attention.q.weight", &att.q);
-  out.emplace_back(prefix + "attention.k.weight", &att.k);
-  out.emplace_back(prefix + "attention.v", &att.v);
-  out.emplace_back(prefix + "attention.o", &att.o);
-  if (!att.sel_v.empty()) out.emplace_back(prefix + "attention.sel_v", &att.sel_v);
-  out.emplace_back(prefix + "attention.sel_o", &att.sel_o);
-  out.emplace_back(prefix + "ffn.keys", &ffn.keys);
-  out.emplace_back(prefix + "ffn.values", &ffn.values);
-  out.emplace_back(prefix + "ffn.expert_sel", &ffn.expert_sel);
-  out.emplace_back(prefix + "ln1.weight", &norms.ln1_weight);
-  out.emplace_back(prefix + "ln1.bias", &norms.ln1_bias);
-  out.emplace_back(prefix + "ln2.weight", &norms.ln2_weight);
-  out.emplace_back(prefix + "ln2.bias", &norms.ln2_bias);
-}
-
-template <class T>
-index_t total_size(const std::vector<std::pair<std::string, Tensor<T>*>>& named) {
-  index_t n = 0;
-  for (const auto& item : named) n += item.second->size();
-  return n;
-}
-
-}  // namespace moeut_impl
-
-template <class T>
-std::vector<std::pair<std::string, Tensor<T>*>> MoEUT<T>::named_parameters() {
-  std::vector<std::pair<std::string, Tensor<T>*>> named;
+void MoEUT<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix) {
   for (int i = 0; i < config_.group_size; ++i) {
-    moeut_impl::append_layer(named, "layers." + std::to_string(i) + ".", attention_[i]->params(), ffn_[i]->params(),
-                             norms_[i]);
+    const std::string layer = prefix + "layers." + std::to_string(i) + ".";
+    attention_[i]->visit_parameters(visit, layer + "attention.");
+    ffn_[i]->visit_parameters(visit, layer + "ffn.");
+    MoEUTNorms<T>& p = norms_[i];
+    MoEUTNorms<T>& g = norm_grads_[i];
+    for (auto [name, param, grad] : {std::tuple{"ln1.weight", &p.ln1_weight, &g.ln1_weight},
+                                     std::tuple{"ln1.bias", &p.ln1_bias, &g.ln1_bias},
+                                     std::tuple{"ln2.weight", &p.ln2_weight, &g.ln2_weight},
+                                     std::tuple{"ln2.bias", &p.ln2_bias, &g.ln2_bias}}) {
+      auto entry = model::dense_parameter(layer + name, *param, *grad);
+      visit(entry);
+    }
   }
-  return named;
-}
-
-template <class T>
-std::vector<std::pair<std::string, Tensor<T>*>> MoEUT<T>::named_gradients() {
-  std::vector<std::pair<std::string, Tensor<T>*>> named;
-  for (int i = 0; i < config_.group_size; ++i) {
-    moeut_impl::append_layer(named, "layers." + std::to_string(i) + ".", attention_[i]->grads(), ffn_[i]->grads(),
-                             norm_grads_[i]);
-  }
-  return named;
 }
 
 template <class T>
 index_t MoEUT<T>::parameter_count() {
-  return moeut_impl::total_size(named_parameters());
+  return model::parameter_count(model::collect_parameters(*this));
 }
 
 template <class T>
 void MoEUT<T>::zero_grad() {
-  for (auto& item : named_gradients()) item.second->fill(T(0));
+  model::zero_gradients(model::collect_parameters(*this));
 }
 
 template <class T>
@@ -437,35 +427,27 @@ MoEUTLM<T>::MoEUTLM(const MoEUTConfig& config, std::uint64_t seed)
 }
 
 template <class T>
-std::vector<std::pair<std::string, Tensor<T>*>> MoEUTLM<T>::named_parameters() {
-  std::vector<std::pair<std::string, Tensor<T>*>> named = {{"embedding.weight", &embedding_}};
-  for (auto& [name, tensor] : transformer_.named_parameters()) named.emplace_back("transformer." + name, tensor);
-  named.emplace_back("out_norm.weight", &out_norm_weight_);
-  named.emplace_back("out_norm.bias", &out_norm_bias_);
-  named.emplace_back("lm_head.weight", &lm_head_weight_);
-  named.emplace_back("lm_head.bias", &lm_head_bias_);
-  return named;
-}
-
-template <class T>
-std::vector<std::pair<std::string, Tensor<T>*>> MoEUTLM<T>::named_gradients() {
-  std::vector<std::pair<std::string, Tensor<T>*>> named = {{"embedding.weight", &embedding_grad_}};
-  for (auto& [name, tensor] : transformer_.named_gradients()) named.emplace_back("transformer." + name, tensor);
-  named.emplace_back("out_norm.weight", &out_norm_weight_grad_);
-  named.emplace_back("out_norm.bias", &out_norm_bias_grad_);
-  named.emplace_back("lm_head.weight", &lm_head_weight_grad_);
-  named.emplace_back("lm_head.bias", &lm_head_bias_grad_);
-  return named;
+void MoEUTLM<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix) {
+  const auto dense = [&](const char* name, Tensor<T>& param, Tensor<T>& grad) {
+    auto entry = model::dense_parameter(prefix + name, param, grad);
+    visit(entry);
+  };
+  dense("embedding.weight", embedding_, embedding_grad_);
+  transformer_.visit_parameters(visit, prefix + "transformer.");
+  dense("out_norm.weight", out_norm_weight_, out_norm_weight_grad_);
+  dense("out_norm.bias", out_norm_bias_, out_norm_bias_grad_);
+  dense("lm_head.weight", lm_head_weight_, lm_head_weight_grad_);
+  dense("lm_head.bias", lm_head_bias_, lm_head_bias_grad_);
 }
 
 template <class T>
 index_t MoEUTLM<T>::parameter_count() {
-  return moeut_impl::total_size(named_parameters());
+  return model::parameter_count(model::collect_parameters(*this));
 }
 
 template <class T>
 void MoEUTLM<T>::zero_grad() {
-  for (auto& item : named_gradients()) item.second->fill(T(0));
+  model::zero_gradients(model::collect_parameters(*this));
 }
 
 template <class T>

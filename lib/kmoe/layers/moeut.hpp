@@ -1,5 +1,6 @@
 // MoEUT: Mixture-of-Experts Universal Transformers (Csordás et al., NeurIPS 2024), numerically
-// faithful to RobertCsordas/moeut@87f0497 (moeut/moeut.py; seeds-spec §2) with its bugs fixed:
+// faithful to RobertCsordas/moeut@87f04973d3db3ad7cb4ca67a0750241e40210d3c (moeut/moeut.py,
+// MoEUT and MoEUTLM) with its bugs fixed:
 //
 //   MoEUT    x [B, T, d_model] → the residual stream after n_layers layers, plus reg_loss;
 //   MoEUTLM  tokens [B, T] → logits [B, T, n_tokens] (embedding → MoEUT → LayerNorm → lm_head).
@@ -12,18 +13,19 @@
 // Σ SwitchHead entropies (v and o selections), each per sequence over time × repeats
 // (moe/entropy_regulariser.hpp).
 //
-// Fixed relative to the original (documented in the README of data/golden/moeut/ and seeds-spec
-// §2.10): an odd rotary width rounds down to even (MoEUT_44M: d_head 82 → 40 rotated channels,
-// where the original crashes); AttentionMask with no fields disables masking (the original
-// crashes); the KV cache rotates new queries at their true positions, so cached decoding equals
-// the full-sequence forward (the original rotates them from position 0); n_layers must be a
-// multiple of group_size (the original silently drops the rest).
+// Fixed relative to the original (documented in the README of data/golden/moeut/): an odd rotary
+// width rounds down to even (MoEUT_44M: d_head 82 → 40 rotated channels, where the original
+// crashes); AttentionMask with no fields disables masking (the original crashes); the KV cache
+// rotates new queries at their true positions, so cached decoding equals the full-sequence
+// forward (the original rotates them from position 0); n_layers must be a multiple of group_size
+// (the original silently drops the rest).
 #pragma once
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/layers/sigma_moe.hpp"
 #include "kmoe/layers/switchhead_attention.hpp"
+#include "kmoe/model/parameter.hpp"
 #include "kmoe/moe/entropy_regulariser.hpp"
 #include "kmoe/ops/attention.hpp"
 
@@ -33,6 +35,11 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+namespace kmoe::model {
+template <class C>
+struct Field;
+}  // namespace kmoe::model
 
 namespace kmoe::layers {
 
@@ -69,7 +76,12 @@ struct MoEUTConfig {
   void validate() const;
 };
 
-// The published profiles of profiles.py (seeds-spec §2.2) with n_tokens = the vocabulary:
+// MoEUTLM's fields (lm) or MoEUT's (no n_tokens; ff_expert_size required, as the original has no
+// default there), under the original's argument names plus kmoe's rotate_fraction and rope_base
+// (model/config_fields.hpp).
+const std::vector<model::Field<MoEUTConfig>>& moeut_fields(bool lm);
+
+// The published profiles (moeut@87f0497 profiles.py) with n_tokens = the vocabulary:
 // "MoEUT_44M", "MoEUT_126M", "MoEUT_244M", "MoEUT_318M", "MoEUT_727M" (as published: d_model
 // 1024, 582M parameters with 8000 tokens), "MoEUT_727M_paper" (d_model 1280 as the paper's run,
 // sweeps/c4_moeut_gigantic_switchead.yaml: 727M), "MoEUT_1B". Unknown names throw
@@ -118,8 +130,9 @@ struct MoEUTForward {
 template <class T>
 class MoEUT {
  public:
-  // Initialised as the original (seeds-spec §2.8, scale √(2/n_layers)) from Generator(seed):
-  // SwitchHead and σ-MoE weights with their renormalised routers, LayerNorms 1 / 0.
+  using value_type = T;
+  // Initialised as the original (moeut@87f0497 MoEUT.reset_parameters, scale √(2/n_layers)) from
+  // Generator(seed): SwitchHead and σ-MoE weights with their renormalised routers, LayerNorms 1 / 0.
   MoEUT(const MoEUTConfig& config, std::uint64_t seed);
 
   const MoEUTConfig& config() const { return config_; }
@@ -128,9 +141,9 @@ class MoEUT {
   SigmaMoE<T>& ffn(int i) { return *ffn_[i]; }
   MoEUTNorms<T>& norms(int i) { return norms_[i]; }
   MoEUTNorms<T>& norm_grads(int i) { return norm_grads_[i]; }
-  // Every parameter (or its gradient) under its state_dict name ("layers.<i>.attention.q.weight", …).
-  std::vector<std::pair<std::string, Tensor<T>*>> named_parameters();
-  std::vector<std::pair<std::string, Tensor<T>*>> named_gradients();
+  // The registry: every parameter and gradient under its state_dict name
+  // ("layers.<i>.attention.q.weight", "layers.<i>.ffn.keys", "layers.<i>.ln1.weight", …).
+  void visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix = "");
   index_t parameter_count();
   void zero_grad();
 
@@ -165,6 +178,7 @@ struct MoEUTLMForward {
 template <class T>
 class MoEUTLM {
  public:
+  using value_type = T;
   // As the original: embedding N(0, 1/d_model) (kaiming_normal_, fan_in), lm_head U(±1/√d_model)
   // (PyTorch's Linear default) for weight and bias, out_norm 1 / 0. Throws on an invalid config
   // (including n_tokens < 1).
@@ -172,8 +186,8 @@ class MoEUTLM {
 
   const MoEUTConfig& config() const { return config_; }
   MoEUT<T>& transformer() { return transformer_; }
-  std::vector<std::pair<std::string, Tensor<T>*>> named_parameters();  // "embedding.weight", "transformer.…", …
-  std::vector<std::pair<std::string, Tensor<T>*>> named_gradients();
+  // The registry: "embedding.weight", "transformer.…", "out_norm.…", "lm_head.…".
+  void visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix = "");
   index_t parameter_count();
   void zero_grad();
 

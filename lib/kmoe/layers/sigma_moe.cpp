@@ -1,6 +1,7 @@
 #include "kmoe/layers/sigma_moe.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/model/config_fields.hpp"
 #include "kmoe/moe/cvmm.hpp"
 #include "kmoe/moe/entropy_regulariser.hpp"
 #include "kmoe/moe/expert_bias.hpp"
@@ -33,28 +34,32 @@ const char* selection_mode_name(SelectionMode mode) {
   return "unknown";
 }
 
-void SigmaMoEConfig::validate() const {
-  const auto positive = [](const char* field, index_t value) {
-    require(value >= 1, Status::invalid_argument, "SigmaMoEConfig: ", field, " = ", value, " must be at least 1");
+const model::FieldTable<SigmaMoEConfig>& sigma_moe_fields() {
+  using C = SigmaMoEConfig;
+  static const model::FieldTable<C> table = {
+      model::required_field("dmodel", &C::dmodel, model::at_least(&C::dmodel, index_t(1))),
+      model::required_field("n_experts", &C::n_experts, model::at_least(&C::n_experts, 1)),
+      model::required_field("expert_size", &C::expert_size, model::at_least(&C::expert_size, index_t(1))),
+      model::required_field("k", &C::k, model::at_least(&C::k, 1)),
+      model::field("dropout", &C::dropout, model::probability(&C::dropout)),
+      model::enum_field("selection_mode", &C::selection_mode, parse_selection_mode, selection_mode_name),
+      model::field("activation_after_topk", &C::activation_after_topk),
+      model::enum_field("activation", &C::activation, ops::parse_activation, ops::activation_name),
+      model::field("bias", &C::bias),
+      model::nullable_field("v_dim", &C::v_dim, model::at_least(&C::v_dim, index_t(0))),
+      model::field("sinkhorn_n_iters", &C::sinkhorn_n_iters, model::at_least(&C::sinkhorn_n_iters, 0)),
+      model::field("expert_dropout", &C::expert_dropout, model::probability(&C::expert_dropout)),
+      model::field("weight_std_scale", &C::weight_std_scale, model::finite_positive(&C::weight_std_scale)),
   };
-  positive("dmodel", dmodel);
-  positive("n_experts", n_experts);
-  positive("expert_size", expert_size);
-  require(k >= 1 && k <= n_experts, Status::invalid_argument, "SigmaMoEConfig: k = ", k,
-          " must lie in [1, n_experts = ", n_experts, "]");
+  return table;
+}
+
+void SigmaMoEConfig::validate() const {
+  model::check_fields(sigma_moe_fields(), *this, "SigmaMoEConfig");
+  require(k <= n_experts, Status::invalid_argument, "SigmaMoEConfig: k = ", k, " must lie in [1, n_experts = ",
+          n_experts, "]");
   require(k <= ops::topk_max_k, Status::invalid_argument, "SigmaMoEConfig: k = ", k, " exceeds the top-k limit ",
           ops::topk_max_k);
-  // Written as "inside" tests so that NaN is rejected too.
-  require(dropout >= 0 && dropout < 1, Status::invalid_argument, "SigmaMoEConfig: dropout = ", dropout,
-          " is outside [0, 1)");
-  require(expert_dropout >= 0 && expert_dropout < 1, Status::invalid_argument,
-          "SigmaMoEConfig: expert_dropout = ", expert_dropout, " is outside [0, 1)");
-  require(v_dim >= 0, Status::invalid_argument, "SigmaMoEConfig: v_dim = ", v_dim,
-          " must be positive (or 0 for v_dim = dmodel)");
-  require(sinkhorn_n_iters >= 0, Status::invalid_argument, "SigmaMoEConfig: sinkhorn_n_iters = ", sinkhorn_n_iters,
-          " must not be negative");
-  require(std::isfinite(weight_std_scale) && weight_std_scale > 0, Status::invalid_argument,
-          "SigmaMoEConfig: weight_std_scale = ", weight_std_scale, " must be finite and positive");
 }
 
 namespace impl {
@@ -186,8 +191,10 @@ void add_into(const View1<T>& dst, const View1<const T>& src) {
       KOKKOS_LAMBDA(const index_t i) { dst(i) += src(i); });
 }
 
-// The tensor top-k runs on (§1.2 steps 3-4): the activated logits, or the raw ones when the
-// activation comes after top-k; for sinkmoid the Sinkhorn scores in training, σ(z) in eval.
+// The tensor top-k runs on (RobertCsordas/moe_layer@c9b9c01c7071fe5c39d1f91ae6f24911fb75adb0
+// triton_src/moe_layer/moe_layer_simple.py, MoE.forward up to sel.topk): the activated logits, or
+// the raw ones when the activation comes after top-k; for sinkmoid the Sinkhorn scores in
+// training, σ(z) in eval.
 template <class T>
 Tensor<T> selection_scores(const SigmaMoEConfig& config, const Tensor<T>& z, index_t rows_per_group,
                            bool training) {
@@ -204,8 +211,9 @@ Tensor<T> selection_scores(const SigmaMoEConfig& config, const Tensor<T>& z, ind
   return scores;
 }
 
-// The reduction weights (§1.2 step 6): activations of the selected raw logits (σ, or a softmax
-// over the k of them) after top-k or for sinkmoid; otherwise the top-k values themselves.
+// The reduction weights (moe_layer@c9b9c01 MoE.forward, sel_val after sel.topk): activations of
+// the selected raw logits (σ, or a softmax over the k of them) after top-k or for sinkmoid;
+// otherwise the top-k values themselves.
 template <class T>
 Tensor<T> gate_values(const SigmaMoEConfig& config, const Tensor<T>& z, const Tensor<int>& expert_index,
                       const Tensor<T>& topk_values) {
@@ -276,6 +284,22 @@ SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed) : config
   };
   grads_ = {zeros_like(params_.keys), zeros_like(params_.values), zeros_like(params_.expert_sel),
             zeros_like(params_.bias), zeros_like(params_.o_bias)};
+}
+
+template <class T>
+void SigmaMoE<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix) {
+  auto keys = model::expert_parameter(prefix + "keys", params_.keys, grads_.keys, 2);
+  auto values = model::expert_parameter(prefix + "values", params_.values, grads_.values, 1);
+  auto expert_sel = model::dense_parameter(prefix + "expert_sel", params_.expert_sel, grads_.expert_sel);
+  visit(keys);
+  visit(values);
+  visit(expert_sel);
+  if (config_.bias) {
+    auto bias = model::expert_parameter(prefix + "bias", params_.bias, grads_.bias, 1);
+    auto o_bias = model::dense_parameter(prefix + "o_bias", params_.o_bias, grads_.o_bias);
+    visit(bias);
+    visit(o_bias);
+  }
 }
 
 template <class T>

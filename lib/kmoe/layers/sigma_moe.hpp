@@ -1,19 +1,27 @@
 // σ-MoE feed-forward layer (Csordás et al., arXiv 2310.10837), numerically faithful to
-// RobertCsordas/moe_layer (Triton version, triton_src/moe_layer/moe_layer_simple.py); see
-// seeds-spec §1. Forward: router logits → selection activation → [expert dropout] → top-k →
-// gates → CVMM up-projection (+ bias, activation, dropout) → CVMM down-projection reduced with
-// the gates (+ o_bias), plus the entropy regulariser of the batch-mean router distribution.
+// RobertCsordas/moe_layer@c9b9c01c7071fe5c39d1f91ae6f24911fb75adb0 (Triton version,
+// triton_src/moe_layer/moe_layer_simple.py, class MoE). Forward: router logits → selection
+// activation → [expert dropout] → top-k → gates → CVMM up-projection (+ bias, activation,
+// dropout) → CVMM down-projection reduced with the gates (+ o_bias), plus the entropy regulariser
+// of the batch-mean router distribution.
 // Backward: input gradient and accumulated parameter gradients for every option.
 #pragma once
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/model/parameter.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
 #include "kmoe/moe/entropy_regulariser.hpp"
 #include "kmoe/ops/activations.hpp"
 
 #include <cstdint>
 #include <string>
+#include <vector>
+
+namespace kmoe::model {
+template <class C>
+struct Field;
+}  // namespace kmoe::model
 
 namespace kmoe::layers {
 
@@ -44,6 +52,9 @@ struct SigmaMoEConfig {
   // sinkhorn_n_iters < 0; weight_std_scale ≤ 0 or not finite.
   void validate() const;
 };
+
+// SigmaMoEConfig's fields under the original's argument names (model/config_fields.hpp).
+const std::vector<model::Field<SigmaMoEConfig>>& sigma_moe_fields();
 
 // Parameters (and, with the same shapes, their gradients) under the original's state_dict names.
 template <class T>
@@ -89,9 +100,10 @@ struct SigmaMoEInputGrads {
 template <class T>
 class SigmaMoE {
  public:
-  // Parameters initialised as the original (seeds-spec §1.1: N(0, (D^-½·wss)²) keys,
-  // N(0, ((E·es)^-½·wss)²) values, router rows renormalised by renorm_keep_std, zero biases),
-  // drawn from Generator(seed). Throws on an invalid config.
+  using value_type = T;
+  // Parameters initialised as the original (moe_layer@c9b9c01 MoE.__init__: N(0, (D^-½·wss)²)
+  // keys, N(0, ((E·es)^-½·wss)²) values, router rows renormalised by renorm_keep_std, zero
+  // biases), drawn from Generator(seed). Throws on an invalid config.
   SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed);
 
   const SigmaMoEConfig& config() const { return config_; }
@@ -99,6 +111,10 @@ class SigmaMoE {
   const SigmaMoEParams<T>& params() const { return params_; }
   SigmaMoEParams<T>& grads() { return grads_; }
   void zero_grad();
+  // The registry (model/parameter.hpp): keys and values (experts on axis 0; hidden units on axis 2 and 1), bias,
+  // expert_sel and o_bias; every gradient under the original's
+  // state_dict names, prefixed.
+  void visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix = "");
 
   // x [..., dmodel] (rank 1-4). training enables expert dropout, hidden dropout and (sinkmoid)
   // Sinkhorn selection; every random draw comes from rng. Non-finite x throws Status::non_finite.

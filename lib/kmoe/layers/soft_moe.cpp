@@ -100,64 +100,6 @@ namespace impl::soft_moe {
 using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
 using Range3 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<3>>;
 
-// One state_dict entry: the whole tensor (expert < 0), or one expert's slice of a stacked tensor
-// (a transposed [in, out] matrix for Linear weights, a row for vectors).
-template <class T>
-struct StateEntry {
-  std::string name;
-  Tensor<T> tensor;
-  int expert;
-  bool transposed;
-};
-
-template <class T>
-std::vector<StateEntry<T>> state_entries(const SoftMoEConfig& c, const SoftMoEParams<T>& p) {
-  std::vector<StateEntry<T>> entries;
-  const bool lite = c.variant == SoftMoEVariant::lite;
-  if (lite) {
-    entries.push_back({"phi", p.phi, -1, false});
-  } else {
-    entries.push_back({"norm.gamma", p.norm_gamma, -1, false});
-    entries.push_back({"slot_norm.gamma", p.slot_norm_gamma, -1, false});
-    entries.push_back({"slot_embeds", p.slot_embeds, -1, false});
-  }
-  // lite: Mlp's fcs.0 / layer_norms.0 / last_fc / last_ln; lucidrains: nn.Sequential indices 0 and 3
-  // (norm names there are kmoe's own: the reference has none).
-  const SlotExpertParams<T>& x = p.experts;
-  for (int e = 0; e < c.num_experts; ++e) {
-    const std::string prefix = (lite ? "experts." : "experts.experts.") + std::to_string(e) + ".";
-    const std::string first = lite ? "fcs.0" : "0", second = lite ? "last_fc" : "3";
-    const std::string hidden_norm = lite ? "layer_norms.0" : "hidden_norm",
-                      output_norm = lite ? "last_ln" : "output_norm";
-    entries.push_back({prefix + first + ".weight", x.w1, e, true});
-    entries.push_back({prefix + first + ".bias", x.b1, e, false});
-    if (c.experts.hidden_layer_norm) {
-      entries.push_back({prefix + hidden_norm + ".weight", x.hidden_norm_weight, e, false});
-      entries.push_back({prefix + hidden_norm + ".bias", x.hidden_norm_bias, e, false});
-    }
-    entries.push_back({prefix + second + ".weight", x.w2, e, true});
-    entries.push_back({prefix + second + ".bias", x.b2, e, false});
-    if (c.experts.output_layer_norm) {
-      entries.push_back({prefix + output_norm + ".weight", x.output_norm_weight, e, false});
-      entries.push_back({prefix + output_norm + ".bias", x.output_norm_bias, e, false});
-    }
-  }
-  return entries;
-}
-
-template <class T>
-Tensor<T> entry_value(const StateEntry<T>& entry) {
-  if (entry.expert < 0) return entry.tensor.clone(entry.name);
-  return entry.transposed ? expert_weight(entry.tensor, entry.expert) : expert_row(entry.tensor, entry.expert);
-}
-
-template <class T>
-std::vector<NamedTensor<T>> named_values(const SoftMoEConfig& c, const SoftMoEParams<T>& p) {
-  std::vector<NamedTensor<T>> named;
-  for (const StateEntry<T>& entry : state_entries(c, p)) named.push_back({entry.name, entry_value(entry)});
-  return named;
-}
-
 // dst[b, c, a] = src[b, a, c]: images [B, dim, H·W] ↔ token rows [B, H·W, dim].
 template <class T>
 Tensor<T> swap_last_two(const Tensor<T>& src, const char* label) {
@@ -334,48 +276,51 @@ void SoftMoE<T>::zero_grad() {
 }
 
 template <class T>
-std::vector<NamedTensor<T>> SoftMoE<T>::buffers() const {
-  if (norm_beta_.empty()) return {};
-  return {{"norm.beta", norm_beta_}, {"slot_norm.beta", slot_norm_beta_}};
-}
-
-template <class T>
-std::vector<NamedTensor<T>> SoftMoE<T>::state_dict() const {
-  return impl::soft_moe::named_values(config_, params_);
-}
-
-template <class T>
-std::vector<NamedTensor<T>> SoftMoE<T>::grad_state_dict() const {
-  return impl::soft_moe::named_values(config_, grads_);
-}
-
-template <class T>
-void SoftMoE<T>::load_state_dict(const std::vector<NamedTensor<T>>& values) {
-  const auto entries = impl::soft_moe::state_entries(config_, params_);
-  const auto buffer_entries = buffers();
-  for (const NamedTensor<T>& value : values) {
-    const std::string what = "SoftMoE::load_state_dict: '" + value.name + "'";
-    bool found = false;
-    for (const impl::soft_moe::StateEntry<T>& entry : entries) {
-      if (entry.name != value.name) continue;
-      found = true;
-      if (entry.expert < 0) {
-        value.tensor.require_shape(entry.tensor.shape(), what);
-        Kokkos::deep_copy(entry.tensor.flat(), value.tensor.flat());
-      } else if (entry.transposed) {
-        set_expert_weight(entry.tensor, entry.expert, value.tensor);
-      } else {
-        set_expert_row(entry.tensor, entry.expert, value.tensor);
-      }
-    }
-    for (const NamedTensor<T>& buffer : buffer_entries) {
-      if (buffer.name != value.name) continue;
-      found = true;
-      value.tensor.require_shape(buffer.tensor.shape(), what);
-      Kokkos::deep_copy(buffer.tensor.flat(), value.tensor.flat());
-    }
-    require(found, Status::invalid_argument, what, " is not a parameter or buffer of this ",
-            soft_moe_variant_name(config_.variant), " Soft MoE");
+void SoftMoE<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix) {
+  const SoftMoEConfig& c = config_;
+  const bool lite = c.variant == SoftMoEVariant::lite;
+  const auto dense = [&](const char* name, Tensor<T>& param, Tensor<T>& grad) {
+    model::Parameter<T> entry = model::dense_parameter(prefix + name, param, grad);
+    visit(entry);
+  };
+  if (lite) {
+    dense("phi", params_.phi, grads_.phi);
+  } else {
+    dense("norm.gamma", params_.norm_gamma, grads_.norm_gamma);
+    dense("slot_norm.gamma", params_.slot_norm_gamma, grads_.slot_norm_gamma);
+    dense("slot_embeds", params_.slot_embeds, grads_.slot_embeds);
+  }
+  // One module per expert in the references: lite Mlp's fcs.0 / layer_norms.0 / last_fc / last_ln;
+  // lucidrains' nn.Sequential indices 0 and 3 (its norm names are kmoe's own: the reference has
+  // none). Linear weights are stored transposed ([in, out]) for the grouped GEMMs.
+  const std::string experts = prefix + (lite ? "experts.*." : "experts.experts.*.");
+  const auto expert = [&](const std::string& name, Tensor<T>& param, Tensor<T>& grad, int hidden_axis,
+                          bool transposed) {
+    model::TorchLayout torch{model::per_expert_names(experts + name, c.num_experts), transposed};
+    model::Parameter<T> entry = model::expert_parameter(experts + name, param, grad, hidden_axis, torch);
+    visit(entry);
+  };
+  SlotExpertParams<T>& p = params_.experts;
+  SlotExpertParams<T>& g = grads_.experts;
+  const std::string first = lite ? "fcs.0" : "0", second = lite ? "last_fc" : "3";
+  const std::string hidden_norm = lite ? "layer_norms.0" : "hidden_norm", output_norm = lite ? "last_ln" : "output_norm";
+  expert(first + ".weight", p.w1, g.w1, 2, true);
+  expert(first + ".bias", p.b1, g.b1, 1, false);
+  if (c.experts.hidden_layer_norm) {
+    expert(hidden_norm + ".weight", p.hidden_norm_weight, g.hidden_norm_weight, 1, false);
+    expert(hidden_norm + ".bias", p.hidden_norm_bias, g.hidden_norm_bias, 1, false);
+  }
+  expert(second + ".weight", p.w2, g.w2, 1, true);
+  expert(second + ".bias", p.b2, g.b2, -1, false);
+  if (c.experts.output_layer_norm) {
+    expert(output_norm + ".weight", p.output_norm_weight, g.output_norm_weight, -1, false);
+    expert(output_norm + ".bias", p.output_norm_bias, g.output_norm_bias, -1, false);
+  }
+  if (!norm_beta_.empty()) {
+    model::Parameter<T> norm_beta = model::buffer_parameter(prefix + "norm.beta", norm_beta_);
+    model::Parameter<T> slot_norm_beta = model::buffer_parameter(prefix + "slot_norm.beta", slot_norm_beta_);
+    visit(norm_beta);
+    visit(slot_norm_beta);
   }
 }
 

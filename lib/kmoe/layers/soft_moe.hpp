@@ -1,4 +1,6 @@
-// Soft MoE (Puigcerver et al., arXiv 2308.00951) in its two public PyTorch forms (seeds-spec §4):
+// Soft MoE (Puigcerver et al., arXiv 2308.00951) in its two public PyTorch forms, class SoftMoE of
+// zhaozijie2022/soft-moe@5bf98ffddfb7ace8114fb3834e1ad91f1835572f soft_moe.py and of
+// lucidrains/soft-moe-pytorch@f3779d58860bb302a45459fc7ab5c5e24005d46c soft_moe_pytorch/soft_moe.py:
 //   lite:       zhaozijie2022/soft-moe SoftMoE(d_model, num_experts, num_slots): logits from the raw
 //               tokens and φ [dim, E, S]; slots mix the raw tokens; experts are the Mlp
 //               (Linear → LayerNorm → ReLU → Linear, orthogonal init with gain 0.01).
@@ -26,6 +28,7 @@
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/layers/soft_moe_experts.hpp"
+#include "kmoe/model/parameter.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
 
 namespace kmoe::layers {
@@ -82,8 +85,8 @@ struct SoftMoEConfig {
 };
 
 // Parameters (and, with the same shapes, their gradients). Tensors a variant does not have are
-// empty. The expert weights are stacked in the CVMM layout (soft_moe_experts.hpp); state_dict()
-// gives them in the references' per-expert torch layouts.
+// empty. The expert weights are stacked in the CVMM layout (soft_moe_experts.hpp); visit_parameters
+// maps them to the references' per-expert torch layouts.
 template <class T>
 struct SoftMoEParams {
   Tensor<T> phi;              // lite: [dim, E, S]
@@ -93,13 +96,6 @@ struct SoftMoEParams {
   SlotExpertParams<T> experts;
 
   std::vector<Tensor<T>*> all();  // every non-empty tensor, in a fixed order
-};
-
-// A tensor under its name in the reference's state_dict ("experts.experts.0.0.weight").
-template <class T>
-struct NamedTensor {
-  std::string name;
-  Tensor<T> tensor;
 };
 
 // Forward options of lucidrains' forward(x, mask, add_noise, noise_mult): Gumbel noise
@@ -136,6 +132,7 @@ struct SoftMoEForward {
 template <class T>
 class SoftMoE {
  public:
+  using value_type = T;
   // Parameters initialised as the reference: φ / slot_embeds ~ N(0, 1), norm γ = 1, β = 0,
   // experts as config.experts.init; drawn from Generator(seed). Throws on an invalid config.
   SoftMoE(const SoftMoEConfig& config, std::uint64_t seed);
@@ -146,16 +143,10 @@ class SoftMoE {
   SoftMoEParams<T>& grads() { return grads_; }
   void zero_grad();
 
-  // Non-trainable buffers: LayerNorm β of lucidrains' norm and slot_norm ([dim] zeros; empty with
-  // RMSNorm), as state_dict names "norm.beta" and "slot_norm.beta".
-  std::vector<NamedTensor<T>> buffers() const;
-  // The parameters (or their gradients) as the reference's state_dict: copies in its names and
-  // layouts (per-expert torch nn.Linear weights [out, in]).
-  std::vector<NamedTensor<T>> state_dict() const;
-  std::vector<NamedTensor<T>> grad_state_dict() const;
-  // Loads parameters or buffers by state_dict name (any subset); an unknown name or a shape other
-  // than state_dict()'s throws Status::invalid_argument / shape_mismatch.
-  void load_state_dict(const std::vector<NamedTensor<T>>& entries);
+  // The registry (model/parameter.hpp): parameters under the reference's state_dict names, the
+  // stacked expert tensors with their per-expert torch names (experts.experts.<e>.0.weight, ...),
+  // and lucidrains' LayerNorm β buffers ([dim] zeros, norm.beta and slot_norm.beta) with use_layernorm.
+  void visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix = "");
 
   // x: [batch, dim] (one token each), [batch, tokens, dim] or [batch, dim, height, width]
   // (tokens = height · width), as lucidrains accepts. mask: empty, or [batch, tokens] with

@@ -14,8 +14,10 @@
 //     [q = LayerNorm(q) · γ2[e] + β2[e]]                      output_layer_norm
 //     y = h + out_act(q)  if residual and hidden == dim,  else out_act(q)
 // This covers zhaozijie2022/soft-moe's Mlp(D, D, [D], ...) (ReLU, hidden LayerNorm, optional
-// output LayerNorm / output activation / residual: seeds-spec §4.1) and lucidrains'
-// FeedForward and GLUFeedForward (GELU / GEGLU, dropout: §4.2).
+// output LayerNorm / output activation / residual; class Mlp of soft_moe.py at
+// zhaozijie2022/soft-moe@5bf98ffddfb7ace8114fb3834e1ad91f1835572f) and lucidrains' FeedForward
+// and GLUFeedForward (GELU / GEGLU, dropout; soft_moe_pytorch/soft_moe.py at
+// lucidrains/soft-moe-pytorch@f3779d58860bb302a45459fc7ab5c5e24005d46c).
 //
 // Weights are stacked in the CVMM layout [experts, in, out] (the TRANSPOSE of each torch
 // nn.Linear weight [out, in]); set_expert_weight / expert_weight convert one expert's matrix.

@@ -45,6 +45,15 @@ SparseMoEBlock<T>::SparseMoEBlock(const SparseMoEBlockConfig& config, std::uint6
 }
 
 template <class T>
+void SparseMoEBlock<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix) {
+  if (ff_before_) ff_before_->visit_parameters(visit, prefix + "ff_before.");
+  auto gamma = model::dense_parameter(prefix + "moe_prenorm.gamma", gamma_, dgamma_);
+  visit(gamma);
+  moe_.visit_parameters(visit, prefix + "moe.");
+  if (ff_after_) ff_after_->visit_parameters(visit, prefix + "ff_after.");
+}
+
+template <class T>
 void SparseMoEBlock<T>::zero_grad() {
   moe_.zero_grad();
   dgamma_.fill(T(0));

@@ -1,4 +1,6 @@
-// ST-MoE's SparseMoEBlock (st-moe-pytorch v0.1.8 and v0.0.14, seeds-spec §3.5):
+// ST-MoE's SparseMoEBlock (SparseMoEBlock.forward in st_moe_pytorch/st_moe_pytorch.py of
+// lucidrains/st-moe-pytorch@d94e65d8a1f50eb5b41efa5317b0d1b17c9dbfad, v0.1.8, and
+// lucidrains/st-moe-pytorch@f1a7959278ca01a99908c53081a937d7a3de48fd, v0.0.14):
 //   [x = FF_before(x) + x]; x = MoE(RMSNorm(x)) + x; [x = FF_after(x) + x]
 // with FF = Expert(dim, hidden_mult 4, prenorm) (a GegluExpert) and the MoE any StMoE (flat or
 // hierarchical, either generation). Returns the MoE's losses unchanged.
@@ -34,6 +36,7 @@ struct SparseMoEBlockForward {
 template <class T>
 class SparseMoEBlock {
  public:
+  using value_type = T;
   // The MoE from Generator(seed) as StMoE, then RMSNorm γ = 1 and the feed-forwards (seeds derived
   // from seed). Throws on an invalid config.
   SparseMoEBlock(const SparseMoEBlockConfig& config, std::uint64_t seed);
@@ -47,6 +50,8 @@ class SparseMoEBlock {
   std::optional<GegluExpert<T>>& ff_before() { return ff_before_; }
   std::optional<GegluExpert<T>>& ff_after() { return ff_after_; }
   void zero_grad();
+  // The registry: ff_before.*, moe_prenorm.gamma, moe.*, ff_after.* (the original's module names).
+  void visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix = "");
 
   // x [batch, n, dim]; as StMoE::forward (the call's noise and route uniforms go to the MoE).
   SparseMoEBlockForward<T> forward(const Tensor<T>& x, bool training, Generator& rng,

@@ -1,6 +1,7 @@
 #include "kmoe/layers/st_moe.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/model/config_fields.hpp"
 #include "kmoe/ops/gemm.hpp"
 #include "kmoe/ops/impl/team_reduce.hpp"
 #include "kmoe/ops/init.hpp"
@@ -50,10 +51,35 @@ moe::TopNGatingOptions StMoEConfig::gating_options(bool training, bool inner) co
   return options;
 }
 
+const model::FieldTable<StMoEConfig>& st_moe_fields() {
+  using C = StMoEConfig;
+  const auto any = [](const nlohmann::json&) { return true; };
+  static const model::FieldTable<C> table = {
+      model::required_field("dim", &C::dim, model::at_least(&C::dim, index_t(1))),
+      model::field("num_experts", &C::num_experts, model::at_least(&C::num_experts, 1)),
+      model::field("expert_hidden_mult", &C::expert_hidden_mult, model::finite_positive(&C::expert_hidden_mult)),
+      model::number_list_field("threshold_train", &C::threshold_train),
+      model::number_list_field("threshold_eval", &C::threshold_eval),
+      model::field("capacity_factor_train", &C::capacity_factor_train, model::finite_non_negative(&C::capacity_factor_train)),
+      model::field("capacity_factor_eval", &C::capacity_factor_eval, model::finite_non_negative(&C::capacity_factor_eval)),
+      model::field("gating_top_n", &C::gating_top_n),
+      model::field("balance_loss_coef", &C::balance_loss_coef, model::finite(&C::balance_loss_coef)),
+      model::field("router_z_loss_coef", &C::router_z_loss_coef, model::finite(&C::router_z_loss_coef)),
+      model::field("straight_through_dispatch_tensor", &C::straight_through_dispatch_tensor),
+      model::fixed_field<C>("experts", [](const nlohmann::json& v) { return v.is_null(); }, "custom expert modules"),
+      model::fixed_field<C>("differentiable_topk", [](const nlohmann::json& v) { return v == false; },
+                            "the coordinate-descent top-k is not implemented"),
+      model::fixed_field<C>("differentiable_topk_fused", any, "only used with differentiable_topk"),
+      model::fixed_field<C>("is_distributed", [](const nlohmann::json& v) { return v.is_null() || v == false; },
+                            "kmoe places experts across ranks through its own communicator"),
+      model::fixed_field<C>("allow_var_seq_len", any, "only used when distributed"),
+  };
+  return table;
+}
+
 void StMoEConfig::validate() const {
   const char* op = "StMoEConfig";
-  require(dim >= 1, Status::invalid_argument, op, ": dim = ", dim, " must be at least 1");
-  require(num_experts >= 1, Status::invalid_argument, op, ": num_experts = ", num_experts, " must be at least 1");
+  model::check_fields(st_moe_fields(), *this, op);
   require(num_experts_inner >= 0, Status::invalid_argument, op, ": num_experts_inner = ", num_experts_inner,
           " must not be negative (0: no hierarchy)");
   const int routed = std::min(num_experts, hierarchical() ? num_experts_inner : num_experts);
@@ -64,17 +90,6 @@ void StMoEConfig::validate() const {
           ", but the hierarchical MoE gates are top-2");
   st_moe_impl::require_thresholds("threshold_train", threshold_train, gating_top_n);
   st_moe_impl::require_thresholds("threshold_eval", threshold_eval, gating_top_n);
-  for (const auto& [field, value] : {std::pair<const char*, double>{"capacity_factor_train", capacity_factor_train},
-                                     {"capacity_factor_eval", capacity_factor_eval}}) {
-    require(std::isfinite(value) && value >= 0, Status::invalid_argument, op, ": ", field, " = ", value,
-            " must be finite and not negative");
-  }
-  for (const auto& [field, value] : {std::pair<const char*, double>{"balance_loss_coef", balance_loss_coef},
-                                     {"router_z_loss_coef", router_z_loss_coef}}) {
-    require(std::isfinite(value), Status::invalid_argument, op, ": ", field, " = ", value, " must be finite");
-  }
-  require(std::isfinite(expert_hidden_mult) && expert_hidden_mult > 0, Status::invalid_argument, op,
-          ": expert_hidden_mult = ", expert_hidden_mult, " must be finite and positive");
   expert_hidden();  // throws when the hidden size is below 1
 }
 
@@ -95,6 +110,7 @@ StMoEConfig StMoEV0014Config::to_config() const {
   c.balance_density = moe::BalanceDensity::before_capacity;
   c.gate_normalisation = moe::GateNormalisation::sum_plus_eps;
   c.router_init = RouterInit::standard_normal;
+  c.generation = StMoEGeneration::v0_0_14;
   return c;
 }
 
@@ -296,6 +312,63 @@ StMoE<T>::StMoE(const StMoEConfig& config, std::uint64_t seed) : config_(config)
   }
   params_.experts = make_geglu_experts<T>(config_.total_experts(), D, config_.expert_hidden(), rng);
   grads_.experts = make_geglu_experts<T>(config_.total_experts(), D, config_.expert_hidden(), rng, true);
+  if (config_.generation == StMoEGeneration::v0_1_8) {
+    for (const bool training : {true, false}) {
+      const moe::TopNGatingOptions options = config_.gating_options(training);
+      std::vector<T> values = {static_cast<T>(options.eps)};
+      for (const double threshold : options.thresholds) values.push_back(static_cast<T>(threshold));
+      (training ? threshold_train_ : threshold_eval_) =
+          Tensor<T>::from_host("st_moe::threshold", {static_cast<index_t>(values.size())}, values);
+    }
+  }
+}
+
+template <class T>
+void StMoE<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix) {
+  const StMoEConfig& c = config_;
+  const bool v0_1_8 = c.generation == StMoEGeneration::v0_1_8;
+  if (v0_1_8) {
+    auto router = model::dense_parameter(prefix + "gate.to_gates.weight", params_.router, grads_.router);
+    visit(router);
+  } else {
+    // v0.0.14 keeps w_gating as [dim, E] (inner: [groups, dim, I]).
+    const model::TorchLayout transposed{{}, true};
+    auto router = model::dense_parameter(prefix + (c.hierarchical() ? "gate_outer.w_gating" : "gate.w_gating"),
+                                         params_.router, grads_.router, transposed);
+    visit(router);
+    if (c.hierarchical()) {
+      auto inner = model::dense_parameter(prefix + "gate_inner.w_gating", params_.router_inner, grads_.router_inner,
+                                          transposed);
+      visit(inner);
+    }
+  }
+  // Expert e = o · I + i is experts.<o>.experts.<i> in the hierarchy, experts.experts.<e> flat.
+  std::vector<std::string> expert_prefixes;
+  for (int e = 0; e < c.total_experts(); ++e) {
+    expert_prefixes.push_back(prefix + (c.hierarchical() ? "experts." + std::to_string(e / c.num_experts_inner) +
+                                                               ".experts." + std::to_string(e % c.num_experts_inner)
+                                                         : "experts.experts." + std::to_string(e)) + ".net.");
+  }
+  const std::string pattern = prefix + (c.hierarchical() ? "experts.*.experts.*.net." : "experts.experts.*.net.");
+  GegluExpertsParams<T>& p = params_.experts;
+  GegluExpertsParams<T>& g = grads_.experts;
+  const auto expert = [&](const std::string& name, Tensor<T>& param, Tensor<T>& grad, int hidden_axis, bool transposed) {
+    model::TorchLayout torch{{}, transposed};
+    for (const std::string& expert_prefix : expert_prefixes) torch.per_expert_names.push_back(expert_prefix + name);
+    auto entry = model::expert_parameter(pattern + name, param, grad, hidden_axis, torch);
+    visit(entry);
+  };
+  expert("0.weight", p.w_in, g.w_in, 2, true);
+  expert("0.bias", p.b_in, g.b_in, 1, false);
+  expert("1.mult_bias", p.mult_bias, g.mult_bias, 1, false);
+  expert("2.weight", p.w_out, g.w_out, 1, true);
+  expert("2.bias", p.b_out, g.b_out, -1, false);
+  if (v0_1_8) {
+    auto train = model::buffer_parameter(prefix + "gate.threshold_train", threshold_train_);
+    auto eval = model::buffer_parameter(prefix + "gate.threshold_eval", threshold_eval_);
+    visit(train);
+    visit(eval);
+  }
 }
 
 template <class T>

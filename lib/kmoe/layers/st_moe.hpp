@@ -1,6 +1,8 @@
 // ST-MoE mixture-of-experts layer (Zoph et al., arXiv 2202.08906), numerically faithful to
-// lucidrains/st-moe-pytorch v0.1.8 (`MoE`, seeds-spec §3.1-3.7) and, by configuration, to its
-// older generation v0.0.14 (`MoE` and the two-level `HeirarchicalMoE`, §3.10).
+// lucidrains/st-moe-pytorch v0.1.8 (`MoE` in st_moe_pytorch/st_moe_pytorch.py at
+// lucidrains/st-moe-pytorch@d94e65d8a1f50eb5b41efa5317b0d1b17c9dbfad) and, by configuration, to
+// its older generation v0.0.14 (`MoE` and the two-level `HeirarchicalMoE` in the same file at
+// lucidrains/st-moe-pytorch@f1a7959278ca01a99908c53081a937d7a3de48fd).
 //
 // Forward: router logits x·W_gᵀ → top-n gating with stochastic routing of the choices after the
 // first and per-sequence expert capacity (moe/top_n_gating.hpp) → the kept (token, choice) pairs
@@ -25,12 +27,20 @@
 #include <cstdint>
 #include <vector>
 
+namespace kmoe::model {
+template <class C>
+struct Field;
+}  // namespace kmoe::model
+
 namespace kmoe::layers {
 
 enum class RouterInit {
   linear_default,  // v0.1.8 nn.Linear(dim, E, bias=False): U(±1/√dim)
   standard_normal, // v0.0.14 torch.randn: N(0, 1)
 };
+
+// Which st-moe-pytorch generation's state_dict names the parameters carry.
+enum class StMoEGeneration { v0_1_8, v0_0_14 };
 
 // The original constructor's arguments (v0.1.8 names and defaults), plus the switches that select
 // the v0.0.14 semantics (StMoEV0014Config::to_config sets them) and the hierarchy.
@@ -51,6 +61,7 @@ struct StMoEConfig {
   moe::BalanceDensity balance_density = moe::BalanceDensity::after_capacity;  // v0.0.14: before_capacity
   moe::GateNormalisation gate_normalisation = moe::GateNormalisation::clamped_sum;  // v0.0.14: sum_plus_eps
   RouterInit router_init = RouterInit::linear_default;  // v0.0.14: standard_normal
+  StMoEGeneration generation = StMoEGeneration::v0_1_8;  // v0.0.14: its state_dict names, no threshold buffers
 
   bool hierarchical() const { return num_experts_inner > 0; }
   int total_experts() const { return hierarchical() ? num_experts * num_experts_inner : num_experts; }
@@ -63,6 +74,11 @@ struct StMoEConfig {
   // a capacity factor < 0 or not finite; a loss coefficient not finite; a hidden size < 1.
   void validate() const;
 };
+
+// The v0.1.8 MoE's arguments (model/config_fields.hpp); the original's experts,
+// differentiable_topk and is_distributed are accepted only with values that leave the
+// computation as kmoe implements it.
+const std::vector<model::Field<StMoEConfig>>& st_moe_fields();
 
 // st-moe-pytorch v0.0.14's MoE / HeirarchicalMoE arguments (names and defaults as there; a
 // hierarchy is num_experts = (num_experts, num_experts_inner), the original's default (4, 4)).
@@ -142,6 +158,7 @@ struct StMoEForward {
 template <class T>
 class StMoE {
  public:
+  using value_type = T;
   // Parameters initialised as the original (router per config.router_init; experts as Expert.init_)
   // from Generator(seed). Throws on an invalid config.
   StMoE(const StMoEConfig& config, std::uint64_t seed);
@@ -151,6 +168,11 @@ class StMoE {
   const StMoEParams<T>& params() const { return params_; }
   StMoEParams<T>& grads() { return grads_; }
   void zero_grad();
+  // The registry: the router(s) (v0.1.8 gate.to_gates.weight; v0.0.14 gate.w_gating, or
+  // gate_outer / gate_inner, stored transposed by the original), the stacked experts with their
+  // per-expert names (experts.experts.<e>.net.<i>... or experts.<o>.experts.<i>.net...), and
+  // v0.1.8's threshold buffers gate.threshold_train / threshold_eval = [eps, τ_1, …].
+  void visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix = "");
 
   // x [batch, n, dim] (each batch row is one routing group). training selects thresholds,
   // capacity factor and losses. Draws (route uniforms unless injected, gate noise) come from rng.
@@ -166,6 +188,7 @@ class StMoE {
   StMoEConfig config_;
   StMoEParams<T> params_;
   StMoEParams<T> grads_;
+  Tensor<T> threshold_train_, threshold_eval_;  // v0.1.8 buffers, from the config
 };
 
 extern template class StMoE<float>;

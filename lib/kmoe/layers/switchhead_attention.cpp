@@ -1,6 +1,7 @@
 #include "kmoe/layers/switchhead_attention.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/model/config_fields.hpp"
 #include "kmoe/layers/moeut_init.hpp"
 #include "kmoe/moe/cvmm.hpp"
 #include "kmoe/ops/activations.hpp"
@@ -17,28 +18,35 @@ namespace kmoe::layers {
 
 int SwitchHeadConfig::rotary_dims() const { return ops::rope_rotary_dims(d_head(), rotate_fraction); }
 
-void SwitchHeadConfig::validate() const {
-  const auto positive = [](const char* field, index_t value) {
-    require(value >= 1, Status::invalid_argument, "SwitchHeadConfig: ", field, " = ", value, " must be at least 1");
+const model::FieldTable<SwitchHeadConfig>& switchhead_fields() {
+  using C = SwitchHeadConfig;
+  const std::function<void(const C&, const std::string&)> rotate_fraction_range = [](const C& c,
+                                                                                     const std::string& where) {
+    require(c.rotate_fraction >= 0 && c.rotate_fraction <= 1, Status::invalid_argument, where, " = ",
+            c.rotate_fraction, " is outside [0, 1]");
   };
-  positive("state_size", state_size);
-  positive("n_heads", n_heads);
-  positive("n_experts", n_experts);
-  require(projection_size >= 0, Status::invalid_argument, "SwitchHeadConfig: projection_size = ", projection_size,
-          " must be positive (or 0 for state_size / n_heads)");
-  positive("d_head (projection_size, or state_size / n_heads)", d_head());
+  static const model::FieldTable<C> table = {
+      model::required_field("state_size", &C::state_size, model::at_least(&C::state_size, index_t(1))),
+      model::required_field("n_heads", &C::n_heads, model::at_least(&C::n_heads, 1)),
+      model::required_field("n_experts", &C::n_experts, model::at_least(&C::n_experts, 1)),
+      model::nullable_field("projection_size", &C::projection_size, model::at_least(&C::projection_size, index_t(0))),
+      model::field("expert_dropout", &C::expert_dropout, model::probability(&C::expert_dropout)),
+      model::field("moe_k", &C::moe_k),
+      model::field("rotate_fraction", &C::rotate_fraction, rotate_fraction_range),
+      model::field("rope_base", &C::rope_base, model::finite_positive(&C::rope_base)),
+      model::field("init_scale", &C::init_scale, model::finite_positive(&C::init_scale)),
+  };
+  return table;
+}
+
+void SwitchHeadConfig::validate() const {
+  model::check_fields(switchhead_fields(), *this, "SwitchHeadConfig");
+  require(d_head() >= 1, Status::invalid_argument, "SwitchHeadConfig: d_head (projection_size, or state_size / n_heads) = ",
+          d_head(), " must be at least 1");
   if (n_experts > 1) {
     require(moe_k >= 1 && moe_k <= n_experts && moe_k <= ops::topk_max_k, Status::invalid_argument,
             "SwitchHeadConfig: moe_k = ", moe_k, " must lie in [1, n_experts = ", n_experts, "]");
   }
-  require(expert_dropout >= 0 && expert_dropout < 1, Status::invalid_argument, "SwitchHeadConfig: expert_dropout = ",
-          expert_dropout, " is outside [0, 1)");
-  require(rotate_fraction >= 0 && rotate_fraction <= 1, Status::invalid_argument,
-          "SwitchHeadConfig: rotate_fraction = ", rotate_fraction, " is outside [0, 1]");
-  require(std::isfinite(rope_base) && rope_base > 0, Status::invalid_argument, "SwitchHeadConfig: rope_base = ",
-          rope_base, " must be positive");
-  require(std::isfinite(init_scale) && init_scale > 0, Status::invalid_argument, "SwitchHeadConfig: init_scale = ",
-          init_scale, " must be positive");
 }
 
 namespace switchhead_impl {
@@ -301,6 +309,27 @@ SwitchHeadAttention<T>::SwitchHeadAttention(const SwitchHeadConfig& config, std:
   };
   grads_ = {zeros_like(params_.q), zeros_like(params_.k), zeros_like(params_.v), zeros_like(params_.o),
             zeros_like(params_.sel_v), zeros_like(params_.sel_o)};
+}
+
+template <class T>
+void SwitchHeadAttention<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix) {
+  const bool experts = config_.n_experts > 1;
+  auto q = model::dense_parameter(prefix + "q.weight", params_.q, grads_.q);
+  auto k = model::dense_parameter(prefix + "k.weight", params_.k, grads_.k);
+  auto v = experts ? model::expert_parameter(prefix + "v", params_.v, grads_.v, 2)
+                   : model::dense_parameter(prefix + "v", params_.v, grads_.v);
+  auto o = experts ? model::expert_parameter(prefix + "o", params_.o, grads_.o, 1)
+                   : model::dense_parameter(prefix + "o", params_.o, grads_.o);
+  visit(q);
+  visit(k);
+  visit(v);
+  visit(o);
+  if (experts) {
+    auto sel_v = model::dense_parameter(prefix + "sel_v", params_.sel_v, grads_.sel_v);
+    visit(sel_v);
+  }
+  auto sel_o = model::dense_parameter(prefix + "sel_o", params_.sel_o, grads_.sel_o);
+  visit(sel_o);
 }
 
 template <class T>

@@ -1,7 +1,8 @@
 // SwitchHead attention (Csordás et al., "SwitchHead", arXiv 2312.07987) as MoEUT's
-// SwitchHeadRope (RobertCsordas/moeut, moeut/moeut.py SwitchHeadCore + SwitchHeadRope; seeds-spec
-// §2.5-2.7): dense q/k projections, each scaled by P^-¼; value and output projections mixed
-// from att_n_experts experts per head, chosen per token and head by sigmoid top-k routers
+// SwitchHeadRope (RobertCsordas/moeut@87f04973d3db3ad7cb4ca67a0750241e40210d3c moeut/moeut.py,
+// SwitchHeadCore + SwitchHeadRope, RotaryPosEncoding): dense q/k projections, each scaled by
+// P^-¼; value and output projections mixed from att_n_experts experts per head, chosen per
+// token and head by sigmoid top-k routers
 // (sel_v reads the k source, sel_o the q source); RoPE on the first rotary channels of q and k;
 // scaled dot-product attention with an AttentionMask. With n_experts == 1 the projections are
 // plain linear maps and sel_o is a per-head sigmoid gate on the attention output.
@@ -12,15 +13,23 @@
 //
 // A KV cache makes incremental decoding equal to the full-sequence forward: cached keys (before
 // RoPE, as the original caches them) and values are prepended, and the new queries are rotated at
-// their true positions Tc … Tc+T−1 (the original rotates them from 0: seeds-spec §2.10.3).
+// their true positions Tc … Tc+T−1 (the original rotates them from 0: it computes the RoPE
+// position offset before prepending the cache, so the offset is always 0).
 #pragma once
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/model/parameter.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
 #include "kmoe/ops/attention.hpp"
 
 #include <cstdint>
+#include <vector>
+
+namespace kmoe::model {
+template <class C>
+struct Field;
+}  // namespace kmoe::model
 
 namespace kmoe::layers {
 
@@ -46,6 +55,9 @@ struct SwitchHeadConfig {
   // rotate_fraction outside [0, 1]; rope_base ≤ 0; init_scale ≤ 0.
   void validate() const;
 };
+
+// SwitchHeadConfig's fields (model/config_fields.hpp).
+const std::vector<model::Field<SwitchHeadConfig>>& switchhead_fields();
 
 // Parameters (and gradients) under the original's state_dict names (H heads, Ea experts, P = d_head, D = state_size).
 template <class T>
@@ -91,9 +103,10 @@ struct SwitchHeadForward {
 template <class T>
 class SwitchHeadAttention {
  public:
-  // Parameters initialised as the original (seeds-spec §2.8 with s = init_scale): q, k, v
-  // N(0, (s/√D)²), o N(0, (s/√(H·P))²), routers N(0, (s/√D)²) with rows renormalised (renorm_rows);
-  // drawn from Generator(seed). Throws on an invalid config.
+  using value_type = T;
+  // Parameters initialised as the original (moeut@87f0497 SwitchHeadCore.reset_parameters with
+  // s = init_scale): q, k, v N(0, (s/√D)²), o N(0, (s/√(H·P))²), routers N(0, (s/√D)²) with rows
+  // renormalised (renorm_rows); drawn from Generator(seed). Throws on an invalid config.
   SwitchHeadAttention(const SwitchHeadConfig& config, std::uint64_t seed);
 
   const SwitchHeadConfig& config() const { return config_; }
@@ -101,6 +114,10 @@ class SwitchHeadAttention {
   const SwitchHeadParams<T>& params() const { return params_; }
   SwitchHeadParams<T>& grads() { return grads_; }
   void zero_grad();
+  // The registry (model/parameter.hpp): q, k, the routers and (with experts: stacked on axis 0,
+  // head channels on axis 2 / 1) v and o; every gradient under the original's
+  // state_dict names, prefixed.
+  void visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix = "");
 
   // qk_src [B, T, D] feeds q, k and both routers (MoEUT: LN1(x)); v_src [B, T, D] feeds the
   // value experts (MoEUT: the raw residual x). mask: see ops::AttentionMask (its key length is

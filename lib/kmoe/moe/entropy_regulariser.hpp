@@ -1,8 +1,11 @@
-// The routers' entropy regulariser of σ-MoE and MoEUT (seeds-spec §1.4, §2.4, §2.7): the negative
-// entropy of mean routing distributions, in log space as the originals compute it (log_softmax,
-// logsumexp over rows − log(rows)). A router called R times (MoEUT: once per repeat of a shared
-// layer's group) gives R logits tensors, each [B, T, G, E] (G = heads for SwitchHead, 1
-// otherwise); they are stacked over time × calls and
+// The routers' entropy regulariser of σ-MoE and MoEUT: the negative entropy of mean routing
+// distributions (RobertCsordas/moe_layer@c9b9c01c7071fe5c39d1f91ae6f24911fb75adb0
+// triton_src/moe_layer/moe_layer_simple.py, entropy_reg / log_mean / entropy_l;
+// RobertCsordas/moeut@87f04973d3db3ad7cb4ca67a0750241e40210d3c moeut/moeut.py,
+// SigmaMoE.get_reg_loss and SwitchHeadCore.get_reg_loss), in log space as the originals compute
+// it (log_softmax, logsumexp over rows − log(rows)). A router called R times (MoEUT: once per
+// repeat of a shared layer's group) gives R logits tensors, each [B, T, G, E] (G = heads for
+// SwitchHead, 1 otherwise); they are stacked over time × calls and
 //     reg = (1 / (B·G)) Σ_{b,g} Σ_e p̄_{b,g,e} log p̄_{b,g,e},   p̄_{b,g} = mean over the R·T rows of softmax_E(z).
 // σ-MoE's regulariser over all tokens of a batch is the case B = R = G = 1.
 #pragma once

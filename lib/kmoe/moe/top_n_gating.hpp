@@ -1,6 +1,9 @@
 // ST-MoE's top-n gating with expert capacity (Zoph et al., arXiv 2202.08906), as lucidrains'
-// st-moe-pytorch implements it: TopNGating of v0.1.8 (seeds-spec §3.2) and, through options,
-// Top2Gating of v0.0.14 (§3.10), including its "importance" input of the hierarchical MoE.
+// st-moe-pytorch implements it in st_moe_pytorch/st_moe_pytorch.py: TopNGating of v0.1.8
+// (lucidrains/st-moe-pytorch@d94e65d8a1f50eb5b41efa5317b0d1b17c9dbfad, TopNGating.forward) and,
+// through options, Top2Gating of v0.0.14
+// (lucidrains/st-moe-pytorch@f1a7959278ca01a99908c53081a937d7a3de48fd, Top2Gating.forward),
+// including its "importance" input of the hierarchical MoE.
 //
 // Tokens come in groups (a sequence, or a group's capacity slots); capacity and slot positions are
 // per group. For each token, on probabilities p = softmax(logits [+ Gumbel noise]):

@@ -1,6 +1,6 @@
 // Scaled dot-product attention over [batch, heads, length, channels] Views, as
 // torch.nn.functional.scaled_dot_product_attention with a boolean mask (MoEUT's SwitchHead,
-// seeds-spec §2.5):
+// RobertCsordas/moeut@87f04973d3db3ad7cb4ca67a0750241e40210d3c moeut/moeut.py, SwitchHeadCore):
 //     S = scale · Q Kᵀ,   S[i, j] = −inf where the mask says so,   P = softmax_j(S),   O = P V.
 // Forward keeps P for backward. The per-(batch, head) products are dense GEMMs (ops::gemm),
 // issued independently per head (ops::for_each_independent_gemm), so results do not depend on the

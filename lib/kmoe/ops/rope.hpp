@@ -1,6 +1,7 @@
 // Rotary position encoding (RoPE, Su et al. 2021) in the GPT-NeoX "half-split" layout, as
-// MoEUT's RotaryPosEncoding (seeds-spec §2.6): the first rot_dims channels of every head are
-// rotated, channel c < rot_dims/2 paired with channel c + rot_dims/2,
+// MoEUT's RotaryPosEncoding (RobertCsordas/moeut@87f04973d3db3ad7cb4ca67a0750241e40210d3c
+// moeut/moeut.py, RotaryPosEncoding and SwitchHeadRope.rotate): the first rot_dims channels of
+// every head are rotated, channel c < rot_dims/2 paired with channel c + rot_dims/2,
 //     y_c      = x_c · cos θ_pc − x_{c+h} · sin θ_pc
 //     y_{c+h}  = x_{c+h} · cos θ_pc + x_c · sin θ_pc,      h = rot_dims / 2,
 // with θ_pc = p · base^(−2c / rot_dims) at position p; the channels from rot_dims on pass

@@ -1,0 +1,22 @@
+// Crash-safe file replacement, used by every kmoe writer (checkpoints, safetensors export): the
+// new contents go to a temporary file in the target's folder, which is flushed to disk (fsync),
+// renamed over the target (atomic on POSIX file systems) and the folder fsync-ed. A writer killed
+// at any moment leaves either the old file or the new one, never a mixture; a failed write (disk
+// full, unwritable folder) removes the temporary file and leaves the old one untouched.
+#pragma once
+
+#include <functional>
+#include <string>
+
+namespace kmoe::io {
+
+// Calls write(temporary_path) to create and fill the temporary file (closing it before it
+// returns), then makes it durable and renames it to path. Throws Status::io_error naming path
+// and the failing step (errno's text); an exception from write is passed on after the
+// temporary file is removed.
+void write_atomically(const std::string& path, const std::function<void(const std::string& temporary_path)>& write);
+
+// The temporary name write_atomically uses for path: "<folder>/.<name>.tmp-<pid>-<counter>".
+std::string temporary_path_for(const std::string& path);
+
+}  // namespace kmoe::io
