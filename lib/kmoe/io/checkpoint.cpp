@@ -180,6 +180,7 @@ void write_contents(const std::string& file_path, const std::string& target, mod
   w.string_attribute(file.get(), "kmoe_version", kmoe_version_string);
   w.string_attribute(file.get(), "created", utc_now());
   w.number_attribute(file.get(), "step", extras.step);
+  if (!extras.source.is_null()) w.string_attribute(file.get(), "source", extras.source.dump());
 
   const model::ParameterList<T> parameters = model::trainable(layer.parameters());
   {
@@ -359,6 +360,13 @@ CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
     info_.kmoe_version = read_string(file_, "kmoe_version", path);
     info_.created = read_string(file_, "created", path);
     info_.step = static_cast<std::int64_t>(read_number(file_, "step", path));
+    if (has_attribute(file_, "source")) {
+      try {
+        info_.source = nlohmann::json::parse(read_string(file_, "source", path));
+      } catch (const nlohmann::json::exception&) {
+        fail(Status::corrupt_file, path, ": attribute source is not valid JSON");
+      }
+    }
     require(has_link(file_, "/params"), Status::corrupt_file, path, ": no /params group");
     for (const char* group : {"/params", "/optimizer/exp_avg", "/optimizer/exp_avg_sq", "/rng"}) {
       if (!has_link(file_, group)) continue;

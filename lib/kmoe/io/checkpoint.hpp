@@ -2,7 +2,9 @@
 // readers): the one checkpoint writer and reader.
 //
 //   /                      attributes kmoe_format (1), model (layer kind), config (JSON), dtype
-//                          ("float32" | "float64"), kmoe_version, created (UTC, ISO 8601), step
+//                          ("float32" | "float64"), kmoe_version, created (UTC, ISO 8601), step,
+//                          optional source (JSON: where the weights came from, e.g. a safetensors
+//                          file's __metadata__)
 //   /params/<name>         one dataset per registry entry (buffers excluded: the config determines
 //                          them), row-major, kmoe's shape; attribute kind = "dense" | "expert";
 //                          expert tensors also expert_axis, experts (global indices, in order) and,
@@ -44,6 +46,7 @@ struct CheckpointInfo {
   std::string kmoe_version;
   std::string created;
   std::int64_t step = 0;
+  nlohmann::json source;  // null when absent
 };
 
 // What a checkpoint holds besides the parameters; null / empty parts are not written.
@@ -52,7 +55,8 @@ struct CheckpointExtras {
   const model::AdamW<T>* optimizer = nullptr;
   const Generator* rng = nullptr;
   std::int64_t step = 0;
-  nlohmann::json train;  // null: no /train
+  nlohmann::json train;   // null: no /train
+  nlohmann::json source;  // null: no source attribute
 };
 
 // Writes the layer (kind, config, every trainable parameter) and the extras to path, crash-safely.
