@@ -23,6 +23,7 @@ BenchTable bench_sigma_moe(const Options& options, int repeats);
 BenchTable bench_moeut(const Options& options, int repeats);
 BenchTable bench_soft_moe(const Options& options, int repeats);
 BenchTable bench_st_moe(const Options& options, int repeats);
+BenchTable bench_checkpoint(const Options& options, int repeats);
 
 inline const std::vector<BenchSection>& bench_sections() {
   static const std::vector<BenchSection> sections = {
@@ -30,6 +31,7 @@ inline const std::vector<BenchSection>& bench_sections() {
       {"moeut", "--batch --seq", bench_moeut},
       {"soft_moe", "--batch --seq --dim --experts --slots", bench_soft_moe},
       {"st_moe", "--batch --seq --dim --experts --top-n", bench_st_moe},
+      {"checkpoint", "--profile --vocab --dir", bench_checkpoint},
   };
   return sections;
 }

@@ -1,0 +1,250 @@
+// kmoe-bench section "checkpoint": save and load of a MoEUT-sized MoEUTLM (default MoEUT_244M,
+// vocabulary 8000: 244M parameters, about 1 GB of float32) on the host, against the same bytes
+// written and read as one raw file in the same folder, measured in the same run:
+//   raw write    one ::write of the parameters' bytes from one buffer, then fsync (the write baseline)
+//   save         io::save_checkpoint: HDF5, chunked + Fletcher32, fsync, rename, folder fsync
+//   raw read     ::read of the raw file into a buffer (the read baseline)
+//   load         io::load_checkpoint into the built layer (checks, checksums, copies into the tensors)
+//   verify       what kmoe-inspect --verify does: a CheckpointReader reading every /params dataset
+// Every rate counts the parameters' bytes, so a ratio is the inverse ratio of the times. The page
+// cache cannot be dropped without root, so every read is a warm-cache read: each file is read
+// once, untimed, before the reads are timed. kmoe-bench prints its standard table (bench/report.hpp),
+// whose rate column is GFLOP/s; here it is fed 1000 x the bytes, so the column reads MB/s
+// (10^6 bytes/s). Two tables, so that each direction has its own baseline: save against the raw
+// write, load and verify against the raw read.
+#include "sections.hpp"
+
+#include "kmoe/io/checkpoint.hpp"
+#include "kmoe/layers/moeut.hpp"
+#include "kmoe/model/builder.hpp"
+#include "kmoe/model/config_fields.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+namespace kmoe::apps {
+
+namespace {
+
+constexpr const char* app = "kmoe-bench checkpoint";
+
+void progress(const std::string& line) {
+  std::fprintf(stderr, "checkpoint: %s\n", line.c_str());
+  std::fflush(stderr);
+}
+
+std::string errno_text() { return std::strerror(errno); }
+
+void write_raw(const std::string& path, const char* data, std::size_t n) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  require(fd >= 0, Status::io_error, app, ": cannot create ", path, ": ", errno_text());
+  std::size_t done = 0;
+  while (done < n) {
+    const ssize_t w = ::write(fd, data + done, std::min<std::size_t>(n - done, std::size_t(1) << 30));
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      const std::string reason = errno_text();
+      ::close(fd);
+      fail(Status::io_error, app, ": writing ", path, " failed: ", reason);
+    }
+    done += static_cast<std::size_t>(w);
+  }
+  const bool synced = ::fsync(fd) == 0;
+  const std::string reason = synced ? std::string() : errno_text();
+  ::close(fd);
+  require(synced, Status::io_error, app, ": fsync of ", path, " failed: ", reason);
+}
+
+void read_raw(const std::string& path, char* data, std::size_t n) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  require(fd >= 0, Status::io_error, app, ": cannot open ", path, ": ", errno_text());
+  std::size_t done = 0;
+  while (done < n) {
+    const ssize_t r = ::read(fd, data + done, std::min<std::size_t>(n - done, std::size_t(1) << 30));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      ::close(fd);
+      fail(Status::io_error, app, ": reading ", path, " failed or ended early");
+    }
+    done += static_cast<std::size_t>(r);
+  }
+  ::close(fd);
+}
+
+// Peak resident host memory above the level at reset(), through Linux's VmHWM (reset by writing
+// "5" to /proc/self/clear_refs). The checkpoint's staging copies are std::vectors, which
+// PeakMemory (Kokkos allocations) does not see; nullopt where /proc does not allow it.
+class PeakResident {
+ public:
+  void reset() {
+    std::ofstream clear("/proc/self/clear_refs");
+    clear << "5";
+    clear.close();
+    start_ = clear ? status_kib("VmRSS:") : -1;
+  }
+  std::optional<std::int64_t> peak_bytes() const {
+    const std::int64_t hwm = status_kib("VmHWM:");
+    if (start_ < 0 || hwm < 0) return std::nullopt;
+    return std::max<std::int64_t>(0, hwm - start_) * 1024;
+  }
+
+ private:
+  static std::int64_t status_kib(const std::string& key) {
+    std::ifstream status("/proc/self/status");
+    std::string word;
+    while (status >> word) {
+      if (word == key) {
+        std::int64_t kib = -1;
+        status >> kib;
+        return kib;
+      }
+    }
+    return -1;
+  }
+  std::int64_t start_ = -1;
+};
+
+// Removes the files on every way out.
+struct RemoveOnExit {
+  std::vector<std::string> paths;
+  ~RemoveOnExit() {
+    for (const std::string& path : paths) {
+      std::error_code ignored;
+      std::filesystem::remove(path, ignored);
+    }
+  }
+};
+
+}  // namespace
+
+BenchTable bench_checkpoint(const Options& options, int repeats) {
+  const index_t vocab = positive_option(options, "--vocab", 8000, app);
+  const std::string profile = options.count("--profile") ? options.at("--profile") : "MoEUT_244M";
+  const std::string dir =
+      options.count("--dir") ? options.at("--dir") : std::filesystem::temp_directory_path().string();
+  require(std::filesystem::is_directory(dir), Status::invalid_argument, app, ": --dir ", dir, " is not a folder");
+
+  const layers::MoEUTConfig c = layers::moeut_profile(profile, vocab);
+  const nlohmann::json config = model::write_fields(layers::moeut_fields(true), c);
+  const index_t expected = layers::moeut_parameter_count(c, true);
+  char line[512];
+  std::snprintf(line, sizeof line, "building %s (%.0fM parameters, vocabulary %ld) ...", profile.c_str(),
+                static_cast<double>(expected) * 1e-6, static_cast<long>(vocab));
+  progress(line);
+  const auto layer = model::build_layer<float>("moeut_lm", config, 3);
+  const model::ParameterList<float> parameters = model::trainable(layer->parameters());
+  const index_t count = model::parameter_count(parameters);
+  const std::size_t bytes = static_cast<std::size_t>(count) * sizeof(float);
+  const double rate_units = 1e3 * static_cast<double>(bytes);  // the table's "GFLOP/s" column then reads MB/s
+
+  // The raw file's bytes: the parameters themselves, in one buffer.
+  std::vector<char> buffer(bytes);
+  {
+    std::size_t offset = 0;
+    for (const model::Parameter<float>& p : parameters) {
+      const std::size_t n = static_cast<std::size_t>(p.tensor->size()) * sizeof(float);
+      const std::vector<float> values = p.tensor->to_host();
+      std::memcpy(buffer.data() + offset, values.data(), n);
+      offset += n;
+    }
+  }
+  std::vector<char> read_back(bytes, 1);
+
+  const std::string stem = (std::filesystem::path(dir) / ("kmoe-bench-checkpoint-" + std::to_string(::getpid()))).string();
+  const std::string raw_path = stem + ".bin", checkpoint_path = stem + ".h5";
+  RemoveOnExit cleanup{{raw_path, checkpoint_path}};
+
+  PeakResident resident;
+  const auto row = [&](const std::string& name, const std::string& what, auto&& fn) {
+    std::snprintf(line, sizeof line, "%s, %d run%s ...", what.c_str(), repeats, repeats == 1 ? "" : "s");
+    progress(line);
+    resident.reset();
+    BenchRow r{name, median_seconds(repeats, fn), rate_units, std::nullopt};
+    r.peak_bytes = resident.peak_bytes();
+    return r;
+  };
+
+  BenchTable save;
+  BenchTable load;
+  char shape[512];
+  std::snprintf(shape, sizeof shape, ": %s, vocab %ld, %ld parameters = %.1f MB float32, host, in ", profile.c_str(),
+                static_cast<long>(vocab), static_cast<long>(count), static_cast<double>(bytes) * 1e-6);
+  const auto titled = [&](const std::string& direction) { return "checkpoint " + direction + shape + dir; };
+  save.title = titled("save");
+  load.title = titled("load (warm page cache)");
+
+  save.baseline = row("raw ::write of one buffer + fsync (baseline)", "raw write", [&] {
+    write_raw(raw_path, buffer.data(), bytes);
+  });
+  save.rows.push_back(row("io::save_checkpoint (HDF5 chunked + Fletcher32, fsync, rename)", "save_checkpoint",
+                          [&] { io::save_checkpoint(checkpoint_path, *layer); }));
+  const std::uintmax_t file_bytes = std::filesystem::file_size(checkpoint_path);
+
+  progress("warming the page cache (one untimed read of each file) ...");
+  read_raw(raw_path, read_back.data(), bytes);
+  require(std::memcmp(read_back.data(), buffer.data(), bytes) == 0, Status::internal, app, ": the raw file reads back different bytes");
+  {
+    std::vector<char> whole(static_cast<std::size_t>(file_bytes));
+    read_raw(checkpoint_path, whole.data(), whole.size());
+  }
+  load.baseline = row("raw ::read into one buffer (baseline)", "raw read",
+                      [&] { read_raw(raw_path, read_back.data(), bytes); });
+  load.rows.push_back(row("io::load_checkpoint into the built layer", "load_checkpoint",
+                          [&] { io::load_checkpoint(checkpoint_path, *layer); }));
+  std::size_t datasets = 0;
+  load.rows.push_back(row("verify: CheckpointReader::read of every /params dataset", "verify", [&] {
+    const io::CheckpointReader reader(checkpoint_path);
+    datasets = 0;
+    for (const io::StoredTensor& t : reader.tensors()) {
+      if (t.path.rfind("/params/", 0) != 0) continue;
+      const std::vector<double> values = reader.read(t.path);
+      require(values.size() == static_cast<std::size_t>(t.shape.size()), Status::internal, app, ": ", t.path,
+              " read ", values.size(), " values");
+      ++datasets;
+    }
+  }));
+  // The loaded layer holds the saved values.
+  {
+    std::size_t offset = 0;
+    for (const model::Parameter<float>& p : parameters) {
+      const std::vector<float> values = p.tensor->to_host();
+      require(std::memcmp(buffer.data() + offset, values.data(), values.size() * sizeof(float)) == 0,
+              Status::internal, app, ": ", p.name, " differs after load_checkpoint");
+      offset += values.size() * sizeof(float);
+    }
+  }
+
+  const auto ratio = [](const BenchTable& t, const BenchRow& r) { return t.baseline.seconds / r.seconds; };
+  const double target = 0.7;
+  std::snprintf(line, sizeof line,
+                "Target (issue): save and load >= %.1f x the raw rate of the same direction. save %.2f x raw write "
+                "(%s); load %.2f x raw read (%s); verify %.2f x raw read.",
+                target, ratio(save, save.rows[0]), ratio(save, save.rows[0]) >= target ? "met" : "NOT met",
+                ratio(load, load.rows[0]), ratio(load, load.rows[0]) >= target ? "met" : "NOT met",
+                ratio(load, load.rows[1]));
+  const std::string target_note = line;
+  std::snprintf(line, sizeof line,
+                "The GFLOP/s column is MB/s here (10^6 bytes/s of the %zu parameter bytes; the file holds %ju bytes, "
+                "%zu datasets); peak [MB]: resident host memory (VmHWM) above the level before the case, "
+                "page cache excluded.",
+                bytes, file_bytes, datasets);
+  save.notes.push_back(line);
+  save.notes.push_back("Every write ends with fsync (the checkpoint's also renames the temporary file and fsyncs the folder).");
+  save.notes.push_back(target_note);
+  load.notes.push_back(line);
+  load.notes.push_back("Warm page cache for both files (caches cannot be dropped without root): each file was read "
+                       "once, untimed, before the timed reads, so these are memory-to-memory rates, not disk rates.");
+  load.notes.push_back(target_note);
+  save.print();
+  std::fflush(stdout);
+  return load;
+}
+
+}  // namespace kmoe::apps
