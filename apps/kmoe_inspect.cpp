@@ -747,15 +747,18 @@ int diff(const std::string& path_a, const std::string& path_b, bool as_json) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Before Kokkos, which answers --help with its own options' help.
+  for (int i = 1; i < argc && std::string(argv[i]) != "--"; ++i) {
+    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
+      print_usage(stdout);
+      return exit_good;
+    }
+  }
   Kokkos::ScopeGuard kokkos(argc, argv);
   bool as_json = false, verify = false, diff_mode = false;
   std::vector<std::string> files;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      print_usage(stdout);
-      return exit_good;
-    }
     if (arg == "--json") {
       as_json = true;
     } else if (arg == "--verify") {
