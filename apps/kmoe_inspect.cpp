@@ -33,6 +33,7 @@
 #include <iostream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
@@ -228,6 +229,36 @@ std::size_t element_bytes(const std::string& dtype) {
   return 0;
 }
 
+// Whether the file starts with the HDF5 signature (kmoe writes its superblock at offset 0).
+bool has_hdf5_signature(const std::string& path) {
+  char bytes[8] = {};
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return false;
+  const std::size_t n = std::fread(bytes, 1, sizeof bytes, f);
+  std::fclose(f);
+  return n == sizeof bytes && std::string(bytes, sizeof bytes) == std::string("\x89HDF\r\n\x1a\n", 8);
+}
+
+// Opens the checkpoint, or prints why it cannot be used (then null: exit 2).
+std::unique_ptr<io::CheckpointReader> open_checkpoint(const std::string& path) {
+  try {
+    if (!std::filesystem::exists(path)) {
+      print_error(path + ": no such file");
+      return nullptr;
+    }
+    return std::make_unique<io::CheckpointReader>(path);
+  } catch (const Error& e) {  // unreadable, not HDF5, not a kmoe checkpoint
+    std::string message = e.what();
+    // HDF5 refuses to open a file cut short; its signature shows it was HDF5.
+    if (e.status() == Status::io_error && has_hdf5_signature(path))
+      message += " (the file has an HDF5 signature but does not open: truncated or damaged)";
+    print_error(message);
+  } catch (const std::exception& e) {
+    print_error(e.what());
+  }
+  return nullptr;
+}
+
 // Errors from the reader start with the file's path; messages here name it once.
 std::string without_path_prefix(const std::string& message, const std::string& path) {
   const std::string prefix = path + ": ";
@@ -286,12 +317,16 @@ struct Finding {
 
 bool is_param(const io::StoredTensor& t) { return t.path.rfind("/params/", 0) == 0; }
 
-// The layer the config builds against the stored /params (and the optimizer moments).
+// The layer the config builds against the stored /params (and the optimizer moments). Names and
+// shapes do not depend on the dtype, so the layer is built in float: half the memory and time of
+// double. Building draws every initial parameter, which dominates --verify on large models (about
+// 6 s for 268M parameters on 2 cores, against 0.9 s to read their 1 GB); model/ has no way yet to
+// get the registry's names and shapes without the draws.
 void check_consistency(const io::CheckpointReader& reader, std::vector<Finding>& findings) {
   const io::CheckpointInfo& info = reader.info();
-  std::unique_ptr<model::Layer<double>> layer;
+  std::unique_ptr<model::Layer<float>> layer;
   try {
-    layer = model::build_layer<double>(info.model, info.config, 0);
+    layer = model::build_layer<float>(info.model, info.config, 0);
   } catch (const std::exception& e) {
     findings.push_back({"inconsistent", "", "the model '" + info.model + "' with its config does not build: " + e.what()});
     return;
@@ -305,10 +340,12 @@ void check_consistency(const io::CheckpointReader& reader, std::vector<Finding>&
       findings.push_back({"inconsistent", t.path, "/rng/state has shape " + t.shape.str() + ", expected [2] (seed, position)"});
   }
   const bool optimizer = reader.has_optimizer();
-  const model::ParameterList<double> parameters = model::trainable(layer->parameters());
-  for (const model::Parameter<double>& p : parameters) {
+  const model::ParameterList<float> parameters = model::trainable(layer->parameters());
+  for (const model::Parameter<float>& p : parameters) {
     const Shape& shape = p.tensor->shape();
     const auto found = stored.find(p.name);
+    // The moments go with the stored parameter (a mis-shaped parameter is one finding, not three).
+    const Shape moment_shape = found != stored.end() ? found->second->shape : shape;
     if (found == stored.end()) {
       findings.push_back({"inconsistent", "/params/" + p.name,
                           "parameter '" + p.name + "' " + shape.str() + " of the " + info.model +
@@ -341,10 +378,10 @@ void check_consistency(const io::CheckpointReader& reader, std::vector<Finding>&
         findings.push_back({"inconsistent", group + p.name, "optimizer state " + group + p.name + " is missing"});
         continue;
       }
-      if (m->second->shape != shape)
+      if (m->second->shape != moment_shape)
         findings.push_back({"inconsistent", m->second->path,
                             "optimizer state " + m->second->path + " has shape " + m->second->shape.str() +
-                                ", the parameter " + shape.str()});
+                                ", the parameter " + moment_shape.str()});
       moments->erase(m);
     }
   }
@@ -358,17 +395,8 @@ void check_consistency(const io::CheckpointReader& reader, std::vector<Finding>&
 }
 
 int inspect(const std::string& path, bool verify, bool as_json) {
-  std::unique_ptr<io::CheckpointReader> reader_ptr;
-  try {
-    if (!std::filesystem::exists(path)) {
-      print_error(path + ": no such file");
-      return exit_unusable;
-    }
-    reader_ptr = std::make_unique<io::CheckpointReader>(path);
-  } catch (const std::exception& e) {  // unreadable, not HDF5, not a kmoe checkpoint
-    print_error(e.what());
-    return exit_unusable;
-  }
+  const std::unique_ptr<io::CheckpointReader> reader_ptr = open_checkpoint(path);
+  if (reader_ptr == nullptr) return exit_unusable;
   const io::CheckpointReader& reader = *reader_ptr;
   const io::CheckpointInfo& info = reader.info();
   std::vector<Finding> findings;
@@ -402,7 +430,7 @@ int inspect(const std::string& path, bool verify, bool as_json) {
   for (const io::StoredTensor& t : reader.tensors()) {
     const bool wanted = is_param(t) || verify || t.path == "/rng/state";
     if (!wanted) continue;
-    Row row{&t};
+    Row row{&t, false, {}};
     std::string error;
     row.ok = read_stats(reader, t, row.stats, error);
     if (!row.ok) {
@@ -619,25 +647,18 @@ Difference compare_datasets(const io::CheckpointReader& a, const io::CheckpointR
 }
 
 int diff(const std::string& path_a, const std::string& path_b, bool as_json) {
-  std::unique_ptr<io::CheckpointReader> a, b;
-  for (const auto& [path, reader] : {std::pair{&path_a, &a}, std::pair{&path_b, &b}}) {
-    try {
-      if (!std::filesystem::exists(*path)) {
-        print_error(*path + ": no such file");
-        return exit_unusable;
-      }
-      *reader = std::make_unique<io::CheckpointReader>(*path);
-    } catch (const std::exception& e) {
-      print_error(e.what());
-      return exit_unusable;
-    }
-  }
+  const std::unique_ptr<io::CheckpointReader> a = open_checkpoint(path_a);
+  if (a == nullptr) return exit_unusable;
+  const std::unique_ptr<io::CheckpointReader> b = open_checkpoint(path_b);
+  if (b == nullptr) return exit_unusable;
   bool different = false;
+  std::size_t attributes_differing = 0;  // those that count (not kmoe_version, created)
   json attributes = json::array();
   std::vector<std::string> attribute_lines;
   auto compare_attribute = [&](const char* name, const json& x, const json& y, bool counts) {
     if (x == y) return;
     different = different || counts;
+    attributes_differing += counts ? 1 : 0;
     attributes.push_back({{"name", name}, {"a", x}, {"b", y}, {"counts", counts}});
     const auto text = [](const json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); };
     attribute_lines.push_back(std::string(name) + ": " + text(x) + " | " + text(y) + (counts ? "" : " (not counted)"));
@@ -723,6 +744,7 @@ int diff(const std::string& path_a, const std::string& path_b, bool as_json) {
                 {"attributes", attributes},
                 {"datasets", datasets},
                 {"compared", compared},
+                {"attributes_differing", attributes_differing},
                 {"differing", differing_datasets}};
     std::printf("%s\n", out.dump(2).c_str());
   } else {
@@ -736,7 +758,7 @@ int diff(const std::string& path_a, const std::string& path_b, bool as_json) {
     table.print("  ");
     if (different) {
       std::printf("DIFFERENT: %zu of %zu datasets differ%s\n", differing_datasets, paths.size(),
-                  attribute_lines.empty() ? "" : ", and attributes");
+                  attributes_differing == 0 ? "" : (", and " + std::to_string(attributes_differing) + " attributes").c_str());
     } else {
       std::printf("IDENTICAL: %zu datasets compared\n", compared);
     }

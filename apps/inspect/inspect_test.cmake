@@ -4,6 +4,7 @@
 #         -DFOREIGN=<an HDF5 file that is not a kmoe checkpoint> -DTEXT=<a text file> -P inspect_test.cmake
 # Cases:
 #   report                the table: parameter names, expert ranges, totals, the optional parts
+#   stats                 min, max, mean, std, l2 of 0, 1, 2, ... against their closed forms
 #   json                  --json parses and holds the same information
 #   verify_ok             --verify of a good checkpoint: 0 and the OK line
 #   verify_optimizer      --verify with /optimizer, /rng, /train: every dataset read
@@ -45,7 +46,8 @@ function(inspect code)
   cmake_parse_arguments(PARSE_ARGV 1 arg "" "" "MATCH;ARGS")
   execute_process(COMMAND ${INSPECT} ${arg_ARGS} RESULT_VARIABLE rc OUTPUT_VARIABLE stdout ERROR_VARIABLE stderr)
   set(all "${stdout}${stderr}")
-  message("$ kmoe-inspect ${arg_ARGS}  -> ${rc}\n${all}")
+  string(JOIN " " command ${arg_ARGS})
+  message("$ kmoe-inspect ${command}  -> ${rc}\n${all}")
   if(code STREQUAL "nonzero")
     if(rc EQUAL 0 OR NOT rc MATCHES "^[0-9]+$")
       message(FATAL_ERROR "kmoe-inspect ${arg_ARGS} exited with ${rc}, expected a non-zero status")
@@ -90,6 +92,21 @@ if(CASE STREQUAL "report")
           "\n +values +\\[4, 8, 16\\] +float32 +expert 0-3 +"
           "totals: 3 parameter tensors, 1088 values, 4352 bytes; file size [1-9][0-9]* bytes\n"
           "optimizer: no\n" "rng: no\n" "train: no\n")
+  # Known values: ST-MoE's GEGLU mult_bias starts at ones (l2 = sqrt(4 * 42)); per-expert torch names.
+  maker(st_moe "{\"dim\": 16, \"num_experts\": 4}" 1 ${dir}/st_moe.h5)
+  inspect(0 ARGS ${dir}/st_moe.h5 MATCH "model +st_moe\n"
+          "\n +experts\\.experts\\.\\*\\.net\\.1\\.mult_bias +\\[4, 42\\] +float32 +expert 0-3 +1 +1 +1 +0 +12\\.9615 +0 +0\n"
+          "\n +gate\\.to_gates\\.weight +\\[4, 16\\] +float32 +dense +")
+elseif(CASE STREQUAL "stats")
+  # Statistics against closed forms over many blocks: keys := 0 ... 32767 (n = 32768: mean (n-1)/2,
+  # std sqrt((n^2-1)/12), l2 sqrt((n-1) n (2n-1)/6)); then NaN at 0 and Inf at 32767 (1 ... 32766).
+  maker(sigma_moe "{\"dmodel\": 64, \"n_experts\": 16, \"expert_size\": 32, \"k\": 2}" 1 ${dir}/wide.h5)
+  maker(--ramp ${dir}/wide.h5 ${dir}/ramp.h5 /params/keys)
+  inspect(0 ARGS ${dir}/ramp.h5 MATCH
+          "\n +keys +\\[16, 64, 32\\] +float32 +expert 0-15 +0 +32767 +16383\\.5 +9459\\.31 +3\\.42456e\\+06 +0 +0\n")
+  maker(--poison ${dir}/ramp.h5 ${dir}/ramp_poisoned.h5 /params/keys)
+  inspect(0 ARGS ${dir}/ramp_poisoned.h5 MATCH
+          "\n +keys +\\[16, 64, 32\\] +float32 +expert 0-15 +1 +32766 +16383\\.5 +9458\\.73 +3\\.4244e\\+06 +1 +1\n")
 elseif(CASE STREQUAL "json")
   make_checkpoint(${good} 1)
   inspect(0 ARGS --json ${good})
@@ -134,7 +151,8 @@ elseif(CASE STREQUAL "verify_optimizer")
   make_checkpoint(${good} 7 --with-optimizer)
   inspect(0 ARGS --verify ${good} MATCH
           "optimizer: yes \\(step 0, 6 moment datasets\\)\n" "rng: yes \\(seed 7, position 0\\)\n"
-          "train: yes {\"step\":0}\n" "/optimizer/exp_avg_sq/keys +\\[4, 16, 8\\] +float32 +- +0 +0 +0 +0 +0 +0 +0\n"
+          "train: yes {\"step\":0}\n" "/rng/state +\\[2\\] +uint64 +- +0 +7 +3\\.5 +3\\.5 +7 +0 +0\n"
+          "/optimizer/exp_avg_sq/keys +\\[4, 16, 8\\] +float32 +- +0 +0 +0 +0 +0 +0 +0\n"
           "OK: [^\n]*: 10 datasets verified, checksums and config consistent\n")
   make_checkpoint(${dir}/plain.h5 7)
   inspect(1 ARGS --diff ${good} ${dir}/plain.h5 MATCH "/optimizer/exp_avg/keys +\\[4, 16, 8\\] .* only in A\n"
@@ -153,7 +171,7 @@ elseif(CASE STREQUAL "verify_corrupt")
 elseif(CASE STREQUAL "verify_truncated")
   make_checkpoint(${good} 1 --with-optimizer)
   maker(--truncate ${good} ${dir}/half.h5)
-  inspect(nonzero ARGS --verify ${dir}/half.h5 MATCH "kmoe-inspect: [^\n]*half.h5: [^\n]*(truncated|corrupt|cannot open)")
+  inspect(nonzero ARGS --verify ${dir}/half.h5 MATCH "kmoe-inspect: [^\n]*half.h5: [^\n]*(truncated|corrupt)")
   if(out MATCHES "OK:")
     message(FATAL_ERROR "--verify of a truncated file printed OK")
   endif()
@@ -187,10 +205,13 @@ elseif(CASE STREQUAL "missing_file")
   inspect(2 ARGS --diff ${good} ${dir}/no_such_checkpoint.h5 MATCH "no_such_checkpoint.h5: no such file")
 elseif(CASE STREQUAL "diff_same")
   make_checkpoint(${good} 1)
+  # A second later: another `created`, which is shown but does not count.
+  execute_process(COMMAND ${CMAKE_COMMAND} -E sleep 1.1)
   make_checkpoint(${dir}/again.h5 1)
   inspect(0 ARGS --diff ${good} ${good} MATCH "/params/keys +\\[4, 16, 8\\] +0\\.000e\\+00 +0\\.000e\\+00 +0/512 +identical\n"
+          "attributes: model, config, dtype, format and step equal\n" "IDENTICAL: 3 datasets compared\n")
+  inspect(0 ARGS --diff ${good} ${dir}/again.h5 MATCH "\n +created: [-0-9T:]+Z \\| [-0-9T:]+Z \\(not counted\\)\n"
           "IDENTICAL: 3 datasets compared\n")
-  inspect(0 ARGS --diff ${good} ${dir}/again.h5 MATCH "IDENTICAL: 3 datasets compared\n")
   inspect(0 ARGS --json --diff ${good} ${dir}/again.h5)
   expect_json("${stdout}" ON identical)
 elseif(CASE STREQUAL "diff_seeds")
@@ -206,7 +227,7 @@ elseif(CASE STREQUAL "diff_seeds")
   # Another config: the attribute is reported, the shapes differ.
   maker(sigma_moe "{\"dmodel\": 16, \"n_experts\": 4, \"expert_size\": 4, \"k\": 2}" 1 ${dir}/narrow.h5)
   inspect(1 ARGS --diff ${good} ${dir}/narrow.h5 MATCH "attributes that differ \\(A \\| B\\):\n +config: [^\n]*\"expert_size\":8[^\n]* \\| [^\n]*\"expert_size\":4"
-          "/params/keys +\\[4, 16, 8\\] \\| \\[4, 16, 4\\] .*SHAPE DIFFERS\n")
+          "/params/keys +\\[4, 16, 8\\] \\| \\[4, 16, 4\\] .*SHAPE DIFFERS\n" "DIFFERENT: 3 of 3 datasets differ, and 1 attributes\n")
 elseif(CASE STREQUAL "h5ls")
   find_program(H5LS h5ls)
   if(NOT H5LS)

@@ -10,6 +10,8 @@
 //       a copy without DATASET (H5Ldelete)
 //   kmoe-make-checkpoint --poison IN.h5 OUT.h5 DATASET
 //       a copy whose DATASET has a NaN in element 0 and an Inf in the last (valid checksums)
+//   kmoe-make-checkpoint --ramp IN.h5 OUT.h5 DATASET
+//       a copy whose DATASET holds 0, 1, 2, ... (statistics known in closed form)
 //   kmoe-make-checkpoint --truncate IN.h5 OUT.h5
 //       the first half of the file
 #include "kmoe/core/random.hpp"
@@ -113,7 +115,7 @@ void drop_dataset(const std::string& in, const std::string& out, const std::stri
   H5Fclose(file);
 }
 
-void poison(const std::string& in, const std::string& out, const std::string& dataset) {
+void rewrite_values(const std::string& in, const std::string& out, const std::string& dataset, bool ramp) {
   copy_file(in, out);
   const hid_t file = H5Fopen(out.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
   check(file >= 0, "cannot open " + out);
@@ -123,8 +125,12 @@ void poison(const std::string& in, const std::string& out, const std::string& da
   std::vector<double> values(static_cast<std::size_t>(H5Sget_simple_extent_npoints(space)));
   check(!values.empty() && H5Dread(dset, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()) >= 0,
         "cannot read " + dataset);
-  values.front() = std::numeric_limits<double>::quiet_NaN();
-  values.back() = std::numeric_limits<double>::infinity();
+  if (ramp) {
+    for (std::size_t i = 0; i < values.size(); ++i) values[i] = static_cast<double>(i);
+  } else {
+    values.front() = std::numeric_limits<double>::quiet_NaN();
+    values.back() = std::numeric_limits<double>::infinity();
+  }
   check(H5Dwrite(dset, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, values.data()) >= 0, "cannot write " + dataset);
   H5Sclose(space);
   H5Dclose(dset);
@@ -139,7 +145,7 @@ void truncate(const std::string& in, const std::string& out) {
 void usage() {
   std::fprintf(stderr,
                "usage: kmoe-make-checkpoint KIND CONFIG_JSON SEED OUT.h5 [--with-optimizer]\n"
-               "       kmoe-make-checkpoint --corrupt | --drop-dataset | --poison IN.h5 OUT.h5 DATASET\n"
+               "       kmoe-make-checkpoint --corrupt | --drop-dataset | --poison | --ramp IN.h5 OUT.h5 DATASET\n"
                "       kmoe-make-checkpoint --truncate IN.h5 OUT.h5\n");
 }
 
@@ -154,7 +160,9 @@ int main(int argc, char** argv) {
     } else if (mode == "--drop-dataset" && argc == 5) {
       drop_dataset(argv[2], argv[3], argv[4]);
     } else if (mode == "--poison" && argc == 5) {
-      poison(argv[2], argv[3], argv[4]);
+      rewrite_values(argv[2], argv[3], argv[4], false);
+    } else if (mode == "--ramp" && argc == 5) {
+      rewrite_values(argv[2], argv[3], argv[4], true);
     } else if (mode == "--truncate" && argc == 4) {
       truncate(argv[2], argv[3]);
     } else if (mode.rfind("--", 0) != 0 && (argc == 5 || argc == 6)) {
