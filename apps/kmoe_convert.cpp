@@ -12,6 +12,7 @@
 #include "kmoe/io/safetensors.hpp"
 #include "kmoe/io/safetensors_import.hpp"
 #include "kmoe/model/builder.hpp"
+#include "options.hpp"
 
 #include <Kokkos_Core.hpp>
 
@@ -58,7 +59,8 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 template <class T>
 void import_file(const io::SafetensorsFile& file, const std::string& kind, const nlohmann::json& config,
                  const std::string& out) {
-  const auto layer = model::build_layer<T>(kind, config, 0);
+  // Zeros, not draws: load_safetensors requires every parameter.
+  const auto layer = model::build_layer<T>(kind, config, 0, ParameterInit::zeros);
   io::load_safetensors(file, *layer);
   io::CheckpointExtras<T> extras;
   extras.source = nlohmann::json(file.metadata());
@@ -78,6 +80,10 @@ void export_file(const std::string& checkpoint, const std::string& out) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (apps::asks_for_help(argc, argv)) {
+    usage(stdout);
+    return 0;
+  }
   Kokkos::ScopeGuard kokkos(argc, argv);
   std::string input, output, kind, config, dtype = "float32";
   for (int i = 1; i < argc; ++i) {
@@ -89,10 +95,7 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (arg == "--help" || arg == "-h") {
-      usage(stdout);
-      return 0;
-    } else if (arg == "-o" || arg == "--output") {
+    if (arg == "-o" || arg == "--output") {
       output = value();
     } else if (arg == "--layer") {
       kind = value();

@@ -20,6 +20,7 @@
 #include "kmoe/core/error.hpp"
 #include "kmoe/io/checkpoint.hpp"
 #include "kmoe/model/builder.hpp"
+#include "options.hpp"
 
 #include <Kokkos_Core.hpp>
 #include <nlohmann/json.hpp>
@@ -229,30 +230,19 @@ std::size_t element_bytes(const std::string& dtype) {
   return 0;
 }
 
-// Whether the file starts with the HDF5 signature (kmoe writes its superblock at offset 0).
-bool has_hdf5_signature(const std::string& path) {
-  char bytes[8] = {};
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) return false;
-  const std::size_t n = std::fread(bytes, 1, sizeof bytes, f);
-  std::fclose(f);
-  return n == sizeof bytes && std::string(bytes, sizeof bytes) == std::string("\x89HDF\r\n\x1a\n", 8);
-}
-
-// Opens the checkpoint, or prints why it cannot be used (then null: exit 2).
-std::unique_ptr<io::CheckpointReader> open_checkpoint(const std::string& path) {
+// Opens the checkpoint, or prints why it cannot be used and returns null with `failure` set to the
+// exit status: 1 for a damaged (truncated) file, 2 for a missing, foreign or unreadable one.
+std::unique_ptr<io::CheckpointReader> open_checkpoint(const std::string& path, int& failure) {
+  failure = exit_unusable;
   try {
     if (!std::filesystem::exists(path)) {
       print_error(path + ": no such file");
       return nullptr;
     }
     return std::make_unique<io::CheckpointReader>(path);
-  } catch (const Error& e) {  // unreadable, not HDF5, not a kmoe checkpoint
-    std::string message = e.what();
-    // HDF5 refuses to open a file cut short; its signature shows it was HDF5.
-    if (e.status() == Status::io_error && has_hdf5_signature(path))
-      message += " (the file has an HDF5 signature but does not open: truncated or damaged)";
-    print_error(message);
+  } catch (const Error& e) {
+    if (e.status() == Status::corrupt_file) failure = exit_bad;
+    print_error(e.what());
   } catch (const std::exception& e) {
     print_error(e.what());
   }
@@ -319,14 +309,13 @@ bool is_param(const io::StoredTensor& t) { return t.path.rfind("/params/", 0) ==
 
 // The layer the config builds against the stored /params (and the optimizer moments). Names and
 // shapes do not depend on the dtype, so the layer is built in float: half the memory and time of
-// double. Building draws every initial parameter, which dominates --verify on large models (about
-// 6 s for 268M parameters on 2 cores, against 0.9 s to read their 1 GB); model/ has no way yet to
-// get the registry's names and shapes without the draws.
+// double, and without drawing its initial values (the draws took 6 s for 268M parameters on 2 cores,
+// against 0.9 s to read their 1 GB).
 void check_consistency(const io::CheckpointReader& reader, std::vector<Finding>& findings) {
   const io::CheckpointInfo& info = reader.info();
   std::unique_ptr<model::Layer<float>> layer;
   try {
-    layer = model::build_layer<float>(info.model, info.config, 0);
+    layer = model::build_layer<float>(info.model, info.config, 0, ParameterInit::zeros);
   } catch (const std::exception& e) {
     findings.push_back({"inconsistent", "", "the model '" + info.model + "' with its config does not build: " + e.what()});
     return;
@@ -395,8 +384,9 @@ void check_consistency(const io::CheckpointReader& reader, std::vector<Finding>&
 }
 
 int inspect(const std::string& path, bool verify, bool as_json) {
-  const std::unique_ptr<io::CheckpointReader> reader_ptr = open_checkpoint(path);
-  if (reader_ptr == nullptr) return exit_unusable;
+  int failure = exit_unusable;
+  const std::unique_ptr<io::CheckpointReader> reader_ptr = open_checkpoint(path, failure);
+  if (reader_ptr == nullptr) return failure;
   const io::CheckpointReader& reader = *reader_ptr;
   const io::CheckpointInfo& info = reader.info();
   std::vector<Finding> findings;
@@ -647,9 +637,11 @@ Difference compare_datasets(const io::CheckpointReader& a, const io::CheckpointR
 }
 
 int diff(const std::string& path_a, const std::string& path_b, bool as_json) {
-  const std::unique_ptr<io::CheckpointReader> a = open_checkpoint(path_a);
+  // --diff's 1 means "different": a file it cannot compare is 2 whatever the reason.
+  int failure = exit_unusable;
+  const std::unique_ptr<io::CheckpointReader> a = open_checkpoint(path_a, failure);
   if (a == nullptr) return exit_unusable;
-  const std::unique_ptr<io::CheckpointReader> b = open_checkpoint(path_b);
+  const std::unique_ptr<io::CheckpointReader> b = open_checkpoint(path_b, failure);
   if (b == nullptr) return exit_unusable;
   bool different = false;
   std::size_t attributes_differing = 0;  // those that count (not kmoe_version, created)
@@ -769,12 +761,9 @@ int diff(const std::string& path_a, const std::string& path_b, bool as_json) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Before Kokkos, which answers --help with its own options' help.
-  for (int i = 1; i < argc && std::string(argv[i]) != "--"; ++i) {
-    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {
-      print_usage(stdout);
-      return exit_good;
-    }
+  if (apps::asks_for_help(argc, argv)) {
+    print_usage(stdout);
+    return exit_good;
   }
   Kokkos::ScopeGuard kokkos(argc, argv);
   bool as_json = false, verify = false, diff_mode = false;

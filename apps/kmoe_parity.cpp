@@ -6,6 +6,7 @@
 // within tolerance, 1 when some tensor is not, 2 when some file cannot be used (the worst wins).
 #include "parity/fixture.hpp"
 #include "parity/registry.hpp"
+#include "options.hpp"
 
 #include "kmoe/core/error.hpp"
 
@@ -81,16 +82,16 @@ Outcome check_file(const std::string& path, const std::optional<double>& toleran
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (apps::asks_for_help(argc, argv)) {
+    print_usage(stdout);
+    return pass;
+  }
   Kokkos::ScopeGuard kokkos(argc, argv);
   std::optional<double> tolerance;
   std::string params;
   std::vector<std::string> files;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      print_usage(stdout);
-      return pass;
-    }
     if (arg == "--tolerance") {
       char* end = nullptr;
       const char* value = i + 1 < argc ? argv[++i] : "";

@@ -23,6 +23,16 @@ inline Options parse_options(int argc, char** argv, int first, const std::string
   return options;
 }
 
+// Whether some argument before any "--" is --help or -h. The apps answer it before Kokkos starts:
+// Kokkos 3.4's initialize() treats --help as its own and prints its options first.
+inline bool asks_for_help(int argc, char** argv) {
+  for (int i = 1; i < argc && std::string(argv[i]) != "--"; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") return true;
+  }
+  return false;
+}
+
 // The positive integer under `key`, or `fallback` when absent.
 inline long positive_option(const Options& options, const std::string& key, long fallback, const std::string& app) {
   const auto it = options.find(key);

@@ -9,7 +9,7 @@
 #   verify_ok             --verify of a good checkpoint: 0 and the OK line
 #   verify_optimizer      --verify with /optimizer, /rng, /train: every dataset read
 #   verify_corrupt        a byte flipped in /params/keys: 1, naming the dataset
-#   verify_truncated      half the file: non-zero with a message
+#   verify_truncated      half the file: 1, truncated or damaged
 #   verify_missing_param  /params/values deleted: 1 under --verify, naming the parameter
 #   verify_non_finite     a NaN and an Inf in /params/expert_sel: counted; 1 under --verify
 #   not_kmoe, text_file, missing_file   2 with the reason
@@ -171,7 +171,7 @@ elseif(CASE STREQUAL "verify_corrupt")
 elseif(CASE STREQUAL "verify_truncated")
   make_checkpoint(${good} 1 --with-optimizer)
   maker(--truncate ${good} ${dir}/half.h5)
-  inspect(nonzero ARGS --verify ${dir}/half.h5 MATCH "kmoe-inspect: [^\n]*half.h5: [^\n]*(truncated|corrupt)")
+  inspect(1 ARGS --verify ${dir}/half.h5 MATCH "kmoe-inspect: [^\n]*half.h5: [^\n]*\\(truncated or damaged\\)")
   if(out MATCHES "OK:")
     message(FATAL_ERROR "--verify of a truncated file printed OK")
   endif()
@@ -198,7 +198,7 @@ elseif(CASE STREQUAL "not_kmoe")
   inspect(2 ARGS ${FOREIGN} MATCH "kmoe-inspect: [^\n]*sigma_moe_sigmoid_relu_train.h5: not a kmoe checkpoint")
   inspect(2 ARGS --verify ${FOREIGN} MATCH "not a kmoe checkpoint")
 elseif(CASE STREQUAL "text_file")
-  inspect(2 ARGS --verify ${TEXT} MATCH "kmoe-inspect: [^\n]*README.md: cannot open \\([^\n]*not an HDF5 file\\)")
+  inspect(2 ARGS --verify ${TEXT} MATCH "kmoe-inspect: [^\n]*README.md: cannot open \\(missing, unreadable or not an HDF5 file\\)")
 elseif(CASE STREQUAL "missing_file")
   inspect(2 ARGS --verify ${dir}/no_such_checkpoint.h5 MATCH "kmoe-inspect: [^\n]*no_such_checkpoint.h5: no such file")
   make_checkpoint(${good} 1)

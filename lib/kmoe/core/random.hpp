@@ -50,6 +50,7 @@ KOKKOS_INLINE_FUNCTION void philox4x32(std::uint64_t seed, std::uint64_t counter
 struct RngStream {
   std::uint64_t seed = 0;
   std::uint64_t offset = 0;
+  bool draws = true;  // false: from a Generator of ParameterInit::zeros; the fills skip it
 
   // Uniform in [0, 1) with 24 random bits (float) or 53 (double).
   template <class T>
@@ -86,18 +87,26 @@ struct RngStream {
   }
 };
 
+// How a layer's constructor fills its parameters: drawn from its seed as the original does, or
+// left zero. Zeros are for building a layer only to learn its parameters' names and shapes (as
+// kmoe-inspect --verify does): the draws dominate building a large model.
+enum class ParameterInit { drawn, zeros };
+
 // The caller-controlled source of every random draw: each take(n) returns a fresh, disjoint
-// stream of n counters.
+// stream of n counters. A generator of ParameterInit::zeros hands out streams that ops::fill_*
+// skip, so initialisation code needs no branches of its own.
 class Generator {
  public:
-  explicit Generator(std::uint64_t seed = 0) : seed_(seed) {}
+  explicit Generator(std::uint64_t seed = 0, ParameterInit init = ParameterInit::drawn)
+      : seed_(seed), draws_(init == ParameterInit::drawn) {}
   RngStream take(std::uint64_t n) {
-    RngStream stream{seed_, next_};
+    RngStream stream{seed_, next_, draws_};
     next_ += n;
     return stream;
   }
   std::uint64_t seed() const { return seed_; }
   std::uint64_t position() const { return next_; }
+  bool draws() const { return draws_; }
   // A generator continuing from a saved (seed, position), as checkpoints store it.
   static Generator restore(std::uint64_t seed, std::uint64_t position) {
     Generator g(seed);
@@ -108,6 +117,7 @@ class Generator {
  private:
   std::uint64_t seed_;
   std::uint64_t next_ = 0;
+  bool draws_;
 };
 
 }  // namespace kmoe

@@ -134,12 +134,16 @@ void put_checksum(unsigned char* at, std::uint32_t sum) {
   for (int b = 0; b < 4; ++b) at[b] = static_cast<unsigned char>(sum >> (8 * b));
 }
 
-// Does the stored checksum match the bytes? As HDF5's filter, the byte-swapped form of HDF5
-// 1.6.2 and older is accepted too.
-bool checksum_matches(const unsigned char* chunk, std::size_t length) {
-  std::uint32_t stored = 0;
-  for (int b = 0; b < 4; ++b) stored |= std::uint32_t(chunk[length + b]) << (8 * b);
-  const std::uint32_t sum = fletcher32(chunk, length);
+std::uint32_t get_checksum(const unsigned char* at) {
+  std::uint32_t sum = 0;
+  for (int b = 0; b < 4; ++b) sum |= std::uint32_t(at[b]) << (8 * b);
+  return sum;
+}
+
+// Is `stored` the checksum of the bytes? As HDF5's filter, the byte-swapped form that HDF5 1.6.2
+// and older wrote is accepted too.
+bool checksum_matches(std::uint32_t stored, const unsigned char* bytes, std::size_t length) {
+  const std::uint32_t sum = fletcher32(bytes, length);
   const std::uint32_t reversed = ((sum & 0x00ff00ffu) << 8) | ((sum >> 8) & 0x00ff00ffu);
   return stored == sum || stored == reversed;
 }
@@ -179,11 +183,12 @@ class Writer {
  public:
   explicit Writer(const std::string& target) : target_(target) {}
 
+  // HDF5 writes to memory (FileImage): a failure there is no disk error.
   void check(herr_t rc, const std::string& what) const {
-    require(rc >= 0, Status::io_error, target_, ": writing ", what, " failed (disk full or unwritable?)");
+    require(rc >= 0, Status::internal, target_, ": HDF5 failed to build ", what, " in memory (out of memory?)");
   }
   void check(hid_t id, const std::string& what) const {
-    require(id >= 0, Status::io_error, target_, ": writing ", what, " failed (disk full or unwritable?)");
+    require(id >= 0, Status::internal, target_, ": HDF5 failed to build ", what, " in memory (out of memory?)");
   }
 
   void string_attribute(hid_t object, const char* name, const std::string& value) const {
@@ -307,32 +312,110 @@ class Writer {
   std::string target_;
 };
 
+// The checkpoint is built in memory by HDF5's core driver (no backing store) and written to disk by
+// kmoe (write_bytes_atomically), so every disk error is kmoe's own and reported cleanly: HDF5 1.10
+// cannot close a file whose disk writes failed, and crashes at exit trying again (H5F__close_cb).
+// The file image callbacks let HDF5 grow a buffer this class owns and hand it over at H5Fclose,
+// when the superblock is final; H5Fget_file_image would copy it, and on 1.10 returns superblock
+// v3 images with stale checksums.
+class FileImage {
+ public:
+  FileImage() = default;
+  FileImage(const FileImage&) = delete;
+  FileImage& operator=(const FileImage&) = delete;
+  ~FileImage() { std::free(buffer_); }
+
+  // A file access property list for the core driver over this image.
+  hid_t access_plist(const std::string& target) const {
+    const Writer w(target);
+    const hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+    w.check(fapl, "the file access properties");
+    H5FD_file_image_callbacks_t callbacks = {&allocate, &copy, &resize, &release, &same_udata, &keep_udata,
+                                             const_cast<FileImage*>(this)};
+    // v2 object headers (libver 1.10+) carry checksums of the metadata too.
+    if (H5Pset_libver_bounds(fapl, H5F_LIBVER_V110, H5F_LIBVER_LATEST) < 0 ||
+        H5Pset_fapl_core(fapl, growth_increment, 0) < 0 || H5Pset_file_image_callbacks(fapl, &callbacks) < 0) {
+      H5Pclose(fapl);
+      fail(Status::internal, target, ": cannot set up HDF5's in-memory file");
+    }
+    return fapl;
+  }
+
+  // The file's bytes once HDF5 has closed it: the buffer up to the end-of-file address its
+  // superblock (version 2 or 3, 8-byte addresses, at offset 0) records; the buffer itself is
+  // whole increments.
+  const unsigned char* data() const { return buffer_; }
+  std::size_t file_size(const std::string& target) const {
+    require(closed_ && buffer_ != nullptr && size_ >= 48 && std::memcmp(buffer_, "\x89HDF\r\n\x1a\n", 8) == 0 &&
+                (buffer_[8] == 2 || buffer_[8] == 3) && buffer_[9] == 8,
+            Status::internal, target, ": HDF5's in-memory file has no version 2/3 superblock");
+    std::uint64_t base = 0, end = 0;
+    for (int b = 7; b >= 0; --b) {
+      base = (base << 8) | buffer_[12 + b];
+      end = (end << 8) | buffer_[28 + b];
+    }
+    require(base == 0 && end <= size_, Status::internal, target, ": HDF5's in-memory file ends at ", end,
+            " beyond its ", size_, " bytes");
+    return static_cast<std::size_t>(end);
+  }
+
+ private:
+  static constexpr std::size_t growth_increment = std::size_t(64) << 20;
+
+  static FileImage& self(void* udata) { return *static_cast<FileImage*>(udata); }
+  static void* allocate(std::size_t size, H5FD_file_image_op_t, void* udata) {
+    return resize(nullptr, size, H5FD_FILE_IMAGE_OP_FILE_RESIZE, udata);
+  }
+  static void* copy(void* dest, const void* src, std::size_t size, H5FD_file_image_op_t, void*) {
+    return std::memcpy(dest, src, size);
+  }
+  static void* resize(void* ptr, std::size_t size, H5FD_file_image_op_t, void* udata) {
+    FileImage& image = self(udata);
+    void* grown = std::realloc(ptr, size);
+    if (grown == nullptr) return nullptr;  // HDF5 keeps ptr, and reports the failed allocation
+    image.buffer_ = static_cast<unsigned char*>(grown);
+    image.size_ = size;
+    return grown;
+  }
+  // At H5Fclose the buffer stays here (freed by the destructor); elsewhere it is released.
+  static herr_t release(void* ptr, H5FD_file_image_op_t op, void* udata) {
+    FileImage& image = self(udata);
+    if (op == H5FD_FILE_IMAGE_OP_FILE_CLOSE && ptr == image.buffer_) {
+      image.closed_ = true;
+      return 0;
+    }
+    if (ptr == image.buffer_) image.buffer_ = nullptr, image.size_ = 0;
+    std::free(ptr);
+    return 0;
+  }
+  static void* same_udata(void* udata) { return udata; }  // the copies of the plist share the image
+  static herr_t keep_udata(void*) { return 0; }
+
+  unsigned char* buffer_ = nullptr;
+  std::size_t size_ = 0;
+  bool closed_ = false;
+};
+
 template <class T>
-void write_contents(const std::string& file_path, const std::string& target, model::Layer<T>& layer,
-                    const CheckpointExtras<T>& extras) {
+void write_contents(hid_t file, const std::string& target, model::Layer<T>& layer, const CheckpointExtras<T>& extras) {
   const Writer w(target);
-  // v2 object headers (libver 1.10+) carry checksums of the metadata too.
-  H5Object fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-  H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V110, H5F_LIBVER_LATEST);
-  H5Object file(H5Fcreate(file_path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
-  w.check(file.get(), "the file");
-  w.number_attribute(file.get(), "kmoe_format", static_cast<std::int64_t>(checkpoint_format_version));
-  w.string_attribute(file.get(), "model", layer.kind());
-  w.string_attribute(file.get(), "config", layer.config().dump());
-  w.string_attribute(file.get(), "dtype", model::dtype_name(model::dtype_of<T>()));
-  w.string_attribute(file.get(), "kmoe_version", kmoe_version_string);
-  w.string_attribute(file.get(), "created", utc_now());
-  w.number_attribute(file.get(), "step", extras.step);
-  if (!extras.source.is_null()) w.string_attribute(file.get(), "source", extras.source.dump());
+  w.number_attribute(file, "kmoe_format", static_cast<std::int64_t>(checkpoint_format_version));
+  w.string_attribute(file, "model", layer.kind());
+  w.string_attribute(file, "config", layer.config().dump());
+  w.string_attribute(file, "dtype", model::dtype_name(model::dtype_of<T>()));
+  w.string_attribute(file, "kmoe_version", kmoe_version_string);
+  w.string_attribute(file, "created", utc_now());
+  w.number_attribute(file, "step", extras.step);
+  if (!extras.source.is_null()) w.string_attribute(file, "source", extras.source.dump());
 
   const model::ParameterList<T> parameters = model::trainable(layer.parameters());
   {
-    H5Object params(w.group(file.get(), "params"), H5Gclose);
+    H5Object params(w.group(file, "params"), H5Gclose);
     for (const model::Parameter<T>& p : parameters) w.tensor(params.get(), p.name, *p.tensor, &p);
   }
   if (extras.optimizer != nullptr) {
     const model::AdamW<T>& opt = *extras.optimizer;
-    H5Object group(w.group(file.get(), "optimizer"), H5Gclose);
+    H5Object group(w.group(file, "optimizer"), H5Gclose);
     w.string_attribute(group.get(), "name", "AdamW");
     w.number_attribute(group.get(), "step", opt.steps());
     w.number_attribute(group.get(), "lr", opt.config().lr);
@@ -348,16 +431,15 @@ void write_contents(const std::string& file_path, const std::string& target, mod
     }
   }
   if (extras.rng != nullptr) {
-    H5Object group(w.group(file.get(), "rng"), H5Gclose);
+    H5Object group(w.group(file, "rng"), H5Gclose);
     H5Object ds(w.dataset(group.get(), "state", Shape{2}, H5T_STD_U64LE, 8), H5Dclose);
     const std::uint64_t state[2] = {extras.rng->seed(), extras.rng->position()};
     w.check(H5Dwrite(ds.get(), H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, state), "/rng/state");
   }
   if (!extras.train.is_null()) {
-    H5Object group(w.group(file.get(), "train"), H5Gclose);
+    H5Object group(w.group(file, "train"), H5Gclose);
     w.string_attribute(group.get(), "json", extras.train.dump());
   }
-  w.check(H5Fflush(file.get(), H5F_SCOPE_GLOBAL), "the file (flush)");
 }
 
 // ---- reading ------------------------------------------------------------------------------
@@ -463,11 +545,7 @@ StoredTensor describe(hid_t file, const std::string& path, const std::string& na
 // `stored`? Over the host threads when Kokkos runs (checksumming is the one computation of a read).
 bool chunks_match(const unsigned char* data, std::size_t chunk_bytes, const std::vector<std::uint32_t>& stored,
                   std::size_t n) {
-  const auto mismatch = [&](std::size_t c) {
-    const std::uint32_t sum = fletcher32(data + c * chunk_bytes, chunk_bytes);
-    const std::uint32_t reversed = ((sum & 0x00ff00ffu) << 8) | ((sum >> 8) & 0x00ff00ffu);
-    return stored[c] != sum && stored[c] != reversed;
-  };
+  const auto mismatch = [&](std::size_t c) { return !checksum_matches(stored[c], data + c * chunk_bytes, chunk_bytes); };
   if (n <= 1 || !Kokkos::is_initialized()) {
     for (std::size_t c = 0; c < n; ++c)
       if (mismatch(c)) return false;
@@ -536,10 +614,10 @@ bool read_chunks(hid_t ds, hid_t space, V* values, std::size_t count, const std:
       if (H5Dread_chunk(ds, H5P_DEFAULT, offset.data(), &skipped, target) < 0) corrupt();
       if (skipped != 0) return false;
       if (direct) {
-        for (int b = 0; b < 4; ++b) stored[c] |= std::uint32_t(target[chunk_bytes + b]) << (8 * b);
+        stored[c] = get_checksum(target + chunk_bytes);
         continue;
       }
-      if (!checksum_matches(buffer.data(), chunk_bytes)) corrupt();
+      if (!checksum_matches(get_checksum(buffer.data() + chunk_bytes), buffer.data(), chunk_bytes)) corrupt();
       const std::size_t n = (std::min(rows, slices - c * rows)) * slice;
       V* const into = values + c * rows * slice;
       if (same_type) {
@@ -557,49 +635,50 @@ bool read_chunks(hid_t ds, hid_t space, V* values, std::size_t count, const std:
   }
 }
 
-// Reads a whole float or integer dataset of `count` elements into values (type V); Fletcher32
-// verifies every chunk. A dataset of another size is Status::shape_mismatch.
+// The open dataset's `count` values into values (type V): read_chunks, else through the filter
+// pipeline; Fletcher32 verifies every chunk either way.
 template <class V>
-void read_dataset_into(hid_t file, const std::string& path, const std::string& file_path, V* values,
-                       std::size_t count) {
-  H5Object ds(H5Dopen2(file, path.c_str(), H5P_DEFAULT), H5Dclose);
-  require(ds.valid(), Status::corrupt_file, file_path, ": no dataset ", path);
-  H5Object space(H5Dget_space(ds.get()), H5Sclose);
-  const hssize_t n = H5Sget_simple_extent_npoints(space.get());
-  require(n >= 0, Status::corrupt_file, file_path, ": dataset ", path, " is unreadable");
-  require(static_cast<std::size_t>(n) == count, Status::shape_mismatch, file_path, ": dataset ", path, " holds ", n,
-          " values, not ", count);
-  if (read_chunks(ds.get(), space.get(), values, count, path, file_path)) return;
+void read_values(hid_t ds, hid_t space, V* values, std::size_t count, const std::string& path,
+                 const std::string& file_path) {
+  if (read_chunks(ds, space, values, count, path, file_path)) return;
   const hid_t memory = std::is_same_v<V, float>    ? H5T_NATIVE_FLOAT
                        : std::is_same_v<V, double> ? H5T_NATIVE_DOUBLE
                                                    : H5T_NATIVE_UINT64;
-  require(H5Dread(ds.get(), memory, H5S_ALL, H5S_ALL, H5P_DEFAULT, values) >= 0, Status::corrupt_file, file_path,
+  require(H5Dread(ds, memory, H5S_ALL, H5S_ALL, H5P_DEFAULT, values) >= 0, Status::corrupt_file, file_path,
           ": dataset ", path, " is corrupt (checksum mismatch or truncated file)");
 }
 
+// Reads a whole float or integer dataset into memory of type V: into a new vector, or into
+// `count` values at `values` (another size is Status::shape_mismatch).
 template <class V>
-std::vector<V> read_dataset(hid_t file, const std::string& path, const std::string& file_path) {
+std::vector<V> read_dataset(hid_t file, const std::string& path, const std::string& file_path, V* values = nullptr,
+                            std::size_t count = 0) {
   H5Object ds(H5Dopen2(file, path.c_str(), H5P_DEFAULT), H5Dclose);
   require(ds.valid(), Status::corrupt_file, file_path, ": no dataset ", path);
   H5Object space(H5Dget_space(ds.get()), H5Sclose);
   const hssize_t n = H5Sget_simple_extent_npoints(space.get());
   require(n >= 0, Status::corrupt_file, file_path, ": dataset ", path, " is unreadable");
-  std::vector<V> values(static_cast<std::size_t>(n));
-  read_dataset_into(file, path, file_path, values.data(), values.size());
-  return values;
+  std::vector<V> own;
+  if (values == nullptr) {
+    own.resize(static_cast<std::size_t>(n));
+    values = own.data();
+    count = own.size();
+  }
+  require(static_cast<std::size_t>(n) == count, Status::shape_mismatch, file_path, ": dataset ", path, " holds ", n,
+          " values, not ", count);
+  read_values(ds.get(), space.get(), values, count, path, file_path);
+  return own;
 }
 
 // Asks the kernel to read the whole file ahead (POSIX_FADV_WILLNEED), so that a cold file's disk
-// reads overlap the checksums instead of waiting chunk by chunk; HDF5's default (sec2) driver only.
-
-#define PREFETCH_ADVICE POSIX_FADV_SEQUENTIAL
+// reads overlap the chunk reads and checksums; HDF5's default (sec2) driver only.
 void prefetch(hid_t file) {
 #if defined(POSIX_FADV_WILLNEED)
   H5Object fapl(H5Fget_access_plist(file), H5Pclose);
   if (!fapl.valid() || H5Pget_driver(fapl.get()) != H5FD_SEC2) return;
   void* handle = nullptr;
   if (H5Fget_vfd_handle(file, fapl.get(), &handle) < 0 || handle == nullptr) return;
-  ::posix_fadvise(*static_cast<int*>(handle), 0, 0, PREFETCH_ADVICE);
+  ::posix_fadvise(*static_cast<int*>(handle), 0, 0, POSIX_FADV_WILLNEED);
 #else
   (void)file;
 #endif
@@ -643,21 +722,34 @@ class Staging {
   std::unique_ptr<T[]> owned_;
 };
 
+// Does the file start with HDF5's 8-byte signature (at offset 0, where kmoe writes it)?
+bool has_hdf5_signature(const std::string& path) {
+  char bytes[8] = {};
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return false;
+  const std::size_t n = std::fread(bytes, 1, sizeof bytes, f);
+  std::fclose(f);
+  return n == sizeof bytes && std::memcmp(bytes, "\x89HDF\r\n\x1a\n", sizeof bytes) == 0;
+}
+
 }  // namespace
 
 // ---- CheckpointReader ---------------------------------------------------------------------
 
 CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
   silence_hdf5();
-  require(H5Fis_hdf5(path.c_str()) > 0, Status::io_error, path,
-          ": cannot open (missing, unreadable, truncated or not an HDF5 file)");
+  // HDF5 refuses a file cut short as it refuses a foreign one; its signature tells them apart.
+  const bool hdf5 = H5Fis_hdf5(path.c_str()) > 0;
+  require(hdf5 || !has_hdf5_signature(path), Status::corrupt_file, path,
+          ": starts as an HDF5 file but does not open (truncated or damaged)");
+  require(hdf5, Status::io_error, path, ": cannot open (missing, unreadable or not an HDF5 file)");
   file_ = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-  require(file_ >= 0, Status::io_error, path, ": cannot open as HDF5");
+  require(file_ >= 0, Status::corrupt_file, path, ": an HDF5 file that does not open (truncated or damaged)");
   try {
-    require(has_attribute(file_, "kmoe_format"), Status::corrupt_file, path,
+    require(has_attribute(file_, "kmoe_format"), Status::invalid_argument, path,
             ": not a kmoe checkpoint (no root attribute kmoe_format)");
     info_.format = static_cast<int>(read_number(file_, "kmoe_format", path));
-    require(info_.format == checkpoint_format_version, Status::corrupt_file, path, ": kmoe_format ", info_.format,
+    require(info_.format == checkpoint_format_version, Status::unsupported, path, ": kmoe_format ", info_.format,
             " is not supported (this kmoe reads format ", checkpoint_format_version, ")");
     info_.model = read_string(file_, "model", path);
     const std::string config = read_string(file_, "config", path);
@@ -732,7 +824,20 @@ template std::vector<std::uint64_t> CheckpointReader::read_as<std::uint64_t>(con
 template <class T>
 void save_checkpoint(const std::string& path, model::Layer<T>& layer, const CheckpointExtras<T>& extras) {
   silence_hdf5();
-  write_atomically(path, [&](const std::string& temporary) { write_contents(temporary, path, layer, extras); });
+  FileImage image;
+  {
+    H5Object fapl(image.access_plist(path), H5Pclose);
+    const hid_t file = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get());
+    Writer(path).check(file, "the file");
+    try {
+      write_contents(file, path, layer, extras);
+    } catch (...) {
+      H5Fclose(file);
+      throw;
+    }
+    require(H5Fclose(file) >= 0, Status::out_of_memory, path, ": HDF5 could not finish the file in memory");
+  }
+  write_bytes_atomically(path, image.data(), image.file_size(path));
 }
 
 template <class T>
@@ -773,7 +878,7 @@ void load_checkpoint(const std::string& path, model::Layer<T>& layer, const Chec
     require(options.convert_dtype || t.dtype == own_dtype, Status::invalid_argument, path, ": parameter '", p.name,
             "' is ", t.dtype, ", the layer ", own_dtype);
     const auto count = static_cast<std::size_t>(p.tensor->size());
-    read_dataset_into(file.get(), t.path, path, staging.data() + offset, count);
+    read_dataset<T>(file.get(), t.path, path, staging.data() + offset, count);
     offsets.push_back(offset);
     offset += count;
     stored.erase(found);
@@ -803,11 +908,11 @@ void load_checkpoint(const std::string& path, model::Layer<T>& layer, const Chec
     require(rng_state.size() == 2, Status::corrupt_file, path, ": /rng/state must hold [seed, position]");
   }
 
+  using HostValues = Kokkos::View<const T*, Kokkos::LayoutRight, Kokkos::HostSpace, Kokkos::MemoryUnmanaged>;
   for (std::size_t i = 0; i < parameters.size(); ++i) {
     const Tensor<T>& tensor = *parameters[i].tensor;
     if (tensor.size() == 0) continue;
-    Kokkos::deep_copy(tensor.flat(), Kokkos::View<const T*, Kokkos::LayoutRight, Kokkos::HostSpace, Kokkos::MemoryUnmanaged>(
-                                         staging.data() + offsets[i], static_cast<std::size_t>(tensor.size())));
+    Kokkos::deep_copy(tensor.flat(), HostValues(staging.data() + offsets[i], static_cast<std::size_t>(tensor.size())));
   }
   Kokkos::fence();
   if (restore.optimizer != nullptr) {
@@ -825,7 +930,8 @@ void load_checkpoint(const std::string& path, model::Layer<T>& layer, const Chec
 template <class T>
 std::unique_ptr<model::Layer<T>> load_layer(const std::string& path, const CheckpointLoadOptions& options) {
   const CheckpointReader reader(path);
-  auto layer = model::build_layer<T>(reader.info().model, reader.info().config, 0);
+  // Zeros: every parameter is about to be loaded, so the draws would be wasted time.
+  auto layer = model::build_layer<T>(reader.info().model, reader.info().config, 0, ParameterInit::zeros);
   load_checkpoint(path, *layer, options);
   return layer;
 }

@@ -81,9 +81,10 @@ struct CheckpointRestore {
 // every trainable parameter must be there with the layer's shape and dtype (or any float dtype
 // with convert_dtype); a missing, extra or mis-shaped dataset is an error naming it. Nothing is
 // changed unless everything checks and reads (the file is read completely before the layer is
-// written). Status::io_error: unreadable or not HDF5; Status::corrupt_file: not a kmoe
-// checkpoint, a checksum mismatch, a truncated file; Status::invalid_argument / shape_mismatch:
-// a checkpoint of another model.
+// written). Status::io_error: missing, unreadable or not HDF5; Status::corrupt_file: a checksum
+// mismatch, a truncated or damaged file; Status::invalid_argument: an HDF5 file that is not a kmoe
+// checkpoint, or a checkpoint of another model (shape_mismatch: of other shapes);
+// Status::unsupported: a format version this kmoe does not read.
 template <class T>
 void load_checkpoint(const std::string& path, model::Layer<T>& layer, const CheckpointLoadOptions& options = {},
                      const CheckpointRestore<T>& restore = {});
@@ -105,8 +106,10 @@ struct StoredTensor {
 };
 
 // Read access to a checkpoint's contents for tools (kmoe-inspect): the root attributes, the
-// stored tensors and their values. Opening checks that the file is HDF5 (else Status::io_error)
-// and a kmoe checkpoint of a known format (else Status::corrupt_file).
+// stored tensors and their values. Opening checks that the file is HDF5 (else Status::io_error;
+// Status::corrupt_file when it starts with HDF5's signature but does not open: truncated or
+// damaged), a kmoe checkpoint (else Status::invalid_argument) of a known format (else
+// Status::unsupported).
 class CheckpointReader {
  public:
   explicit CheckpointReader(const std::string& path);

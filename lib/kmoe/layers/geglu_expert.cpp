@@ -43,7 +43,7 @@ View1<T> expert_row(const Tensor<T>& stacked, int e) {
 // ---- GegluExpert ----
 
 template <class T>
-GegluExpert<T>::GegluExpert(index_t dim, double hidden_mult, bool prenorm, std::uint64_t seed)
+GegluExpert<T>::GegluExpert(index_t dim, double hidden_mult, bool prenorm, std::uint64_t seed, ParameterInit init)
     : dim_(dim), hidden_(0), prenorm_(prenorm) {
   require(dim >= 1, Status::invalid_argument, "GegluExpert: dim = ", dim, " must be at least 1");
   hidden_ = geglu_hidden_size(dim, hidden_mult);
@@ -60,7 +60,7 @@ GegluExpert<T>::GegluExpert(index_t dim, double hidden_mult, bool prenorm, std::
   if (prenorm) params_.gamma.fill(T(1));
   params_.mult_bias.fill(T(1));
   // The original's order: net Linear 1 (weight, bias), Linear 2 (weight, bias); bound out_features^−½.
-  Generator rng(seed);
+  Generator rng(seed, init);
   const double bound_in = 1.0 / std::sqrt(static_cast<double>(2 * h)), bound_out = 1.0 / std::sqrt(static_cast<double>(dim));
   geglu_impl::fill_uniform<T>(params_.w_in.flat(), rng, bound_in);
   geglu_impl::fill_uniform<T>(params_.b_in.flat(), rng, bound_in);

@@ -50,7 +50,8 @@ class GegluExpert {
  public:
   using value_type = T;
   // Throws Status::invalid_argument for dim < 1 or a hidden size < 1. Parameters from Generator(seed).
-  GegluExpert(index_t dim, double hidden_mult, bool prenorm, std::uint64_t seed);
+  GegluExpert(index_t dim, double hidden_mult, bool prenorm, std::uint64_t seed,
+              ParameterInit init = ParameterInit::drawn);
 
   index_t dim() const { return dim_; }
   index_t hidden() const { return hidden_; }

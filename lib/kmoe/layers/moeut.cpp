@@ -219,13 +219,14 @@ void add_into(const Tensor<T>& acc, const Tensor<T>& b) {
 // MoEUT
 
 template <class T>
-MoEUT<T>::MoEUT(const MoEUTConfig& config, std::uint64_t seed) : config_(config) {
+MoEUT<T>::MoEUT(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init) : config_(config) {
   config_.validate();
   const index_t D = config_.d_model;
   for (int i = 0; i < config_.group_size; ++i) {
     attention_.push_back(std::make_unique<SwitchHeadAttention<T>>(config_.attention_config(),
-                                                                  moeut_impl::child_seed(seed, 2 * i)));
-    ffn_.push_back(std::make_unique<SigmaMoE<T>>(config_.ffn_config(), moeut_impl::child_seed(seed, 2 * i + 1)));
+                                                                  moeut_impl::child_seed(seed, 2 * i), init));
+    ffn_.push_back(
+        std::make_unique<SigmaMoE<T>>(config_.ffn_config(), moeut_impl::child_seed(seed, 2 * i + 1), init));
     norms_.push_back({moeut_impl::filled<T>("moeut::ln1.weight", D, T(1)), Tensor<T>("moeut::ln1.bias", {D}),
                       moeut_impl::filled<T>("moeut::ln2.weight", D, T(1)), Tensor<T>("moeut::ln2.bias", {D})});
     norm_grads_.push_back({Tensor<T>("grad::ln1.weight", {D}), Tensor<T>("grad::ln1.bias", {D}),
@@ -406,15 +407,15 @@ MoEUTConfig validated_lm(const MoEUTConfig& config) {
 }  // namespace moeut_impl
 
 template <class T>
-MoEUTLM<T>::MoEUTLM(const MoEUTConfig& config, std::uint64_t seed)
-    : config_(moeut_impl::validated_lm<T>(config)), transformer_(config, moeut_impl::child_seed(seed, 1000)) {
+MoEUTLM<T>::MoEUTLM(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init)
+    : config_(moeut_impl::validated_lm<T>(config)), transformer_(config, moeut_impl::child_seed(seed, 1000), init) {
   const index_t V = config_.n_tokens, D = config_.d_model;
   embedding_ = Tensor<T>("moeut_lm::embedding.weight", {V, D});
   lm_head_weight_ = Tensor<T>("moeut_lm::lm_head.weight", {V, D});
   lm_head_bias_ = Tensor<T>("moeut_lm::lm_head.bias", {V});
   out_norm_weight_ = moeut_impl::filled<T>("moeut_lm::out_norm.weight", D, T(1));
   out_norm_bias_ = Tensor<T>("moeut_lm::out_norm.bias", {D});
-  Generator generator(moeut_impl::child_seed(seed, 1001));
+  Generator generator(moeut_impl::child_seed(seed, 1001), init);
   moeut_init::fill_normal(embedding_, generator, 1 / std::sqrt(static_cast<double>(D)));
   const double bound = 1 / std::sqrt(static_cast<double>(D));
   moeut_init::fill_uniform(lm_head_weight_, generator, bound);

@@ -133,7 +133,7 @@ class MoEUT {
   using value_type = T;
   // Initialised as the original (moeut@87f0497 MoEUT.reset_parameters, scale √(2/n_layers)) from
   // Generator(seed): SwitchHead and σ-MoE weights with their renormalised routers, LayerNorms 1 / 0.
-  MoEUT(const MoEUTConfig& config, std::uint64_t seed);
+  MoEUT(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn);
 
   const MoEUTConfig& config() const { return config_; }
   int group_size() const { return config_.group_size; }
@@ -182,7 +182,7 @@ class MoEUTLM {
   // As the original: embedding N(0, 1/d_model) (kaiming_normal_, fan_in), lm_head U(±1/√d_model)
   // (PyTorch's Linear default) for weight and bias, out_norm 1 / 0. Throws on an invalid config
   // (including n_tokens < 1).
-  MoEUTLM(const MoEUTConfig& config, std::uint64_t seed);
+  MoEUTLM(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn);
 
   const MoEUTConfig& config() const { return config_; }
   MoEUT<T>& transformer() { return transformer_; }

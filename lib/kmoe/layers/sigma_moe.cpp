@@ -258,7 +258,7 @@ Tensor<T> router_gradient(const SigmaMoEConfig& config, const SigmaMoEForward<T>
 }  // namespace impl
 
 template <class T>
-SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed) : config_(config) {
+SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed, ParameterInit init) : config_(config) {
   config_.validate();
   const index_t E = config_.n_experts, D = config_.dmodel, es = config_.expert_size, Dv = config_.value_dim();
   const double wss = config_.weight_std_scale;
@@ -266,7 +266,7 @@ SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed) : config
   params_.values = Tensor<T>("sigma_moe::values", {E, es, Dv});
   params_.expert_sel = Tensor<T>("sigma_moe::expert_sel", {E, D});
   // The original's creation order: keys, values, expert_sel.
-  Generator generator(seed);
+  Generator generator(seed, init);
   const auto draw = [&](const Tensor<T>& tensor, double stddev) {
     ops::fill_normal<T>(tensor.flat(), generator.take(static_cast<std::uint64_t>(tensor.size())), T(0),
                         static_cast<T>(stddev));
@@ -274,7 +274,7 @@ SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed) : config
   draw(params_.keys, std::pow(static_cast<double>(D), -0.5) * wss);
   draw(params_.values, std::pow(static_cast<double>(E * es), -0.5) * wss);
   draw(params_.expert_sel, std::pow(static_cast<double>(D), -0.5) * wss);
-  impl::renorm_keep_std(params_.expert_sel);
+  if (generator.draws()) impl::renorm_keep_std(params_.expert_sel);
   if (config_.bias) {
     params_.bias = Tensor<T>("sigma_moe::bias", {E, es});
     params_.o_bias = Tensor<T>("sigma_moe::o_bias", {Dv});

@@ -104,7 +104,7 @@ class SigmaMoE {
   // Parameters initialised as the original (moe_layer@c9b9c01 MoE.__init__: N(0, (D^-½·wss)²)
   // keys, N(0, ((E·es)^-½·wss)²) values, router rows renormalised by renorm_keep_std, zero
   // biases), drawn from Generator(seed). Throws on an invalid config.
-  SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed);
+  SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn);
 
   const SigmaMoEConfig& config() const { return config_; }
   SigmaMoEParams<T>& params() { return params_; }

@@ -239,10 +239,10 @@ View3<T> per_batch(const Tensor<T>& t, index_t batch) {
 }  // namespace impl::soft_moe
 
 template <class T>
-SoftMoE<T>::SoftMoE(const SoftMoEConfig& config, std::uint64_t seed) : config_(config) {
+SoftMoE<T>::SoftMoE(const SoftMoEConfig& config, std::uint64_t seed, ParameterInit init) : config_(config) {
   config_.validate();
   const index_t D = config_.dim, E = config_.num_experts, S = config_.slots_per_expert();
-  Generator generator(seed);
+  Generator generator(seed, init);
   if (config_.variant == SoftMoEVariant::lite) {
     params_.phi = Tensor<T>("soft_moe::phi", {D, E, S});
     ops::fill_normal<T>(params_.phi.flat(), generator.take(static_cast<std::uint64_t>(params_.phi.size())), T(0), T(1));

@@ -135,7 +135,7 @@ class SoftMoE {
   using value_type = T;
   // Parameters initialised as the reference: φ / slot_embeds ~ N(0, 1), norm γ = 1, β = 0,
   // experts as config.experts.init; drawn from Generator(seed). Throws on an invalid config.
-  SoftMoE(const SoftMoEConfig& config, std::uint64_t seed);
+  SoftMoE(const SoftMoEConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn);
 
   const SoftMoEConfig& config() const { return config_; }
   SoftMoEParams<T>& params() { return params_; }

@@ -51,6 +51,7 @@ inline Range2 all_of(index_t rows, index_t cols) { return Range2({0, 0}, {rows, 
 // what orthogonal_ returns). A one-time host computation in double.
 template <class T>
 void fill_orthogonal(Tensor<T> stacked, const RngStream& stream, double gain) {
+  if (!stream.draws) return;  // ParameterInit::zeros
   const index_t experts = stacked.dim(0), in = stacked.dim(1), out = stacked.dim(2);
   const index_t m = std::max(in, out), n = std::min(in, out);
   std::vector<T> values(static_cast<std::size_t>(stacked.size()));

@@ -34,14 +34,14 @@ Tensor<T> residual_feed_forward(const GegluExpert<T>& ff, const Tensor<T>& x,
 }  // namespace block_impl
 
 template <class T>
-SparseMoEBlock<T>::SparseMoEBlock(const SparseMoEBlockConfig& config, std::uint64_t seed)
-    : config_(config), moe_(config.moe, seed) {
+SparseMoEBlock<T>::SparseMoEBlock(const SparseMoEBlockConfig& config, std::uint64_t seed, ParameterInit init)
+    : config_(config), moe_(config.moe, seed, init) {
   const index_t D = config_.moe.dim;
   gamma_ = Tensor<T>("sparse_moe_block::moe_prenorm_gamma", {D});
   gamma_.fill(T(1));
   dgamma_ = Tensor<T>("sparse_moe_block::moe_prenorm_dgamma", {D});
-  if (config_.add_ff_before) ff_before_.emplace(D, block_impl::block_ff_hidden_mult, true, seed + 1);
-  if (config_.add_ff_after) ff_after_.emplace(D, block_impl::block_ff_hidden_mult, true, seed + 2);
+  if (config_.add_ff_before) ff_before_.emplace(D, block_impl::block_ff_hidden_mult, true, seed + 1, init);
+  if (config_.add_ff_after) ff_after_.emplace(D, block_impl::block_ff_hidden_mult, true, seed + 2, init);
 }
 
 template <class T>

@@ -39,7 +39,7 @@ class SparseMoEBlock {
   using value_type = T;
   // The MoE from Generator(seed) as StMoE, then RMSNorm γ = 1 and the feed-forwards (seeds derived
   // from seed). Throws on an invalid config.
-  SparseMoEBlock(const SparseMoEBlockConfig& config, std::uint64_t seed);
+  SparseMoEBlock(const SparseMoEBlockConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn);
 
   const SparseMoEBlockConfig& config() const { return config_; }
   StMoE<T>& moe() { return moe_; }

@@ -295,10 +295,10 @@ void fill_random(const Tensor<T>& t, const RngStream& stream, bool uniform, T sc
 // ---- the layer ----
 
 template <class T>
-StMoE<T>::StMoE(const StMoEConfig& config, std::uint64_t seed) : config_(config) {
+StMoE<T>::StMoE(const StMoEConfig& config, std::uint64_t seed, ParameterInit init) : config_(config) {
   config_.validate();
   const index_t D = config_.dim, E = config_.num_experts, I = config_.num_experts_inner;
-  Generator rng(seed);
+  Generator rng(seed, init);
   const bool uniform = config_.router_init == RouterInit::linear_default;
   const T scale = uniform ? static_cast<T>(1.0 / std::sqrt(static_cast<double>(D))) : T(1);
   for (StMoEParams<T>* p : {&params_, &grads_}) {

@@ -161,7 +161,7 @@ class StMoE {
   using value_type = T;
   // Parameters initialised as the original (router per config.router_init; experts as Expert.init_)
   // from Generator(seed). Throws on an invalid config.
-  StMoE(const StMoEConfig& config, std::uint64_t seed);
+  StMoE(const StMoEConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn);
 
   const StMoEConfig& config() const { return config_; }
   StMoEParams<T>& params() { return params_; }

@@ -281,7 +281,8 @@ Tensor<T> linear(const Tensor<T>& x, const Tensor<T>& weight, const char* label)
 }  // namespace switchhead_impl
 
 template <class T>
-SwitchHeadAttention<T>::SwitchHeadAttention(const SwitchHeadConfig& config, std::uint64_t seed) : config_(config) {
+SwitchHeadAttention<T>::SwitchHeadAttention(const SwitchHeadConfig& config, std::uint64_t seed, ParameterInit init)
+    : config_(config) {
   config_.validate();
   const index_t D = config_.state_size, H = config_.n_heads, P = config_.d_head(), Ea = config_.n_experts;
   const bool moe = Ea > 1;
@@ -292,14 +293,14 @@ SwitchHeadAttention<T>::SwitchHeadAttention(const SwitchHeadConfig& config, std:
   if (moe) params_.sel_v = Tensor<T>("switchhead::sel_v", {H * Ea, D});
   params_.sel_o = Tensor<T>("switchhead::sel_o", {moe ? H * Ea : H, D});
   // The original's reset_parameters order: sel_v, sel_o, k, q, v, o.
-  Generator generator(seed);
+  Generator generator(seed, init);
   const double s = config_.init_scale, in_std = s / std::sqrt(static_cast<double>(D));
   if (moe) {
     moeut_init::fill_normal(params_.sel_v, generator, in_std);
-    moeut_init::renorm_rows(params_.sel_v);
+    if (generator.draws()) moeut_init::renorm_rows(params_.sel_v);
   }
   moeut_init::fill_normal(params_.sel_o, generator, in_std);
-  moeut_init::renorm_rows(params_.sel_o);
+  if (generator.draws()) moeut_init::renorm_rows(params_.sel_o);
   moeut_init::fill_normal(params_.k, generator, in_std);
   moeut_init::fill_normal(params_.q, generator, in_std);
   moeut_init::fill_normal(params_.v, generator, in_std);

@@ -107,7 +107,8 @@ class SwitchHeadAttention {
   // Parameters initialised as the original (moeut@87f0497 SwitchHeadCore.reset_parameters with
   // s = init_scale): q, k, v N(0, (s/√D)²), o N(0, (s/√(H·P))²), routers N(0, (s/√D)²) with rows
   // renormalised (renorm_rows); drawn from Generator(seed). Throws on an invalid config.
-  SwitchHeadAttention(const SwitchHeadConfig& config, std::uint64_t seed);
+  SwitchHeadAttention(const SwitchHeadConfig& config, std::uint64_t seed,
+                      ParameterInit init = ParameterInit::drawn);
 
   const SwitchHeadConfig& config() const { return config_; }
   SwitchHeadParams<T>& params() { return params_; }

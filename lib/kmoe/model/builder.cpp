@@ -345,11 +345,11 @@ class MoEUTLMLayer final : public Wrapped<layers::MoEUTLM<T>> {
 // ---- the kinds ---------------------------------------------------------------------------
 
 template <class T>
-using Factory = std::function<std::unique_ptr<Layer<T>>(const std::string& kind, const nlohmann::json&, std::uint64_t)>;
+using Factory = std::function<std::unique_ptr<Layer<T>>(const std::string& kind, const nlohmann::json&, std::uint64_t, ParameterInit)>;
 
 template <class T>
 std::unique_ptr<Layer<T>> build_st_moe_block(const std::string& kind, const nlohmann::json& config, std::uint64_t seed,
-                                             bool v0014) {
+                                             ParameterInit init, bool v0014) {
   const std::string context = kind + " config";
   layers::SparseMoEBlockConfig block;
   nlohmann::json moe_json;
@@ -373,67 +373,67 @@ std::unique_ptr<Layer<T>> build_st_moe_block(const std::string& kind, const nloh
   block.add_ff_after = args.add_ff_after;
   written.update(write_fields(block_fields(), args));
   written["moe"] = moe_json;
-  return std::make_unique<SparseMoEBlockLayer<T>>(kind, written, block, seed);
+  return std::make_unique<SparseMoEBlockLayer<T>>(kind, written, block, seed, init);
 }
 
 template <class T>
 const std::map<std::string, Factory<T>>& factories() {
   static const std::map<std::string, Factory<T>> table = {
       {"sigma_moe",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::sigma_moe_fields(), json, kind + " config");
-         return std::make_unique<SigmaMoELayer<T>>(kind, write_fields(layers::sigma_moe_fields(), c), c, seed);
+         return std::make_unique<SigmaMoELayer<T>>(kind, write_fields(layers::sigma_moe_fields(), c), c, seed, init);
        }},
       {"st_moe",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::st_moe_fields(), json, kind + " config");
-         return std::make_unique<StMoELayer<T>>(kind, write_fields(layers::st_moe_fields(), c), c, seed);
+         return std::make_unique<StMoELayer<T>>(kind, write_fields(layers::st_moe_fields(), c), c, seed, init);
        }},
       {"st_moe_v0014",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
          const auto args = read_fields(v0014_fields(false), json, kind + " config", v0014_defaults(false));
-         return std::make_unique<StMoELayer<T>>(kind, write_fields(v0014_fields(false), args), args.to_config(), seed);
+         return std::make_unique<StMoELayer<T>>(kind, write_fields(v0014_fields(false), args), args.to_config(), seed, init);
        }},
       {"hier_moe_v0014",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
          const auto args = read_fields(v0014_fields(true), json, kind + " config", v0014_defaults(true));
-         return std::make_unique<StMoELayer<T>>(kind, write_fields(v0014_fields(true), args), args.to_config(), seed);
+         return std::make_unique<StMoELayer<T>>(kind, write_fields(v0014_fields(true), args), args.to_config(), seed, init);
        }},
       {"st_moe_block",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed) {
-         return build_st_moe_block<T>(kind, json, seed, false);
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) {
+         return build_st_moe_block<T>(kind, json, seed, init, false);
        }},
       {"st_moe_block_v0014",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed) {
-         return build_st_moe_block<T>(kind, json, seed, true);
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) {
+         return build_st_moe_block<T>(kind, json, seed, init, true);
        }},
       {"soft_moe_lite",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
          const auto a = read_fields(lite_fields(), json, kind + " config");
          return std::make_unique<SoftMoELayer<T>>(kind, write_fields(lite_fields(), a),
                                                   layers::SoftMoEConfig::lite(a.d_model, a.num_experts, a.num_slots),
-                                                  seed);
+                                                  seed, init);
        }},
       {"soft_moe_lucidrains",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
          const auto a = read_fields(lucidrains_fields(), json, kind + " config");
          return std::make_unique<SoftMoELayer<T>>(kind, write_fields(lucidrains_fields(), a),
-                                                  layers::SoftMoEConfig::lucidrains(a.dim, a.options), seed);
+                                                  layers::SoftMoEConfig::lucidrains(a.dim, a.options), seed, init);
        }},
       {"switchhead",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::switchhead_fields(), json, kind + " config");
-         return std::make_unique<SwitchHeadLayer<T>>(kind, write_fields(layers::switchhead_fields(), c), c, seed);
+         return std::make_unique<SwitchHeadLayer<T>>(kind, write_fields(layers::switchhead_fields(), c), c, seed, init);
        }},
       {"moeut",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::moeut_fields(false), json, kind + " config");
-         return std::make_unique<MoEUTLayer<T>>(kind, write_fields(layers::moeut_fields(false), c), c, seed);
+         return std::make_unique<MoEUTLayer<T>>(kind, write_fields(layers::moeut_fields(false), c), c, seed, init);
        }},
       {"moeut_lm",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::moeut_fields(true), json, kind + " config");
-         return std::make_unique<MoEUTLMLayer<T>>(kind, write_fields(layers::moeut_fields(true), c), c, seed);
+         return std::make_unique<MoEUTLMLayer<T>>(kind, write_fields(layers::moeut_fields(true), c), c, seed, init);
        }},
   };
   return table;
@@ -451,24 +451,24 @@ const std::vector<std::string>& layer_kinds() {
 }
 
 template <class T>
-std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const nlohmann::json& config, std::uint64_t seed) {
+std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const nlohmann::json& config, std::uint64_t seed, ParameterInit init) {
   const auto found = factories<T>().find(kind);
   if (found == factories<T>().end()) {
     std::string known;
     for (const std::string& name : layer_kinds()) known += (known.empty() ? "" : ", ") + name;
     fail(Status::invalid_argument, "unknown layer '", kind, "' (kmoe knows: ", known, ")");
   }
-  return found->second(kind, config, seed);
+  return found->second(kind, config, seed, init);
 }
 
 template <class T>
-std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const std::string& config_text, std::uint64_t seed) {
-  return build_layer<T>(kind, parse_config_text(config_text), seed);
+std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const std::string& config_text, std::uint64_t seed, ParameterInit init) {
+  return build_layer<T>(kind, parse_config_text(config_text), seed, init);
 }
 
-template std::unique_ptr<Layer<float>> build_layer<float>(const std::string&, const nlohmann::json&, std::uint64_t);
-template std::unique_ptr<Layer<double>> build_layer<double>(const std::string&, const nlohmann::json&, std::uint64_t);
-template std::unique_ptr<Layer<float>> build_layer<float>(const std::string&, const std::string&, std::uint64_t);
-template std::unique_ptr<Layer<double>> build_layer<double>(const std::string&, const std::string&, std::uint64_t);
+template std::unique_ptr<Layer<float>> build_layer<float>(const std::string&, const nlohmann::json&, std::uint64_t, ParameterInit);
+template std::unique_ptr<Layer<double>> build_layer<double>(const std::string&, const nlohmann::json&, std::uint64_t, ParameterInit);
+template std::unique_ptr<Layer<float>> build_layer<float>(const std::string&, const std::string&, std::uint64_t, ParameterInit);
+template std::unique_ptr<Layer<double>> build_layer<double>(const std::string&, const std::string&, std::uint64_t, ParameterInit);
 
 }  // namespace kmoe::model

@@ -27,14 +27,17 @@ namespace kmoe::model {
 
 const std::vector<std::string>& layer_kinds();
 
-// Builds the layer with parameters initialised as the original from Generator(seed). An unknown
-// kind throws Status::invalid_argument listing the known ones.
+// Builds the layer with parameters initialised as the original from Generator(seed), or left zero
+// under ParameterInit::zeros (for the names and shapes alone, or parameters about to be loaded).
+// An unknown kind throws Status::invalid_argument listing the known ones.
 template <class T>
-std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const nlohmann::json& config, std::uint64_t seed);
+std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const nlohmann::json& config, std::uint64_t seed,
+                                      ParameterInit init = ParameterInit::drawn);
 
 // config_text: a JSON object as text; malformed JSON is Status::invalid_argument with the parser's message.
 template <class T>
-std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const std::string& config_text, std::uint64_t seed);
+std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const std::string& config_text, std::uint64_t seed,
+                                      ParameterInit init = ParameterInit::drawn);
 
 nlohmann::json parse_config_text(const std::string& config_text);
 

@@ -4,6 +4,7 @@ namespace kmoe::ops {
 
 template <class T>
 void fill_normal(const View1<T>& out, const RngStream& stream, T mean, T stddev) {
+  if (!stream.draws) return;
   Kokkos::parallel_for(
       "kmoe::fill_normal", Kokkos::RangePolicy<ExecSpace>(0, out.extent(0)), KOKKOS_LAMBDA(const index_t i) {
         out(i) = mean + stddev * stream.normal<T>(static_cast<std::uint64_t>(i));
@@ -12,6 +13,7 @@ void fill_normal(const View1<T>& out, const RngStream& stream, T mean, T stddev)
 
 template <class T>
 void fill_uniform(const View1<T>& out, const RngStream& stream, T lo, T hi) {
+  if (!stream.draws) return;
   Kokkos::parallel_for(
       "kmoe::fill_uniform", Kokkos::RangePolicy<ExecSpace>(0, out.extent(0)), KOKKOS_LAMBDA(const index_t i) {
         out(i) = lo + (hi - lo) * stream.uniform<T>(static_cast<std::uint64_t>(i));

@@ -1,5 +1,6 @@
 // Seeded parameter initialisation: out[i] comes from draw i of a counter-based stream, so the values
-// depend only on the seed and the draw order, not on the thread count or the device.
+// depend only on the seed and the draw order, not on the thread count or the device. A stream
+// that does not draw (ParameterInit::zeros) leaves out as it is.
 #pragma once
 
 #include "kmoe/core/config.hpp"
