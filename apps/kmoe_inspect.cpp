@@ -92,6 +92,14 @@ struct Stats {
   double l2() const { return finite > 0 ? std::sqrt(m2 + static_cast<double>(finite) * mean * mean) : 0.0; }
   bool all_finite() const { return nan == 0 && inf == 0; }
 
+  // Another part's counts and summary.
+  void absorb(const Stats& other) {
+    count += other.count;
+    nan += other.nan;
+    inf += other.inf;
+    merge(other.finite, other.min, other.max, other.mean, other.m2);
+  }
+
   // Chan, Golub & LeVeque's combination of two partial results.
   void merge(std::uint64_t n, double block_min, double block_max, double block_mean, double block_m2) {
     if (n == 0) return;
@@ -113,16 +121,14 @@ struct Stats {
   }
 };
 
-// One pass over the values: blocks small enough to stay in L1 are summarised exactly (their
-// mean, then M2 about it) and merged into the running result.
+// Adds `size` values to stats in one pass: blocks small enough to stay in L1 are summarised
+// exactly (their mean, then M2 about it) and merged into the running result.
 template <class V>
-Stats compute_stats(const std::vector<V>& values) {
+void add_span(Stats& stats, const V* data, std::size_t size) {
   constexpr std::size_t block = 2048;
-  Stats stats;
-  stats.count = values.size();
-  const V* data = values.data();
-  for (std::size_t begin = 0; begin < values.size(); begin += block) {
-    const std::size_t n = std::min(block, values.size() - begin);
+  stats.count += size;
+  for (std::size_t begin = 0; begin < size; begin += block) {
+    const std::size_t n = std::min(block, size - begin);
     const V* x = data + begin;
     // Four independent accumulators: the additions do not wait on each other.
     double s[4] = {0, 0, 0, 0};
@@ -186,7 +192,21 @@ Stats compute_stats(const std::vector<V>& values) {
       stats.merge(m, b_lo, b_hi, block_mean, b_m2);
     }
   }
-  return stats;
+}
+
+// add_span over spans of 64 Ki values in parallel on the host threads; the spans are fixed and
+// merged in order, so the result does not depend on the thread count.
+template <class V>
+void add_values(Stats& stats, const V* data, std::size_t size) {
+  constexpr std::size_t span = 65536;
+  const std::size_t spans = (size + span - 1) / span;
+  if (spans <= 1) return add_span(stats, data, size);
+  std::vector<Stats> parts(spans);
+  Kokkos::parallel_for(
+      "kmoe-inspect::stats", Kokkos::RangePolicy<Kokkos::DefaultHostExecutionSpace>(0, spans), [&](const std::size_t i) {
+        add_span(parts[i], data + i * span, std::min(span, size - i * span));
+      });
+  for (const Stats& part : parts) stats.absorb(part);
 }
 
 json stats_json(const Stats& s) {
@@ -280,15 +300,16 @@ struct Table {
 
 // ---- reading one dataset ------------------------------------------------------------------
 
-// Reads the dataset once (float32 data as float, to halve the memory traffic; everything else as
-// double) and summarises it in the same pass. A failed read returns false with the reader's
-// message (which names the dataset).
+// Reads the dataset once, a chunk at a time (float32 data as float, to halve the memory traffic;
+// everything else as double), and summarises it in the same pass. A failed read returns false
+// with the reader's message (which names the dataset).
 bool read_stats(const io::CheckpointReader& reader, const io::StoredTensor& t, Stats& stats, std::string& error) {
   try {
+    stats = Stats{};
     if (t.dtype == "float32") {
-      stats = compute_stats(reader.read_as<float>(t.path));
+      reader.visit<float>(t.path, [&](const float* values, std::size_t n) { add_values(stats, values, n); });
     } else {
-      stats = compute_stats(reader.read(t.path));
+      reader.visit<double>(t.path, [&](const double* values, std::size_t n) { add_values(stats, values, n); });
     }
     return true;
   } catch (const std::exception& e) {

@@ -86,6 +86,8 @@ void round_trip(const Case& c) {
   const auto layer = model::build_layer<T>(c.kind, std::string(c.config), 11);
   const std::string path = scratch(std::string(c.kind) + "_" + model::dtype_name(model::dtype_of<T>()) + ".h5");
   io::save_checkpoint(path, *layer);
+  // The disk reserved before writing covers the file.
+  EXPECT_LE(fs::file_size(path), io::checkpoint_size_bound(*layer)) << c.kind;
   const auto loaded = io::load_layer<T>(path);
   EXPECT_EQ(loaded->kind(), layer->kind());
   EXPECT_EQ(loaded->config(), layer->config());
@@ -172,6 +174,7 @@ void resume_equals_uninterrupted(const Case& c) {
     extras.step = N;
     extras.train = {{"data_position", N}};
     io::save_checkpoint(path, *first, extras);
+    EXPECT_LE(fs::file_size(path), io::checkpoint_size_bound(*first, extras)) << c.kind;
   }
   // A fresh layer, optimiser and generator: only what the checkpoint holds carries over.
   const auto resumed = io::load_layer<T>(path);
@@ -295,9 +298,9 @@ TEST(Checkpoint, ForeignAndUnreadableFilesAreRefused) {
   expect_status([&] { io::load_checkpoint(scratch("absent.h5"), *layer); }, Status::io_error, "cannot open");
 }
 
-// The failing save runs in a helper process under a file size limit, which fails the writes as a
-// full disk does; the helper then saves again without the limit and exits normally (no HDF5 state
-// left behind by the failure: HDF5 itself never writes to disk, io/checkpoint.cpp's FileImage).
+// The failing save runs in a helper process under a file size limit (the disk reservation made
+// before any write refuses it, as it refuses a full disk); the helper then saves again without the
+// limit and exits normally: the failure left no HDF5 state behind.
 TEST(Checkpoint, FailedWriteLeavesTheOldFileAndNoTemporary) {
   const char* writer = std::getenv("KMOE_CHECKPOINT_WRITER");
   ASSERT_NE(writer, nullptr) << "KMOE_CHECKPOINT_WRITER must name the checkpoint_writer helper";
@@ -309,7 +312,7 @@ TEST(Checkpoint, FailedWriteLeavesTheOldFileAndNoTemporary) {
   EXPECT_EQ(WEXITSTATUS(status), 3) << command;
   std::ifstream log(path + ".log");
   const std::string message((std::istreambuf_iterator<char>(log)), {});
-  EXPECT_NE(message.find("I/O error: " + path + ": writing"), std::string::npos) << message;
+  EXPECT_NE(message.find("I/O error: " + path + ": the checkpoint needs up to"), std::string::npos) << message;
   EXPECT_NE(message.find("retry: saved and loaded " + path + ".retry.h5"), std::string::npos) << message;
   fs::remove(path + ".retry.h5");
   EXPECT_EQ(fs::file_size(path), before);

@@ -22,6 +22,7 @@
 #include <Kokkos_Core.hpp>
 #include <hdf5.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -51,8 +52,14 @@ int make(int argc, char** argv) {
   check(argc == 5 || with_optimizer, "the only option after OUT.h5 is --with-optimizer");
   auto layer = kmoe::model::build_layer<float>(kind, config, seed);
   kmoe::io::CheckpointExtras<float> extras;
-  if (!with_optimizer) {
+  const auto save = [&] {
+    const auto start = std::chrono::steady_clock::now();
     kmoe::io::save_checkpoint(out, *layer, extras);
+    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+    std::printf("kmoe-make-checkpoint: wrote %s in %.3f s\n", out.c_str(), took.count());
+  };
+  if (!with_optimizer) {
+    save();
     return 0;
   }
   const kmoe::model::AdamW<float> optimizer(layer->parameters(), kmoe::ops::AdamWConfig{});
@@ -60,7 +67,7 @@ int make(int argc, char** argv) {
   extras.optimizer = &optimizer;
   extras.rng = &rng;
   extras.train = {{"step", 0}};
-  kmoe::io::save_checkpoint(out, *layer, extras);
+  save();
   return 0;
 }
 

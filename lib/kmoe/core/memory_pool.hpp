@@ -15,8 +15,9 @@
 namespace kmoe {
 
 // At least `bytes` bytes of uninitialised memory in the default memory space, kept alive by the
-// returned owner; when the last copy of the owner goes, the block returns to the cache.
-std::shared_ptr<void> pool_allocate(std::size_t bytes, const std::string& label, void** data);
+// returned owner; when the last copy of the owner goes, the block returns to the cache. *zeroed
+// (when given) tells whether the memory is known to hold zeros (fresh pages from the system).
+std::shared_ptr<void> pool_allocate(std::size_t bytes, const std::string& label, void** data, bool* zeroed = nullptr);
 
 // Bytes held by cached (free) blocks, and the most the cache keeps: past it the blocks freed
 // longest ago are released. The limit defaults to 4 GiB, or KMOE_POOL_LIMIT_MB when set.

@@ -53,9 +53,10 @@ template <class T>
 Tensor<T>::Tensor(const std::string& label, const Shape& shape, bool zero_initialise)
     : label_(label), shape_(shape) {
   void* data = nullptr;
-  block_ = pool_allocate(static_cast<std::size_t>(shape.size()) * sizeof(T), label, &data);
+  bool zeroed = false;
+  block_ = pool_allocate(static_cast<std::size_t>(shape.size()) * sizeof(T), label, &data, &zeroed);
   storage_ = View1<T>(static_cast<T*>(data), static_cast<size_t>(shape.size()));
-  if (zero_initialise) Kokkos::deep_copy(storage_, T(0));
+  if (zero_initialise && !zeroed) Kokkos::deep_copy(storage_, T(0));
 }
 
 template <class T>

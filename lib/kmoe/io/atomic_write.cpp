@@ -5,7 +5,6 @@
 #include <fcntl.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
@@ -61,28 +60,6 @@ void write_atomically(const std::string& path, const std::function<void(const st
     throw;
   }
   sync_path(folder, true, path);
-}
-
-void write_bytes_atomically(const std::string& path, const void* data, std::size_t size) {
-  write_atomically(path, [&](const std::string& temporary) {
-    const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    require(fd >= 0, Status::io_error, path, ": cannot create ", temporary, ": ", errno_text());
-    const auto* at = static_cast<const char*>(data);
-    std::size_t left = size;
-    while (left > 0) {
-      const ::ssize_t n = ::write(fd, at, std::min<std::size_t>(left, std::size_t(1) << 30));
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        const std::string reason = n < 0 ? errno_text() : "no progress";
-        ::close(fd);
-        fail(Status::io_error, path, ": writing ", temporary, " failed after ", size - left, " of ", size,
-             " bytes (disk full?): ", reason);
-      }
-      at += n;
-      left -= static_cast<std::size_t>(n);
-    }
-    require(::close(fd) == 0, Status::io_error, path, ": closing ", temporary, " failed: ", errno_text());
-  });
 }
 
 }  // namespace kmoe::io

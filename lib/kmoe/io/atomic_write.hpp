@@ -5,7 +5,6 @@
 // full, unwritable folder) removes the temporary file and leaves the old one untouched.
 #pragma once
 
-#include <cstddef>
 #include <functional>
 #include <string>
 
@@ -16,10 +15,6 @@ namespace kmoe::io {
 // and the failing step (errno's text); an exception from write is passed on after the
 // temporary file is removed.
 void write_atomically(const std::string& path, const std::function<void(const std::string& temporary_path)>& write);
-
-// write_atomically of the `size` bytes at data (POSIX writes; a short or failed write, as on a
-// full disk, is Status::io_error with errno's text).
-void write_bytes_atomically(const std::string& path, const void* data, std::size_t size);
 
 // The temporary name write_atomically uses for path: "<folder>/.<name>.tmp-<pid>-<counter>".
 std::string temporary_path_for(const std::string& path);

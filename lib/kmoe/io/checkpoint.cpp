@@ -2,14 +2,21 @@
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/io/atomic_write.hpp"
+#include "kmoe/io/impl/hdf5_handle.hpp"
 #include "kmoe/model/builder.hpp"
 
 #include <hdf5.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <filesystem>
+#include <functional>
 #include <map>
+#include <memory>
+#include <optional>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -17,6 +24,8 @@
 #if defined(__unix__)
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <unistd.h>
 #endif
 
 namespace kmoe::io {
@@ -25,30 +34,8 @@ namespace {
 
 constexpr const char* kmoe_version_string = "0.1.0";
 
-// Closes an HDF5 handle on scope exit.
-class H5Object {
- public:
-  H5Object(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
-  ~H5Object() {
-    if (id_ >= 0) close_(id_);
-  }
-  H5Object(const H5Object&) = delete;
-  H5Object& operator=(const H5Object&) = delete;
-  hid_t get() const { return id_; }
-  bool valid() const { return id_ >= 0; }
-
- private:
-  hid_t id_;
-  herr_t (*close_)(hid_t);
-};
-
-void silence_hdf5() {
-  static const bool silenced = [] {
-    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-    return true;
-  }();
-  (void)silenced;
-}
+using H5Object = impl::Handle;
+using impl::silence_hdf5_errors;
 
 template <class T>
 hid_t native_type() {
@@ -183,12 +170,11 @@ class Writer {
  public:
   explicit Writer(const std::string& target) : target_(target) {}
 
-  // HDF5 writes to memory (FileImage): a failure there is no disk error.
   void check(herr_t rc, const std::string& what) const {
-    require(rc >= 0, Status::internal, target_, ": HDF5 failed to build ", what, " in memory (out of memory?)");
+    require(rc >= 0, Status::io_error, target_, ": writing ", what, " failed (disk full or unwritable?)");
   }
   void check(hid_t id, const std::string& what) const {
-    require(id >= 0, Status::internal, target_, ": HDF5 failed to build ", what, " in memory (out of memory?)");
+    require(id >= 0, Status::io_error, target_, ": writing ", what, " failed (disk full or unwritable?)");
   }
 
   void string_attribute(hid_t object, const char* name, const std::string& value) const {
@@ -312,89 +298,47 @@ class Writer {
   std::string target_;
 };
 
-// The checkpoint is built in memory by HDF5's core driver (no backing store) and written to disk by
-// kmoe (write_bytes_atomically), so every disk error is kmoe's own and reported cleanly: HDF5 1.10
-// cannot close a file whose disk writes failed, and crashes at exit trying again (H5F__close_cb).
-// The file image callbacks let HDF5 grow a buffer this class owns and hand it over at H5Fclose,
-// when the superblock is final; H5Fget_file_image would copy it, and on 1.10 returns superblock
-// v3 images with stale checksums.
-class FileImage {
- public:
-  FileImage() = default;
-  FileImage(const FileImage&) = delete;
-  FileImage& operator=(const FileImage&) = delete;
-  ~FileImage() { std::free(buffer_); }
+// Reserves `bytes` of disk for the open file (fallocate, without changing its size), so that
+// HDF5's writes cannot fail for lack of space: HDF5 1.10 cannot close a file whose writes failed,
+// and crashes at exit trying again (H5F__close_cb). A full disk, a quota or a file size limit
+// fails here, before any data is written, as Status::io_error. Returns the bytes reserved: 0 on
+// file systems without fallocate, which skip it.
+std::uint64_t reserve_disk(hid_t file, std::uint64_t bytes, const std::string& target, const std::string& file_path) {
+#if defined(__linux__)
+  // A reservation that keeps the size is not checked against RLIMIT_FSIZE: check it here.
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_FSIZE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY && bytes > limit.rlim_cur) {
+    fail(Status::io_error, target, ": the checkpoint needs up to ", bytes, " bytes, over the file size limit of ",
+         static_cast<std::uint64_t>(limit.rlim_cur), " bytes (ulimit -f)");
+  }
+  void* handle = nullptr;
+  if (H5Fget_vfd_handle(file, H5P_DEFAULT, &handle) < 0 || handle == nullptr) return 0;
+  const int fd = *static_cast<int*>(handle);
+  if (::fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(bytes)) == 0) return bytes;
+  const int error = errno;
+  if (error == EOPNOTSUPP || error == ENOSYS) return 0;
+  fail(Status::io_error, target, ": cannot reserve ", bytes, " bytes of disk for ", file_path, " (disk full?): ",
+       std::strerror(error));
+#else
+  (void)file, (void)bytes, (void)target, (void)file_path;
+  return 0;
+#endif
+}
 
-  // A file access property list for the core driver over this image.
-  hid_t access_plist(const std::string& target) const {
-    const Writer w(target);
-    const hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
-    w.check(fapl, "the file access properties");
-    H5FD_file_image_callbacks_t callbacks = {&allocate, &copy, &resize, &release, &same_udata, &keep_udata,
-                                             const_cast<FileImage*>(this)};
-    // v2 object headers (libver 1.10+) carry checksums of the metadata too.
-    if (H5Pset_libver_bounds(fapl, H5F_LIBVER_V110, H5F_LIBVER_LATEST) < 0 ||
-        H5Pset_fapl_core(fapl, growth_increment, 0) < 0 || H5Pset_file_image_callbacks(fapl, &callbacks) < 0) {
-      H5Pclose(fapl);
-      fail(Status::internal, target, ": cannot set up HDF5's in-memory file");
-    }
-    return fapl;
-  }
-
-  // The file's bytes once HDF5 has closed it: the buffer up to the end-of-file address its
-  // superblock (version 2 or 3, 8-byte addresses, at offset 0) records; the buffer itself is
-  // whole increments.
-  const unsigned char* data() const { return buffer_; }
-  std::size_t file_size(const std::string& target) const {
-    require(closed_ && buffer_ != nullptr && size_ >= 48 && std::memcmp(buffer_, "\x89HDF\r\n\x1a\n", 8) == 0 &&
-                (buffer_[8] == 2 || buffer_[8] == 3) && buffer_[9] == 8,
-            Status::internal, target, ": HDF5's in-memory file has no version 2/3 superblock");
-    std::uint64_t base = 0, end = 0;
-    for (int b = 7; b >= 0; --b) {
-      base = (base << 8) | buffer_[12 + b];
-      end = (end << 8) | buffer_[28 + b];
-    }
-    require(base == 0 && end <= size_, Status::internal, target, ": HDF5's in-memory file ends at ", end,
-            " beyond its ", size_, " bytes");
-    return static_cast<std::size_t>(end);
-  }
-
- private:
-  static constexpr std::size_t growth_increment = std::size_t(64) << 20;
-
-  static FileImage& self(void* udata) { return *static_cast<FileImage*>(udata); }
-  static void* allocate(std::size_t size, H5FD_file_image_op_t, void* udata) {
-    return resize(nullptr, size, H5FD_FILE_IMAGE_OP_FILE_RESIZE, udata);
-  }
-  static void* copy(void* dest, const void* src, std::size_t size, H5FD_file_image_op_t, void*) {
-    return std::memcpy(dest, src, size);
-  }
-  static void* resize(void* ptr, std::size_t size, H5FD_file_image_op_t, void* udata) {
-    FileImage& image = self(udata);
-    void* grown = std::realloc(ptr, size);
-    if (grown == nullptr) return nullptr;  // HDF5 keeps ptr, and reports the failed allocation
-    image.buffer_ = static_cast<unsigned char*>(grown);
-    image.size_ = size;
-    return grown;
-  }
-  // At H5Fclose the buffer stays here (freed by the destructor); elsewhere it is released.
-  static herr_t release(void* ptr, H5FD_file_image_op_t op, void* udata) {
-    FileImage& image = self(udata);
-    if (op == H5FD_FILE_IMAGE_OP_FILE_CLOSE && ptr == image.buffer_) {
-      image.closed_ = true;
-      return 0;
-    }
-    if (ptr == image.buffer_) image.buffer_ = nullptr, image.size_ = 0;
-    std::free(ptr);
-    return 0;
-  }
-  static void* same_udata(void* udata) { return udata; }  // the copies of the plist share the image
-  static herr_t keep_udata(void*) { return 0; }
-
-  unsigned char* buffer_ = nullptr;
-  std::size_t size_ = 0;
-  bool closed_ = false;
-};
+// Gives back the reservation past the closed file's end: a truncation that shrinks the file
+// frees every block past the new end (punching a hole past the end is a no-op on ext4).
+void release_reserve(const std::string& file_path, std::uint64_t reserved) {
+#if defined(__linux__)
+  const std::uint64_t size = std::filesystem::file_size(file_path);
+  if (reserved <= size) return;
+  const int fd = ::open(file_path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  if (::ftruncate(fd, static_cast<off_t>(size + 1)) == 0) (void)::ftruncate(fd, static_cast<off_t>(size));
+  ::close(fd);
+#else
+  (void)file_path, (void)reserved;
+#endif
+}
 
 template <class T>
 void write_contents(hid_t file, const std::string& target, model::Layer<T>& layer, const CheckpointExtras<T>& extras) {
@@ -544,8 +488,9 @@ StoredTensor describe(hid_t file, const std::string& path, const std::string& na
 // Do the checksums of chunks [0, n) of `chunk_bytes` bytes each, laid end to end at data, match
 // `stored`? Over the host threads when Kokkos runs (checksumming is the one computation of a read).
 bool chunks_match(const unsigned char* data, std::size_t chunk_bytes, const std::vector<std::uint32_t>& stored,
-                  std::size_t n) {
-  const auto mismatch = [&](std::size_t c) { return !checksum_matches(stored[c], data + c * chunk_bytes, chunk_bytes); };
+                  std::size_t n, std::size_t stride = 0) {
+  if (stride == 0) stride = chunk_bytes;
+  const auto mismatch = [&](std::size_t c) { return !checksum_matches(stored[c], data + c * stride, chunk_bytes); };
   if (n <= 1 || !Kokkos::is_initialized()) {
     for (std::size_t c = 0; c < n; ++c)
       if (mismatch(c)) return false;
@@ -558,79 +503,114 @@ bool chunks_match(const unsigned char* data, std::size_t chunk_bytes, const std:
   return bad == 0;
 }
 
-// A float dataset as kmoe writes it (chunks of whole slices along axis 0, Fletcher32 the only
-// filter, little-endian IEEE data on a little-endian host), read chunk by chunk with H5Dread_chunk
-// and checked with fletcher32() into values; false (nothing decided) for any other dataset or an
-// unallocated chunk, which H5Dread then reads through the filter pipeline. Without a conversion,
-// every chunk but the last is read straight into values (its 4 checksum bytes land on the next
-// chunk's start, which the next read overwrites, and are kept aside first) and the checksums are
-// verified afterwards; the last chunk (room for its padding and checksum) and converted chunks go
-// through a buffer.
+// How a dataset kmoe wrote is chunked: along axis 0 only, Fletcher32 its only filter, little-endian
+// float32 or float64, so that chunks can be read raw (H5Dread_chunk) and checked with kmoe's own
+// Fletcher32. Anything else (another writer's file, a big-endian host) goes through HDF5's pipeline.
+struct RawChunks {
+  bool f32 = false;
+  std::size_t element = 0;     // bytes per value in the file
+  std::size_t slices = 0;      // dims[0]
+  std::size_t slice = 0;       // values per slice
+  std::size_t rows = 0;        // slices per chunk
+  std::size_t chunk_bytes = 0;  // a chunk's values, without the 4-byte checksum
+  std::size_t chunks = 0;
+  std::vector<hsize_t> offset;  // the chunk origin passed to H5Dread_chunk
+
+  std::size_t values_in(std::size_t c) const { return std::min(rows, slices - c * rows) * slice; }
+  // Reads chunk c (values and checksum, chunk_bytes + 4) into `into`. A chunk not stored as
+  // expected (unallocated, another size, its filter skipped) is for the pipeline to read; one
+  // that HDF5 cannot read is a damaged file.
+  enum class Read { ok, not_raw, unreadable };
+  Read read(hid_t ds, std::size_t c, unsigned char* into) {
+    offset[0] = c * rows;
+    hsize_t size = 0;
+    if (H5Dget_chunk_storage_size(ds, offset.data(), &size) < 0 || size != chunk_bytes + 4) return Read::not_raw;
+    std::uint32_t skipped = 0;
+    if (H5Dread_chunk(ds, H5P_DEFAULT, offset.data(), &skipped, into) < 0) return Read::unreadable;
+    return skipped == 0 ? Read::ok : Read::not_raw;
+  }
+};
+
+std::optional<RawChunks> raw_chunks(hid_t ds, hid_t space, std::size_t count) {
+  if (!host_little_endian() || count == 0) return std::nullopt;
+  H5Object dcpl(H5Dget_create_plist(ds), H5Pclose);
+  if (!dcpl.valid() || H5Pget_layout(dcpl.get()) != H5D_CHUNKED || H5Pget_nfilters(dcpl.get()) != 1) return std::nullopt;
+  unsigned flags = 0;
+  std::size_t n_values = 0;
+  if (H5Pget_filter2(dcpl.get(), 0, &flags, &n_values, nullptr, 0, nullptr, nullptr) != H5Z_FILTER_FLETCHER32)
+    return std::nullopt;
+  const int rank = H5Sget_simple_extent_ndims(space);
+  if (rank < 1) return std::nullopt;
+  std::vector<hsize_t> dims(static_cast<std::size_t>(rank)), chunk(static_cast<std::size_t>(rank));
+  H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+  if (H5Pget_chunk(dcpl.get(), rank, chunk.data()) != rank) return std::nullopt;
+  for (int i = 1; i < rank; ++i)
+    if (chunk[i] != dims[i]) return std::nullopt;
+  H5Object type(H5Dget_type(ds), H5Tclose);
+  const bool f32 = H5Tequal(type.get(), H5T_IEEE_F32LE) > 0, f64 = H5Tequal(type.get(), H5T_IEEE_F64LE) > 0;
+  if (!f32 && !f64) return std::nullopt;
+  RawChunks r;
+  r.f32 = f32;
+  r.element = f32 ? 4 : 8;
+  r.slices = static_cast<std::size_t>(dims[0]);
+  r.slice = count / r.slices;
+  r.rows = static_cast<std::size_t>(chunk[0]);
+  r.chunk_bytes = r.rows * r.slice * r.element;
+  r.chunks = (r.slices + r.rows - 1) / r.rows;
+  r.offset.assign(dims.size(), 0);
+  return r;
+}
+
+// n values of the file's type (float32 when f32, else float64) at `from` as V.
+template <class V>
+void convert_values(const unsigned char* from, bool f32, V* into, std::size_t n) {
+  if (f32 == std::is_same_v<V, float>) {
+    std::memcpy(into, from, n * sizeof(V));
+  } else if (f32) {
+    const auto* in = reinterpret_cast<const float*>(from);
+    for (std::size_t i = 0; i < n; ++i) into[i] = static_cast<V>(in[i]);
+  } else {
+    const auto* in = reinterpret_cast<const double*>(from);
+    for (std::size_t i = 0; i < n; ++i) into[i] = static_cast<V>(in[i]);
+  }
+}
+
+[[noreturn]] void corrupt_dataset(const std::string& path, const std::string& file_path) {
+  fail(Status::corrupt_file, file_path, ": dataset ", path, " is corrupt (checksum mismatch or truncated file)");
+}
+
+// Reads a whole dataset of `count` values through raw chunks (RawChunks), converting to V; returns
+// false (nothing trusted) where the dataset is not stored so. Chunks of V's own type are read in
+// place, each chunk's checksum landing on the next chunk's first bytes before that chunk
+// overwrites them; their checksums are verified in parallel at the end.
 template <class V>
 bool read_chunks(hid_t ds, hid_t space, V* values, std::size_t count, const std::string& path,
                  const std::string& file_path) {
   if constexpr (!std::is_floating_point_v<V>) {
     return false;
   } else {
-    if (!host_little_endian() || count == 0) return false;
-    H5Object dcpl(H5Dget_create_plist(ds), H5Pclose);
-    if (!dcpl.valid() || H5Pget_layout(dcpl.get()) != H5D_CHUNKED || H5Pget_nfilters(dcpl.get()) != 1) return false;
-    unsigned flags = 0;
-    std::size_t n_values = 0;
-    if (H5Pget_filter2(dcpl.get(), 0, &flags, &n_values, nullptr, 0, nullptr, nullptr) != H5Z_FILTER_FLETCHER32)
-      return false;
-    const int rank = H5Sget_simple_extent_ndims(space);
-    if (rank < 1) return false;
-    std::vector<hsize_t> dims(static_cast<std::size_t>(rank)), chunk(static_cast<std::size_t>(rank));
-    H5Sget_simple_extent_dims(space, dims.data(), nullptr);
-    if (H5Pget_chunk(dcpl.get(), rank, chunk.data()) != rank) return false;
-    for (int i = 1; i < rank; ++i)
-      if (chunk[i] != dims[i]) return false;
-    H5Object type(H5Dget_type(ds), H5Tclose);
-    const bool f32 = H5Tequal(type.get(), H5T_IEEE_F32LE) > 0, f64 = H5Tequal(type.get(), H5T_IEEE_F64LE) > 0;
-    if (!f32 && !f64) return false;
-    const std::size_t element = f32 ? 4 : 8;
-    const bool same_type = f32 == std::is_same_v<V, float>;
-    const std::size_t slices = static_cast<std::size_t>(dims[0]);
-    const std::size_t slice = count / slices;
-    const std::size_t rows = static_cast<std::size_t>(chunk[0]);
-    const std::size_t chunk_bytes = rows * slice * element;
-    const std::size_t n_chunks = (slices + rows - 1) / rows;
-    const auto corrupt = [&] {
-      fail(Status::corrupt_file, file_path, ": dataset ", path, " is corrupt (checksum mismatch or truncated file)");
-    };
+    std::optional<RawChunks> raw = raw_chunks(ds, space, count);
+    if (!raw) return false;
+    const bool same_type = raw->f32 == std::is_same_v<V, float>;
     auto* const out = reinterpret_cast<unsigned char*>(values);
     std::vector<unsigned char> buffer;
-    std::vector<std::uint32_t> stored(n_chunks);
-    std::vector<hsize_t> offset(dims.size(), 0);
-    for (std::size_t c = 0; c < n_chunks; ++c) {
-      offset[0] = c * rows;
-      hsize_t size = 0;
-      if (H5Dget_chunk_storage_size(ds, offset.data(), &size) < 0 || size != chunk_bytes + 4) return false;
-      const bool direct = same_type && c + 1 < n_chunks;
-      if (!direct && buffer.empty()) buffer.resize(chunk_bytes + 4);
-      unsigned char* const target = direct ? out + c * chunk_bytes : buffer.data();
-      std::uint32_t skipped = 0;
-      if (H5Dread_chunk(ds, H5P_DEFAULT, offset.data(), &skipped, target) < 0) corrupt();
-      if (skipped != 0) return false;
+    std::vector<std::uint32_t> stored(raw->chunks);
+    for (std::size_t c = 0; c < raw->chunks; ++c) {
+      const bool direct = same_type && c + 1 < raw->chunks;
+      if (!direct && buffer.empty()) buffer.resize(raw->chunk_bytes + 4);
+      unsigned char* const target = direct ? out + c * raw->chunk_bytes : buffer.data();
+      const RawChunks::Read got = raw->read(ds, c, target);
+      if (got == RawChunks::Read::unreadable) corrupt_dataset(path, file_path);
+      if (got == RawChunks::Read::not_raw) return false;
       if (direct) {
-        stored[c] = get_checksum(target + chunk_bytes);
+        stored[c] = get_checksum(target + raw->chunk_bytes);
         continue;
       }
-      if (!checksum_matches(get_checksum(buffer.data() + chunk_bytes), buffer.data(), chunk_bytes)) corrupt();
-      const std::size_t n = (std::min(rows, slices - c * rows)) * slice;
-      V* const into = values + c * rows * slice;
-      if (same_type) {
-        std::memcpy(into, buffer.data(), n * sizeof(V));
-      } else if (f32) {
-        const auto* in = reinterpret_cast<const float*>(buffer.data());
-        for (std::size_t i = 0; i < n; ++i) into[i] = static_cast<V>(in[i]);
-      } else {
-        const auto* in = reinterpret_cast<const double*>(buffer.data());
-        for (std::size_t i = 0; i < n; ++i) into[i] = static_cast<V>(in[i]);
-      }
+      if (!checksum_matches(get_checksum(buffer.data() + raw->chunk_bytes), buffer.data(), raw->chunk_bytes))
+        corrupt_dataset(path, file_path);
+      convert_values(buffer.data(), raw->f32, values + c * raw->rows * raw->slice, raw->values_in(c));
     }
-    if (same_type && !chunks_match(out, chunk_bytes, stored, n_chunks - 1)) corrupt();
+    if (same_type && !chunks_match(out, raw->chunk_bytes, stored, raw->chunks - 1)) corrupt_dataset(path, file_path);
     return true;
   }
 }
@@ -646,6 +626,61 @@ void read_values(hid_t ds, hid_t space, V* values, std::size_t count, const std:
                                                    : H5T_NATIVE_UINT64;
   require(H5Dread(ds, memory, H5S_ALL, H5S_ALL, H5P_DEFAULT, values) >= 0, Status::corrupt_file, file_path,
           ": dataset ", path, " is corrupt (checksum mismatch or truncated file)");
+}
+
+// Calls visit(values, n) for the dataset's values in order, chunk by chunk through one buffer of a
+// batch of chunks (the batch's checksums verified before its values are visited), or once with the
+// whole dataset where it is not stored as RawChunks.
+template <class V>
+void visit_dataset(hid_t file, const std::string& path, const std::string& file_path,
+                   const std::function<void(const V*, std::size_t)>& visit) {
+  H5Object ds(H5Dopen2(file, path.c_str(), H5P_DEFAULT), H5Dclose);
+  require(ds.valid(), Status::corrupt_file, file_path, ": no dataset ", path);
+  H5Object space(H5Dget_space(ds.get()), H5Sclose);
+  const hssize_t n = H5Sget_simple_extent_npoints(space.get());
+  require(n >= 0, Status::corrupt_file, file_path, ": dataset ", path, " is unreadable");
+  std::optional<RawChunks> raw = raw_chunks(ds.get(), space.get(), static_cast<std::size_t>(n));
+  if (raw) {
+    // Batches of about 16 MiB of chunks, whose checksums are verified in parallel. The buffer is
+    // not zeroed, and small enough for malloc to reuse it from one dataset to the next (glibc
+    // maps, and page-faults anew, blocks over its 32 MiB ceiling every time).
+    const std::size_t slot = raw->chunk_bytes + 4;
+    const std::size_t batch = std::max<std::size_t>(1, (std::size_t(16) << 20) / slot);
+    const std::unique_ptr<unsigned char[]> buffer(new unsigned char[std::min(batch, raw->chunks) * slot]);
+    std::vector<std::uint32_t> stored(std::min(batch, raw->chunks));
+    std::vector<V> converted;
+    for (std::size_t first = 0; raw && first < raw->chunks; first += batch) {
+      const std::size_t count = std::min(batch, raw->chunks - first);
+      for (std::size_t i = 0; i < count; ++i) {
+        const RawChunks::Read got = raw->read(ds.get(), first + i, buffer.get() + i * slot);
+        if (got == RawChunks::Read::unreadable) corrupt_dataset(path, file_path);
+        if (got == RawChunks::Read::not_raw) {
+          require(first + i == 0, Status::corrupt_file, file_path, ": dataset ", path,
+                  " has a chunk of an unexpected size");
+          raw.reset();
+          break;
+        }
+        stored[i] = get_checksum(buffer.get() + i * slot + raw->chunk_bytes);
+      }
+      if (!raw) break;
+      if (!chunks_match(buffer.get(), raw->chunk_bytes, stored, count, slot)) corrupt_dataset(path, file_path);
+      for (std::size_t i = 0; i < count; ++i) {
+        const unsigned char* bytes = buffer.get() + i * slot;
+        const std::size_t values = raw->values_in(first + i);
+        if (raw->f32 == std::is_same_v<V, float>) {
+          visit(reinterpret_cast<const V*>(bytes), values);
+        } else {
+          converted.resize(values);
+          convert_values(bytes, raw->f32, converted.data(), values);
+          visit(converted.data(), values);
+        }
+      }
+    }
+    if (raw) return;
+  }
+  std::vector<V> values(static_cast<std::size_t>(n));
+  read_values(ds.get(), space.get(), values.data(), values.size(), path, file_path);
+  visit(values.data(), values.size());
 }
 
 // Reads a whole float or integer dataset into memory of type V: into a new vector, or into
@@ -737,7 +772,7 @@ bool has_hdf5_signature(const std::string& path) {
 // ---- CheckpointReader ---------------------------------------------------------------------
 
 CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
-  silence_hdf5();
+  silence_hdf5_errors();
   // HDF5 refuses a file cut short as it refuses a foreign one; its signature tells them apart.
   const bool hdf5 = H5Fis_hdf5(path.c_str()) > 0;
   require(hdf5 || !has_hdf5_signature(path), Status::corrupt_file, path,
@@ -815,6 +850,15 @@ std::vector<T> CheckpointReader::read_as(const std::string& dataset_path) const 
   return read_dataset<T>(file_, dataset_path, path_);
 }
 
+template <class T>
+void CheckpointReader::visit(const std::string& dataset_path,
+                             const std::function<void(const T* values, std::size_t n)>& visitor) const {
+  visit_dataset<T>(file_, dataset_path, path_, visitor);
+}
+
+template void CheckpointReader::visit<float>(const std::string&, const std::function<void(const float*, std::size_t)>&) const;
+template void CheckpointReader::visit<double>(const std::string&, const std::function<void(const double*, std::size_t)>&) const;
+
 template std::vector<float> CheckpointReader::read_as<float>(const std::string&) const;
 template std::vector<double> CheckpointReader::read_as<double>(const std::string&) const;
 template std::vector<std::uint64_t> CheckpointReader::read_as<std::uint64_t>(const std::string&) const;
@@ -822,22 +866,48 @@ template std::vector<std::uint64_t> CheckpointReader::read_as<std::uint64_t>(con
 // ---- save / load --------------------------------------------------------------------------
 
 template <class T>
+std::uint64_t checkpoint_size_bound(model::Layer<T>& layer, const CheckpointExtras<T>& extras) {
+  std::uint64_t bytes = std::uint64_t(1) << 20;
+  std::uint64_t datasets = 1;
+  const auto add = [&](const Tensor<T>& t) {
+    // The values, their chunks' checksums and index entries, and an edge chunk stored whole (at
+    // most one chunk of about 4 MiB, chunk_dims, more than the values).
+    const std::uint64_t chunks = t.shape().rank() > 0 ? static_cast<std::uint64_t>(std::max<index_t>(t.shape()[0], 1)) : 1;
+    bytes += static_cast<std::uint64_t>(t.size()) * sizeof(T) + (std::uint64_t(4) << 20) + 64 * chunks;
+    ++datasets;
+  };
+  for (const model::Parameter<T>& p : model::trainable(layer.parameters())) add(*p.tensor);
+  if (extras.optimizer != nullptr) {
+    for (const auto& item : extras.optimizer->moments()) {
+      add(item.second.exp_avg);
+      add(item.second.exp_avg_sq);
+    }
+  }
+  // Object headers, attributes (the config, torch names) and groups: generously per dataset.
+  return bytes + 64 * 1024 * datasets + 8 * (layer.config().dump().size() + extras.train.dump().size() +
+                                             extras.source.dump().size());
+}
+
+template <class T>
 void save_checkpoint(const std::string& path, model::Layer<T>& layer, const CheckpointExtras<T>& extras) {
-  silence_hdf5();
-  FileImage image;
-  {
-    H5Object fapl(image.access_plist(path), H5Pclose);
-    const hid_t file = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get());
+  silence_hdf5_errors();
+  write_atomically(path, [&](const std::string& temporary) {
+    // v2 object headers (libver 1.10+) carry checksums of the metadata too.
+    H5Object fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+    H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V110, H5F_LIBVER_LATEST);
+    const hid_t file = H5Fcreate(temporary.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get());
     Writer(path).check(file, "the file");
+    std::uint64_t reserved = 0;
     try {
+      reserved = reserve_disk(file, checkpoint_size_bound(layer, extras), path, temporary);
       write_contents(file, path, layer, extras);
     } catch (...) {
       H5Fclose(file);
       throw;
     }
-    require(H5Fclose(file) >= 0, Status::out_of_memory, path, ": HDF5 could not finish the file in memory");
-  }
-  write_bytes_atomically(path, image.data(), image.file_size(path));
+    Writer(path).check(H5Fclose(file), "the file (close)");
+    release_reserve(temporary, reserved);
+  });
 }
 
 template <class T>
@@ -938,6 +1008,7 @@ std::unique_ptr<model::Layer<T>> load_layer(const std::string& path, const Check
 
 #define KMOE_INSTANTIATE(T)                                                                                   \
   template void save_checkpoint(const std::string&, model::Layer<T>&, const CheckpointExtras<T>&);            \
+  template std::uint64_t checkpoint_size_bound(model::Layer<T>&, const CheckpointExtras<T>&);                 \
   template void load_checkpoint(const std::string&, model::Layer<T>&, const CheckpointLoadOptions&,           \
                                 const CheckpointRestore<T>&);                                                 \
   template std::unique_ptr<model::Layer<T>> load_layer(const std::string&, const CheckpointLoadOptions&);

@@ -28,6 +28,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -60,9 +61,17 @@ struct CheckpointExtras {
 };
 
 // Writes the layer (kind, config, every trainable parameter) and the extras to path, crash-safely.
-// Status::io_error when the folder is missing or unwritable or a write fails (the old file stays).
+// The disk it needs (checkpoint_size_bound) is reserved before anything is written, so a full disk,
+// a quota or a file size limit is found up front. Status::io_error when the folder is missing or
+// unwritable, the space cannot be reserved or a write fails (the old file stays either way).
 template <class T>
 void save_checkpoint(const std::string& path, model::Layer<T>& layer, const CheckpointExtras<T>& extras = {});
+
+// An upper bound on the bytes save_checkpoint writes for the layer and extras (the values, HDF5's
+// chunk and metadata overheads, generously): what it reserves, and what a driver can check free
+// disk against before it trains.
+template <class T>
+std::uint64_t checkpoint_size_bound(model::Layer<T>& layer, const CheckpointExtras<T>& extras = {});
 
 struct CheckpointLoadOptions {
   bool convert_dtype = false;  // allow float32 data into a float64 layer and back
@@ -129,6 +138,10 @@ class CheckpointReader {
   std::vector<double> read(const std::string& dataset_path) const;
   template <class T>
   std::vector<T> read_as(const std::string& dataset_path) const;
+  // The dataset's values (float or double) in order, a block at a time (one chunk: memory for one
+  // chunk, not the dataset), each block's checksum verified before it is visited.
+  template <class T>
+  void visit(const std::string& dataset_path, const std::function<void(const T* values, std::size_t n)>& visitor) const;
 
  private:
   std::string path_;

@@ -1,5 +1,7 @@
 #include "kmoe/io/hdf5_reader.hpp"
 
+#include "kmoe/io/impl/hdf5_handle.hpp"
+
 #include <hdf5.h>
 
 #include <algorithm>
@@ -9,34 +11,6 @@
 namespace kmoe::io {
 
 namespace impl {
-
-// Closes an HDF5 handle on scope exit.
-class Handle {
- public:
-  Handle(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
-  ~Handle() {
-    if (id_ >= 0) close_(id_);
-  }
-  Handle(Handle&& other) noexcept : id_(other.id_), close_(other.close_) { other.id_ = -1; }
-  Handle(const Handle&) = delete;
-  Handle& operator=(const Handle&) = delete;
-  Handle& operator=(Handle&&) = delete;
-  hid_t get() const { return id_; }
-  bool valid() const { return id_ >= 0; }
-
- private:
-  hid_t id_;
-  herr_t (*close_)(hid_t);
-};
-
-// HDF5 prints its error stack to stderr by default; kmoe reports errors itself.
-void silence_hdf5_errors() {
-  static const bool silenced = [] {
-    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-    return true;
-  }();
-  (void)silenced;
-}
 
 Dtype classify(hid_t type) {
   const H5T_class_t cls = H5Tget_class(type);

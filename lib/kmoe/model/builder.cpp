@@ -237,10 +237,12 @@ std::map<std::string, double> st_moe_losses(const F& f) {
   return {{"total_aux_loss", f.total_aux_loss}, {"balance_loss", f.balance_loss}, {"router_z_loss", f.router_z_loss}};
 }
 
-template <class T>
-class StMoELayer final : public Wrapped<layers::StMoE<T>> {
+// StMoE and SparseMoEBlock (L), whose forward results (F) carry the same losses.
+template <class L, class F>
+class StMoEFamilyLayer final : public Wrapped<L> {
  public:
-  using Wrapped<layers::StMoE<T>>::Wrapped;
+  using T = typename L::value_type;
+  using Wrapped<L>::Wrapped;
   LayerForward<T> forward(const LayerInputs<T>& in, bool training, Generator& rng) const override {
     auto f = this->layer_.forward(in.x, training, rng, st_moe_call(in, this->kind_));
     const Tensor<T> out = f.out;
@@ -249,25 +251,14 @@ class StMoELayer final : public Wrapped<layers::StMoE<T>> {
     return this->result(std::move(f), out, training, aux, std::move(losses));
   }
   Tensor<T> backward(const LayerForward<T>& forward, const Tensor<T>& dout, T aux_weight) override {
-    return this->layer_.backward(this->template state<layers::StMoEForward<T>>(forward), dout, aux_weight);
+    return this->layer_.backward(this->template state<F>(forward), dout, aux_weight);
   }
 };
 
 template <class T>
-class SparseMoEBlockLayer final : public Wrapped<layers::SparseMoEBlock<T>> {
- public:
-  using Wrapped<layers::SparseMoEBlock<T>>::Wrapped;
-  LayerForward<T> forward(const LayerInputs<T>& in, bool training, Generator& rng) const override {
-    auto f = this->layer_.forward(in.x, training, rng, st_moe_call(in, this->kind_));
-    const Tensor<T> out = f.out;
-    const T aux = f.total_aux_loss;
-    auto losses = st_moe_losses<T>(f);
-    return this->result(std::move(f), out, training, aux, std::move(losses));
-  }
-  Tensor<T> backward(const LayerForward<T>& forward, const Tensor<T>& dout, T aux_weight) override {
-    return this->layer_.backward(this->template state<layers::SparseMoEBlockForward<T>>(forward), dout, aux_weight);
-  }
-};
+using StMoELayer = StMoEFamilyLayer<layers::StMoE<T>, layers::StMoEForward<T>>;
+template <class T>
+using SparseMoEBlockLayer = StMoEFamilyLayer<layers::SparseMoEBlock<T>, layers::SparseMoEBlockForward<T>>;
 
 template <class T>
 class SoftMoELayer final : public Wrapped<layers::SoftMoE<T>> {
