@@ -13,6 +13,7 @@ const char* status_name(Status status) {
     case Status::internal: return "internal error";
     case Status::corrupt_file: return "corrupt file";
     case Status::unsupported: return "unsupported";
+    case Status::mpi_error: return "MPI error";
   }
   return "unknown status";
 }

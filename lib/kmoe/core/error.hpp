@@ -18,6 +18,7 @@ enum class Status : int {
   internal = 6,          // a broken invariant inside kmoe
   corrupt_file = 7,      // a file that opens but whose contents are damaged or inconsistent
   unsupported = 8,       // a valid request kmoe does not implement
+  mpi_error = 9,         // MPI failed, or another rank failed in a collective step
 };
 
 const char* status_name(Status status);

@@ -1,0 +1,212 @@
+#include "kmoe/dist/communicator.hpp"
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <type_traits>
+
+namespace kmoe::dist {
+
+namespace {
+
+void check_mpi(int rc, const char* what) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING] = {};
+  int length = 0;
+  MPI_Error_string(rc, text, &length);
+  fail(Status::mpi_error, "kmoe: ", what, " failed: ", std::string(text, static_cast<std::size_t>(length)));
+}
+
+bool mpi_running() {
+  int initialised = 0, finalised = 0;
+  MPI_Initialized(&initialised);
+  MPI_Finalized(&finalised);
+  return initialised != 0 && finalised == 0;
+}
+
+// One collective exchange of at most INT_MAX bytes per pair: MPI's counts are int.
+constexpr std::size_t round_limit = static_cast<std::size_t>(INT_MAX) / 2;
+
+}  // namespace
+
+Communicator::State::~State() {
+  if (comm != MPI_COMM_NULL && mpi_running()) MPI_Comm_free(&comm);
+}
+
+Communicator::Communicator(MPI_Comm comm) {
+  if (comm == MPI_COMM_NULL) return;
+  require(mpi_running(), Status::invalid_argument,
+          "kmoe: a communicator was given but MPI is not initialised (call MPI_Init first)");
+  auto state = std::make_shared<State>();
+  check_mpi(MPI_Comm_dup(comm, &state->comm), "MPI_Comm_dup");
+  // Errors come back as codes, which check_mpi turns into kmoe::Error, instead of aborting.
+  MPI_Comm_set_errhandler(state->comm, MPI_ERRORS_RETURN);
+  check_mpi(MPI_Comm_rank(state->comm, &rank_), "MPI_Comm_rank");
+  check_mpi(MPI_Comm_size(state->comm, &size_), "MPI_Comm_size");
+  state_ = std::move(state);
+}
+
+MPI_Comm Communicator::comm() const { return state_ ? state_->comm : MPI_COMM_NULL; }
+
+std::vector<std::int64_t> Communicator::all_gather(std::int64_t value) const {
+  std::vector<std::int64_t> all(static_cast<std::size_t>(size_), value);
+  if (state_) check_mpi(MPI_Allgather(&value, 1, MPI_INT64_T, all.data(), 1, MPI_INT64_T, state_->comm), "MPI_Allgather");
+  return all;
+}
+
+template <class T>
+void Communicator::all_reduce_sum(T* values, std::size_t n) const {
+  if (!state_) return;
+  const MPI_Datatype type = std::is_same_v<T, float> ? MPI_FLOAT : std::is_same_v<T, double> ? MPI_DOUBLE : MPI_INT64_T;
+  // In pieces of at most INT_MAX elements (MPI's counts are int); every rank runs the same pieces.
+  const std::size_t piece = static_cast<std::size_t>(INT_MAX);
+  for (std::size_t first = 0; first < n; first += piece) {
+    const int count = static_cast<int>(std::min(piece, n - first));
+    check_mpi(MPI_Allreduce(MPI_IN_PLACE, values + first, count, type, MPI_SUM, state_->comm), "MPI_Allreduce");
+  }
+}
+
+template void Communicator::all_reduce_sum<float>(float*, std::size_t) const;
+template void Communicator::all_reduce_sum<double>(double*, std::size_t) const;
+template void Communicator::all_reduce_sum<std::int64_t>(std::int64_t*, std::size_t) const;
+
+std::int64_t Communicator::sum(std::int64_t value) const {
+  std::int64_t total = 0;
+  for (const std::int64_t v : all_gather(value)) total += v;
+  return total;
+}
+
+std::int64_t Communicator::exclusive_prefix_sum(std::int64_t value) const {
+  const std::vector<std::int64_t> all = all_gather(value);
+  std::int64_t before = 0;
+  for (int r = 0; r < rank_; ++r) before += all[static_cast<std::size_t>(r)];
+  return before;
+}
+
+std::vector<unsigned char> Communicator::all_to_all(const unsigned char* send, const std::vector<std::size_t>& send_counts,
+                                                    std::vector<std::size_t>& recv_counts) const {
+  require(send_counts.size() == static_cast<std::size_t>(size_), Status::internal, "Communicator::all_to_all: ",
+          send_counts.size(), " send counts for ", size_, " ranks");
+  if (!state_) {
+    recv_counts = send_counts;
+    return std::vector<unsigned char>(send, send + send_counts[0]);
+  }
+  std::vector<std::uint64_t> sc(send_counts.begin(), send_counts.end()), rc(sc.size());
+  check_mpi(MPI_Alltoall(sc.data(), 1, MPI_UINT64_T, rc.data(), 1, MPI_UINT64_T, state_->comm), "MPI_Alltoall");
+  recv_counts.assign(rc.begin(), rc.end());
+  std::vector<std::size_t> send_at(sc.size() + 1, 0), recv_at(rc.size() + 1, 0);
+  for (std::size_t r = 0; r < sc.size(); ++r) {
+    send_at[r + 1] = send_at[r] + sc[r];
+    recv_at[r + 1] = recv_at[r] + rc[r];
+    if (static_cast<int>(r) != rank_) state_->bytes_sent += sc[r];
+  }
+  std::vector<unsigned char> recv(recv_at.back());
+  // Rounds: each moves at most round_limit bytes per pair, so counts and displacements (relative
+  // to per-round buffers) fit in int. Every rank runs the same number of rounds.
+  std::uint64_t local_max = 0;
+  for (std::size_t r = 0; r < sc.size(); ++r) local_max = std::max<std::uint64_t>({local_max, sc[r], rc[r]});
+  std::uint64_t longest = 0;
+  check_mpi(MPI_Allreduce(&local_max, &longest, 1, MPI_UINT64_T, MPI_MAX, state_->comm), "MPI_Allreduce");
+  const std::size_t rounds = std::max<std::size_t>(1, static_cast<std::size_t>((longest + round_limit - 1) / round_limit));
+  std::vector<int> scount(sc.size()), sdisp(sc.size()), rcount(rc.size()), rdisp(rc.size());
+  std::vector<unsigned char> sbuf, rbuf;
+  for (std::size_t round = 0; round < rounds; ++round) {
+    const std::size_t from = round * round_limit;
+    std::size_t stotal = 0, rtotal = 0;
+    for (std::size_t r = 0; r < sc.size(); ++r) {
+      scount[r] = static_cast<int>(std::min<std::uint64_t>(round_limit, sc[r] - std::min<std::uint64_t>(sc[r], from)));
+      rcount[r] = static_cast<int>(std::min<std::uint64_t>(round_limit, rc[r] - std::min<std::uint64_t>(rc[r], from)));
+      stotal += static_cast<std::size_t>(scount[r]);
+      rtotal += static_cast<std::size_t>(rcount[r]);
+    }
+    // Per-round buffers keep displacements below round_limit · ranks; with one round (the usual
+    // case) the caller's buffers are used directly.
+    const unsigned char* sp = send;
+    unsigned char* rp = recv.data();
+    if (rounds > 1) {
+      sbuf.resize(stotal);
+      rbuf.resize(rtotal);
+      std::size_t at = 0;
+      for (std::size_t r = 0; r < sc.size(); ++r) {
+        std::memcpy(sbuf.data() + at, send + send_at[r] + std::min<std::uint64_t>(sc[r], from), static_cast<std::size_t>(scount[r]));
+        at += static_cast<std::size_t>(scount[r]);
+      }
+      sp = sbuf.data();
+      rp = rbuf.data();
+    }
+    int s_at = 0, r_at = 0;
+    for (std::size_t r = 0; r < sc.size(); ++r) {
+      sdisp[r] = rounds > 1 ? s_at : static_cast<int>(send_at[r]);
+      rdisp[r] = rounds > 1 ? r_at : static_cast<int>(recv_at[r]);
+      s_at += scount[r];
+      r_at += rcount[r];
+    }
+    check_mpi(MPI_Alltoallv(sp, scount.data(), sdisp.data(), MPI_BYTE, rp, rcount.data(), rdisp.data(), MPI_BYTE,
+                            state_->comm),
+              "MPI_Alltoallv");
+    if (rounds > 1) {
+      std::size_t at = 0;
+      for (std::size_t r = 0; r < rc.size(); ++r) {
+        std::memcpy(recv.data() + recv_at[r] + std::min<std::uint64_t>(rc[r], from), rbuf.data() + at,
+                    static_cast<std::size_t>(rcount[r]));
+        at += static_cast<std::size_t>(rcount[r]);
+      }
+    }
+  }
+  return recv;
+}
+
+void Communicator::collectively(const std::function<void()>& step) const {
+  Status status = Status::ok;
+  std::string message;
+  try {
+    step();
+  } catch (const Error& e) {
+    status = e.status();
+    message = e.what();
+  } catch (const std::exception& e) {
+    status = Status::internal;
+    message = e.what();
+  }
+  if (!state_) {
+    if (status != Status::ok) throw Error(status, message);
+    return;
+  }
+  const std::vector<std::int64_t> statuses = all_gather(static_cast<std::int64_t>(status));
+  const auto failed = std::find_if(statuses.begin(), statuses.end(), [](std::int64_t s) { return s != 0; });
+  if (failed == statuses.end()) return;
+  const int root = static_cast<int>(failed - statuses.begin());
+  // The failing rank's message, to every rank.
+  std::int64_t length = static_cast<std::int64_t>(message.size());
+  check_mpi(MPI_Bcast(&length, 1, MPI_INT64_T, root, state_->comm), "MPI_Bcast");
+  std::string text(static_cast<std::size_t>(length), '\0');
+  if (rank_ == root) text = message;
+  check_mpi(MPI_Bcast(text.data(), static_cast<int>(length), MPI_CHAR, root, state_->comm), "MPI_Bcast");
+  throw Error(static_cast<Status>(*failed), "rank " + std::to_string(root) + ": " + text);
+}
+
+void Communicator::require_same(std::uint64_t value, const std::string& what) const {
+  if (!state_) return;
+  const std::vector<std::int64_t> all = all_gather(static_cast<std::int64_t>(value));
+  std::string differing;
+  for (int r = 1; r < size_; ++r)
+    if (all[static_cast<std::size_t>(r)] != all[0]) differing += (differing.empty() ? "" : ", ") + std::to_string(r);
+  require(differing.empty(), Status::invalid_argument, "kmoe: ", what, " differs between the ranks: rank",
+          differing.find(',') == std::string::npos ? " " : "s ", differing, " differ",
+          differing.find(',') == std::string::npos ? "s" : "", " from rank 0");
+}
+
+void Communicator::reset_bytes_sent() const {
+  if (state_) state_->bytes_sent = 0;
+}
+
+std::uint64_t text_hash(const std::string& text) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (const unsigned char c : text) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+}  // namespace kmoe::dist
