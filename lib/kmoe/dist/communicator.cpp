@@ -54,6 +54,17 @@ std::vector<std::int64_t> Communicator::all_gather(std::int64_t value) const {
   return all;
 }
 
+std::vector<double> Communicator::all_gather(const std::vector<double>& values) const {
+  if (!state_) return values;
+  const std::size_t n = values.size();
+  require(n <= static_cast<std::size_t>(INT_MAX), Status::internal, "Communicator::all_gather: ", n, " values");
+  std::vector<double> all(n * static_cast<std::size_t>(size_));
+  check_mpi(MPI_Allgather(values.data(), static_cast<int>(n), MPI_DOUBLE, all.data(), static_cast<int>(n), MPI_DOUBLE,
+                          state_->comm),
+            "MPI_Allgather");
+  return all;
+}
+
 template <class T>
 void Communicator::all_reduce_sum(T* values, std::size_t n) const {
   if (!state_) return;

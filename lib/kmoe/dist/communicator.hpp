@@ -41,6 +41,8 @@ class Communicator {
 
   // Every rank's value, in rank order.
   std::vector<std::int64_t> all_gather(std::int64_t value) const;
+  // Every rank's values (the same count on every rank, below 2^31), rank r's at [r·n, (r+1)·n).
+  std::vector<double> all_gather(const std::vector<double>& values) const;
   // values (n of them; float, double or int64) replaced by their sum over the ranks, the same on
   // every rank (MPI_Allreduce: the MPI standard asks implementations for the same result from
   // the same arguments in the same order, and Open MPI picks its algorithm by size and count).

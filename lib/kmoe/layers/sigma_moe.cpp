@@ -170,6 +170,28 @@ inline moe::PairRows hidden_order(const moe::DispatchPlan& plan) {
   return plan.k() > 1 ? moe::PairRows::sorted : moe::PairRows::pair_order;
 }
 
+// The dropout counter of unit 0 of each hidden row (in `order`): pair (received row r, slot j)
+// is pair (t·k + j) of the global batch, t = received_tokens[r], and its unit u draws
+// ((t·k + j)·expert_size + hidden_begin + u).
+inline View1<std::int64_t> hidden_dropout_keys(const moe::DispatchPlan& plan, moe::PairRows order,
+                                               const std::vector<std::int64_t>& received_tokens, int k,
+                                               index_t expert_size, index_t hidden_begin) {
+  const index_t pairs = plan.n_pairs();
+  View1<std::int64_t> tokens("sigma_moe::received_tokens", received_tokens.size());
+  Kokkos::deep_copy(tokens, Kokkos::View<const std::int64_t*, Kokkos::HostSpace, Kokkos::MemoryUnmanaged>(
+                                received_tokens.data(), received_tokens.size()));
+  View1<std::int64_t> keys("sigma_moe::dropout_keys", static_cast<std::size_t>(pairs));
+  const View1<int> sorted = plan.sorted_pair();
+  const bool by_sorted = order == moe::PairRows::sorted;
+  Kokkos::parallel_for(
+      "kmoe::sigma_moe::dropout_keys", Kokkos::RangePolicy<ExecSpace>(0, pairs), KOKKOS_LAMBDA(const index_t s) {
+        const index_t p = by_sorted ? sorted(s) : s;
+        const index_t r = p / k, j = p % k;
+        keys(s) = (tokens(r) * k + j) * expert_size + hidden_begin;
+      });
+  return keys;
+}
+
 // sums[c] += Σ_r src[r, c], rows in order (one thread per column: reproducible, no atomics).
 template <class T>
 void accumulate_column_sums(const View2<const T>& src, const View1<T>& sums) {
@@ -258,25 +280,35 @@ Tensor<T> router_gradient(const SigmaMoEConfig& config, const SigmaMoEForward<T>
 }  // namespace impl
 
 template <class T>
-SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed, ParameterInit init) : config_(config) {
+SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed, ParameterInit init,
+                      const dist::Communicator& comm)
+    : config_(config), comm_(comm) {
   config_.validate();
+  comm_.require_same(dist::text_hash(model::write_fields(sigma_moe_fields(), config_).dump()) ^ seed,
+                     "the SigmaMoE config or seed");
   const index_t E = config_.n_experts, D = config_.dmodel, es = config_.expert_size, Dv = config_.value_dim();
+  placement_ = dist::Placement(static_cast<int>(E), comm_.size(), es);
+  const int rank = comm_.rank();
+  const index_t El = placement_.local_experts(rank), e0 = placement_.first_expert(rank);
+  const index_t hl = placement_.local_hidden(rank), h0 = placement_.hidden_begin(rank);
   const double wss = config_.weight_std_scale;
-  params_.keys = Tensor<T>("sigma_moe::keys", {E, D, es});
-  params_.values = Tensor<T>("sigma_moe::values", {E, es, Dv});
+  params_.keys = Tensor<T>("sigma_moe::keys", {El, D, hl});
+  params_.values = Tensor<T>("sigma_moe::values", {El, hl, Dv});
   params_.expert_sel = Tensor<T>("sigma_moe::expert_sel", {E, D});
-  // The original's creation order: keys, values, expert_sel.
+  // The original's creation order: keys, values, expert_sel; each rank draws its block of the
+  // one-rank tensors.
   Generator generator(seed, init);
-  const auto draw = [&](const Tensor<T>& tensor, double stddev) {
-    ops::fill_normal<T>(tensor.flat(), generator.take(static_cast<std::uint64_t>(tensor.size())), T(0),
-                        static_cast<T>(stddev));
-  };
-  draw(params_.keys, std::pow(static_cast<double>(D), -0.5) * wss);
-  draw(params_.values, std::pow(static_cast<double>(E * es), -0.5) * wss);
-  draw(params_.expert_sel, std::pow(static_cast<double>(D), -0.5) * wss);
+  const double keys_std = std::pow(static_cast<double>(D), -0.5) * wss;
+  const double values_std = std::pow(static_cast<double>(E * es), -0.5) * wss;
+  ops::fill_normal_block<T>(params_.keys.template view<3>(), generator.take(static_cast<std::uint64_t>(E * D * es)),
+                            T(0), static_cast<T>(keys_std), D, es, e0, 0, h0);
+  ops::fill_normal_block<T>(params_.values.template view<3>(), generator.take(static_cast<std::uint64_t>(E * es * Dv)),
+                            T(0), static_cast<T>(values_std), es, Dv, e0, h0, 0);
+  ops::fill_normal<T>(params_.expert_sel.flat(), generator.take(static_cast<std::uint64_t>(E * D)), T(0),
+                      static_cast<T>(std::pow(static_cast<double>(D), -0.5) * wss));
   if (generator.draws()) impl::renorm_keep_std(params_.expert_sel);
   if (config_.bias) {
-    params_.bias = Tensor<T>("sigma_moe::bias", {E, es});
+    params_.bias = Tensor<T>("sigma_moe::bias", {El, hl});
     params_.o_bias = Tensor<T>("sigma_moe::o_bias", {Dv});
   }
   const auto zeros_like = [](const Tensor<T>& t) {
@@ -288,14 +320,23 @@ SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed, Paramete
 
 template <class T>
 void SigmaMoE<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix) {
-  auto keys = model::expert_parameter(prefix + "keys", params_.keys, grads_.keys, 2);
-  auto values = model::expert_parameter(prefix + "values", params_.values, grads_.values, 1);
+  const int rank = comm_.rank();
+  const auto placed = [&](model::Parameter<T> p) {
+    p.first_expert = placement_.first_expert(rank);
+    if (placement_.sharded()) {
+      p.hidden_begin = placement_.hidden_begin(rank);
+      p.hidden_total = config_.expert_size;
+    }
+    return p;
+  };
+  auto keys = placed(model::expert_parameter(prefix + "keys", params_.keys, grads_.keys, 2));
+  auto values = placed(model::expert_parameter(prefix + "values", params_.values, grads_.values, 1));
   auto expert_sel = model::dense_parameter(prefix + "expert_sel", params_.expert_sel, grads_.expert_sel);
   visit(keys);
   visit(values);
   visit(expert_sel);
   if (config_.bias) {
-    auto bias = model::expert_parameter(prefix + "bias", params_.bias, grads_.bias, 1);
+    auto bias = placed(model::expert_parameter(prefix + "bias", params_.bias, grads_.bias, 1));
     auto o_bias = model::dense_parameter(prefix + "o_bias", params_.o_bias, grads_.o_bias);
     visit(bias);
     visit(o_bias);
@@ -319,61 +360,87 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   const SigmaMoEConfig& c = config_;
   const index_t D = c.dmodel, E = c.n_experts, es = c.expert_size, Dv = c.value_dim();
   const int K = c.k;
-  require(x.rank() >= 1 && x.rank() <= 4 && x.dim(x.rank() - 1) == D, Status::shape_mismatch,
-          "SigmaMoE::forward: x is ", x.shape().str(), ", expected rank 1-4 [..., dmodel = ", D, "]");
+  // A bad input on one rank is an error on every rank (the others would wait for it otherwise).
+  comm_.collectively([&] {
+    require(x.rank() >= 1 && x.rank() <= 4 && x.dim(x.rank() - 1) == D, Status::shape_mismatch,
+            "SigmaMoE::forward: x is ", x.shape().str(), ", expected rank 1-4 [..., dmodel = ", D, "]");
+    require(x.size() / D >= 1, Status::shape_mismatch, "SigmaMoE::forward: x ", x.shape().str(), " has no tokens");
+    require_finite(x, "SigmaMoE::forward: x");
+    if (!sel_input.empty()) sel_input.require_shape(x.shape(), "SigmaMoE::forward: sel_input (must match x)");
+  });
   const index_t tokens = x.size() / D;
-  require(tokens >= 1, Status::shape_mismatch, "SigmaMoE::forward: x ", x.shape().str(), " has no tokens");
-  require_finite(x, "SigmaMoE::forward: x");
 
   SigmaMoEForward<T> f;
   f.training = training;
   f.x = x.reshape({tokens, D});
-  if (!sel_input.empty()) {
-    sel_input.require_shape(x.shape(), "SigmaMoE::forward: sel_input (must match x)");
-    f.sel_input = sel_input.reshape({tokens, D});
-  }
+  if (!sel_input.empty()) f.sel_input = sel_input.reshape({tokens, D});
   f.router_logits = Tensor<T>::uninitialized("sigma_moe::router_logits", {tokens, E});
   ops::linear_forward<T>((sel_input.empty() ? f.x : f.sel_input).as_matrix(), params_.expert_sel.as_matrix(),
                          View1<const T>(), f.router_logits.as_matrix());
-  // The regulariser pools all tokens of the batch: one sequence, one call, one group.
-  f.regulariser = moe::entropy_reg_forward(std::vector<Tensor<T>>{f.router_logits.reshape({1, tokens, 1, E})});
+  // The regulariser pools all tokens of the batch, every rank's: one sequence, one call, one group.
+  f.regulariser =
+      moe::entropy_reg_forward(std::vector<Tensor<T>>{f.router_logits.reshape({1, tokens, 1, E})}, &comm_);
   f.reg_loss = f.regulariser.value;
+  // Draws are keyed by the token's position in the global batch (ranks in order), so every world
+  // size draws what one rank draws.
+  const std::int64_t first_token = comm_.exclusive_prefix_sum(tokens);
+  const std::int64_t global_tokens = comm_.sum(tokens);
 
   // Sinkhorn groups: the original's A = z.shape[-2] (one group of all tokens for 2-D x, one per
   // leading index for 3-D/4-D x); a single token for 1-D x.
   const index_t rows_per_group = x.rank() >= 2 ? x.dim(x.rank() - 2) : 1;
+  require(!(comm_.distributed() && training && c.selection_mode == SelectionMode::sinkmoid && x.rank() == 2),
+          Status::unsupported, "SigmaMoE::forward: sinkmoid training over a 2-D x normalises over the whole batch, "
+          "which is not split over ranks; give x as [batch, sequence, dmodel]");
   f.selection_scores = impl::selection_scores(c, f.router_logits, rows_per_group, training);
   if (training && c.expert_dropout > 0) {
-    ops::drop_to_minus_infinity<T>(f.selection_scores.flat(), static_cast<T>(c.expert_dropout),
-                                   rng.take(static_cast<std::uint64_t>(f.selection_scores.size())));
+    RngStream stream = rng.take(static_cast<std::uint64_t>(global_tokens * E));
+    stream.offset += static_cast<std::uint64_t>(first_token * E);
+    ops::drop_to_minus_infinity<T>(f.selection_scores.flat(), static_cast<T>(c.expert_dropout), stream);
   }
   const Tensor<T> topk_values("sigma_moe::topk_values", {tokens, K});
   f.expert_index = Tensor<int>("sigma_moe::expert_index", {tokens, K});
   ops::topk_forward<T>(f.selection_scores.as_matrix(), K, ops::TopkOrder::descending, topk_values.as_matrix(),
                        f.expert_index.as_matrix());
   f.gates = impl::gate_values(c, f.router_logits, f.expert_index, topk_values);
-  f.plan = moe::DispatchPlan::build(f.expert_index.as_matrix(), c.n_experts);
+
+  // Each token to the ranks that hold its experts; the plan over what this rank received.
+  f.exchange = dist::ExpertExchange(comm_, placement_, f.expert_index, first_token);
+  f.x_received = f.exchange.dispatch(f.x);
+  f.gates_received = f.exchange.dispatch(f.gates);
+  const int local_experts = placement_.local_experts(comm_.rank());
+  const index_t es_local = params_.keys.dim(2), received = f.exchange.received_rows();
+  Tensor<T> y_received;
+  if (received > 0) {
+  f.plan = moe::DispatchPlan::build_with_drops(f.exchange.received_experts().as_matrix(), local_experts);
 
   // Up-projection: u = x · keys[e] (+ bias[e]), h = dropout(activation(u)).
   const index_t pairs = f.plan.n_pairs();
-  f.pre_activation = Tensor<T>::uninitialized("sigma_moe::pre_activation", {pairs, es});
-  moe::cvmm_forward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), f.pre_activation.as_matrix(),
+  f.pre_activation = Tensor<T>::uninitialized("sigma_moe::pre_activation", {pairs, es_local});
+  moe::cvmm_forward<T>(f.plan, f.x_received.as_matrix(), params_.keys.template view<3>(), f.pre_activation.as_matrix(),
                        impl::hidden_order(f.plan));
   if (c.bias) {
     moe::add_expert_bias<T>(f.plan, impl::hidden_order(f.plan), f.pre_activation.as_matrix(),
                             params_.bias.as_matrix());
   }
-  f.hidden = Tensor<T>::uninitialized("sigma_moe::hidden", {pairs, es});
+  f.hidden = Tensor<T>::uninitialized("sigma_moe::hidden", {pairs, es_local});
   ops::activation_forward<T>(c.activation, f.pre_activation.flat(), f.hidden.flat());
   if (training && c.dropout > 0) {
-    f.dropout_stream = rng.take(static_cast<std::uint64_t>(f.hidden.size()));
-    ops::dropout_forward<T>(f.hidden.flat(), static_cast<T>(c.dropout), f.dropout_stream, f.hidden.flat());
+    // Unit j of pair (token t, slot s) draws ((t·k + s)·expert_size + j) of the global batch.
+    f.dropout_stream = rng.take(static_cast<std::uint64_t>(global_tokens * K * es));
+    f.dropout_keys = impl::hidden_dropout_keys(f.plan, impl::hidden_order(f.plan), f.exchange.received_tokens(), K, es,
+                                               placement_.hidden_begin(comm_.rank()));
+    ops::dropout_rows<T>(f.hidden.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys,
+                         f.hidden.as_matrix());
   }
 
-  // Down-projection reduced with the gates: y_t = Σ_j g_tj · h_tj · values[e_tj] (+ o_bias).
-  const auto y = Tensor<T>::uninitialized("sigma_moe::y", {tokens, Dv});
-  moe::cvmm_forward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
-                               y.as_matrix(), impl::hidden_order(f.plan));
+  // Down-projection reduced with the gates: y_t = Σ_j g_tj · h_tj · values[e_tj] (+ o_bias), the
+  // rows summed over the ranks that computed parts of them.
+  y_received = Tensor<T>::uninitialized("sigma_moe::y_received", {received, Dv});
+  moe::cvmm_forward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(),
+                               f.gates_received.as_matrix(), y_received.as_matrix(), impl::hidden_order(f.plan));
+  }
+  const Tensor<T> y = f.exchange.combine(y_received);
   if (c.bias) impl::add_bias_to_rows<T>(y.as_matrix(), params_.o_bias.flat());
   f.y = y.reshape(impl::with_last_dim(x.shape(), Dv));
   return f;
@@ -389,37 +456,49 @@ SigmaMoEInputGrads<T> SigmaMoE<T>::backward_with_router(const SigmaMoEForward<T>
                                                         const Tensor<T>& drouter_logits) {
   const SigmaMoEConfig& c = config_;
   const index_t D = c.dmodel, E = c.n_experts, es = c.expert_size, Dv = c.value_dim();
-  require(!f.y.empty() && !f.hidden.empty(), Status::invalid_argument,
-          "SigmaMoE::backward: the forward result is empty (default-constructed)");
-  const index_t tokens = f.x.dim(0), pairs = f.plan.n_pairs();
-  require(f.x.dim(1) == D && f.router_logits.shape() == Shape{tokens, E} && f.gates.shape() == Shape{tokens, c.k} &&
-              f.hidden.shape() == Shape{pairs, es} && f.y.size() == tokens * Dv,
-          Status::shape_mismatch, "SigmaMoE::backward: the forward result (x ", f.x.shape().str(), ", hidden ",
-          f.hidden.shape().str(), ", y ", f.y.shape().str(),
-          ") does not come from a layer with dmodel = ", D, ", n_experts = ", E, ", k = ", c.k,
-          ", expert_size = ", es, ", v_dim = ", Dv);
-  dy.require_shape(f.y.shape(), "SigmaMoE::backward: dy");
+  const index_t received = f.exchange.received_rows(), pairs = f.plan.n_pairs();
+  comm_.collectively([&] {
+    require(!f.y.empty(), Status::invalid_argument, "SigmaMoE::backward: the forward result is empty (default-constructed)");
+    const index_t tokens = f.x.dim(0);
+    require(f.x.dim(1) == D && f.router_logits.shape() == Shape{tokens, E} && f.gates.shape() == Shape{tokens, c.k} &&
+                (received == 0 || f.hidden.shape() == Shape{pairs, params_.keys.dim(2)}) && f.y.size() == tokens * Dv,
+            Status::shape_mismatch, "SigmaMoE::backward: the forward result (x ", f.x.shape().str(), ", hidden ",
+            f.hidden.shape().str(), ", y ", f.y.shape().str(),
+            ") does not come from a layer with dmodel = ", D, ", n_experts = ", E, ", k = ", c.k,
+            ", expert_size = ", es, ", v_dim = ", Dv);
+    dy.require_shape(f.y.shape(), "SigmaMoE::backward: dy");
+  });
+  const index_t tokens = f.x.dim(0);
   const Tensor<T> dy_rows = dy.reshape({tokens, Dv});
 
   if (c.bias) impl::accumulate_column_sums<T>(dy_rows.as_matrix(), grads_.o_bias.flat());
 
+  // The transpose of forward's exchange: dy to the experts' ranks, dx and the gate gradients back.
+  const Tensor<T> dy_received = f.exchange.dispatch(dy_rows);
+  Tensor<T> dx_received, dgates_received;
+  if (received > 0) {
+  const index_t es_local = f.hidden.dim(1);
   // Down-projection: dgates, d values, dh.
-  const auto du = Tensor<T>::uninitialized("sigma_moe::du", {pairs, es});
-  const auto dgates = Tensor<T>::uninitialized("sigma_moe::dgates", {tokens, c.k});
-  moe::cvmm_backward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(), f.gates.as_matrix(),
-                                dy_rows.as_matrix(), du.as_matrix(), grads_.values.template view<3>(),
-                                dgates.as_matrix(), impl::hidden_order(f.plan));
+  const auto du = Tensor<T>::uninitialized("sigma_moe::du", {pairs, es_local});
+  dgates_received = Tensor<T>::uninitialized("sigma_moe::dgates", {received, c.k});
+  moe::cvmm_backward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(),
+                                f.gates_received.as_matrix(), dy_received.as_matrix(), du.as_matrix(),
+                                grads_.values.template view<3>(), dgates_received.as_matrix(),
+                                impl::hidden_order(f.plan));
   // Up-projection: replay the dropout mask, then activation', bias and keys.
   if (f.training && c.dropout > 0)
-    ops::dropout_backward<T>(du.flat(), static_cast<T>(c.dropout), f.dropout_stream, du.flat());
+    ops::dropout_rows<T>(du.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys, du.as_matrix());
   ops::activation_backward<T>(c.activation, f.pre_activation.flat(), du.flat(), du.flat());
   if (c.bias) {
     moe::accumulate_expert_bias_gradient<T>(f.plan, impl::hidden_order(f.plan), du.as_matrix(),
                                             grads_.bias.as_matrix());
   }
-  const auto dx = Tensor<T>::uninitialized("sigma_moe::dx", {tokens, D});
-  moe::cvmm_backward<T>(f.plan, f.x.as_matrix(), params_.keys.template view<3>(), du.as_matrix(), dx.as_matrix(),
-                        grads_.keys.template view<3>(), impl::hidden_order(f.plan));
+  dx_received = Tensor<T>::uninitialized("sigma_moe::dx_received", {received, D});
+  moe::cvmm_backward<T>(f.plan, f.x_received.as_matrix(), params_.keys.template view<3>(), du.as_matrix(),
+                        dx_received.as_matrix(), grads_.keys.template view<3>(), impl::hidden_order(f.plan));
+  }
+  const Tensor<T> dx = f.exchange.combine(dx_received);
+  const Tensor<T> dgates = f.exchange.combine(dgates_received);
 
   // Router: gates, regulariser and the caller's logit gradient → dz → d expert_sel and the
   // router input's gradient (dx itself, or a separate dsel_input).

@@ -9,6 +9,9 @@
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/dist/communicator.hpp"
+#include "kmoe/dist/expert_exchange.hpp"
+#include "kmoe/dist/placement.hpp"
 #include "kmoe/model/parameter.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
 #include "kmoe/moe/entropy_regulariser.hpp"
@@ -59,6 +62,7 @@ const std::vector<model::Field<SigmaMoEConfig>>& sigma_moe_fields();
 // Parameters (and, with the same shapes, their gradients) under the original's state_dict names.
 template <class T>
 struct SigmaMoEParams {
+  // Expert tensors hold this rank's experts and hidden units (all of them on one rank).
   Tensor<T> keys;        // [n_experts, dmodel, expert_size]
   Tensor<T> values;      // [n_experts, expert_size, v_dim]
   Tensor<T> expert_sel;  // [n_experts, dmodel]
@@ -82,12 +86,19 @@ struct SigmaMoEForward {
   moe::EntropyRegForward<T> regulariser;  // over all tokens of the batch
   Tensor<int> expert_index;   // [tokens, k] selected experts (descending selection score)
   Tensor<T> gates;            // [tokens, k] reduction weights
+  // The experts' side (dist/expert_exchange.hpp): the R token rows this rank's experts received
+  // (its own tokens, with one rank), their gates, and the plan over their pairs in local expert
+  // ids (pairs of experts held elsewhere dropped).
+  dist::ExpertExchange exchange;
+  Tensor<T> x_received;       // [R, dmodel]
+  Tensor<T> gates_received;   // [R, k]
   moe::DispatchPlan plan;
   // Per-pair hidden units in the plan's sorted order (row s = pair plan.sorted_pair()[s]), so the
   // experts' rows stay contiguous between the two projections; in pair order when k = 1.
-  Tensor<T> pre_activation;   // [tokens·k, expert_size] u = x · keys[e] (+ bias)
-  Tensor<T> hidden;           // [tokens·k, expert_size] h = dropout(activation(u))
+  Tensor<T> pre_activation;   // [R·k, local expert_size] u = x · keys[e] (+ bias)
+  Tensor<T> hidden;           // [R·k, local expert_size] h = dropout(activation(u))
   RngStream dropout_stream;   // the hidden dropout's draws (replayed by backward)
+  View1<std::int64_t> dropout_keys;  // [R·k] the counter of each hidden row's unit 0
 };
 
 // What backward_with_router returns.
@@ -104,9 +115,16 @@ class SigmaMoE {
   // Parameters initialised as the original (moe_layer@c9b9c01 MoE.__init__: N(0, (D^-½·wss)²)
   // keys, N(0, ((E·es)^-½·wss)²) values, router rows renormalised by renorm_keep_std, zero
   // biases), drawn from Generator(seed). Throws on an invalid config.
-  SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn);
+  // With a communicator of W ranks the experts are placed over them (dist/placement.hpp): this
+  // rank holds its experts' keys, values and biases (its shard of the hidden units when W > E),
+  // drawn as their part of the one-rank initialisation; the router and o_bias are on every rank.
+  // Every rank brings its own tokens; forward and backward are collective over comm.
+  SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn,
+           const dist::Communicator& comm = {});
 
   const SigmaMoEConfig& config() const { return config_; }
+  const dist::Communicator& communicator() const { return comm_; }
+  const dist::Placement& placement() const { return placement_; }
   SigmaMoEParams<T>& params() { return params_; }
   const SigmaMoEParams<T>& params() const { return params_; }
   SigmaMoEParams<T>& grads() { return grads_; }
@@ -138,6 +156,8 @@ class SigmaMoE {
 
  private:
   SigmaMoEConfig config_;
+  dist::Communicator comm_;
+  dist::Placement placement_;
   SigmaMoEParams<T> params_;
   SigmaMoEParams<T> grads_;
 };

@@ -44,6 +44,10 @@ struct Parameter {
   int expert_axis = -1;
   int first_expert = 0;
   int hidden_axis = -1;
+  // An expert split over ranks by its hidden units (dist/placement.hpp) holds hidden units
+  // [hidden_begin, hidden_begin + dim(hidden_axis)) of hidden_total; hidden_total −1: all of them.
+  index_t hidden_begin = 0;
+  index_t hidden_total = -1;
   TorchLayout torch;
 
   int local_experts() const { return kind == ParameterKind::expert ? static_cast<int>(tensor->dim(expert_axis)) : 0; }

@@ -4,7 +4,9 @@
 #include "kmoe/ops/impl/team_reduce.hpp"
 #include "kmoe/ops/softmax.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace kmoe::moe {
 
@@ -26,7 +28,7 @@ void stack_call(const View3<const T>& call, const View3<T>& stacked, index_t r) 
 }  // namespace impl
 
 template <class T>
-EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits) {
+EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits, const dist::Communicator* pool) {
   require(!logits.empty(), Status::invalid_argument, "entropy_reg_forward: no router logits (no calls)");
   const Shape& shape = logits.front().shape();
   require(shape.rank() == 4 && shape.size() > 0, Status::shape_mismatch, "entropy_reg_forward: logits are ",
@@ -54,8 +56,23 @@ EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits) {
   f.row_lse = Tensor<T>::uninitialized("entropy_reg::row_lse", {f.batch, width});
   ops::logsumexp_forward<T>(f.log_probs.as_3d(1), f.row_lse.as_matrix());
   // Σ p̄ log p̄ over B·G·E terms, summed on the host in a fixed order.
-  const std::vector<T> lse = f.row_lse.to_host();
-  const double log_rows = std::log(static_cast<double>(rows));
+  std::vector<T> lse = f.row_lse.to_host();
+  f.total_rows = rows;
+  if (pool != nullptr && pool->distributed()) {
+    // logsumexp over the ranks' row logsumexps, in rank order: m + log Σ_r exp(lse_r − m).
+    const std::size_t n = lse.size();
+    const std::vector<double> all = pool->all_gather(std::vector<double>(lse.begin(), lse.end()));
+    for (std::size_t i = 0; i < n; ++i) {
+      double m = -std::numeric_limits<double>::infinity();
+      for (int r = 0; r < pool->size(); ++r) m = std::max(m, all[static_cast<std::size_t>(r) * n + i]);
+      double sum = 0;
+      for (int r = 0; r < pool->size(); ++r) sum += std::exp(all[static_cast<std::size_t>(r) * n + i] - m);
+      lse[i] = static_cast<T>(m + std::log(sum));
+    }
+    f.row_lse.copy_from_host(lse);
+    f.total_rows = pool->sum(rows);
+  }
+  const double log_rows = std::log(static_cast<double>(f.total_rows));
   double sum = 0;
   for (const T value : lse) {
     const double log_mean = static_cast<double>(value) - log_rows;
@@ -73,7 +90,7 @@ void entropy_reg_backward_add(const EntropyRegForward<T>& f, T coef, const std::
           dlogits.size(), " gradient tensors for ", f.calls, " calls");
   const Shape call_shape{f.batch, f.length, f.groups, f.experts};
   for (const Tensor<T>& d : dlogits) d.require_shape(call_shape, "entropy_reg_backward: a call's logit gradient");
-  const index_t rows = f.calls * f.length, width = f.groups * f.experts, length = f.length, groups = f.groups;
+  const index_t rows = f.total_rows, width = f.groups * f.experts, length = f.length, groups = f.groups;
   // ∂(coef · reg)/∂lse[b, w] = coef · p̄ (log p̄ + 1) / (B·G), log p̄ = lse − log(R·T).
   const auto dlse = Tensor<T>::uninitialized("entropy_reg::dlse", {f.batch, width});
   const View2<T> lse = f.row_lse.as_matrix(), dl = dlse.as_matrix();
@@ -119,7 +136,7 @@ std::vector<Tensor<T>> entropy_reg_backward(const EntropyRegForward<T>& f, T coe
 }
 
 #define KMOE_INSTANTIATE(T)                                                                                  \
-  template EntropyRegForward<T> entropy_reg_forward<T>(const std::vector<Tensor<T>>&);                      \
+  template EntropyRegForward<T> entropy_reg_forward<T>(const std::vector<Tensor<T>>&, const dist::Communicator*); \
   template void entropy_reg_backward_add<T>(const EntropyRegForward<T>&, T, const std::vector<Tensor<T>>&); \
   template std::vector<Tensor<T>> entropy_reg_backward<T>(const EntropyRegForward<T>&, T);
 KMOE_INSTANTIATE(float)

@@ -11,6 +11,7 @@
 #pragma once
 
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/dist/communicator.hpp"
 
 #include <vector>
 
@@ -21,14 +22,18 @@ struct EntropyRegForward {
   T value = T(0);
   // Saved for backward.
   index_t calls = 0, batch = 0, length = 0, groups = 0, experts = 0;
+  index_t total_rows = 0;  // the R·T rows of the mean over every rank
   Tensor<T> log_probs;  // [B, R·T, G·E] log_softmax over E of the stacked logits
   Tensor<T> row_lse;    // [B, G·E] logsumexp over the R·T rows
 };
 
 // logits: the R ≥ 1 calls' router logits, each [B, T, G, E] (all the same shape). Throws
-// Status::invalid_argument for no calls, Status::shape_mismatch for differing shapes.
+// Status::invalid_argument for no calls, Status::shape_mismatch for differing shapes. With a
+// communicator of several ranks, the mean runs over the rows of every rank (data parallelism
+// splits T, σ-MoE's batch-wide regulariser): each rank's logsumexp over its rows is combined in
+// rank order, and every rank gets the same value and, from backward, its own rows' gradients.
 template <class T>
-EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits);
+EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits, const dist::Communicator* pool = nullptr);
 
 // Adds the gradient of coef · reg with respect to each call's logits into dlogits (one [B, T, G, E]
 // tensor per call, in call order), in one pass over the rows.

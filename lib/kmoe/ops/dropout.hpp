@@ -17,6 +17,14 @@ void dropout_forward(const View1<const T>& x, T p, const RngStream& rng, const V
 template <class T>
 void dropout_backward(const View1<const T>& dy, T p, const RngStream& rng, const View1<T>& dx);
 
+// Dropout of a [rows, width] matrix whose element (r, c) draws counter row_keys[r] + c instead
+// of its own position: for rows that are some of a larger matrix's rows in another order (σ-MoE's
+// hidden units of the pairs a rank computes, in expert order), keyed so that each unit's mask is
+// the one it has in the whole batch. Forward and backward are the same map; y may alias x.
+template <class T>
+void dropout_rows(const View2<const T>& x, T p, const RngStream& rng, const View1<const std::int64_t>& row_keys,
+                  const View2<T>& y);
+
 // Expert dropout of σ-MoE and SwitchHead selection scores: scores[i] = −inf where rng.uniform(i)
 // < p (the expert cannot be selected), in place. p in [0, 1).
 template <class T>
