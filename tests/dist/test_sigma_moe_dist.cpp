@@ -26,9 +26,17 @@ const dist::Communicator& world() {
   return comm;
 }
 
-// Rank r's sequences of a batch of `sequences`: contiguous, the first ones one more.
-std::pair<index_t, index_t> my_sequences(index_t sequences) {
-  const index_t w = world().size(), r = world().rank();
+// Rank r's sequences of a batch of `sequences`: contiguous, the first ones one more; with
+// empty_rank ≥ 0 that rank brings none and the others share them.
+std::pair<index_t, index_t> my_sequences(index_t sequences, int empty_rank) {
+  const bool skip = empty_rank >= 0 && empty_rank < world().size() && world().size() > 1;
+  const index_t w = world().size() - (skip ? 1 : 0);
+  if (skip && world().rank() == empty_rank) {
+    index_t before = 0;
+    for (index_t q = 0; q < empty_rank; ++q) before += sequences / w + (q < sequences % w ? 1 : 0);
+    return {before, 0};
+  }
+  const index_t r = world().rank() - (skip && world().rank() > empty_rank ? 1 : 0);
   const index_t base = sequences / w, extra = sequences % w;
   const index_t first = r * base + std::min(r, extra);
   return {first, base + (r < extra ? 1 : 0)};
@@ -69,6 +77,7 @@ struct Case {
   int k;
   bool bias;
   bool training;
+  int empty_rank = -1;  // a rank that brings no tokens
 };
 
 template <class T>
@@ -95,7 +104,7 @@ void matches_one_rank(const Case& cs) {
   const auto rf = reference.forward(make_tensor<T>({sequences, L, D}, x_all), cs.training, ref_rng);
   const auto ref_dx = reference.backward(rf, make_tensor<T>({sequences, L, D}, r_all), reg_coef).to_host();
 
-  const auto [first, count] = my_sequences(sequences);
+  const auto [first, count] = my_sequences(sequences, cs.empty_rank);
   SigmaMoE<T> layer(c, 5, ParameterInit::drawn, world());
   const auto x = make_tensor<T>({count, L, D}, rows_of(x_all, first * L, count * L, D));
   const auto dy = make_tensor<T>({count, L, D}, rows_of(r_all, first * L, count * L, D));
@@ -110,7 +119,8 @@ void matches_one_rank(const Case& cs) {
   const auto [f, dx] = run();
   const std::string where = "W " + std::to_string(world().size()) + " rank " + std::to_string(world().rank()) +
                             " E " + std::to_string(cs.experts) + " k " + std::to_string(cs.k) +
-                            (cs.training ? " train" : " eval") + (cs.bias ? " bias" : "");
+                            (cs.training ? " train" : " eval") + (cs.bias ? " bias" : "") +
+                            (cs.empty_rank >= 0 ? " rank " + std::to_string(cs.empty_rank) + " without tokens" : "");
   EXPECT_LE(rel_l2(f.y.to_host(), rows_of(rf.y.to_host(), first * L, count * L, D)), tol) << where << ": y";
   EXPECT_LE(rel_l2(dx, rows_of(ref_dx, first * L, count * L, D)), tol) << where << ": dx";
   EXPECT_NEAR(static_cast<double>(f.reg_loss), static_cast<double>(rf.reg_loss), tol * std::max(1.0, std::abs(static_cast<double>(rf.reg_loss))))
@@ -164,7 +174,7 @@ void matches_one_rank(const Case& cs) {
 TEST(SigmaMoEDist, MatchesOneRankInFloat) {
   for (const int experts : {1, 3, 4, 6, 8, 16})
     for (const bool training : {false, true})
-      matches_one_rank<float>({experts, std::min(experts, 2), training, training});
+      matches_one_rank<float>({experts, std::min(experts, 2), training, training, training ? 1 : -1});
 }
 
 TEST(SigmaMoEDist, MatchesOneRankInDouble) {

@@ -134,7 +134,8 @@ Tensor<T> ExpertExchange::combine(const Tensor<T>& per_row) const {
   std::vector<std::size_t> recv_bytes;
   const std::vector<unsigned char> got =
       comm_.all_to_all(reinterpret_cast<const unsigned char*>(rows.data()), send_bytes, recv_bytes);
-  if (tokens_ == 0 || common == 0) return Tensor<T>();
+  if (tokens_ == 0) return Tensor<T>("exchange::combined", {0, common});
+  if (common == 0) return Tensor<T>();
   std::vector<T> out(static_cast<std::size_t>(tokens_ * common), T(0));
   std::size_t at = 0;
   for (int r = 0; r < world; ++r) {

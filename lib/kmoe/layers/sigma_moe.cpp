@@ -364,7 +364,9 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   comm_.collectively([&] {
     require(x.rank() >= 1 && x.rank() <= 4 && x.dim(x.rank() - 1) == D, Status::shape_mismatch,
             "SigmaMoE::forward: x is ", x.shape().str(), ", expected rank 1-4 [..., dmodel = ", D, "]");
-    require(x.size() / D >= 1, Status::shape_mismatch, "SigmaMoE::forward: x ", x.shape().str(), " has no tokens");
+    // A rank may bring no tokens when others do (data parallelism); one rank alone may not.
+    require(x.size() / D >= 1 || comm_.distributed(), Status::shape_mismatch, "SigmaMoE::forward: x ",
+            x.shape().str(), " has no tokens");
     require_finite(x, "SigmaMoE::forward: x");
     if (!sel_input.empty()) sel_input.require_shape(x.shape(), "SigmaMoE::forward: sel_input (must match x)");
   });
@@ -375,8 +377,10 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   f.x = x.reshape({tokens, D});
   if (!sel_input.empty()) f.sel_input = sel_input.reshape({tokens, D});
   f.router_logits = Tensor<T>::uninitialized("sigma_moe::router_logits", {tokens, E});
-  ops::linear_forward<T>((sel_input.empty() ? f.x : f.sel_input).as_matrix(), params_.expert_sel.as_matrix(),
-                         View1<const T>(), f.router_logits.as_matrix());
+  if (tokens > 0) {
+    ops::linear_forward<T>((sel_input.empty() ? f.x : f.sel_input).as_matrix(), params_.expert_sel.as_matrix(),
+                           View1<const T>(), f.router_logits.as_matrix());
+  }
   // The regulariser pools all tokens of the batch, every rank's: one sequence, one call, one group.
   f.regulariser =
       moe::entropy_reg_forward(std::vector<Tensor<T>>{f.router_logits.reshape({1, tokens, 1, E})}, &comm_);
@@ -392,17 +396,24 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   require(!(comm_.distributed() && training && c.selection_mode == SelectionMode::sinkmoid && x.rank() == 2),
           Status::unsupported, "SigmaMoE::forward: sinkmoid training over a 2-D x normalises over the whole batch, "
           "which is not split over ranks; give x as [batch, sequence, dmodel]");
-  f.selection_scores = impl::selection_scores(c, f.router_logits, rows_per_group, training);
+  RngStream expert_dropout;
   if (training && c.expert_dropout > 0) {
-    RngStream stream = rng.take(static_cast<std::uint64_t>(global_tokens * E));
-    stream.offset += static_cast<std::uint64_t>(first_token * E);
-    ops::drop_to_minus_infinity<T>(f.selection_scores.flat(), static_cast<T>(c.expert_dropout), stream);
+    expert_dropout = rng.take(static_cast<std::uint64_t>(global_tokens * E));
+    expert_dropout.offset += static_cast<std::uint64_t>(first_token * E);
   }
-  const Tensor<T> topk_values("sigma_moe::topk_values", {tokens, K});
   f.expert_index = Tensor<int>("sigma_moe::expert_index", {tokens, K});
-  ops::topk_forward<T>(f.selection_scores.as_matrix(), K, ops::TopkOrder::descending, topk_values.as_matrix(),
-                       f.expert_index.as_matrix());
-  f.gates = impl::gate_values(c, f.router_logits, f.expert_index, topk_values);
+  if (tokens > 0) {
+    f.selection_scores = impl::selection_scores(c, f.router_logits, rows_per_group, training);
+    if (training && c.expert_dropout > 0)
+      ops::drop_to_minus_infinity<T>(f.selection_scores.flat(), static_cast<T>(c.expert_dropout), expert_dropout);
+    const Tensor<T> topk_values("sigma_moe::topk_values", {tokens, K});
+    ops::topk_forward<T>(f.selection_scores.as_matrix(), K, ops::TopkOrder::descending, topk_values.as_matrix(),
+                         f.expert_index.as_matrix());
+    f.gates = impl::gate_values(c, f.router_logits, f.expert_index, topk_values);
+  } else {
+    f.selection_scores = Tensor<T>("sigma_moe::selection_scores", {0, E});
+    f.gates = Tensor<T>("sigma_moe::gates", {0, K});
+  }
 
   // Each token to the ranks that hold its experts; the plan over what this rank received.
   f.exchange = dist::ExpertExchange(comm_, placement_, f.expert_index, first_token);
@@ -500,6 +511,12 @@ SigmaMoEInputGrads<T> SigmaMoE<T>::backward_with_router(const SigmaMoEForward<T>
   const Tensor<T> dx = f.exchange.combine(dx_received);
   const Tensor<T> dgates = f.exchange.combine(dgates_received);
 
+  if (tokens == 0) {  // a rank without tokens of its own: only its experts' share above
+    SigmaMoEInputGrads<T> none;
+    none.dx = dx.reshape(impl::with_last_dim(f.y.shape(), D));
+    if (!f.sel_input.empty()) none.dsel_input = Tensor<T>("sigma_moe::dsel_input", none.dx.shape());
+    return none;
+  }
   // Router: gates, regulariser and the caller's logit gradient → dz → d expert_sel and the
   // router input's gradient (dx itself, or a separate dsel_input).
   const Tensor<T> dz = impl::router_gradient(c, f, dgates);
