@@ -487,6 +487,7 @@ int inspect(const std::string& path, bool verify, bool as_json) {
     out["kmoe_version"] = info.kmoe_version;
     out["created"] = info.created;
     out["step"] = info.step;
+    out["placement"] = info.placement;
     auto tensor_json = [](const Row& row) {
       const io::StoredTensor& t = *row.tensor;
       json j = {{"name", t.name}, {"path", t.path}, {"shape", t.shape.dims()}, {"dtype", t.dtype}, {"kind", t.kind}};
@@ -528,6 +529,13 @@ int inspect(const std::string& path, bool verify, bool as_json) {
     std::printf("  kmoe version  %s\n", info.kmoe_version.c_str());
     std::printf("  created       %s\n", info.created.c_str());
     std::printf("  step          %lld\n", static_cast<long long>(info.step));
+    if (!info.placement.is_null()) {
+      // Written by several ranks: each one's experts [begin, end) and hidden units [begin, end).
+      std::printf("  placement     %s ranks:", info.placement.value("world", json(0)).dump().c_str());
+      for (const json& r : info.placement.value("ranks", json::array()))
+        std::printf(" experts %s hidden %s;", r.value("experts", json()).dump().c_str(), r.value("hidden", json()).dump().c_str());
+      std::printf("\n");
+    }
     auto print_rows = [&](bool params) {
       Table table;
       table.rows.push_back({"name", "shape", "dtype", "kind", "min", "max", "mean", "std", "l2", "nan", "inf"});

@@ -47,7 +47,8 @@ struct CheckpointInfo {
   std::string kmoe_version;
   std::string created;
   std::int64_t step = 0;
-  nlohmann::json source;  // null when absent
+  nlohmann::json source;     // null when absent
+  nlohmann::json placement;  // null when written by one rank
 };
 
 // What a checkpoint holds besides the parameters; null / empty parts are not written.
@@ -59,6 +60,15 @@ struct CheckpointExtras {
   nlohmann::json train;   // null: no /train
   nlohmann::json source;  // null: no source attribute
 };
+
+// A layer whose experts are placed over several ranks (model::Layer::communicator()) is saved and
+// loaded collectively, in the same format: the file holds the whole tensors with every global
+// expert index, as one rank writes them, and a root attribute placement (JSON: world size, and per
+// rank its experts and hidden units) records how it was written. Saving gathers each parameter
+// (and its AdamW moments) to rank 0, which writes the file as one rank does; loading reads the
+// whole tensors on every rank and keeps each rank's block, so a checkpoint written at any world
+// size loads at any other (re-sharding is part of loading). An error on any rank is an error on
+// every rank (dist::Communicator::collectively).
 
 // Writes the layer (kind, config, every trainable parameter) and the extras to path, crash-safely.
 // The disk it needs (checkpoint_size_bound) is reserved before anything is written, so a full disk,

@@ -323,6 +323,7 @@ void SigmaMoE<T>::visit_parameters(const model::ParameterVisitor<T>& visit, cons
   const int rank = comm_.rank();
   const auto placed = [&](model::Parameter<T> p) {
     p.first_expert = placement_.first_expert(rank);
+    p.total_experts = config_.n_experts;
     if (placement_.sharded()) {
       p.hidden_begin = placement_.hidden_begin(rank);
       p.hidden_total = config_.expert_size;

@@ -178,6 +178,14 @@ class Wrapped : public Layer<typename L::value_type> {
 
   const std::string& kind() const override { return kind_; }
   nlohmann::json config() const override { return config_; }
+  const dist::Communicator& communicator() const override {
+    if constexpr (std::is_same_v<L, layers::SigmaMoE<T>>) {
+      return layer_.communicator();
+    } else {
+      static const dist::Communicator one_rank;
+      return one_rank;
+    }
+  }
   void visit_parameters(const ParameterVisitor<T>& visit, const std::string& prefix) override {
     layer_.visit_parameters(visit, prefix);
   }
@@ -336,7 +344,8 @@ class MoEUTLMLayer final : public Wrapped<layers::MoEUTLM<T>> {
 // ---- the kinds ---------------------------------------------------------------------------
 
 template <class T>
-using Factory = std::function<std::unique_ptr<Layer<T>>(const std::string& kind, const nlohmann::json&, std::uint64_t, ParameterInit)>;
+using Factory = std::function<std::unique_ptr<Layer<T>>(const std::string& kind, const nlohmann::json&, std::uint64_t, ParameterInit,
+                                                          const dist::Communicator&)>;
 
 template <class T>
 std::unique_ptr<Layer<T>> build_st_moe_block(const std::string& kind, const nlohmann::json& config, std::uint64_t seed,
@@ -371,58 +380,58 @@ template <class T>
 const std::map<std::string, Factory<T>>& factories() {
   static const std::map<std::string, Factory<T>> table = {
       {"sigma_moe",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::sigma_moe_fields(), json, kind + " config");
-         return std::make_unique<SigmaMoELayer<T>>(kind, write_fields(layers::sigma_moe_fields(), c), c, seed, init);
+         return std::make_unique<SigmaMoELayer<T>>(kind, write_fields(layers::sigma_moe_fields(), c), c, seed, init, comm);
        }},
       {"st_moe",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::st_moe_fields(), json, kind + " config");
          return std::make_unique<StMoELayer<T>>(kind, write_fields(layers::st_moe_fields(), c), c, seed, init);
        }},
       {"st_moe_v0014",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
          const auto args = read_fields(v0014_fields(false), json, kind + " config", v0014_defaults(false));
          return std::make_unique<StMoELayer<T>>(kind, write_fields(v0014_fields(false), args), args.to_config(), seed, init);
        }},
       {"hier_moe_v0014",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
          const auto args = read_fields(v0014_fields(true), json, kind + " config", v0014_defaults(true));
          return std::make_unique<StMoELayer<T>>(kind, write_fields(v0014_fields(true), args), args.to_config(), seed, init);
        }},
       {"st_moe_block",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) {
          return build_st_moe_block<T>(kind, json, seed, init, false);
        }},
       {"st_moe_block_v0014",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) {
          return build_st_moe_block<T>(kind, json, seed, init, true);
        }},
       {"soft_moe_lite",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
          const auto a = read_fields(lite_fields(), json, kind + " config");
          return std::make_unique<SoftMoELayer<T>>(kind, write_fields(lite_fields(), a),
                                                   layers::SoftMoEConfig::lite(a.d_model, a.num_experts, a.num_slots),
                                                   seed, init);
        }},
       {"soft_moe_lucidrains",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
          const auto a = read_fields(lucidrains_fields(), json, kind + " config");
          return std::make_unique<SoftMoELayer<T>>(kind, write_fields(lucidrains_fields(), a),
                                                   layers::SoftMoEConfig::lucidrains(a.dim, a.options), seed, init);
        }},
       {"switchhead",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::switchhead_fields(), json, kind + " config");
          return std::make_unique<SwitchHeadLayer<T>>(kind, write_fields(layers::switchhead_fields(), c), c, seed, init);
        }},
       {"moeut",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::moeut_fields(false), json, kind + " config");
          return std::make_unique<MoEUTLayer<T>>(kind, write_fields(layers::moeut_fields(false), c), c, seed, init);
        }},
       {"moeut_lm",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::moeut_fields(true), json, kind + " config");
          return std::make_unique<MoEUTLMLayer<T>>(kind, write_fields(layers::moeut_fields(true), c), c, seed, init);
        }},
@@ -442,24 +451,33 @@ const std::vector<std::string>& layer_kinds() {
 }
 
 template <class T>
-std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const nlohmann::json& config, std::uint64_t seed, ParameterInit init) {
+std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const nlohmann::json& config, std::uint64_t seed,
+                                      ParameterInit init, const dist::Communicator& comm) {
   const auto found = factories<T>().find(kind);
   if (found == factories<T>().end()) {
     std::string known;
     for (const std::string& name : layer_kinds()) known += (known.empty() ? "" : ", ") + name;
     fail(Status::invalid_argument, "unknown layer '", kind, "' (kmoe knows: ", known, ")");
   }
-  return found->second(kind, config, seed, init);
+  // Expert parallelism reaches the other families through the same exchange next.
+  require(!comm.distributed() || kind == "sigma_moe", Status::unsupported, "the ", kind,
+          " layer is not yet distributed over MPI ranks (sigma_moe is); build it with one rank");
+  return found->second(kind, config, seed, init, comm);
 }
 
 template <class T>
-std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const std::string& config_text, std::uint64_t seed, ParameterInit init) {
-  return build_layer<T>(kind, parse_config_text(config_text), seed, init);
+std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const std::string& config_text, std::uint64_t seed,
+                                      ParameterInit init, const dist::Communicator& comm) {
+  return build_layer<T>(kind, parse_config_text(config_text), seed, init, comm);
 }
 
-template std::unique_ptr<Layer<float>> build_layer<float>(const std::string&, const nlohmann::json&, std::uint64_t, ParameterInit);
-template std::unique_ptr<Layer<double>> build_layer<double>(const std::string&, const nlohmann::json&, std::uint64_t, ParameterInit);
-template std::unique_ptr<Layer<float>> build_layer<float>(const std::string&, const std::string&, std::uint64_t, ParameterInit);
-template std::unique_ptr<Layer<double>> build_layer<double>(const std::string&, const std::string&, std::uint64_t, ParameterInit);
+template std::unique_ptr<Layer<float>> build_layer<float>(const std::string&, const nlohmann::json&, std::uint64_t, ParameterInit,
+                                                             const dist::Communicator&);
+template std::unique_ptr<Layer<double>> build_layer<double>(const std::string&, const nlohmann::json&, std::uint64_t, ParameterInit,
+                                                             const dist::Communicator&);
+template std::unique_ptr<Layer<float>> build_layer<float>(const std::string&, const std::string&, std::uint64_t, ParameterInit,
+                                                             const dist::Communicator&);
+template std::unique_ptr<Layer<double>> build_layer<double>(const std::string&, const std::string&, std::uint64_t, ParameterInit,
+                                                             const dist::Communicator&);
 
 }  // namespace kmoe::model

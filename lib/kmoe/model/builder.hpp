@@ -30,14 +30,16 @@ const std::vector<std::string>& layer_kinds();
 // Builds the layer with parameters initialised as the original from Generator(seed), or left zero
 // under ParameterInit::zeros (for the names and shapes alone, or parameters about to be loaded).
 // An unknown kind throws Status::invalid_argument listing the known ones.
+// With a communicator of several ranks the layer's experts are placed over them (layers that
+// support it: sigma_moe; others are Status::unsupported); building is collective.
 template <class T>
 std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const nlohmann::json& config, std::uint64_t seed,
-                                      ParameterInit init = ParameterInit::drawn);
+                                      ParameterInit init = ParameterInit::drawn, const dist::Communicator& comm = {});
 
 // config_text: a JSON object as text; malformed JSON is Status::invalid_argument with the parser's message.
 template <class T>
 std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const std::string& config_text, std::uint64_t seed,
-                                      ParameterInit init = ParameterInit::drawn);
+                                      ParameterInit init = ParameterInit::drawn, const dist::Communicator& comm = {});
 
 nlohmann::json parse_config_text(const std::string& config_text);
 

@@ -6,6 +6,7 @@
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/dist/communicator.hpp"
 #include "kmoe/model/parameter.hpp"
 #include "kmoe/ops/attention.hpp"
 
@@ -74,6 +75,8 @@ class Layer {
   virtual const std::string& kind() const = 0;
   virtual nlohmann::json config() const = 0;
   static constexpr Dtype dtype() { return dtype_of<T>(); }
+  // The ranks the layer's experts are placed over (one rank unless built with a communicator).
+  virtual const dist::Communicator& communicator() const = 0;
 
   // The registry: every parameter, gradient and buffer under its state_dict name.
   virtual void visit_parameters(const ParameterVisitor<T>& visit, const std::string& prefix = "") = 0;

@@ -48,9 +48,25 @@ struct Parameter {
   // [hidden_begin, hidden_begin + dim(hidden_axis)) of hidden_total; hidden_total −1: all of them.
   index_t hidden_begin = 0;
   index_t hidden_total = -1;
+  // All of the layer's experts along expert_axis (−1: the ones held here are all of them).
+  int total_experts = -1;
   TorchLayout torch;
 
   int local_experts() const { return kind == ParameterKind::expert ? static_cast<int>(tensor->dim(expert_axis)) : 0; }
+  // Held here only in part (some experts, or a shard of their hidden units): distributed.
+  bool partial() const {
+    return kind == ParameterKind::expert &&
+           ((total_experts >= 0 && total_experts != local_experts()) ||
+            (hidden_total >= 0 && hidden_axis >= 0 && hidden_total != tensor->dim(hidden_axis)));
+  }
+  // The shape of the whole tensor over every rank.
+  Shape global_shape() const {
+    if (kind != ParameterKind::expert) return tensor->shape();
+    std::vector<index_t> dims = tensor->shape().dims();
+    if (total_experts >= 0) dims[static_cast<std::size_t>(expert_axis)] = total_experts;
+    if (hidden_total >= 0 && hidden_axis >= 0) dims[static_cast<std::size_t>(hidden_axis)] = hidden_total;
+    return Shape(dims);
+  }
 };
 
 template <class T>
