@@ -1,0 +1,105 @@
+#include "kmoe/dist/parameter_blocks.hpp"
+
+#include <cstring>
+
+namespace kmoe::dist {
+
+namespace {
+
+// Which part of the whole tensor a rank's parameter holds: experts (axis 0) [first, first +
+// count) and, of each, hidden units (hidden_axis) [hidden_begin, hidden_begin + hidden).
+struct Block {
+  std::int64_t first = 0, count = 0, hidden_begin = 0, hidden = 0;
+};
+
+template <class T>
+Block block_of(const model::Parameter<T>& p) {
+  Block b;
+  b.first = p.first_expert;
+  b.count = p.local_experts();
+  b.hidden_begin = p.hidden_total >= 0 ? p.hidden_begin : 0;
+  b.hidden = p.hidden_axis >= 0 ? p.tensor->dim(p.hidden_axis) : 0;
+  return b;
+}
+
+// Calls f(local index, whole index) for every element of a block of a [E, ...] whole tensor of
+// shape `whole` (rank 2 or 3, experts on axis 0, hidden units on hidden_axis or none).
+template <class F>
+void for_each_in_block(const Shape& whole, int hidden_axis, const Block& b, F&& f) {
+  const index_t A = whole[1], B = whole.rank() > 2 ? whole[2] : 1;
+  const index_t a_first = hidden_axis == 1 ? b.hidden_begin : 0, a_count = hidden_axis == 1 ? b.hidden : A;
+  const index_t b_first = hidden_axis == 2 ? b.hidden_begin : 0, b_count = hidden_axis == 2 ? b.hidden : B;
+  std::size_t local = 0;
+  for (index_t e = 0; e < b.count; ++e)
+    for (index_t a = 0; a < a_count; ++a)
+      for (index_t c = 0; c < b_count; ++c)
+        f(local++, static_cast<std::size_t>(((b.first + e) * A + a_first + a) * B + b_first + c));
+}
+
+}  // namespace
+
+template <class T>
+void gather_to_rank0(const Communicator& comm, const model::Parameter<T>& p, const Tensor<T>& local,
+                     Tensor<T>* whole) {
+  if (!p.partial()) {
+    if (comm.rank() == 0) whole->copy_from_host(local.to_host());
+    return;
+  }
+  const Block mine = block_of(p);
+  const std::vector<T> values = local.to_host();
+  std::vector<unsigned char> message(sizeof(Block) + values.size() * sizeof(T));
+  std::memcpy(message.data(), &mine, sizeof(Block));
+  if (!values.empty()) std::memcpy(message.data() + sizeof(Block), values.data(), values.size() * sizeof(T));
+  std::vector<std::size_t> counts(static_cast<std::size_t>(comm.size()), 0), received;
+  counts[0] = message.size();
+  const std::vector<unsigned char> all = comm.all_to_all(message.data(), counts, received);
+  if (comm.rank() != 0) return;
+  const Shape shape = p.global_shape();
+  std::vector<T> assembled(static_cast<std::size_t>(shape.size()));
+  std::size_t at = 0;
+  for (int r = 0; r < comm.size(); ++r) {
+    Block b;
+    std::memcpy(&b, all.data() + at, sizeof(Block));
+    const T* from = reinterpret_cast<const T*>(all.data() + at + sizeof(Block));
+    for_each_in_block(shape, p.hidden_axis, b, [&](std::size_t i, std::size_t w) { assembled[w] = from[i]; });
+    at += received[r];
+  }
+  whole->copy_from_host(assembled);
+}
+
+template <class T>
+nlohmann::json placement_json(const Communicator& comm, const model::ParameterList<T>& parameters) {
+  Block mine;
+  for (const model::Parameter<T>& p : parameters)
+    if (p.partial()) {
+      mine = block_of(p);
+      break;
+    }
+  nlohmann::json ranks = nlohmann::json::array();
+  const std::vector<std::int64_t> first = comm.all_gather(mine.first), count = comm.all_gather(mine.count),
+                                  hidden_begin = comm.all_gather(mine.hidden_begin),
+                                  hidden = comm.all_gather(mine.hidden);
+  for (int r = 0; r < comm.size(); ++r)
+    ranks.push_back({{"experts", {first[r], first[r] + count[r]}},
+                     {"hidden", {hidden_begin[r], hidden_begin[r] + hidden[r]}}});
+  return {{"world", comm.size()}, {"ranks", ranks}};
+}
+
+template <class T>
+void take_block(const model::Parameter<T>& p, const Tensor<T>& whole, Tensor<T> into) {
+  if (!p.partial()) return into.copy_from_host(whole.to_host());
+  const std::vector<T> all = whole.to_host();
+  std::vector<T> mine(static_cast<std::size_t>(into.size()));
+  for_each_in_block(p.global_shape(), p.hidden_axis, block_of(p), [&](std::size_t i, std::size_t w) { mine[i] = all[w]; });
+  into.copy_from_host(mine);
+}
+
+#define KMOE_INSTANTIATE(T)                                                                                     \
+  template void gather_to_rank0<T>(const Communicator&, const model::Parameter<T>&, const Tensor<T>&, Tensor<T>*); \
+  template void take_block<T>(const model::Parameter<T>&, const Tensor<T>&, Tensor<T>);                          \
+  template nlohmann::json placement_json<T>(const Communicator&, const model::ParameterList<T>&);
+KMOE_INSTANTIATE(float)
+KMOE_INSTANTIATE(double)
+#undef KMOE_INSTANTIATE
+
+}  // namespace kmoe::dist

@@ -1,0 +1,29 @@
+// Between a layer placed over ranks and its one-rank whole: each rank's registry entry of an
+// expert tensor holds a block of the whole tensor (its experts, of each its hidden units:
+// model::Parameter's first_expert, total_experts, hidden_begin, hidden_total). These move blocks
+// to and from whole tensors; checkpoints, kmoe-parity --distributed and resharding use them.
+#pragma once
+
+#include "kmoe/dist/communicator.hpp"
+#include "kmoe/model/parameter.hpp"
+
+#include <nlohmann/json.hpp>
+
+namespace kmoe::dist {
+
+// Rank 0 gets every rank's block of `local` (p's tensor, or one shaped like it: a gradient, an
+// AdamW moment) assembled into `whole` (the global shape; ignored elsewhere, may be null there).
+// A dense entry is the same on every rank: rank 0's is copied. Collective.
+template <class T>
+void gather_to_rank0(const Communicator& comm, const model::Parameter<T>& p, const Tensor<T>& local, Tensor<T>* whole);
+
+// `into` (p's block) = its block of `whole`; the whole of it for a dense entry.
+template <class T>
+void take_block(const model::Parameter<T>& p, const Tensor<T>& whole, Tensor<T> into);
+
+// {"world": W, "ranks": [{"experts": [begin, end), "hidden": [begin, end)}, ...]} of the first
+// expert entry of every rank (the placement a checkpoint records). Collective.
+template <class T>
+nlohmann::json placement_json(const Communicator& comm, const model::ParameterList<T>& parameters);
+
+}  // namespace kmoe::dist
