@@ -9,6 +9,7 @@
 #include "options.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/dist/communicator.hpp"
 
 #include <Kokkos_Core.hpp>
 
@@ -33,7 +34,7 @@ void print_usage(std::FILE* to) {
   std::string layers;
   for (const LayerRunner& runner : layer_runners()) layers += std::string(layers.empty() ? "" : ", ") + runner.layer;
   std::fprintf(to,
-               "usage: kmoe-parity [--tolerance REL] [--params CHECKPOINT.h5] FILE.h5 [FILE.h5 ...]\n"
+               "usage: kmoe-parity [--tolerance REL] [--params CHECKPOINT.h5] [--distributed] FILE.h5 [FILE.h5 ...]\n"
                "Checks kmoe against reference dumps (format: data/golden/README.md); layers: %s.\n"
                "  --tolerance REL  pass when relative L2 error <= REL (default 1e-4 for float32 dumps,\n"
                "                   1e-10 for float64). A scalar loss that sums many terms is judged\n"
@@ -43,6 +44,10 @@ void print_usage(std::FILE* to) {
                "  --params FILE    take the parameters from this kmoe checkpoint (e.g. made by\n"
                "                   kmoe-convert from a .safetensors file) instead of the dump's /params;\n"
                "                   its model and config must be the dump's\n"
+               "  --distributed    under mpirun: split the dump's batch over the ranks (contiguous along\n"
+               "                   axis 0, uneven; ranks with none when there are more ranks than\n"
+               "                   sequences), place the experts over them, run, gather and compare as\n"
+               "                   one rank does (rank 0 prints; every rank exits with its status)\n"
                "Exit status: 0 all tensors within tolerance, 1 some tensor out of tolerance,\n"
                "2 a file that cannot be used (unknown layer, missing dataset, shape mismatch, ...).\n",
                layers.c_str());
@@ -54,14 +59,17 @@ std::string without_path_prefix(const std::string& message, const std::string& p
   return message.compare(0, prefix.size(), prefix) == 0 ? message.substr(prefix.size()) : message;
 }
 
-Outcome check_file(const std::string& path, const std::optional<double>& tolerance, const std::string& params) {
+Outcome check_file(const std::string& path, const std::optional<double>& tolerance, const std::string& params,
+                   const dist::Communicator& ranks) {
   try {
     require(std::filesystem::exists(path), Status::io_error, "no such file");
     Fixture fixture(path);
     if (!params.empty()) fixture.use_parameters_from(params);
+    fixture.distribute_over(ranks);
     Report report(fixture, tolerance.value_or(default_tolerance(fixture.dtype())), std::cout);
-    std::printf("%s: layer %s, mode %s, %s, tolerance rel_l2 <= %.1e\n", path.c_str(), fixture.layer().c_str(),
-                fixture.training() ? "train" : "eval", io::dtype_name(fixture.dtype()), report.tolerance());
+    std::printf("%s: layer %s, mode %s, %s, tolerance rel_l2 <= %.1e%s\n", path.c_str(), fixture.layer().c_str(),
+                fixture.training() ? "train" : "eval", io::dtype_name(fixture.dtype()), report.tolerance(),
+                ranks.distributed() ? (", over " + std::to_string(ranks.size()) + " MPI ranks").c_str() : "");
     run_layer(fixture, report);
     if (report.all_ok()) {
       std::cout << "PASS " << path << ": " << report.compared() << " tensors within tolerance\n";
@@ -79,6 +87,8 @@ Outcome check_file(const std::string& path, const std::optional<double>& toleran
   }
 }
 
+int run(int argc, char** argv, bool distributed);
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -86,7 +96,22 @@ int main(int argc, char** argv) {
     print_usage(stdout);
     return pass;
   }
+  // --distributed needs MPI before anything else (and Kokkos after it).
+  bool distributed = false;
+  for (int i = 1; i < argc; ++i) distributed = distributed || std::string(argv[i]) == "--distributed";
+  if (distributed) MPI_Init(&argc, &argv);
+  const int status = run(argc, argv, distributed);
+  if (distributed) MPI_Finalize();
+  return status;
+}
+
+namespace {
+
+int run(int argc, char** argv, bool distributed) {
   Kokkos::ScopeGuard kokkos(argc, argv);
+  const dist::Communicator ranks(distributed ? MPI_COMM_WORLD : MPI_COMM_NULL);
+  // Rank 0 speaks for all: the others' lines would repeat its own.
+  if (ranks.rank() != 0 && std::freopen("/dev/null", "w", stdout) == nullptr) return unusable;
   std::optional<double> tolerance;
   std::string params;
   std::vector<std::string> files;
@@ -106,6 +131,8 @@ int main(int argc, char** argv) {
         return unusable;
       }
       params = argv[++i];
+    } else if (arg == "--distributed") {
+      continue;
     } else if (arg.rfind("--", 0) == 0) {
       std::fprintf(stderr, "kmoe-parity: unknown option '%s'\n", arg.c_str());
       print_usage(stderr);
@@ -122,7 +149,9 @@ int main(int argc, char** argv) {
   int worst = pass;
   int counts[3] = {0, 0, 0};
   for (const std::string& file : files) {
-    const Outcome outcome = check_file(file, tolerance, params);
+    Outcome outcome = check_file(file, tolerance, params, ranks);
+    // Rank 0's report decides (the other ranks do not hold the assembled expert gradients).
+    outcome = static_cast<Outcome>(ranks.all_gather(static_cast<std::int64_t>(outcome))[0]);
     ++counts[outcome];
     worst = std::max(worst, static_cast<int>(outcome));
   }
@@ -132,3 +161,5 @@ int main(int argc, char** argv) {
   }
   return worst;
 }
+
+}  // namespace

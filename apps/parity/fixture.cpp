@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <ostream>
 
@@ -187,5 +188,49 @@ template std::unique_ptr<model::Layer<float>> build_fixture_layer<float>(const F
 template std::unique_ptr<model::Layer<double>> build_fixture_layer<double>(const Fixture&);
 template void load_fixture_parameters<float>(const Fixture&, model::Layer<float>&);
 template void load_fixture_parameters<double>(const Fixture&, model::Layer<double>&);
+
+namespace {
+// Rows [first, first + count) of `rows` split over `ranks`.
+std::pair<index_t, index_t> share_of(index_t rows, int ranks, int rank) {
+  const index_t base = rows / ranks, extra = rows % ranks;
+  return {rank * base + std::min<index_t>(rank, extra), base + (rank < extra ? 1 : 0)};
+}
+}  // namespace
+
+template <class T>
+Tensor<T> my_share(const dist::Communicator& ranks, const Tensor<T>& whole) {
+  const index_t rows = whole.dim(0), width = whole.size() / std::max<index_t>(rows, 1);
+  const auto [first, count] = share_of(rows, ranks.size(), ranks.rank());
+  const std::vector<T> all = whole.to_host();
+  std::vector<index_t> dims = whole.shape().dims();
+  dims[0] = count;
+  return Tensor<T>::from_host("parity::share", Shape(dims),
+                              std::vector<T>(all.begin() + first * width, all.begin() + (first + count) * width));
+}
+
+template <class T>
+Tensor<T> whole_batch(const dist::Communicator& ranks, const Tensor<T>& share, const Shape& whole_shape) {
+  const std::vector<T> mine = share.size() > 0 ? share.to_host() : std::vector<T>();
+  const std::vector<std::size_t> counts(static_cast<std::size_t>(ranks.size()), mine.size() * sizeof(T));
+  std::vector<unsigned char> send;
+  for (int r = 0; r < ranks.size(); ++r) {
+    const auto* bytes = reinterpret_cast<const unsigned char*>(mine.data());
+    send.insert(send.end(), bytes, bytes + mine.size() * sizeof(T));
+  }
+  std::vector<std::size_t> received;
+  const std::vector<unsigned char> all = ranks.all_to_all(send.data(), counts, received);
+  std::vector<T> values(all.size() / sizeof(T));
+  if (!values.empty()) std::memcpy(values.data(), all.data(), all.size());
+  require(static_cast<index_t>(values.size()) == whole_shape.size(), Status::internal, "whole_batch: ", values.size(),
+          " values for ", whole_shape.str());
+  return Tensor<T>::from_host("parity::whole", whole_shape, values);
+}
+
+#define KMOE_INSTANTIATE(T)                                                           \
+  template Tensor<T> my_share<T>(const dist::Communicator&, const Tensor<T>&);        \
+  template Tensor<T> whole_batch<T>(const dist::Communicator&, const Tensor<T>&, const Shape&);
+KMOE_INSTANTIATE(float)
+KMOE_INSTANTIATE(double)
+#undef KMOE_INSTANTIATE
 
 }  // namespace kmoe::parity

@@ -6,6 +6,7 @@
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/dist/communicator.hpp"
 #include "kmoe/io/hdf5_reader.hpp"
 #include "kmoe/model/layer.hpp"
 #include "kmoe/model/state_dict.hpp"
@@ -37,6 +38,12 @@ class Fixture {
   std::uint64_t seed() const { return seed_; }
   bool has(const std::string& object_path) const { return reader_.has(object_path); }
 
+  // kmoe-parity --distributed: the runner splits the batch over these ranks (contiguous along
+  // axis 0, uneven; ranks without any when there are more ranks than sequences), places the
+  // experts over them, and gathers what it compares.
+  void distribute_over(const dist::Communicator& ranks) { ranks_ = ranks; }
+  const dist::Communicator& ranks() const { return ranks_; }
+
   // kmoe-parity --params: the parameters come from this kmoe checkpoint instead of /params.
   void use_parameters_from(const std::string& checkpoint) { parameters_checkpoint_ = checkpoint; }
   const std::string& parameters_checkpoint() const { return parameters_checkpoint_; }
@@ -62,8 +69,16 @@ class Fixture {
   std::string loss_;
   std::uint64_t seed_ = 0;
   std::string parameters_checkpoint_;
+  dist::Communicator ranks_;
   mutable std::set<std::string> used_;
 };
+
+// This rank's rows (axis 0) of a batch split over the ranks: contiguous, the first ranks one more.
+template <class T>
+Tensor<T> my_share(const dist::Communicator& ranks, const Tensor<T>& whole);
+// Every rank's share put back together, on every rank: the inverse of my_share.
+template <class T>
+Tensor<T> whole_batch(const dist::Communicator& ranks, const Tensor<T>& share, const Shape& whole_shape);
 
 // The fixture's layer, built from its `layer` and `config` attributes (model/builder.hpp).
 template <class T>
