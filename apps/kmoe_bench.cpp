@@ -1,17 +1,40 @@
 // kmoe-bench: speed (and peak memory) of kmoe's layers against baselines measured in the same
 // run, one table per section (bench/sections.hpp).
 //   kmoe-bench [SECTION ...] [--repeats N] [--key value ...]
-// runs the named sections (all by default); other options go to the sections that read them.
+// runs the named sections (all but dist by default); other options go to the sections that read
+// them. mpirun -n 4 kmoe-bench dist runs the MPI section.
 #include "bench/sections.hpp"
 
 #include "kmoe/core/error.hpp"
+
+#include <mpi.h>
 
 #include <cstdio>
 #include <string>
 
 using namespace kmoe;
 
+namespace {
+int run(int argc, char** argv);
+}  // namespace
+
 int main(int argc, char** argv) {
+  // The dist section runs under mpirun: MPI before Kokkos, and only rank 0 prints.
+  bool dist = false;
+  for (int i = 1; i < argc; ++i) dist = dist || std::string(argv[i]) == "dist";
+  if (!dist) return run(argc, argv);
+  MPI_Init(&argc, &argv);
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  if (rank != 0 && std::freopen("/dev/null", "w", stdout) == nullptr) return 2;
+  const int status = run(argc, argv);
+  MPI_Finalize();
+  return status;
+}
+
+namespace {
+
+int run(int argc, char** argv) {
   Kokkos::ScopeGuard kokkos(argc, argv);
   try {
     const auto& sections = apps::bench_sections();
@@ -28,8 +51,9 @@ int main(int argc, char** argv) {
       require(found != nullptr, Status::invalid_argument, "kmoe-bench: unknown section '", name, "' (known: ", known, ")");
       chosen.push_back(found);
     }
-    if (chosen.empty()) {
-      for (const auto& section : sections) chosen.push_back(&section);
+    if (chosen.empty()) {  // every section but dist, which needs mpirun
+      for (const auto& section : sections)
+        if (std::string(section.name) != "dist") chosen.push_back(&section);
     }
     apps::Options options = apps::parse_options(argc, argv, first_option, "kmoe-bench");
     const int repeats = static_cast<int>(apps::positive_option(options, "--repeats", 3, "kmoe-bench"));
@@ -62,3 +86,5 @@ int main(int argc, char** argv) {
     return 2;
   }
 }
+
+}  // namespace

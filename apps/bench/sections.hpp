@@ -24,6 +24,7 @@ BenchTable bench_moeut(const Options& options, int repeats);
 BenchTable bench_soft_moe(const Options& options, int repeats);
 BenchTable bench_st_moe(const Options& options, int repeats);
 BenchTable bench_checkpoint(const Options& options, int repeats);
+BenchTable bench_dist(const Options& options, int repeats);  // under mpirun only
 
 inline const std::vector<BenchSection>& bench_sections() {
   static const std::vector<BenchSection> sections = {
@@ -32,6 +33,7 @@ inline const std::vector<BenchSection>& bench_sections() {
       {"soft_moe", "--batch --seq --dim --experts --slots", bench_soft_moe},
       {"st_moe", "--batch --seq --dim --experts --top-n", bench_st_moe},
       {"checkpoint", "--profile --vocab --dir", bench_checkpoint},
+      {"dist", "--tokens --dmodel --experts --expert-size --k", bench_dist},
   };
   return sections;
 }
