@@ -218,3 +218,27 @@ TEST(SigmaMoEDist, ConfigThatDiffersBetweenRanksIsAnErrorOnEveryRank) {
     EXPECT_NE(std::string(e.what()).find("differs between the ranks"), std::string::npos) << e.what();
   }
 }
+
+// Exchanges larger than a round go in several MPI_Alltoallv rounds (what keeps counts of large
+// exchanges in int): forced with rounds of 40 bytes, the step's numbers are the same bits.
+TEST(SigmaMoEDist, ExchangesInManyRoundsGiveTheSameBits) {
+  SigmaMoEConfig c;
+  c.dmodel = 8;
+  c.n_experts = 5;
+  c.expert_size = 6;
+  c.k = 2;
+  const auto x = make_tensor<float>({7, 8}, random_values(7 * 8, 40 + world().rank()));
+  const auto step = [&](std::size_t round_bytes) {
+    const dist::Communicator comm(MPI_COMM_WORLD);
+    comm.set_round_bytes(round_bytes);
+    SigmaMoE<float> layer(c, 2, ParameterInit::drawn, comm);
+    Generator rng(1);
+    const auto f = layer.forward(x, true, rng);
+    const auto dx = layer.backward(f, x, 0.1f).to_host();
+    return std::make_pair(f.y.to_host(), dx);
+  };
+  const auto one_round = step(std::size_t(1) << 29), many = step(40);
+  EXPECT_EQ(many.first, one_round.first);
+  EXPECT_EQ(many.second, one_round.second);
+}
+

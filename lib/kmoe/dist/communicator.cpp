@@ -24,8 +24,8 @@ bool mpi_running() {
   return initialised != 0 && finalised == 0;
 }
 
-// One collective exchange of at most INT_MAX bytes per pair: MPI's counts are int.
-constexpr std::size_t round_limit = static_cast<std::size_t>(INT_MAX) / 2;
+// The largest round: counts and displacements (within a round's buffers) stay in int.
+constexpr std::size_t max_round_bytes = static_cast<std::size_t>(INT_MAX) / 2;
 
 }  // namespace
 
@@ -112,8 +112,10 @@ std::vector<unsigned char> Communicator::all_to_all(const unsigned char* send, c
     if (static_cast<int>(r) != rank_) state_->bytes_sent += sc[r];
   }
   std::vector<unsigned char> recv(recv_at.back());
-  // Rounds: each moves at most round_limit bytes per pair, so counts and displacements (relative
-  // to per-round buffers) fit in int. Every rank runs the same number of rounds.
+  // Rounds: each moves at most round_limit bytes per pair, and so at most INT_MAX / 2 in all, so
+  // that counts and displacements fit in int. Every rank runs the same number of rounds.
+  const std::size_t round_limit =
+      std::max<std::size_t>(1, std::min(state_->round_bytes, max_round_bytes / static_cast<std::size_t>(size_)));
   std::uint64_t local_max = 0;
   for (std::size_t r = 0; r < sc.size(); ++r) local_max = std::max<std::uint64_t>({local_max, sc[r], rc[r]});
   std::uint64_t longest = 0;
@@ -205,6 +207,12 @@ void Communicator::require_same(std::uint64_t value, const std::string& what) co
   require(differing.empty(), Status::invalid_argument, "kmoe: ", what, " differs between the ranks: rank",
           differing.find(',') == std::string::npos ? " " : "s ", differing, " differ",
           differing.find(',') == std::string::npos ? "s" : "", " from rank 0");
+}
+
+void Communicator::set_round_bytes(std::size_t bytes) const {
+  require(bytes >= 1 && bytes <= max_round_bytes, Status::invalid_argument, "Communicator::set_round_bytes: ", bytes,
+          " is outside [1, ", max_round_bytes, "]");
+  if (state_) state_->round_bytes = bytes;
 }
 
 void Communicator::reset_bytes_sent() const {

@@ -65,6 +65,11 @@ class Communicator {
   // Status::invalid_argument naming `what` and the ranks that differ from rank 0.
   void require_same(std::uint64_t value, const std::string& what) const;
 
+  // The most bytes one pair of ranks exchanges per MPI_Alltoallv round (default 2^29, and never
+  // more than INT_MAX / (2 · size) so that counts and displacements fit MPI's int). Small values
+  // exercise the rounds in tests. Every rank must set the same value.
+  void set_round_bytes(std::size_t bytes) const;
+
   // Bytes this rank has sent to other ranks through all_to_all (its own rows to itself excluded).
   std::uint64_t bytes_sent() const { return state_ ? state_->bytes_sent : 0; }
   void reset_bytes_sent() const;
@@ -73,6 +78,7 @@ class Communicator {
   struct State {
     MPI_Comm comm = MPI_COMM_NULL;
     std::uint64_t bytes_sent = 0;
+    std::size_t round_bytes = std::size_t(1) << 29;
     ~State();
   };
   std::shared_ptr<State> state_;  // null: one rank without MPI
