@@ -219,6 +219,13 @@ void Communicator::reset_bytes_sent() const {
   if (state_) state_->bytes_sent = 0;
 }
 
+RngStream take_global(const Communicator& comm, Generator& rng, std::uint64_t local_count) {
+  const auto count = static_cast<std::int64_t>(local_count);
+  RngStream stream = rng.take(static_cast<std::uint64_t>(comm.sum(count)));
+  stream.offset += static_cast<std::uint64_t>(comm.exclusive_prefix_sum(count));
+  return stream;
+}
+
 std::uint64_t text_hash(const std::string& text) {
   std::uint64_t h = 1469598103934665603ull;
   for (const unsigned char c : text) {

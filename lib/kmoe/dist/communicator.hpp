@@ -13,6 +13,7 @@
 #pragma once
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/random.hpp"
 
 #include <mpi.h>
 
@@ -85,6 +86,11 @@ class Communicator {
   int rank_ = 0;
   int size_ = 1;
 };
+
+// This rank's draws of a batch-wide stream: the generator advances by every rank's count (the
+// same on every rank), and this rank's stream starts after the ranks before it, so that rank r's
+// element i draws what element (Σ_{q<r} count_q) + i draws on one rank. Collective.
+RngStream take_global(const Communicator& comm, Generator& rng, std::uint64_t local_count);
 
 // An FNV-1a hash of text, for require_same.
 std::uint64_t text_hash(const std::string& text);

@@ -1,8 +1,9 @@
-// Gradient synchronisation over the registry: after every rank's backward, the dense entries'
-// gradients (routers, norms, projections, embeddings: the parameters every rank holds) are summed
-// over the ranks, so every rank holds the gradient of the whole batch's loss. Expert entries are
-// left alone: their owners' gradients already include every rank's tokens (the exchange brought
-// them). Buffers have no gradient.
+// Gradient synchronisation over the registry: after every rank's backward, the gradients of the
+// entries every rank holds whole (routers, norms, projections, embeddings, and experts a layer
+// keeps on every rank, as MoEUT's attention experts) are summed over the ranks, so every rank
+// holds the gradient of the whole batch's loss. Entries held in part (placed experts) are left
+// alone: their owners' gradients already include every rank's tokens (the exchange brought them).
+// Buffers have no gradient.
 #pragma once
 
 #include "kmoe/dist/communicator.hpp"

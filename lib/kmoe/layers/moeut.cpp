@@ -219,14 +219,15 @@ void add_into(const Tensor<T>& acc, const Tensor<T>& b) {
 // MoEUT
 
 template <class T>
-MoEUT<T>::MoEUT(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init) : config_(config) {
+MoEUT<T>::MoEUT(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm)
+    : config_(config), comm_(comm) {
   config_.validate();
   const index_t D = config_.d_model;
   for (int i = 0; i < config_.group_size; ++i) {
     attention_.push_back(std::make_unique<SwitchHeadAttention<T>>(config_.attention_config(),
-                                                                  moeut_impl::child_seed(seed, 2 * i), init));
+                                                                  moeut_impl::child_seed(seed, 2 * i), init, comm));
     ffn_.push_back(
-        std::make_unique<SigmaMoE<T>>(config_.ffn_config(), moeut_impl::child_seed(seed, 2 * i + 1), init));
+        std::make_unique<SigmaMoE<T>>(config_.ffn_config(), moeut_impl::child_seed(seed, 2 * i + 1), init, comm));
     norms_.push_back({moeut_impl::filled<T>("moeut::ln1.weight", D, T(1)), Tensor<T>("moeut::ln1.bias", {D}),
                       moeut_impl::filled<T>("moeut::ln2.weight", D, T(1)), Tensor<T>("moeut::ln2.bias", {D})});
     norm_grads_.push_back({Tensor<T>("grad::ln1.weight", {D}), Tensor<T>("grad::ln1.bias", {D}),
@@ -291,7 +292,7 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
                                             rng, cache != nullptr ? &cache->layers[r * G + i] : nullptr);
       Tensor<T> attended = lf.attention.y.reshape({N, D});
       if (training && c.dropout > 0) {
-        lf.dropout_stream = rng.take(static_cast<std::uint64_t>(N * D));
+        lf.dropout_stream = dist::take_global(comm_, rng, static_cast<std::uint64_t>(N * D));
         const auto dropped = Tensor<T>::uninitialized("moeut::attention_dropped", {N, D});
         ops::dropout_forward<T>(attended.flat(), static_cast<T>(c.dropout), lf.dropout_stream, dropped.flat());
         attended = dropped;
@@ -321,11 +322,12 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
         v_logits.push_back(lf.attention.sel_v_logits.reshape({B, T_len, H, Ea}));
       }
     }
-    f.ffn_reg.push_back(moe::entropy_reg_forward(ffn_logits));
+    // Per-sequence means: the ranks hold whole sequences.
+    f.ffn_reg.push_back(moe::entropy_reg_forward(ffn_logits, &comm_, moe::SplitOver::sequences));
     reg += c.entropy_reg * static_cast<double>(f.ffn_reg.back().value);
     if (Ea > 1) {
-      f.att_o_reg.push_back(moe::entropy_reg_forward(o_logits));
-      f.att_v_reg.push_back(moe::entropy_reg_forward(v_logits));
+      f.att_o_reg.push_back(moe::entropy_reg_forward(o_logits, &comm_, moe::SplitOver::sequences));
+      f.att_v_reg.push_back(moe::entropy_reg_forward(v_logits, &comm_, moe::SplitOver::sequences));
       reg += c.att_entropy_reg *
              (static_cast<double>(f.att_o_reg.back().value) + static_cast<double>(f.att_v_reg.back().value));
     }
@@ -407,8 +409,8 @@ MoEUTConfig validated_lm(const MoEUTConfig& config) {
 }  // namespace moeut_impl
 
 template <class T>
-MoEUTLM<T>::MoEUTLM(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init)
-    : config_(moeut_impl::validated_lm<T>(config)), transformer_(config, moeut_impl::child_seed(seed, 1000), init) {
+MoEUTLM<T>::MoEUTLM(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm)
+    : config_(moeut_impl::validated_lm<T>(config)), transformer_(config, moeut_impl::child_seed(seed, 1000), init, comm) {
   const index_t V = config_.n_tokens, D = config_.d_model;
   embedding_ = Tensor<T>("moeut_lm::embedding.weight", {V, D});
   lm_head_weight_ = Tensor<T>("moeut_lm::lm_head.weight", {V, D});

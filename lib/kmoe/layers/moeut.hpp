@@ -133,9 +133,14 @@ class MoEUT {
   using value_type = T;
   // Initialised as the original (moeut@87f0497 MoEUT.reset_parameters, scale √(2/n_layers)) from
   // Generator(seed): SwitchHead and σ-MoE weights with their renormalised routers, LayerNorms 1 / 0.
-  MoEUT(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn);
+  // With a communicator of several ranks the σ-MoE FFN experts are placed over them (SigmaMoE);
+  // the attention experts, norms and projections are on every rank (their gradients are summed
+  // by dist::all_reduce_dense_gradients). Every rank brings its own sequences (at least one).
+  MoEUT(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn,
+        const dist::Communicator& comm = {});
 
   const MoEUTConfig& config() const { return config_; }
+  const dist::Communicator& communicator() const { return comm_; }
   int group_size() const { return config_.group_size; }
   SwitchHeadAttention<T>& attention(int i) { return *attention_[i]; }
   SigmaMoE<T>& ffn(int i) { return *ffn_[i]; }
@@ -160,6 +165,7 @@ class MoEUT {
 
  private:
   MoEUTConfig config_;
+  dist::Communicator comm_;
   std::vector<std::unique_ptr<SwitchHeadAttention<T>>> attention_;
   std::vector<std::unique_ptr<SigmaMoE<T>>> ffn_;
   std::vector<MoEUTNorms<T>> norms_, norm_grads_;
@@ -182,9 +188,11 @@ class MoEUTLM {
   // As the original: embedding N(0, 1/d_model) (kaiming_normal_, fan_in), lm_head U(±1/√d_model)
   // (PyTorch's Linear default) for weight and bias, out_norm 1 / 0. Throws on an invalid config
   // (including n_tokens < 1).
-  MoEUTLM(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn);
+  MoEUTLM(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn,
+          const dist::Communicator& comm = {});
 
   const MoEUTConfig& config() const { return config_; }
+  const dist::Communicator& communicator() const { return transformer_.communicator(); }
   MoEUT<T>& transformer() { return transformer_; }
   // The registry: "embedding.weight", "transformer.…", "out_norm.…", "lm_head.…".
   void visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix = "");

@@ -398,10 +398,7 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
           Status::unsupported, "SigmaMoE::forward: sinkmoid training over a 2-D x normalises over the whole batch, "
           "which is not split over ranks; give x as [batch, sequence, dmodel]");
   RngStream expert_dropout;
-  if (training && c.expert_dropout > 0) {
-    expert_dropout = rng.take(static_cast<std::uint64_t>(global_tokens * E));
-    expert_dropout.offset += static_cast<std::uint64_t>(first_token * E);
-  }
+  if (training && c.expert_dropout > 0) expert_dropout = dist::take_global(comm_, rng, static_cast<std::uint64_t>(tokens * E));
   f.expert_index = Tensor<int>("sigma_moe::expert_index", {tokens, K});
   if (tokens > 0) {
     f.selection_scores = impl::selection_scores(c, f.router_logits, rows_per_group, training);

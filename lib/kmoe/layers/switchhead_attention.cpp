@@ -113,7 +113,7 @@ struct Selection {
 
 template <class T>
 Selection<T> select_experts(const Tensor<T>& z, int heads, int experts, int k, bool training, double expert_dropout,
-                            Generator& rng) {
+                            Generator& rng, const dist::Communicator& comm) {
   const index_t tokens = z.dim(0), lines = tokens * heads;
   const Tensor<T> probs = Tensor<T>::uninitialized("switchhead::sel_probs", {lines, experts});
   ops::activation_forward<T>(ops::Activation::sigmoid, z.flat(), probs.flat());
@@ -121,7 +121,7 @@ Selection<T> select_experts(const Tensor<T>& z, int heads, int experts, int k, b
   if (training && expert_dropout > 0) {
     scores = probs.clone("switchhead::sel_scores");
     ops::drop_to_minus_infinity<T>(scores.flat(), static_cast<T>(expert_dropout),
-                                   rng.take(static_cast<std::uint64_t>(scores.size())));
+                                   dist::take_global(comm, rng, static_cast<std::uint64_t>(scores.size())));
   }
   Selection<T> s;
   s.local = Tensor<int>("switchhead::sel_local", {lines, k});
@@ -281,8 +281,9 @@ Tensor<T> linear(const Tensor<T>& x, const Tensor<T>& weight, const char* label)
 }  // namespace switchhead_impl
 
 template <class T>
-SwitchHeadAttention<T>::SwitchHeadAttention(const SwitchHeadConfig& config, std::uint64_t seed, ParameterInit init)
-    : config_(config) {
+SwitchHeadAttention<T>::SwitchHeadAttention(const SwitchHeadConfig& config, std::uint64_t seed, ParameterInit init,
+                                            const dist::Communicator& comm)
+    : config_(config), comm_(comm) {
   config_.validate();
   const index_t D = config_.state_size, H = config_.n_heads, P = config_.d_head(), Ea = config_.n_experts;
   const bool moe = Ea > 1;
@@ -374,8 +375,10 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
   if (Ea > 1) {
     const Tensor<T> z_v = si::linear(f.qk_src, params_.sel_v, "switchhead::sel_v_logits");
     const Tensor<T> z_o = si::linear(f.qk_src, params_.sel_o, "switchhead::sel_o_logits");
-    const si::Selection<T> v_sel = si::select_experts(z_v, c.n_heads, c.n_experts, ka, training, c.expert_dropout, rng);
-    const si::Selection<T> o_sel = si::select_experts(z_o, c.n_heads, c.n_experts, ka, training, c.expert_dropout, rng);
+    const si::Selection<T> v_sel =
+        si::select_experts(z_v, c.n_heads, c.n_experts, ka, training, c.expert_dropout, rng, comm_);
+    const si::Selection<T> o_sel =
+        si::select_experts(z_o, c.n_heads, c.n_experts, ka, training, c.expert_dropout, rng, comm_);
     f.v_local_index = v_sel.local;
     f.v_gates = v_sel.gates;
     f.o_local_index = o_sel.local;

@@ -19,6 +19,7 @@
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/dist/communicator.hpp"
 #include "kmoe/model/parameter.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
 #include "kmoe/ops/attention.hpp"
@@ -107,8 +108,10 @@ class SwitchHeadAttention {
   // Parameters initialised as the original (moeut@87f0497 SwitchHeadCore.reset_parameters with
   // s = init_scale): q, k, v N(0, (s/√D)²), o N(0, (s/√(H·P))²), routers N(0, (s/√D)²) with rows
   // renormalised (renorm_rows); drawn from Generator(seed). Throws on an invalid config.
+  // comm: the ranks that split the batch (the experts are on every rank); draws are keyed by the
+  // global batch.
   SwitchHeadAttention(const SwitchHeadConfig& config, std::uint64_t seed,
-                      ParameterInit init = ParameterInit::drawn);
+                      ParameterInit init = ParameterInit::drawn, const dist::Communicator& comm = {});
 
   const SwitchHeadConfig& config() const { return config_; }
   SwitchHeadParams<T>& params() { return params_; }
@@ -141,6 +144,7 @@ class SwitchHeadAttention {
 
  private:
   SwitchHeadConfig config_;
+  dist::Communicator comm_;
   SwitchHeadParams<T> params_;
   SwitchHeadParams<T> grads_;
 };

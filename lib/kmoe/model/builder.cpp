@@ -179,7 +179,8 @@ class Wrapped : public Layer<typename L::value_type> {
   const std::string& kind() const override { return kind_; }
   nlohmann::json config() const override { return config_; }
   const dist::Communicator& communicator() const override {
-    if constexpr (std::is_same_v<L, layers::SigmaMoE<T>>) {
+    if constexpr (std::is_same_v<L, layers::SigmaMoE<T>> || std::is_same_v<L, layers::MoEUT<T>> ||
+                  std::is_same_v<L, layers::MoEUTLM<T>>) {
       return layer_.communicator();
     } else {
       static const dist::Communicator one_rank;
@@ -426,14 +427,14 @@ const std::map<std::string, Factory<T>>& factories() {
          return std::make_unique<SwitchHeadLayer<T>>(kind, write_fields(layers::switchhead_fields(), c), c, seed, init);
        }},
       {"moeut",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::moeut_fields(false), json, kind + " config");
-         return std::make_unique<MoEUTLayer<T>>(kind, write_fields(layers::moeut_fields(false), c), c, seed, init);
+         return std::make_unique<MoEUTLayer<T>>(kind, write_fields(layers::moeut_fields(false), c), c, seed, init, comm);
        }},
       {"moeut_lm",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::moeut_fields(true), json, kind + " config");
-         return std::make_unique<MoEUTLMLayer<T>>(kind, write_fields(layers::moeut_fields(true), c), c, seed, init);
+         return std::make_unique<MoEUTLMLayer<T>>(kind, write_fields(layers::moeut_fields(true), c), c, seed, init, comm);
        }},
   };
   return table;
@@ -460,8 +461,8 @@ std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const nlohmann::j
     fail(Status::invalid_argument, "unknown layer '", kind, "' (kmoe knows: ", known, ")");
   }
   // Expert parallelism reaches the other families through the same exchange next.
-  require(!comm.distributed() || kind == "sigma_moe", Status::unsupported, "the ", kind,
-          " layer is not yet distributed over MPI ranks (sigma_moe is); build it with one rank");
+  require(!comm.distributed() || kind == "sigma_moe" || kind == "moeut" || kind == "moeut_lm", Status::unsupported,
+          "the ", kind, " layer is not yet distributed over MPI ranks (sigma_moe, moeut and moeut_lm are); build it with one rank");
   return found->second(kind, config, seed, init, comm);
 }
 

@@ -28,7 +28,8 @@ void stack_call(const View3<const T>& call, const View3<T>& stacked, index_t r) 
 }  // namespace impl
 
 template <class T>
-EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits, const dist::Communicator* pool) {
+EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits, const dist::Communicator* pool,
+                                         SplitOver split) {
   require(!logits.empty(), Status::invalid_argument, "entropy_reg_forward: no router logits (no calls)");
   const Shape& shape = logits.front().shape();
   // T = 0 (no rows here) only when other ranks bring rows.
@@ -64,7 +65,10 @@ EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits, c
   // Σ p̄ log p̄ over B·G·E terms, summed on the host in a fixed order.
   std::vector<T> lse = f.row_lse.to_host();
   f.total_rows = rows;
-  if (pool != nullptr && pool->distributed()) {
+  f.total_batch = f.batch;
+  const bool over_rows = pool != nullptr && pool->distributed() && split == SplitOver::rows;
+  const bool over_sequences = pool != nullptr && pool->distributed() && split == SplitOver::sequences;
+  if (over_rows) {
     // logsumexp over the ranks' row logsumexps, in rank order: m + log Σ_r exp(lse_r − m).
     const std::size_t n = lse.size();
     const std::vector<double> all = pool->all_gather(std::vector<double>(lse.begin(), lse.end()));
@@ -84,7 +88,11 @@ EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits, c
     const double log_mean = static_cast<double>(value) - log_rows;
     sum += log_mean * std::exp(log_mean);
   }
-  f.value = static_cast<T>(sum / static_cast<double>(f.batch * f.groups));
+  if (over_sequences) {
+    pool->all_reduce_sum(&sum, 1);
+    f.total_batch = pool->sum(f.batch);
+  }
+  f.value = static_cast<T>(sum / static_cast<double>(f.total_batch * f.groups));
   return f;
 }
 
@@ -102,7 +110,7 @@ void entropy_reg_backward_add(const EntropyRegForward<T>& f, T coef, const std::
   const View2<T> lse = f.row_lse.as_matrix(), dl = dlse.as_matrix();
   const View3<T> logp = f.log_probs.template view<3>();
   const T log_rows = static_cast<T>(std::log(static_cast<double>(rows)));
-  const T scale = coef / static_cast<T>(f.batch * f.groups);
+  const T scale = coef / static_cast<T>(f.total_batch * f.groups);
   Kokkos::parallel_for(
       "kmoe::entropy_reg::dlog_mean", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {f.batch, width}),
       KOKKOS_LAMBDA(const index_t b, const index_t w) {
@@ -142,7 +150,8 @@ std::vector<Tensor<T>> entropy_reg_backward(const EntropyRegForward<T>& f, T coe
 }
 
 #define KMOE_INSTANTIATE(T)                                                                                  \
-  template EntropyRegForward<T> entropy_reg_forward<T>(const std::vector<Tensor<T>>&, const dist::Communicator*); \
+  template EntropyRegForward<T> entropy_reg_forward<T>(const std::vector<Tensor<T>>&, const dist::Communicator*,  \
+                                                       SplitOver);                                                   \
   template void entropy_reg_backward_add<T>(const EntropyRegForward<T>&, T, const std::vector<Tensor<T>>&); \
   template std::vector<Tensor<T>> entropy_reg_backward<T>(const EntropyRegForward<T>&, T);
 KMOE_INSTANTIATE(float)

@@ -22,18 +22,24 @@ struct EntropyRegForward {
   T value = T(0);
   // Saved for backward.
   index_t calls = 0, batch = 0, length = 0, groups = 0, experts = 0;
-  index_t total_rows = 0;  // the R·T rows of the mean over every rank
+  index_t total_rows = 0;   // the R·T rows of the mean over every rank
+  index_t total_batch = 0;  // the B of the (1 / B·G) over every rank
   Tensor<T> log_probs;  // [B, R·T, G·E] log_softmax over E of the stacked logits
   Tensor<T> row_lse;    // [B, G·E] logsumexp over the R·T rows
 };
 
+// How a communicator of several ranks splits the regulariser's batch: the rows of its mean (σ-MoE's
+// one mean over every token of the batch: each rank's logsumexp over its rows is combined in rank
+// order) or whole sequences (MoEUT's per-sequence means: each rank's sum over its sequences is
+// added up, and 1/B counts every rank's). Either way every rank gets the same value and, from
+// backward, its own rows' gradients.
+enum class SplitOver { rows, sequences };
+
 // logits: the R ≥ 1 calls' router logits, each [B, T, G, E] (all the same shape). Throws
-// Status::invalid_argument for no calls, Status::shape_mismatch for differing shapes. With a
-// communicator of several ranks, the mean runs over the rows of every rank (data parallelism
-// splits T, σ-MoE's batch-wide regulariser): each rank's logsumexp over its rows is combined in
-// rank order, and every rank gets the same value and, from backward, its own rows' gradients.
+// Status::invalid_argument for no calls, Status::shape_mismatch for differing shapes.
 template <class T>
-EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits, const dist::Communicator* pool = nullptr);
+EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits, const dist::Communicator* pool = nullptr,
+                                         SplitOver split = SplitOver::rows);
 
 // Adds the gradient of coef · reg with respect to each call's logits into dlogits (one [B, T, G, E]
 // tensor per call, in call order), in one pass over the rows.
