@@ -5,6 +5,7 @@
 // ReshardAndResave at W = 1, 3, 6 and 20 (KMOE_RESHARD_IN / KMOE_RESHARD_OUT name the files).
 #include "kmoe/dist/communicator.hpp"
 #include "kmoe/dist/gradients.hpp"
+#include "kmoe/dist/parameter_blocks.hpp"
 #include "kmoe/io/checkpoint.hpp"
 #include "kmoe/model/builder.hpp"
 #include "kmoe/model/optimizer.hpp"
@@ -137,6 +138,32 @@ TEST(SigmaMoEDistCheckpoint, RoundTripsAndLoadsAtOneRank) {
       std::filesystem::remove(path);
       std::filesystem::remove(single);
     }
+  });
+}
+
+// A MoEUTLM's placed FFN experts and its replicated rest round-trip the same way: a one-rank
+// load holds exactly the distributed layer's blocks.
+TEST(SigmaMoEDistCheckpoint, MoEUTLMRoundTripsThroughOneRank) {
+  const std::string lm = R"({"n_tokens": 20, "d_model": 16, "n_layers": 2, "n_heads": 2, "ff_n_experts": 5,
+                             "att_n_experts": 2, "ff_k": 2, "att_k": 1, "ff_expert_size": 8})";
+  auto layer = model::build_layer<float>("moeut_lm", lm, 4, ParameterInit::drawn, world());
+  const std::string path = shared_path("moeut_lm.h5");
+  io::save_checkpoint(path, *layer);
+  const auto whole = io::load_layer<float>(path);
+  const auto mine = layer->parameters(), all = whole->parameters();
+  ASSERT_EQ(mine.size(), all.size());
+  for (std::size_t i = 0; i < mine.size(); ++i) {
+    Tensor<float> block(mine[i].name, mine[i].tensor->shape());
+    dist::take_block(mine[i], *all[i].tensor, block);
+    EXPECT_EQ(block.to_host(), mine[i].tensor->to_host()) << mine[i].name;
+  }
+  auto again = model::build_layer<float>("moeut_lm", lm, 9, ParameterInit::zeros, world());
+  io::load_checkpoint(path, *again);
+  const auto loaded = again->parameters();
+  for (std::size_t i = 0; i < mine.size(); ++i)
+    EXPECT_EQ(loaded[i].tensor->to_host(), mine[i].tensor->to_host()) << mine[i].name;
+  world().collectively([&] {
+    if (world().rank() == 0) std::filesystem::remove(path);
   });
 }
 
