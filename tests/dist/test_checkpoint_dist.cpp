@@ -9,6 +9,7 @@
 #include "kmoe/io/checkpoint.hpp"
 #include "kmoe/model/builder.hpp"
 #include "kmoe/model/optimizer.hpp"
+#include "dist/dist_util.hpp"
 #include "test_util.hpp"
 
 #include <gtest/gtest.h>
@@ -21,11 +22,6 @@ using namespace kmoe;
 using namespace kmoe::test;
 
 namespace {
-
-const dist::Communicator& world() {
-  static const dist::Communicator comm(MPI_COMM_WORLD);
-  return comm;
-}
 
 const char* const config = R"({"dmodel": 8, "n_experts": 6, "expert_size": 10, "k": 2, "bias": true})";
 constexpr index_t batch_tokens = 23;

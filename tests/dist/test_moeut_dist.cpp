@@ -6,6 +6,7 @@
 #include "kmoe/dist/gradients.hpp"
 #include "kmoe/dist/parameter_blocks.hpp"
 #include "kmoe/model/builder.hpp"
+#include "dist/dist_util.hpp"
 #include "test_util.hpp"
 
 #include <gtest/gtest.h>
@@ -16,20 +17,6 @@ using namespace kmoe;
 using namespace kmoe::test;
 
 namespace {
-
-const dist::Communicator& world() {
-  static const dist::Communicator comm(MPI_COMM_WORLD);
-  return comm;
-}
-
-double rel_l2(const std::vector<float>& got, const std::vector<float>& want) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < want.size(); ++i) {
-    num += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
-    den += static_cast<double>(want[i]) * want[i];
-  }
-  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
-}
 
 void matches_one_rank(const std::string& kind, bool training) {
   const std::string config = kind == "moeut"

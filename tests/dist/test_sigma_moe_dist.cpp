@@ -7,6 +7,7 @@
 #include "kmoe/dist/communicator.hpp"
 #include "kmoe/dist/gradients.hpp"
 #include "kmoe/layers/sigma_moe.hpp"
+#include "dist/dist_util.hpp"
 #include "test_util.hpp"
 
 #include <gtest/gtest.h>
@@ -20,11 +21,6 @@ using kmoe::layers::SigmaMoE;
 using kmoe::layers::SigmaMoEConfig;
 
 namespace {
-
-const dist::Communicator& world() {
-  static const dist::Communicator comm(MPI_COMM_WORLD);
-  return comm;
-}
 
 // Rank r's sequences of a batch of `sequences`: contiguous, the first ones one more; with
 // empty_rank ≥ 0 that rank brings none and the others share them.
@@ -40,16 +36,6 @@ std::pair<index_t, index_t> my_sequences(index_t sequences, int empty_rank) {
   const index_t base = sequences / w, extra = sequences % w;
   const index_t first = r * base + std::min(r, extra);
   return {first, base + (r < extra ? 1 : 0)};
-}
-
-template <class T>
-double rel_l2(const std::vector<T>& got, const std::vector<T>& want) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < want.size(); ++i) {
-    num += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
-    den += static_cast<double>(want[i]) * want[i];
-  }
-  return den == 0 ? std::sqrt(num) : std::sqrt(num / den);
 }
 
 template <class T>
