@@ -231,6 +231,7 @@ Tensor<T> whole_batch(const dist::Communicator& ranks, const Tensor<T>& share, c
   template Tensor<T> whole_batch<T>(const dist::Communicator&, const Tensor<T>&, const Shape&);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)
+KMOE_INSTANTIATE(int)
 #undef KMOE_INSTANTIATE
 
 }  // namespace kmoe::parity

@@ -7,6 +7,7 @@
 // /debug/logits_chunk<i>_rope_offset_fixed, and the final cache to equal /debug/kv_cache. The
 // reference's own /output/logits_chunk<i> for i > 0 carry its RoPE-offset bug (queries rotated
 // from position 0); they are reported as information, not required.
+#include "distributed.hpp"
 #include "registry.hpp"
 
 #include "kmoe/layers/moeut.hpp"
@@ -132,17 +133,26 @@ void run_moeut(const Fixture& fixture, Report& report) {
   if (fixture.has("/input/src_length_mask"))
     mask.src_length_mask = src_length = read_mask(fixture, "/input/src_length_mask");
   inputs.attention_mask = mask;
-  Generator rng(fixture.seed());
-  const model::LayerForward<T> f = layer->forward(inputs, fixture.training(), rng);
-  const double reg_loss = f.losses.at("reg_loss");
-  report.compare("/output/out", f.out);
+  const bool distributed = fixture.ranks().distributed();
+  DistributedRun<T> run;
+  model::LayerForward<T> f;
+  if (distributed) {
+    run = distributed_forward(fixture, *layer, inputs);
+  } else {
+    Generator rng(fixture.seed());
+    f = layer->forward(inputs, fixture.training(), rng);
+  }
+  const Tensor<T> out = distributed ? run.out : f.out;
+  const double reg_loss = (distributed ? run.forward : f).losses.at("reg_loss");
+  report.compare("/output/out", out);
   report.compare_scalar("/output/reg_loss", reg_loss);
-  const Tensor<T> grad_out = fixture.read<T>("/input/grad_out", f.out.shape());
-  const Dot d = dot(f.out, grad_out);
+  const Tensor<T> grad_out = fixture.read<T>("/input/grad_out", out.shape());
+  const Dot d = dot(out, grad_out);
   report.compare_scalar("/output/loss", d.sum + reg_loss, d.magnitude + std::abs(reg_loss));
   if (!fixture.has("/grad")) return;
   layer->zero_grad();
-  report.compare("/grad/input/x", layer->backward(f, grad_out, T(1)));
+  report.compare("/grad/input/x", distributed ? distributed_backward(fixture, run, *layer, grad_out, T(1))
+                                              : layer->backward(f, grad_out, T(1)));
   report.compare_gradients(*layer);
 }
 
@@ -157,10 +167,20 @@ void run_moeut_lm(const Fixture& fixture, Report& report) {
   require(x.rank() == 2, Status::io_error, "/input/x is ", x.shape().str(), ", expected [B, T] token ids");
   fixture.read_indices("/input/tokens");  // x and targets are its two shifted views
   const Tensor<int> targets = fixture.read_indices("/input/targets");
-  Generator rng(fixture.seed());
-  const model::LayerForward<T> f = layer->forward(inputs, fixture.training(), rng);
-  const double reg_loss = f.losses.at("reg_loss");
-  report.compare("/output/logits", f.out);
+  const bool distributed = fixture.ranks().distributed();
+  require(!distributed || !fixture.has("/input/chunk_sizes"), Status::unsupported,
+          "kmoe-parity --distributed: the KV-cache check (/input/chunk_sizes) runs on one rank");
+  DistributedRun<T> run;
+  model::LayerForward<T> f;
+  if (distributed) {
+    run = distributed_forward(fixture, *layer, inputs);
+  } else {
+    Generator rng(fixture.seed());
+    f = layer->forward(inputs, fixture.training(), rng);
+  }
+  const Tensor<T> out = distributed ? run.out : f.out;
+  const double reg_loss = (distributed ? run.forward : f).losses.at("reg_loss");
+  report.compare("/output/logits", out);
   report.compare_scalar("/output/reg_loss", reg_loss);
 
   if (fixture.has("/input/chunk_sizes")) {
@@ -170,7 +190,7 @@ void run_moeut_lm(const Fixture& fixture, Report& report) {
   }
   require_loss(fixture, {"cross_entropy(logits.view(-1, n_tokens), targets.flatten(), reduction='mean') + reg_loss[0]"});
   const index_t N = x.size(), V = model.config().n_tokens;
-  const Tensor<T> logits = f.out.reshape({N, V});
+  const Tensor<T> logits = out.reshape({N, V});
   const Tensor<int> target_rows = targets.reshape({N});
   const auto row_lse = Tensor<T>::uninitialized("parity::row_lse", {N});
   const T ce = ops::cross_entropy_forward<T>(logits.as_matrix(), target_rows.flat(), -100, row_lse.flat());
@@ -182,7 +202,11 @@ void run_moeut_lm(const Fixture& fixture, Report& report) {
   ops::cross_entropy_backward<T>(logits.as_matrix(), target_rows.flat(), -100, row_lse.flat(), T(1),
                                  dlogits.as_matrix());
   layer->zero_grad();
-  layer->backward(f, dlogits.reshape(f.out.shape()), T(1));
+  if (distributed) {
+    distributed_backward(fixture, run, *layer, dlogits.reshape(out.shape()), T(1));
+  } else {
+    layer->backward(f, dlogits.reshape(out.shape()), T(1));
+  }
   report.compare_gradients(*layer);
 }
 
