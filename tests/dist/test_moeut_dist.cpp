@@ -94,3 +94,21 @@ TEST(MoEUTDist, MatchesOneRank) {
 TEST(MoEUTDist, LanguageModelMatchesOneRank) {
   for (const bool training : {false, true}) matches_one_rank("moeut_lm", training);
 }
+
+// A config that differs between ranks in a part no FFN sees (the attention heads) is refused on
+// every rank.
+TEST(MoEUTDist, ConfigThatDiffersBetweenRanksIsAnErrorOnEveryRank) {
+  if (world().size() == 1) GTEST_SKIP() << "needs two ranks";
+  const std::string heads = world().rank() == 1 ? "4" : "2";
+  const std::string config = R"({"d_model": 16, "n_layers": 2, "n_heads": )" + heads +
+                             R"(, "ff_n_experts": 4, "att_n_experts": 2, "ff_k": 2, "att_k": 1, "ff_expert_size": 8})";
+  try {
+    (void)model::build_layer<float>("moeut", config, 3, ParameterInit::drawn, world());
+    ADD_FAILURE() << "rank " << world().rank() << ": configs differing between ranks were accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), Status::invalid_argument) << e.what();
+    EXPECT_NE(std::string(e.what()).find("the MoEUT config or seed differs between the ranks"), std::string::npos)
+        << e.what();
+  }
+}
+

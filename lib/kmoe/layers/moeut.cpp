@@ -222,6 +222,10 @@ template <class T>
 MoEUT<T>::MoEUT(const MoEUTConfig& config, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm)
     : config_(config), comm_(comm) {
   config_.validate();
+  // The whole config (the LM's fields included: n_tokens is one of them) and the seed, before any
+  // child layer's own check.
+  comm_.require_same(dist::text_hash(model::write_fields(moeut_fields(true), config_).dump()) ^ seed,
+                     "the MoEUT config or seed");
   const index_t D = config_.d_model;
   for (int i = 0; i < config_.group_size; ++i) {
     attention_.push_back(std::make_unique<SwitchHeadAttention<T>>(config_.attention_config(),
