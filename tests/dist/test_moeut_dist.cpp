@@ -18,14 +18,15 @@ using namespace kmoe::test;
 
 namespace {
 
-void matches_one_rank(const std::string& kind, bool training) {
+void matches_one_rank(const std::string& kind, bool training, bool idle_rank = false) {
   const std::string config = kind == "moeut"
                                  ? R"({"d_model": 16, "n_layers": 2, "n_heads": 2, "ff_n_experts": 5, "att_n_experts": 2,
                                       "ff_k": 2, "att_k": 1, "ff_expert_size": 8, "dropout": 0.1})"
                                  : R"({"n_tokens": 20, "d_model": 16, "n_layers": 2, "n_heads": 2, "ff_n_experts": 5,
                                       "att_n_experts": 2, "ff_k": 2, "att_k": 1, "ff_expert_size": 8, "dropout": 0.1})";
   const bool lm = kind == "moeut_lm";
-  const index_t W = world().size(), rank = world().rank(), B = W + 2, T = 4, D = 16;
+  // idle_rank: fewer sequences than ranks, so the last rank brings none.
+  const index_t W = world().size(), rank = world().rank(), B = idle_rank && W > 1 ? W - 1 : W + 2, T = 4, D = 16;
   const index_t base = B / W, extra = B % W, first = rank * base + std::min(rank, extra), count = base + (rank < extra);
   const index_t row = lm ? T : T * D;
   const auto whole_input = [&](model::LayerInputs<float>& in, index_t from, index_t n) {
@@ -60,8 +61,8 @@ void matches_one_rank(const std::string& kind, bool training) {
   const Tensor<float> dx = layer->backward(f, dout(first, count), 0.2f);
   dist::all_reduce_dense_gradients(world(), layer->parameters());
 
-  const std::string where = kind + (training ? " train" : " eval") + " W " + std::to_string(W) + " rank " +
-                            std::to_string(rank);
+  const std::string where = kind + (training ? " train" : " eval") + (idle_rank ? " idle rank" : "") + " W " +
+                            std::to_string(W) + " rank " + std::to_string(rank);
   const std::vector<float> out_all = rf.out.to_host();
   EXPECT_LE(rel_l2(f.out.to_host(), std::vector<float>(out_all.begin() + first * out_row,
                                                         out_all.begin() + (first + count) * out_row)),
@@ -89,10 +90,12 @@ void matches_one_rank(const std::string& kind, bool training) {
 
 TEST(MoEUTDist, MatchesOneRank) {
   for (const bool training : {false, true}) matches_one_rank("moeut", training);
+  matches_one_rank("moeut", true, true);
 }
 
 TEST(MoEUTDist, LanguageModelMatchesOneRank) {
   for (const bool training : {false, true}) matches_one_rank("moeut_lm", training);
+  matches_one_rank("moeut_lm", true, true);
 }
 
 // A config that differs between ranks in a part no FFN sees (the attention heads) is refused on

@@ -272,13 +272,13 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
                                   MoEUTCache<T>* cache) const {
   const MoEUTConfig& c = config_;
   const index_t D = c.d_model;
-  // On every rank, so that a bad input does not leave the others waiting. Every rank needs a
-  // sequence of its own (attention has no zero-batch path yet).
+  // On every rank, so that a bad input does not leave the others waiting. A rank may bring no
+  // sequences when others do (it still takes part in the FFN exchanges).
   comm_.collectively([&] {
     require(x.rank() == 3 && x.dim(2) == D, Status::shape_mismatch, "MoEUT::forward: x is ", x.shape().str(),
             ", expected [B, T, d_model = ", D, "]");
-    require(x.dim(0) * x.dim(1) >= 1, Status::shape_mismatch, "MoEUT::forward: x ", x.shape().str(),
-            " has no tokens", comm_.distributed() ? " (every rank needs at least one sequence)" : "");
+    require(x.dim(0) * x.dim(1) >= 1 || (comm_.distributed() && x.dim(1) >= 1 && cache == nullptr),
+            Status::shape_mismatch, "MoEUT::forward: x ", x.shape().str(), " has no tokens");
   });
   const index_t B = x.dim(0), T_len = x.dim(1), N = B * T_len;
   if (cache != nullptr) {
@@ -466,10 +466,10 @@ template <class T>
 MoEUTLMForward<T> MoEUTLM<T>::forward(const Tensor<int>& tokens, const std::optional<ops::AttentionMask>& mask,
                                       bool training, Generator& rng, MoEUTCache<T>* cache) const {
   const index_t D = config_.d_model, V = config_.n_tokens;
-  transformer_.communicator().collectively([&] {
-    require(tokens.rank() == 2 && tokens.size() >= 1, Status::shape_mismatch, "MoEUTLM::forward: tokens is ",
-            tokens.shape().str(), ", expected a non-empty [B, T]",
-            transformer_.communicator().distributed() ? " (every rank needs at least one sequence)" : "");
+  const dist::Communicator& comm = transformer_.communicator();
+  comm.collectively([&] {
+    require(tokens.rank() == 2 && (tokens.size() >= 1 || (comm.distributed() && tokens.dim(1) >= 1)),
+            Status::shape_mismatch, "MoEUTLM::forward: tokens is ", tokens.shape().str(), ", expected a non-empty [B, T]");
   });
   const index_t B = tokens.dim(0), T_len = tokens.dim(1), N = B * T_len;
   MoEUTLMForward<T> f;

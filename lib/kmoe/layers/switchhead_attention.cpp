@@ -351,8 +351,25 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
           qk_src.shape().str(), ", expected [B, T, state_size = ", D, "]");
   v_src.require_shape(qk_src.shape(), "SwitchHeadAttention::forward: v_src (must match qk_src)");
   const index_t B = qk_src.dim(0), Tq = qk_src.dim(1), N = B * Tq;
-  require(N >= 1, Status::shape_mismatch, "SwitchHeadAttention::forward: qk_src ", qk_src.shape().str(),
-          " has no tokens");
+  require(N >= 1 || (comm_.distributed() && cache == nullptr), Status::shape_mismatch,
+          "SwitchHeadAttention::forward: qk_src ", qk_src.shape().str(), " has no tokens");
+  if (N == 0) {
+    // A rank without sequences: nothing to compute, but the batch-wide draws are collective.
+    if (Ea > 1 && training && c.expert_dropout > 0) {
+      (void)dist::take_global(comm_, rng, 0);
+      (void)dist::take_global(comm_, rng, 0);
+    }
+    SwitchHeadForward<T> none;
+    none.training = training;
+    none.qk_src = qk_src.reshape({0, D});
+    none.v_src = v_src.reshape({0, D});
+    none.y = Tensor<T>("switchhead::y", {B, Tq, D});
+    if (Ea > 1) {
+      none.sel_o_logits = Tensor<T>("switchhead::sel_o_logits", {B, Tq, H, Ea});
+      none.sel_v_logits = Tensor<T>("switchhead::sel_v_logits", {B, Tq, H, Ea});
+    }
+    return none;
+  }
   const index_t Tc = cache != nullptr ? cache->length() : 0;
   if (Tc > 0) {
     cache->k.require_shape({B, H, Tc, P}, "SwitchHeadAttention::forward: cache k");
@@ -440,6 +457,10 @@ typename SwitchHeadAttention<T>::InputGrads SwitchHeadAttention<T>::backward(con
   const SwitchHeadConfig& c = config_;
   const index_t D = c.state_size, H = c.n_heads, P = c.d_head(), Ea = c.n_experts, ka = c.moe_k;
   require(!f.y.empty(), Status::invalid_argument, "SwitchHeadAttention::backward: the forward result is empty");
+  if (f.y.size() == 0) {  // a rank without sequences (see forward)
+    dy.require_shape(f.y.shape(), "SwitchHeadAttention::backward: dy");
+    return {Tensor<T>("switchhead::dqk_src", f.y.shape()), Tensor<T>("switchhead::dv_src", f.y.shape())};
+  }
   require(!f.cached, Status::invalid_argument,
           "SwitchHeadAttention::backward: the forward used a KV cache (inference only); run it without one");
   require(f.y.rank() == 3 && f.y.dim(2) == D && f.q_rot.dim(1) == H && f.q_rot.dim(3) == P, Status::shape_mismatch,

@@ -32,10 +32,13 @@ EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits, c
                                          SplitOver split) {
   require(!logits.empty(), Status::invalid_argument, "entropy_reg_forward: no router logits (no calls)");
   const Shape& shape = logits.front().shape();
-  // T = 0 (no rows here) only when other ranks bring rows.
-  require(shape.rank() == 4 && (shape.size() > 0 || (pool != nullptr && pool->distributed() && shape[1] == 0 &&
-                                                     shape[0] > 0 && shape[2] > 0 && shape[3] > 0)),
-          Status::shape_mismatch, "entropy_reg_forward: logits are ", shape.str(), ", expected a non-empty [B, T, G, E]");
+  // No rows here (T = 0 when the ranks split the rows, B = 0 when they split the sequences) only
+  // when other ranks bring some.
+  const bool distributed = pool != nullptr && pool->distributed();
+  const bool none_here = distributed && shape.rank() == 4 && shape[2] > 0 && shape[3] > 0 &&
+                         (split == SplitOver::rows ? shape[1] == 0 && shape[0] > 0 : shape[0] == 0 && shape[1] > 0);
+  require(shape.rank() == 4 && (shape.size() > 0 || none_here), Status::shape_mismatch,
+          "entropy_reg_forward: logits are ", shape.str(), ", expected a non-empty [B, T, G, E]");
   for (const Tensor<T>& call : logits) call.require_shape(shape, "entropy_reg_forward: router logits of a call");
   EntropyRegForward<T> f;
   f.calls = static_cast<index_t>(logits.size());
@@ -55,11 +58,12 @@ EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits, c
   }
   const Shape lines{f.batch * rows * f.groups, f.experts};
   f.log_probs = Tensor<T>::uninitialized("entropy_reg::log_probs", stacked.shape());
-  if (rows > 0) ops::log_softmax_forward<T>(stacked.reshape(lines).as_3d(1), f.log_probs.reshape(lines).as_3d(1));
+  const bool any = rows > 0 && f.batch > 0;
+  if (any) ops::log_softmax_forward<T>(stacked.reshape(lines).as_3d(1), f.log_probs.reshape(lines).as_3d(1));
   f.row_lse = Tensor<T>::uninitialized("entropy_reg::row_lse", {f.batch, width});
-  if (rows > 0) {
+  if (any) {
     ops::logsumexp_forward<T>(f.log_probs.as_3d(1), f.row_lse.as_matrix());
-  } else {
+  } else if (f.batch > 0) {
     f.row_lse.fill(-Kokkos::Experimental::infinity<T>::value);  // the empty sum
   }
   // Σ p̄ log p̄ over B·G·E terms, summed on the host in a fixed order.
