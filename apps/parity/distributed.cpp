@@ -28,10 +28,15 @@ Kokkos::View<const bool**, Layout, MemSpace> mask_rows(const dist::Communicator&
 }  // namespace
 
 template <class T>
-DistributedRun<T> distributed_forward(const Fixture& fixture, model::Layer<T>& whole,
-                                      const model::LayerInputs<T>& whole_inputs) {
+FixtureRun<T> fixture_forward(const Fixture& fixture, model::Layer<T>& whole, const model::LayerInputs<T>& whole_inputs) {
   const dist::Communicator& ranks = fixture.ranks();
-  DistributedRun<T> run;
+  FixtureRun<T> run;
+  if (!ranks.distributed()) {
+    Generator rng(fixture.seed());
+    run.forward = whole.forward(whole_inputs, fixture.training(), rng);
+    run.out = run.forward.out;
+    return run;
+  }
   run.layer = model::build_layer<T>(fixture.layer(), fixture.config(), fixture.seed(), ParameterInit::zeros, ranks);
   const model::ParameterList<T> mine = run.layer->parameters(), all = whole.parameters();
   for (std::size_t i = 0; i < mine.size(); ++i) dist::take_block(mine[i], *all[i].tensor, *mine[i].tensor);
@@ -54,8 +59,9 @@ DistributedRun<T> distributed_forward(const Fixture& fixture, model::Layer<T>& w
 }
 
 template <class T>
-Tensor<T> distributed_backward(const Fixture& fixture, DistributedRun<T>& run, model::Layer<T>& whole,
-                               const Tensor<T>& whole_dout, T aux_weight) {
+Tensor<T> fixture_backward(const Fixture& fixture, FixtureRun<T>& run, model::Layer<T>& whole,
+                           const Tensor<T>& whole_dout, T aux_weight) {
+  if (!run.layer) return whole.backward(run.forward, whole_dout, aux_weight);
   const dist::Communicator& ranks = fixture.ranks();
   run.layer->zero_grad();
   const Tensor<T> dx = run.layer->backward(run.forward, my_share(ranks, whole_dout), aux_weight);
@@ -71,8 +77,8 @@ Tensor<T> distributed_backward(const Fixture& fixture, DistributedRun<T>& run, m
 }
 
 #define KMOE_INSTANTIATE(T)                                                                                        \
-  template DistributedRun<T> distributed_forward<T>(const Fixture&, model::Layer<T>&, const model::LayerInputs<T>&); \
-  template Tensor<T> distributed_backward<T>(const Fixture&, DistributedRun<T>&, model::Layer<T>&, const Tensor<T>&, T);
+  template FixtureRun<T> fixture_forward<T>(const Fixture&, model::Layer<T>&, const model::LayerInputs<T>&); \
+  template Tensor<T> fixture_backward<T>(const Fixture&, FixtureRun<T>&, model::Layer<T>&, const Tensor<T>&, T);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)
 #undef KMOE_INSTANTIATE

@@ -133,17 +133,9 @@ void run_moeut(const Fixture& fixture, Report& report) {
   if (fixture.has("/input/src_length_mask"))
     mask.src_length_mask = src_length = read_mask(fixture, "/input/src_length_mask");
   inputs.attention_mask = mask;
-  const bool distributed = fixture.ranks().distributed();
-  DistributedRun<T> run;
-  model::LayerForward<T> f;
-  if (distributed) {
-    run = distributed_forward(fixture, *layer, inputs);
-  } else {
-    Generator rng(fixture.seed());
-    f = layer->forward(inputs, fixture.training(), rng);
-  }
-  const Tensor<T> out = distributed ? run.out : f.out;
-  const double reg_loss = (distributed ? run.forward : f).losses.at("reg_loss");
+  FixtureRun<T> run = fixture_forward(fixture, *layer, inputs);
+  const Tensor<T> out = run.out;
+  const double reg_loss = run.forward.losses.at("reg_loss");
   report.compare("/output/out", out);
   report.compare_scalar("/output/reg_loss", reg_loss);
   const Tensor<T> grad_out = fixture.read<T>("/input/grad_out", out.shape());
@@ -151,8 +143,7 @@ void run_moeut(const Fixture& fixture, Report& report) {
   report.compare_scalar("/output/loss", d.sum + reg_loss, d.magnitude + std::abs(reg_loss));
   if (!fixture.has("/grad")) return;
   layer->zero_grad();
-  report.compare("/grad/input/x", distributed ? distributed_backward(fixture, run, *layer, grad_out, T(1))
-                                              : layer->backward(f, grad_out, T(1)));
+  report.compare("/grad/input/x", fixture_backward(fixture, run, *layer, grad_out, T(1)));
   report.compare_gradients(*layer);
 }
 
@@ -167,19 +158,11 @@ void run_moeut_lm(const Fixture& fixture, Report& report) {
   require(x.rank() == 2, Status::io_error, "/input/x is ", x.shape().str(), ", expected [B, T] token ids");
   fixture.read_indices("/input/tokens");  // x and targets are its two shifted views
   const Tensor<int> targets = fixture.read_indices("/input/targets");
-  const bool distributed = fixture.ranks().distributed();
-  require(!distributed || !fixture.has("/input/chunk_sizes"), Status::unsupported,
+  require(!fixture.ranks().distributed() || !fixture.has("/input/chunk_sizes"), Status::unsupported,
           "kmoe-parity --distributed: the KV-cache check (/input/chunk_sizes) runs on one rank");
-  DistributedRun<T> run;
-  model::LayerForward<T> f;
-  if (distributed) {
-    run = distributed_forward(fixture, *layer, inputs);
-  } else {
-    Generator rng(fixture.seed());
-    f = layer->forward(inputs, fixture.training(), rng);
-  }
-  const Tensor<T> out = distributed ? run.out : f.out;
-  const double reg_loss = (distributed ? run.forward : f).losses.at("reg_loss");
+  FixtureRun<T> run = fixture_forward(fixture, *layer, inputs);
+  const Tensor<T> out = run.out;
+  const double reg_loss = run.forward.losses.at("reg_loss");
   report.compare("/output/logits", out);
   report.compare_scalar("/output/reg_loss", reg_loss);
 
@@ -202,11 +185,7 @@ void run_moeut_lm(const Fixture& fixture, Report& report) {
   ops::cross_entropy_backward<T>(logits.as_matrix(), target_rows.flat(), -100, row_lse.flat(), T(1),
                                  dlogits.as_matrix());
   layer->zero_grad();
-  if (distributed) {
-    distributed_backward(fixture, run, *layer, dlogits.reshape(out.shape()), T(1));
-  } else {
-    layer->backward(f, dlogits.reshape(out.shape()), T(1));
-  }
+  fixture_backward(fixture, run, *layer, dlogits.reshape(out.shape()), T(1));
   report.compare_gradients(*layer);
 }
 

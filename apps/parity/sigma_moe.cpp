@@ -29,17 +29,9 @@ void run_sigma_moe(const Fixture& fixture, Report& report) {
   load_fixture_parameters(fixture, *layer);
   model::LayerInputs<T> inputs;
   inputs.x = fixture.read<T>("/input/x");
-  const bool distributed = fixture.ranks().distributed();
-  DistributedRun<T> run;
-  model::LayerForward<T> forward;
-  if (distributed) {
-    run = distributed_forward(fixture, *layer, inputs);
-  } else {
-    Generator rng(fixture.seed());
-    forward = layer->forward(inputs, fixture.training(), rng);
-  }
-  const Tensor<T> out = distributed ? run.out : forward.out;
-  const double reg_loss = (distributed ? run.forward : forward).losses.at("reg_loss");
+  FixtureRun<T> run = fixture_forward(fixture, *layer, inputs);
+  const Tensor<T> out = run.out;
+  const double reg_loss = run.forward.losses.at("reg_loss");
   report.compare("/output/out", out);
   report.compare_scalar("/output/reg_loss", reg_loss);
 
@@ -53,8 +45,7 @@ void run_sigma_moe(const Fixture& fixture, Report& report) {
   }
   if (!has_grad) return;
   layer->zero_grad();
-  report.compare("/grad/input/x", distributed ? distributed_backward(fixture, run, *layer, grad_out, static_cast<T>(reg_coef))
-                                              : layer->backward(forward, grad_out, static_cast<T>(reg_coef)));
+  report.compare("/grad/input/x", fixture_backward(fixture, run, *layer, grad_out, static_cast<T>(reg_coef)));
   report.compare_gradients(*layer);
 }
 
