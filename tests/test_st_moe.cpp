@@ -341,7 +341,7 @@ TEST(StMoEForward, CapacityEdgeCases) {
   EXPECT_EQ(kept_first, 4);
   int kept = 0;
   for (int e : index) kept += e >= 0;
-  EXPECT_EQ(f.plan.n_routed_pairs(), kept);
+  EXPECT_EQ(f.stage.plan.n_routed_pairs(), kept);
   EXPECT_LE(kept, 4 + 8);  // 4 first choices at expert 0, at most 4 second choices at each other expert
   const auto out = to_double(f.out);
   int zero_rows = 0;

@@ -35,7 +35,7 @@ BenchTable bench_st_moe(const Options& options, int repeats) {
   };
   // The routed pairs of one training forward (the routing draws change from call to call; the
   // count varies by well under a percent at this size).
-  const index_t pairs = layer.forward(x, true, rng).plan.n_routed_pairs();
+  const index_t pairs = layer.forward(x, true, rng).stage.plan.n_routed_pairs();
   train_step();
   const double forward_flops = 6.0 * static_cast<double>(pairs) * static_cast<double>(D) * static_cast<double>(h);
 

@@ -50,6 +50,11 @@ FixtureRun<T> fixture_forward(const Fixture& fixture, model::Layer<T>& whole, co
     inputs.tokens = my_share(ranks, whole_inputs.tokens);
     batch = whole_inputs.tokens.dim(0);
   }
+  if (!whole_inputs.mask.empty()) inputs.mask = my_share(ranks, whole_inputs.mask);
+  // ST-MoE's replayed draws: [top_n, batch, n] and [2, groups, batch, C].
+  if (!whole_inputs.route_uniform.empty()) inputs.route_uniform = my_share(ranks, whole_inputs.route_uniform, 1);
+  if (!whole_inputs.route_uniform_inner.empty())
+    inputs.route_uniform_inner = my_share(ranks, whole_inputs.route_uniform_inner, 2);
   if (whole_inputs.attention_mask && whole_inputs.attention_mask->src_length_mask.data() != nullptr)
     inputs.attention_mask->src_length_mask = mask_rows(ranks, whole_inputs.attention_mask->src_length_mask);
   Generator rng(fixture.seed());

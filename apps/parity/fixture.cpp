@@ -198,14 +198,21 @@ std::pair<index_t, index_t> share_of(index_t rows, int ranks, int rank) {
 }  // namespace
 
 template <class T>
-Tensor<T> my_share(const dist::Communicator& ranks, const Tensor<T>& whole) {
-  const index_t rows = whole.dim(0), width = whole.size() / std::max<index_t>(rows, 1);
+Tensor<T> my_share(const dist::Communicator& ranks, const Tensor<T>& whole, int axis) {
+  std::vector<index_t> dims = whole.shape().dims();
+  const index_t rows = dims[static_cast<std::size_t>(axis)];
+  index_t outer = 1, width = 1;
+  for (int a = 0; a < axis; ++a) outer *= dims[static_cast<std::size_t>(a)];
+  for (std::size_t a = static_cast<std::size_t>(axis) + 1; a < dims.size(); ++a) width *= dims[a];
   const auto [first, count] = share_of(rows, ranks.size(), ranks.rank());
   const std::vector<T> all = whole.to_host();
-  std::vector<index_t> dims = whole.shape().dims();
-  dims[0] = count;
-  return Tensor<T>::from_host("parity::share", Shape(dims),
-                              std::vector<T>(all.begin() + first * width, all.begin() + (first + count) * width));
+  std::vector<T> mine;
+  for (index_t o = 0; o < outer; ++o) {
+    const auto from = all.begin() + (o * rows + first) * width;
+    mine.insert(mine.end(), from, from + count * width);
+  }
+  dims[static_cast<std::size_t>(axis)] = count;
+  return Tensor<T>::from_host("parity::share", Shape(dims), mine);
 }
 
 template <class T>
@@ -227,7 +234,7 @@ Tensor<T> whole_batch(const dist::Communicator& ranks, const Tensor<T>& share, c
 }
 
 #define KMOE_INSTANTIATE(T)                                                           \
-  template Tensor<T> my_share<T>(const dist::Communicator&, const Tensor<T>&);        \
+  template Tensor<T> my_share<T>(const dist::Communicator&, const Tensor<T>&, int);   \
   template Tensor<T> whole_batch<T>(const dist::Communicator&, const Tensor<T>&, const Shape&);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)

@@ -73,9 +73,10 @@ class Fixture {
   mutable std::set<std::string> used_;
 };
 
-// This rank's rows (axis 0) of a batch split over the ranks: contiguous, the first ranks one more.
+// This rank's rows (along axis, the batch's axis) of a batch split over the ranks: contiguous,
+// the first ranks one more.
 template <class T>
-Tensor<T> my_share(const dist::Communicator& ranks, const Tensor<T>& whole);
+Tensor<T> my_share(const dist::Communicator& ranks, const Tensor<T>& whole, int axis = 0);
 // Every rank's share put back together, on every rank: the inverse of my_share.
 template <class T>
 Tensor<T> whole_batch(const dist::Communicator& ranks, const Tensor<T>& share, const Shape& whole_shape);

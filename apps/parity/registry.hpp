@@ -54,9 +54,6 @@ inline const std::vector<LayerRunner>& layer_runners() {
 // Runs the fixture's layer in the fixture's dtype, then checks that nothing in the dump was
 // left unchecked. An unknown layer throws, listing the known ones.
 inline void run_layer(const Fixture& fixture, Report& report) {
-  const std::string layer = fixture.layer();
-  require(!fixture.ranks().distributed() || layer == "sigma_moe" || layer == "moeut" || layer == "moeut_lm",
-          Status::unsupported, "kmoe-parity --distributed runs sigma_moe, moeut and moeut_lm dumps so far, not ", layer);
   std::string known;
   for (const LayerRunner& runner : layer_runners()) {
     if (fixture.layer() == runner.layer) {

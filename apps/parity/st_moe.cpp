@@ -3,6 +3,7 @@
 // and "st_moe_block_v0014" (v0.0.14 SparseMoEBlock around either); dump format of
 // data/golden/st_moe/README.md and data/golden/st_moe_v0014/README.md. The recorded routing draws
 // (/input/route_uniform, or _outer / _inner) are replayed.
+#include "distributed.hpp"
 #include "registry.hpp"
 
 #include "kmoe/layers/sparse_moe_block.hpp"
@@ -56,11 +57,12 @@ void run_st_moe_family(const Fixture& fixture, Report& report) {
     inputs.route_uniform = with_unused_first_row(fixture.read<T>("/input/route_uniform_outer"));
     inputs.route_uniform_inner = with_unused_first_row(fixture.read<T>("/input/route_uniform_inner"));
   }
-  Generator rng(fixture.seed());  // no draws: the uniforms are replayed, gate noise is off
-  const model::LayerForward<T> f = layer->forward(inputs, fixture.training(), rng);
+  // No draws: the uniforms are replayed, gate noise is off.
+  FixtureRun<T> run = fixture_forward(fixture, *layer, inputs);
+  const model::LayerForward<T>& f = run.forward;
   const double total_aux = f.losses.at("total_aux_loss"), balance = f.losses.at("balance_loss"),
                z = f.losses.at("router_z_loss");
-  report.compare("/output/out", f.out);
+  report.compare("/output/out", run.out);
   if (!v0014) {
     report.compare_scalar("/output/total_aux_loss", total_aux);
     report.compare_scalar("/output/balance_loss", balance);
@@ -70,11 +72,11 @@ void run_st_moe_family(const Fixture& fixture, Report& report) {
     report.compare_scalar("/output/router_z_loss", c.router_z_loss_coef * z);
   }
 
-  const Tensor<T> grad_out = fixture.read<T>("/input/grad_out", f.out.shape());
-  const Dot d = dot(f.out, grad_out);
+  const Tensor<T> grad_out = fixture.read<T>("/input/grad_out", run.out.shape());
+  const Dot d = dot(run.out, grad_out);
   report.compare_scalar("/output/loss", d.sum + total_aux, d.magnitude + std::abs(total_aux));
   if (!fixture.has("/grad")) return;
-  report.compare("/grad/input/x", layer->backward(f, grad_out, T(1)));
+  report.compare("/grad/input/x", fixture_backward(fixture, run, *layer, grad_out, T(1)));
   report.compare_gradients(*layer);
 }
 

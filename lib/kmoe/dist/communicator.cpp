@@ -48,6 +48,19 @@ Communicator::Communicator(MPI_Comm comm) {
 
 MPI_Comm Communicator::comm() const { return state_ ? state_->comm : MPI_COMM_NULL; }
 
+Communicator Communicator::split(int color) const {
+  if (!state_) return *this;
+  Communicator part;
+  auto state = std::make_shared<State>();
+  check_mpi(MPI_Comm_split(state_->comm, color, rank_, &state->comm), "MPI_Comm_split");
+  MPI_Comm_set_errhandler(state->comm, MPI_ERRORS_RETURN);
+  check_mpi(MPI_Comm_rank(state->comm, &part.rank_), "MPI_Comm_rank");
+  check_mpi(MPI_Comm_size(state->comm, &part.size_), "MPI_Comm_size");
+  state->round_bytes = state_->round_bytes;
+  part.state_ = std::move(state);
+  return part;
+}
+
 std::vector<std::int64_t> Communicator::all_gather(std::int64_t value) const {
   std::vector<std::int64_t> all(static_cast<std::size_t>(size_), value);
   if (state_) check_mpi(MPI_Allgather(&value, 1, MPI_INT64_T, all.data(), 1, MPI_INT64_T, state_->comm), "MPI_Allgather");

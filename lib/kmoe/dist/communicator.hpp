@@ -40,6 +40,10 @@ class Communicator {
   // The duplicate (MPI_COMM_NULL for one rank without MPI): for parallel HDF5.
   MPI_Comm comm() const;
 
+  // The ranks of the same color, in rank order, as a communicator of their own (MPI_Comm_split);
+  // collective. One rank's split is itself.
+  Communicator split(int color) const;
+
   // Every rank's value, in rank order.
   std::vector<std::int64_t> all_gather(std::int64_t value) const;
   // Every rank's values (the same count on every rank, below 2^31), rank r's at [r·n, (r+1)·n).

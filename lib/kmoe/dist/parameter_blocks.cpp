@@ -9,7 +9,7 @@ namespace {
 // Which part of the whole tensor a rank's parameter holds: experts (axis 0) [first, first +
 // count) and, of each, hidden units (hidden_axis) [hidden_begin, hidden_begin + hidden).
 struct Block {
-  std::int64_t first = 0, count = 0, hidden_begin = 0, hidden = 0;
+  std::int64_t first = 0, count = 0, hidden_begin = 0, hidden = 0, hidden_total = 0, hidden_blocks = 1;
 };
 
 template <class T>
@@ -18,23 +18,33 @@ Block block_of(const model::Parameter<T>& p) {
   b.first = p.first_expert;
   b.count = p.local_experts();
   b.hidden_begin = p.hidden_total >= 0 ? p.hidden_begin : 0;
-  b.hidden = p.hidden_axis >= 0 ? p.tensor->dim(p.hidden_axis) : 0;
+  b.hidden_blocks = p.hidden_blocks;
+  b.hidden = p.hidden_axis >= 0 ? p.tensor->dim(p.hidden_axis) / p.hidden_blocks : 0;
+  b.hidden_total = p.hidden_total >= 0 ? p.hidden_total : b.hidden;
   return b;
 }
 
 // Calls f(local index, whole index) for every element of a block of a [E, ...] whole tensor of
-// shape `whole` (rank 2 or 3, experts on axis 0, hidden units on hidden_axis or none).
+// shape `whole` (rank 2 or 3, experts on axis 0, hidden units on hidden_axis or none; the hidden
+// axis of `hidden_blocks` blocks of hidden_total units, the block's range taken from each).
 template <class F>
 void for_each_in_block(const Shape& whole, int hidden_axis, const Block& b, F&& f) {
   const index_t A = whole[1], B = whole.rank() > 2 ? whole[2] : 1;
-  const index_t a_first = hidden_axis == 1 ? b.hidden_begin : 0, a_count = hidden_axis == 1 ? b.hidden : A;
-  const index_t b_first = hidden_axis == 2 ? b.hidden_begin : 0, b_count = hidden_axis == 2 ? b.hidden : B;
+  // Whole index along the hidden axis of local index i: block i / hidden, unit i mod hidden.
+  const auto hidden_at = [&](index_t i) { return (i / b.hidden) * b.hidden_total + b.hidden_begin + i % b.hidden; };
+  const index_t a_count = hidden_axis == 1 ? b.hidden * b.hidden_blocks : A;
+  const index_t b_count = hidden_axis == 2 ? b.hidden * b.hidden_blocks : B;
   std::size_t local = 0;
   for (index_t e = 0; e < b.count; ++e)
     for (index_t a = 0; a < a_count; ++a)
       for (index_t c = 0; c < b_count; ++c)
-        f(local++, static_cast<std::size_t>(((b.first + e) * A + a_first + a) * B + b_first + c));
+        f(local++, static_cast<std::size_t>(((b.first + e) * A + (hidden_axis == 1 ? hidden_at(a) : a)) * B +
+                                            (hidden_axis == 2 ? hidden_at(c) : c)));
 }
+
+// Whether a rank's block carries the values of its elements: every block does, except the copies
+// that shards past an expert's first keep of an entry without a hidden axis.
+bool block_owns_values(int hidden_axis, const Block& b) { return hidden_axis >= 0 || b.hidden_begin == 0; }
 
 }  // namespace
 
@@ -61,7 +71,8 @@ void gather_to_rank0(const Communicator& comm, const model::Parameter<T>& p, con
     Block b;
     std::memcpy(&b, all.data() + at, sizeof(Block));
     const T* from = reinterpret_cast<const T*>(all.data() + at + sizeof(Block));
-    for_each_in_block(shape, p.hidden_axis, b, [&](std::size_t i, std::size_t w) { assembled[w] = from[i]; });
+    if (block_owns_values(p.hidden_axis, b))
+      for_each_in_block(shape, p.hidden_axis, b, [&](std::size_t i, std::size_t w) { assembled[w] = from[i]; });
     at += received[r];
   }
   whole->copy_from_host(assembled);

@@ -139,29 +139,58 @@ Tensor<T> GegluExpert<T>::backward(const GegluExpertForward<T>& f, const Tensor<
 
 // ---- stacked experts ----
 
+namespace geglu_impl {
+
+// out(i) = U(−bound, bound) from counter counter_of(i) of stream.
+template <class T, class Counter>
+void fill_uniform_at(const View1<T>& out, const RngStream& stream, double bound, const Counter& counter_of) {
+  if (!stream.draws) return;
+  const T lo = static_cast<T>(-bound), hi = static_cast<T>(bound);
+  Kokkos::parallel_for(
+      "kmoe::geglu::fill_uniform_at", Kokkos::RangePolicy<ExecSpace>(0, out.extent(0)),
+      KOKKOS_LAMBDA(const index_t i) { out(i) = lo + (hi - lo) * stream.uniform<T>(counter_of(i)); });
+}
+
+}  // namespace geglu_impl
+
 template <class T>
-GegluExpertsParams<T> make_geglu_experts(int experts, index_t dim, index_t hidden, Generator& rng, bool zeros) {
+GegluExpertsParams<T> make_geglu_experts(int experts, index_t dim, index_t hidden, Generator& rng, bool zeros,
+                                         const GegluExpertsShare& share) {
   require(experts >= 1 && dim >= 1 && hidden >= 1, Status::invalid_argument, "make_geglu_experts: experts = ",
           experts, ", dim = ", dim, ", hidden = ", hidden, " must all be at least 1");
-  const index_t E = experts, h = hidden;
+  const index_t E = share.experts < 0 ? experts : share.experts, H = hidden;
+  const index_t h = share.hidden < 0 ? hidden : share.hidden, e0 = share.first_expert, h0 = share.hidden_begin;
+  require(e0 >= 0 && e0 + E <= experts && h0 >= 0 && h0 + h <= H, Status::invalid_argument,
+          "make_geglu_experts: the share (experts ", e0, " + ", E, ", hidden ", h0, " + ", h, ") lies outside ",
+          experts, " experts of ", H, " units");
   GegluExpertsParams<T> p{Tensor<T>("experts::w_in", {E, dim, 2 * h}), Tensor<T>("experts::b_in", {E, 2 * h}),
                           Tensor<T>("experts::mult_bias", {E, h}), Tensor<T>("experts::w_out", {E, h, dim}),
                           Tensor<T>("experts::b_out", {E, dim})};
   if (zeros) return p;
   p.mult_bias.fill(T(1));
-  const double bound_in = 1.0 / std::sqrt(static_cast<double>(2 * h)), bound_out = 1.0 / std::sqrt(static_cast<double>(dim));
-  for (int e = 0; e < experts; ++e) {
-    // Expert by expert in the original's module order; the weights' draw order within a matrix
-    // is kmoe's own (the stored layout is the transpose of PyTorch's).
-    const auto slice = [&](const Tensor<T>& t) {
-      const index_t width = t.size() / E;
-      return View1<T>(t.data() + e * width, width);
-    };
-    geglu_impl::fill_uniform<T>(slice(p.w_in), rng, bound_in);
-    geglu_impl::fill_uniform<T>(slice(p.b_in), rng, bound_in);
-    geglu_impl::fill_uniform<T>(slice(p.w_out), rng, bound_out);
-    geglu_impl::fill_uniform<T>(slice(p.b_out), rng, bound_out);
-  }
+  // Expert by expert in the original's module order, each expert's w_in, b_in, w_out, b_out in
+  // turn (the weights' draw order within a matrix is kmoe's own: the stored layout, the
+  // transpose of PyTorch's). An element of the share draws the counter it has in the whole.
+  const index_t w_in_at = 0, b_in_at = dim * 2 * H, w_out_at = b_in_at + 2 * H, b_out_at = w_out_at + H * dim,
+                per_expert = b_out_at + dim;
+  const RngStream whole = rng.take(static_cast<std::uint64_t>(experts * per_expert));
+  const double bound_in = 1.0 / std::sqrt(static_cast<double>(2 * H)), bound_out = 1.0 / std::sqrt(static_cast<double>(dim));
+  // Unit u of half `half` of the first layer's 2h outputs, in the whole's 2H.
+  const auto first_layer_unit = [=] KOKKOS_FUNCTION(index_t column) { return (column / h) * H + h0 + column % h; };
+  geglu_impl::fill_uniform_at<T>(p.w_in.flat(), whole, bound_in, [=] KOKKOS_FUNCTION(index_t i) {
+    const index_t e = i / (dim * 2 * h), d = i / (2 * h) % dim, column = i % (2 * h);
+    return static_cast<std::uint64_t>((e0 + e) * per_expert + w_in_at + d * 2 * H + first_layer_unit(column));
+  });
+  geglu_impl::fill_uniform_at<T>(p.b_in.flat(), whole, bound_in, [=] KOKKOS_FUNCTION(index_t i) {
+    return static_cast<std::uint64_t>((e0 + i / (2 * h)) * per_expert + b_in_at + first_layer_unit(i % (2 * h)));
+  });
+  geglu_impl::fill_uniform_at<T>(p.w_out.flat(), whole, bound_out, [=] KOKKOS_FUNCTION(index_t i) {
+    const index_t e = i / (h * dim), u = i / dim % h, c = i % dim;
+    return static_cast<std::uint64_t>((e0 + e) * per_expert + w_out_at + (h0 + u) * dim + c);
+  });
+  geglu_impl::fill_uniform_at<T>(p.b_out.flat(), whole, bound_out, [=] KOKKOS_FUNCTION(index_t i) {
+    return static_cast<std::uint64_t>((e0 + i / dim) * per_expert + b_out_at + i % dim);
+  });
   return p;
 }
 
@@ -183,7 +212,7 @@ void require_experts_args(const char* op, const GegluExpertsParams<T>& params, c
 
 template <class T>
 GegluExpertsSaved<T> geglu_experts_forward(const GegluExpertsParams<T>& params, const moe::DispatchPlan& plan,
-                                           const Tensor<T>& x_sorted, const Tensor<T>& y_sorted) {
+                                           const Tensor<T>& x_sorted, const Tensor<T>& y_sorted, bool output_bias) {
   geglu_impl::require_experts_args("geglu_experts_forward", params, plan, x_sorted, "x_sorted", y_sorted, "y_sorted");
   const index_t pairs = plan.n_pairs(), h = params.mult_bias.dim(1);
   GegluExpertsSaved<T> saved;
@@ -202,7 +231,7 @@ GegluExpertsSaved<T> geglu_experts_forward(const GegluExpertsParams<T>& params, 
   }
   moe::cvmm_forward<T>(plan, saved.hidden.as_matrix(), params.w_out.template view<3>(), y_sorted.as_matrix(),
                        moe::PairRows::sorted);
-  moe::add_expert_bias<T>(plan, moe::PairRows::sorted, y_sorted.as_matrix(), params.b_out.as_matrix());
+  if (output_bias) moe::add_expert_bias<T>(plan, moe::PairRows::sorted, y_sorted.as_matrix(), params.b_out.as_matrix());
   return saved;
 }
 
@@ -210,14 +239,15 @@ template <class T>
 void geglu_experts_backward(const GegluExpertsParams<T>& params, GegluExpertsParams<T>& grads,
                             const moe::DispatchPlan& plan, const Tensor<T>& x_sorted,
                             const GegluExpertsSaved<T>& saved, const Tensor<T>& dy_sorted,
-                            const Tensor<T>& dx_sorted) {
+                            const Tensor<T>& dx_sorted, bool output_bias) {
   const char* op = "geglu_experts_backward";
   geglu_impl::require_experts_args(op, params, plan, dy_sorted, "dy_sorted", dx_sorted, "dx_sorted");
   x_sorted.require_shape(dy_sorted.shape(), std::string(op) + ": x_sorted");
   const index_t pairs = plan.n_pairs(), h = params.mult_bias.dim(1);
   require(!saved.hidden.empty() && saved.hidden.dim(0) == pairs, Status::shape_mismatch, op,
           ": the saved activations do not come from this plan");
-  moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::sorted, dy_sorted.as_matrix(), grads.b_out.as_matrix());
+  if (output_bias)
+    moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::sorted, dy_sorted.as_matrix(), grads.b_out.as_matrix());
   const auto dhidden = Tensor<T>::uninitialized("experts::dhidden", {pairs, h});
   moe::cvmm_backward<T>(plan, saved.hidden.as_matrix(), params.w_out.template view<3>(), dy_sorted.as_matrix(),
                         dhidden.as_matrix(), grads.w_out.template view<3>(), moe::PairRows::sorted);
@@ -240,12 +270,13 @@ template class GegluExpert<float>;
 template class GegluExpert<double>;
 
 #define KMOE_INSTANTIATE(T)                                                                                        \
-  template GegluExpertsParams<T> make_geglu_experts<T>(int, index_t, index_t, Generator&, bool);                  \
+  template GegluExpertsParams<T> make_geglu_experts<T>(int, index_t, index_t, Generator&, bool,                  \
+                                                       const GegluExpertsShare&);                                 \
   template GegluExpertsSaved<T> geglu_experts_forward<T>(const GegluExpertsParams<T>&, const moe::DispatchPlan&, \
-                                                         const Tensor<T>&, const Tensor<T>&);                     \
+                                                         const Tensor<T>&, const Tensor<T>&, bool);               \
   template void geglu_experts_backward<T>(const GegluExpertsParams<T>&, GegluExpertsParams<T>&,                   \
                                           const moe::DispatchPlan&, const Tensor<T>&, const GegluExpertsSaved<T>&, \
-                                          const Tensor<T>&, const Tensor<T>&);
+                                          const Tensor<T>&, const Tensor<T>&, bool);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)
 #undef KMOE_INSTANTIATE

@@ -87,10 +87,24 @@ struct GegluExpertsParams {
   Tensor<T> b_out;      // [E, dim]
 };
 
-// E experts of width h, initialised as the original (expert by expert from `rng`); gradients zero
-// when `zeros` is set.
+// The part of E experts of width h that one rank holds (dist/placement.hpp): experts
+// [first_expert, first_expert + experts) and of each the hidden units [hidden_begin,
+// hidden_begin + hidden) (in both halves of the first layer). The default: everything.
+struct GegluExpertsShare {
+  int first_expert = 0;
+  int experts = -1;  // −1: all
+  index_t hidden_begin = 0;
+  index_t hidden = -1;  // −1: all
+  // Only one shard of an expert adds (and trains) its output bias: the one at hidden unit 0.
+  bool output_bias() const { return hidden_begin == 0; }
+};
+
+// E experts of width h, initialised as the original (expert by expert from `rng`), of which the
+// share's block is kept: each element holds the draw it has in the whole (rng advances by the
+// whole's count either way). Gradients (zeros set): zero, the share's shapes.
 template <class T>
-GegluExpertsParams<T> make_geglu_experts(int experts, index_t dim, index_t hidden, Generator& rng, bool zeros = false);
+GegluExpertsParams<T> make_geglu_experts(int experts, index_t dim, index_t hidden, Generator& rng, bool zeros = false,
+                                         const GegluExpertsShare& share = {});
 
 // What backward needs, per pair row in the plan's sorted order (routed prefix valid).
 template <class T>
@@ -102,16 +116,20 @@ struct GegluExpertsSaved {
 // x_sorted [pairs, dim] (row s = input of pair sorted_pair(s)) → y_sorted [pairs, dim]; rows at or
 // beyond plan.n_routed_pairs() are neither read nor written. The plan must have k ≥ 2 (CVMM reads a
 // matrix with one row per token as per-token input). Throws Status::shape_mismatch on wrong extents.
+// Without output_bias (a shard past an expert's first) b_out is left out: the shards' partial
+// outputs add up to the expert's.
 template <class T>
 GegluExpertsSaved<T> geglu_experts_forward(const GegluExpertsParams<T>& params, const moe::DispatchPlan& plan,
-                                           const Tensor<T>& x_sorted, const Tensor<T>& y_sorted);
+                                           const Tensor<T>& x_sorted, const Tensor<T>& y_sorted,
+                                           bool output_bias = true);
 
-// dy_sorted [pairs, dim] → dx_sorted [pairs, dim] (routed rows overwritten); gradients accumulated.
+// dy_sorted [pairs, dim] → dx_sorted [pairs, dim] (routed rows overwritten); gradients accumulated
+// (b_out's only with output_bias).
 template <class T>
 void geglu_experts_backward(const GegluExpertsParams<T>& params, GegluExpertsParams<T>& grads,
                             const moe::DispatchPlan& plan, const Tensor<T>& x_sorted,
                             const GegluExpertsSaved<T>& saved, const Tensor<T>& dy_sorted,
-                            const Tensor<T>& dx_sorted);
+                            const Tensor<T>& dx_sorted, bool output_bias = true);
 
 extern template class GegluExpert<float>;
 extern template class GegluExpert<double>;

@@ -3,7 +3,9 @@
 #include <KokkosBlas1_axpby.hpp>
 #include <cmath>
 #include <limits>
+#include <sstream>
 
+#include "kmoe/dist/parameter_blocks.hpp"
 #include "kmoe/core/error.hpp"
 #include "kmoe/ops/gemm.hpp"
 #include "kmoe/ops/init.hpp"
@@ -236,12 +238,48 @@ View3<T> per_batch(const Tensor<T>& t, index_t batch) {
   return t.reshape({batch, t.size() / (batch * t.dim(t.rank() - 1)), t.dim(t.rank() - 1)}).template view<3>();
 }
 
+// [rows, 1] the (global) expert of each slot row r = (b · E + e) · S + s.
+inline Tensor<int> expert_of_slot(index_t rows, index_t E, index_t S) {
+  const Tensor<int> index("soft_moe::expert_of_slot", {rows, 1});
+  const View2<int> out = index.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::soft_moe::expert_of_slot", Kokkos::RangePolicy<ExecSpace>(0, rows),
+      KOKKOS_LAMBDA(const index_t r) { out(r, 0) = static_cast<int>((r / S) % E); });
+  return index;
+}
+
+// Everything that decides the computation, for the ranks' agreement check.
+inline std::string config_text(const SoftMoEConfig& c) {
+  const SlotExpertConfig& e = c.experts;
+  std::ostringstream text;
+  text.precision(17);
+  text << static_cast<int>(c.variant) << ' ' << c.dim << ' ' << c.num_experts << ' ' << c.num_slots << ' '
+       << c.seq_len << ' ' << c.use_layernorm << ' ' << c.layer_norm_eps << ' ' << c.rms_norm_eps << ' '
+       << static_cast<int>(c.masked_output) << " | " << e.hidden << ' ' << static_cast<int>(e.activation) << ' '
+       << e.glu << ' ' << e.hidden_layer_norm << ' ' << e.output_layer_norm << ' '
+       << static_cast<int>(e.output_activation) << ' ' << e.residual << ' ' << e.dropout << ' ' << e.layer_norm_eps
+       << ' ' << static_cast<int>(e.init);
+  return text.str();
+}
+
 }  // namespace impl::soft_moe
 
 template <class T>
-SoftMoE<T>::SoftMoE(const SoftMoEConfig& config, std::uint64_t seed, ParameterInit init) : config_(config) {
+SoftMoE<T>::SoftMoE(const SoftMoEConfig& config, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm)
+    : config_(config), comm_(comm) {
   config_.validate();
-  const index_t D = config_.dim, E = config_.num_experts, S = config_.slots_per_expert();
+  comm_.require_same(dist::text_hash(impl::soft_moe::config_text(config_)) ^ seed, "the SoftMoE config or seed");
+  const index_t D = config_.dim, E = config_.num_experts, S = config_.slots_per_expert(), H = config_.experts.hidden;
+  placement_ = dist::Placement(static_cast<int>(E), comm_.size(), H);
+  const int rank = comm_.rank();
+  local_experts_ = config_.experts;
+  local_experts_.n_experts = placement_.local_experts(rank);
+  local_experts_.hidden = placement_.local_hidden(rank);
+  require(local_experts_.hidden >= 1, Status::invalid_argument, "SoftMoE: ", comm_.size(), " ranks split ", E,
+          " experts of ", H, " hidden units into shards of none; use at most ", E * H, " ranks");
+  // A rank holds one shard of one expert when there are more ranks than experts.
+  shards_ = placement_.sharded() ? comm_.split(placement_.first_expert(rank)) : dist::Communicator();
+
   Generator generator(seed, init);
   if (config_.variant == SoftMoEVariant::lite) {
     params_.phi = Tensor<T>("soft_moe::phi", {D, E, S});
@@ -259,7 +297,11 @@ SoftMoE<T>::SoftMoE(const SoftMoEConfig& config, std::uint64_t seed, ParameterIn
       slot_norm_beta_ = Tensor<T>("soft_moe::slot_norm_beta", {D});
     }
   }
-  params_.experts = init_slot_expert_params<T>(config_.experts, generator);
+  // The experts are drawn whole (the orthogonal init works on whole matrices) and each rank keeps
+  // its block, through the registry's block map.
+  SlotExpertParams<T> whole = init_slot_expert_params<T>(config_.experts, generator);
+  Generator no_draws(0, ParameterInit::zeros);
+  params_.experts = init_slot_expert_params<T>(local_experts_, no_draws);
   const auto zeros = [](const Tensor<T>& t) {
     return t.empty() ? Tensor<T>() : Tensor<T>("grad::" + t.label(), t.shape());
   };
@@ -268,6 +310,10 @@ SoftMoE<T>::SoftMoE(const SoftMoEConfig& config, std::uint64_t seed, ParameterIn
   grads_.norm_gamma = zeros(params_.norm_gamma);
   grads_.slot_norm_gamma = zeros(params_.slot_norm_gamma);
   grads_.experts = zeros_like(params_.experts);
+  const std::vector<Tensor<T>*> sources = whole.all();
+  std::size_t next = 0;
+  visit_experts([&](model::Parameter<T>& p) { dist::take_block(p, *sources[next++], *p.tensor); }, "",
+                params_.experts, grads_.experts);
 }
 
 template <class T>
@@ -277,8 +323,7 @@ void SoftMoE<T>::zero_grad() {
 
 template <class T>
 void SoftMoE<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix) {
-  const SoftMoEConfig& c = config_;
-  const bool lite = c.variant == SoftMoEVariant::lite;
+  const bool lite = config_.variant == SoftMoEVariant::lite;
   const auto dense = [&](const char* name, Tensor<T>& param, Tensor<T>& grad) {
     model::Parameter<T> entry = model::dense_parameter(prefix + name, param, grad);
     visit(entry);
@@ -290,32 +335,7 @@ void SoftMoE<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const
     dense("slot_norm.gamma", params_.slot_norm_gamma, grads_.slot_norm_gamma);
     dense("slot_embeds", params_.slot_embeds, grads_.slot_embeds);
   }
-  // One module per expert in the references: lite Mlp's fcs.0 / layer_norms.0 / last_fc / last_ln;
-  // lucidrains' nn.Sequential indices 0 and 3 (its norm names are kmoe's own: the reference has
-  // none). Linear weights are stored transposed ([in, out]) for the grouped GEMMs.
-  const std::string experts = prefix + (lite ? "experts.*." : "experts.experts.*.");
-  const auto expert = [&](const std::string& name, Tensor<T>& param, Tensor<T>& grad, int hidden_axis,
-                          bool transposed) {
-    model::TorchLayout torch{model::per_expert_names(experts + name, c.num_experts), transposed};
-    model::Parameter<T> entry = model::expert_parameter(experts + name, param, grad, hidden_axis, torch);
-    visit(entry);
-  };
-  SlotExpertParams<T>& p = params_.experts;
-  SlotExpertParams<T>& g = grads_.experts;
-  const std::string first = lite ? "fcs.0" : "0", second = lite ? "last_fc" : "3";
-  const std::string hidden_norm = lite ? "layer_norms.0" : "hidden_norm", output_norm = lite ? "last_ln" : "output_norm";
-  expert(first + ".weight", p.w1, g.w1, 2, true);
-  expert(first + ".bias", p.b1, g.b1, 1, false);
-  if (c.experts.hidden_layer_norm) {
-    expert(hidden_norm + ".weight", p.hidden_norm_weight, g.hidden_norm_weight, 1, false);
-    expert(hidden_norm + ".bias", p.hidden_norm_bias, g.hidden_norm_bias, 1, false);
-  }
-  expert(second + ".weight", p.w2, g.w2, 1, true);
-  expert(second + ".bias", p.b2, g.b2, -1, false);
-  if (c.experts.output_layer_norm) {
-    expert(output_norm + ".weight", p.output_norm_weight, g.output_norm_weight, -1, false);
-    expert(output_norm + ".bias", p.output_norm_bias, g.output_norm_bias, -1, false);
-  }
+  visit_experts(visit, prefix, params_.experts, grads_.experts);
   if (!norm_beta_.empty()) {
     model::Parameter<T> norm_beta = model::buffer_parameter(prefix + "norm.beta", norm_beta_);
     model::Parameter<T> slot_norm_beta = model::buffer_parameter(prefix + "slot_norm.beta", slot_norm_beta_);
@@ -325,16 +345,67 @@ void SoftMoE<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const
 }
 
 template <class T>
+void SoftMoE<T>::visit_experts(const model::ParameterVisitor<T>& visit, const std::string& prefix,
+                               SlotExpertParams<T>& p, SlotExpertParams<T>& g) {
+  const SoftMoEConfig& c = config_;
+  const bool lite = c.variant == SoftMoEVariant::lite;
+  const int rank = comm_.rank();
+  // One module per expert in the references: lite Mlp's fcs.0 / layer_norms.0 / last_fc / last_ln;
+  // lucidrains' nn.Sequential indices 0 and 3 (its norm names are kmoe's own: the reference has
+  // none). Linear weights are stored transposed ([in, out]) for the grouped GEMMs. Placed
+  // (dist/placement.hpp): this rank's experts, of each its hidden units (in both halves of a
+  // GEGLU's first layer).
+  const std::string experts = prefix + (lite ? "experts.*." : "experts.experts.*.");
+  const auto expert = [&](const std::string& name, Tensor<T>& param, Tensor<T>& grad, int hidden_axis,
+                          bool transposed, int hidden_blocks = 1) {
+    model::TorchLayout torch{model::per_expert_names(experts + name, c.num_experts), transposed};
+    model::Parameter<T> entry = model::expert_parameter(experts + name, param, grad, hidden_axis, torch);
+    entry.first_expert = placement_.first_expert(rank);
+    entry.total_experts = c.num_experts;
+    if (placement_.sharded()) {
+      entry.hidden_begin = placement_.hidden_begin(rank);
+      entry.hidden_total = c.experts.hidden;
+      entry.hidden_blocks = hidden_blocks;
+    }
+    visit(entry);
+  };
+  const int first_blocks = c.experts.glu ? 2 : 1;
+  const std::string first = lite ? "fcs.0" : "0", second = lite ? "last_fc" : "3";
+  const std::string hidden_norm = lite ? "layer_norms.0" : "hidden_norm", output_norm = lite ? "last_ln" : "output_norm";
+  expert(first + ".weight", p.w1, g.w1, 2, true, first_blocks);
+  expert(first + ".bias", p.b1, g.b1, 1, false, first_blocks);
+  if (c.experts.hidden_layer_norm) {
+    expert(hidden_norm + ".weight", p.hidden_norm_weight, g.hidden_norm_weight, 1, false, first_blocks);
+    expert(hidden_norm + ".bias", p.hidden_norm_bias, g.hidden_norm_bias, 1, false, first_blocks);
+  }
+  expert(second + ".weight", p.w2, g.w2, 1, true);
+  expert(second + ".bias", p.b2, g.b2, -1, false);
+  if (c.experts.output_layer_norm) {
+    expert(output_norm + ".weight", p.output_norm_weight, g.output_norm_weight, -1, false);
+    expert(output_norm + ".bias", p.output_norm_bias, g.output_norm_bias, -1, false);
+  }
+}
+
+template <class T>
 SoftMoEForward<T> SoftMoE<T>::forward(const Tensor<T>& x, const Tensor<int>& mask, bool training, Generator& rng,
                                       const SoftMoENoise& noise) const {
   const SoftMoEConfig& c = config_;
-  const index_t D = c.dim, Z = c.total_slots();
+  const index_t D = c.dim, E = c.num_experts, S = c.slots_per_expert(), Z = c.total_slots();
   const bool image = x.rank() == 4;
-  require((x.rank() == 2 || x.rank() == 3) ? x.dim(x.rank() - 1) == D : image && x.dim(1) == D, Status::shape_mismatch,
-          "SoftMoE::forward: x is ", x.shape().str(),
-          ", expected [batch, dim], [batch, tokens, dim] or [batch, dim, height, width] with dim = ", D);
-  require(x.size() > 0, Status::shape_mismatch, "SoftMoE::forward: x ", x.shape().str(), " has no tokens");
-  require_finite(x, "SoftMoE::forward: x");
+  // A bad input on one rank is an error on every rank (the others would wait for it otherwise).
+  comm_.collectively([&] {
+    require((x.rank() == 2 || x.rank() == 3) ? x.dim(x.rank() - 1) == D : image && x.dim(1) == D,
+            Status::shape_mismatch, "SoftMoE::forward: x is ", x.shape().str(),
+            ", expected [batch, dim], [batch, tokens, dim] or [batch, dim, height, width] with dim = ", D);
+    // A rank may bring no sequences when others do (data parallelism); one rank alone may not.
+    require(x.size() > 0 || (comm_.distributed() && x.dim(0) == 0), Status::shape_mismatch, "SoftMoE::forward: x ",
+            x.shape().str(), " has no tokens");
+    require_finite(x, "SoftMoE::forward: x");
+    if (!mask.empty()) {
+      const index_t tokens = x.rank() == 2 ? 1 : image ? x.dim(2) * x.dim(3) : x.dim(1);
+      mask.require_shape({x.dim(0), tokens}, "SoftMoE::forward: mask ([batch, tokens] of x " + x.shape().str() + ")");
+    }
+  });
 
   SoftMoEForward<T> f;
   f.training = training;
@@ -343,56 +414,79 @@ SoftMoEForward<T> SoftMoE<T>::forward(const Tensor<T>& x, const Tensor<int>& mas
   const index_t B = rows.dim(0), n = rows.dim(1), N = B * n;
   f.batch = B;
   f.tokens = n;
-  if (!mask.empty()) {
-    mask.require_shape({B, n}, "SoftMoE::forward: mask ([batch, tokens] of x " + x.shape().str() + ")");
-    f.mask = mask;
-  }
+  if (!mask.empty()) f.mask = mask;
   f.x_tokens = rows.reshape({N, D});
+  // Noise is keyed by the token's place in the batch of every rank.
+  const RngStream noise_draws =
+      noise.add ? dist::take_global(comm_, rng, static_cast<std::uint64_t>(N * Z)) : RngStream{};
+  const std::int64_t first_sequence = comm_.exclusive_prefix_sum(B), total_sequences = comm_.sum(B);
 
-  // Tokens and slot embeddings as the logits and slots use them.
-  if (c.normalizes()) {
-    f.tokens_normed = impl::soft_moe::norm_forward(c, f.x_tokens, params_.norm_gamma, norm_beta_, f.norm_stat_a,
-                                                   f.norm_stat_b, "soft_moe::x_normed");
-    f.slot_embeds_normed =
-        impl::soft_moe::norm_forward(c, params_.slot_embeds.reshape({Z, D}), params_.slot_norm_gamma, slot_norm_beta_,
-                                     f.slot_norm_stat_a, f.slot_norm_stat_b, "soft_moe::slot_embeds_normed");
-  } else {
-    f.tokens_normed = f.x_tokens;
-  }
-
-  // Logits [N, Z]: tokens · φ [dim, Z] (lite) or tokens · φ̂ᵀ (lucidrains), then noise and mask.
-  f.logits = Tensor<T>::uninitialized("soft_moe::logits", {B, n, Z});
-  const View2<T> logits = f.logits.reshape({N, Z}).as_matrix();
-  if (c.normalizes()) {
-    ops::gemm<T>(false, true, T(1), f.tokens_normed.as_matrix(), f.slot_embeds_normed.as_matrix(), T(0), logits);
-  } else {
-    ops::gemm<T>(false, false, T(1), f.tokens_normed.as_matrix(), params_.phi.reshape({D, Z}).as_matrix(), T(0),
-                 logits);
-  }
-  if (noise.add)
-    impl::soft_moe::add_gumbel_noise(f.logits, rng.take(static_cast<std::uint64_t>(f.logits.size())),
-                                     static_cast<T>(noise.mult));
-  if (!mask.empty()) impl::soft_moe::fill_masked_rows<T>(logits, mask.flat(), -std::numeric_limits<T>::max());
-
-  f.dispatch = Tensor<T>::uninitialized("soft_moe::dispatch", {B, n, Z});
-  ops::softmax_forward<T>(f.logits.template view<3>(), f.dispatch.template view<3>());
-  f.combine = Tensor<T>::uninitialized("soft_moe::combine", {B, n, Z});
-  ops::softmax_forward<T>(f.logits.reshape({N, Z, 1}).template view<3>(),
-                          f.combine.reshape({N, Z, 1}).template view<3>());
-  impl::soft_moe::flush_denormals(f.dispatch, f.combine);
-  if (!mask.empty() && c.masked_output == MaskedTokenOutput::zeros)
-    impl::soft_moe::fill_masked_rows<T>(f.combine.reshape({N, Z}).as_matrix(), mask.flat(), T(0));
-
-  // Slots [B, Z, dim] = dispatchᵀ · tokens per batch; the experts; y = combine · expert outputs.
   f.slots = Tensor<T>::uninitialized("soft_moe::slots", {B * Z, D});
-  impl::soft_moe::gemm_per_batch<T>(true, false, f.dispatch.template view<3>(),
-                                    impl::soft_moe::per_batch(f.tokens_normed, B), T(0),
-                                    impl::soft_moe::per_batch(f.slots, B));
-  f.plan = slot_dispatch_plan(B, c.num_experts, c.slots_per_expert());
-  f.experts = slot_experts_forward<T>(c.experts, params_.experts, f.plan, f.slots, training, rng);
+  if (B > 0) {
+    // Tokens and slot embeddings as the logits and slots use them.
+    if (c.normalizes()) {
+      f.tokens_normed = impl::soft_moe::norm_forward(c, f.x_tokens, params_.norm_gamma, norm_beta_, f.norm_stat_a,
+                                                     f.norm_stat_b, "soft_moe::x_normed");
+      f.slot_embeds_normed = impl::soft_moe::norm_forward(c, params_.slot_embeds.reshape({Z, D}),
+                                                          params_.slot_norm_gamma, slot_norm_beta_, f.slot_norm_stat_a,
+                                                          f.slot_norm_stat_b, "soft_moe::slot_embeds_normed");
+    } else {
+      f.tokens_normed = f.x_tokens;
+    }
+
+    // Logits [N, Z]: tokens · φ [dim, Z] (lite) or tokens · φ̂ᵀ (lucidrains), then noise and mask.
+    f.logits = Tensor<T>::uninitialized("soft_moe::logits", {B, n, Z});
+    const View2<T> logits = f.logits.reshape({N, Z}).as_matrix();
+    if (c.normalizes()) {
+      ops::gemm<T>(false, true, T(1), f.tokens_normed.as_matrix(), f.slot_embeds_normed.as_matrix(), T(0), logits);
+    } else {
+      ops::gemm<T>(false, false, T(1), f.tokens_normed.as_matrix(), params_.phi.reshape({D, Z}).as_matrix(), T(0),
+                   logits);
+    }
+    if (noise.add) impl::soft_moe::add_gumbel_noise(f.logits, noise_draws, static_cast<T>(noise.mult));
+    if (!mask.empty()) impl::soft_moe::fill_masked_rows<T>(logits, mask.flat(), -std::numeric_limits<T>::max());
+
+    f.dispatch = Tensor<T>::uninitialized("soft_moe::dispatch", {B, n, Z});
+    ops::softmax_forward<T>(f.logits.template view<3>(), f.dispatch.template view<3>());
+    f.combine = Tensor<T>::uninitialized("soft_moe::combine", {B, n, Z});
+    ops::softmax_forward<T>(f.logits.reshape({N, Z, 1}).template view<3>(),
+                            f.combine.reshape({N, Z, 1}).template view<3>());
+    impl::soft_moe::flush_denormals(f.dispatch, f.combine);
+    if (!mask.empty() && c.masked_output == MaskedTokenOutput::zeros)
+      impl::soft_moe::fill_masked_rows<T>(f.combine.reshape({N, Z}).as_matrix(), mask.flat(), T(0));
+
+    // Slots [B, Z, dim] = dispatchᵀ · tokens per batch.
+    impl::soft_moe::gemm_per_batch<T>(true, false, f.dispatch.template view<3>(),
+                                      impl::soft_moe::per_batch(f.tokens_normed, B), T(0),
+                                      impl::soft_moe::per_batch(f.slots, B));
+  }
+
+  // Each slot row to the ranks holding (shards of) its expert; global slot row = global sequence · Z + row.
+  f.exchange = dist::ExpertExchange(comm_, placement_, impl::soft_moe::expert_of_slot(B * Z, E, S), first_sequence * Z);
+  const Tensor<T> received = f.exchange.dispatch(f.slots);
+  const index_t R = f.exchange.received_rows();
+  Tensor<T> outputs_received;
+  if (R > 0) {
+    f.plan = moe::DispatchPlan::build(f.exchange.received_experts().as_matrix(), local_experts_.n_experts);
+    SlotExpertShare share;
+    share.hidden_begin = placement_.hidden_begin(comm_.rank());
+    share.hidden_total = c.experts.hidden;
+    share.shards = shards_;
+    share.global_rows = f.exchange.received_tokens();
+    share.total_rows = total_sequences * Z;
+    f.experts = slot_experts_forward<T>(local_experts_, params_.experts, f.plan, received, training, rng, share);
+    outputs_received = f.experts.y;
+  } else if (training && c.experts.dropout > 0) {
+    // A rank whose experts received nothing still advances the generator as the others do.
+    rng.take(static_cast<std::uint64_t>(total_sequences * Z * c.experts.hidden));
+  }
+  f.slot_outputs = f.exchange.combine(outputs_received);
+
+  // y = combine · expert outputs.
   const auto y = Tensor<T>::uninitialized("soft_moe::y", {B, n, D});
-  impl::soft_moe::gemm_per_batch<T>(false, false, f.combine.template view<3>(),
-                                    impl::soft_moe::per_batch(f.experts.y, B), T(0), y.template view<3>());
+  if (B > 0)
+    impl::soft_moe::gemm_per_batch<T>(false, false, f.combine.template view<3>(),
+                                      impl::soft_moe::per_batch(f.slot_outputs, B), T(0), y.template view<3>());
   f.y = impl::soft_moe::from_token_rows(y, x.shape(), "soft_moe::y_image");
   return f;
 }
@@ -401,25 +495,35 @@ template <class T>
 Tensor<T> SoftMoE<T>::backward(const SoftMoEForward<T>& f, const Tensor<T>& dy) {
   const SoftMoEConfig& c = config_;
   const index_t D = c.dim, Z = c.total_slots(), B = f.batch, n = f.tokens, N = B * n;
-  require(!f.y.empty(), Status::invalid_argument,
-          "SoftMoE::backward: the forward result is empty (default-constructed)");
-  require(
-      f.x_tokens.shape() == Shape{N, D} && f.logits.shape() == Shape{B, n, Z} && f.experts.y.shape() == Shape{B * Z, D},
-      Status::shape_mismatch, "SoftMoE::backward: the forward result (tokens ", f.x_tokens.shape().str(), ", logits ",
-      f.logits.shape().str(), ") does not come from a layer with dim = ", D, " and ", Z, " slots");
-  dy.require_shape(f.y.shape(), "SoftMoE::backward: dy");
+  comm_.collectively([&] {
+    require(!f.y.empty(), Status::invalid_argument,
+            "SoftMoE::backward: the forward result is empty (default-constructed)");
+    require(f.x_tokens.shape() == Shape{N, D} && f.slots.shape() == Shape{B * Z, D}, Status::shape_mismatch,
+            "SoftMoE::backward: the forward result (tokens ", f.x_tokens.shape().str(), ", slots ",
+            f.slots.shape().str(), ") does not come from a layer with dim = ", D, " and ", Z, " slots");
+    dy.require_shape(f.y.shape(), "SoftMoE::backward: dy");
+    require_finite(dy, "SoftMoE::backward: dy");
+  });
   const Tensor<T> dy_rows = impl::soft_moe::as_token_rows(dy, "soft_moe::dy_tokens");
   const View1<const int> mask = f.mask.empty() ? View1<const int>() : View1<const int>(f.mask.flat());
 
   // y = combine · expert outputs: dcombine = dy · outᵀ, dout = combineᵀ · dy.
   const auto dcombine = Tensor<T>::uninitialized("soft_moe::dcombine", {B, n, Z});
-  impl::soft_moe::gemm_per_batch<T>(false, true, dy_rows.template view<3>(), impl::soft_moe::per_batch(f.experts.y, B),
-                                    T(0), dcombine.template view<3>());
   const auto dexpert_out = Tensor<T>::uninitialized("soft_moe::dexpert_out", {B * Z, D});
-  impl::soft_moe::gemm_per_batch<T>(true, false, f.combine.template view<3>(), dy_rows.template view<3>(), T(0),
-                                    impl::soft_moe::per_batch(dexpert_out, B));
-  const Tensor<T> dslots =
-      slot_experts_backward<T>(c.experts, params_.experts, f.plan, f.experts, dexpert_out, grads_.experts);
+  if (B > 0) {
+    impl::soft_moe::gemm_per_batch<T>(false, true, dy_rows.template view<3>(),
+                                      impl::soft_moe::per_batch(f.slot_outputs, B), T(0), dcombine.template view<3>());
+    impl::soft_moe::gemm_per_batch<T>(true, false, f.combine.template view<3>(), dy_rows.template view<3>(), T(0),
+                                      impl::soft_moe::per_batch(dexpert_out, B));
+  }
+  // The experts' side: the outputs' gradients to the owners, the slots' gradients back.
+  const Tensor<T> doutputs_received = f.exchange.dispatch(dexpert_out);
+  Tensor<T> dslots_received;
+  if (f.exchange.received_rows() > 0)
+    dslots_received = slot_experts_backward<T>(local_experts_, params_.experts, f.plan, f.experts, doutputs_received,
+                                               grads_.experts);
+  const Tensor<T> dslots = f.exchange.combine(dslots_received);
+  if (B == 0) return Tensor<T>("soft_moe::dx", f.input_shape);
 
   // slots = dispatchᵀ · tokens: ddispatch = tokens · dslotsᵀ, dtokens = dispatch · dslots.
   const auto ddispatch = Tensor<T>::uninitialized("soft_moe::ddispatch", {B, n, Z});
@@ -428,7 +532,6 @@ Tensor<T> SoftMoE<T>::backward(const SoftMoEForward<T>& f, const Tensor<T>& dy) 
   const auto dtokens = Tensor<T>::uninitialized("soft_moe::dtokens", {N, D});
   impl::soft_moe::gemm_per_batch<T>(false, false, f.dispatch.template view<3>(), impl::soft_moe::per_batch(dslots, B),
                                     T(0), impl::soft_moe::per_batch(dtokens, B));
-
   // The two softmaxes back to the logits (both reuse the buffers of their upstream gradients).
   const auto dlogits = Tensor<T>::uninitialized("soft_moe::dlogits", {B, n, Z});
   ops::softmax_backward<T>(f.combine.reshape({N, Z, 1}).template view<3>(),

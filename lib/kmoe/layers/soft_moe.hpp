@@ -27,6 +27,9 @@
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/dist/communicator.hpp"
+#include "kmoe/dist/expert_exchange.hpp"
+#include "kmoe/dist/placement.hpp"
 #include "kmoe/layers/soft_moe_experts.hpp"
 #include "kmoe/model/parameter.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
@@ -125,8 +128,12 @@ struct SoftMoEForward {
   Tensor<T> dispatch;  // [batch, tokens, Z] softmax over tokens
   Tensor<T> combine;   // [batch, tokens, Z] softmax over Z (zero rows for masked tokens with zeros)
   Tensor<T> slots;     // [batch · Z, dim] expert inputs, row (b · E + e) · S + s
+  Tensor<T> slot_outputs;  // [batch · Z, dim] the expert outputs, back from their owners
+  // The experts' side (dist/expert_exchange.hpp): the R slot rows this rank's experts received
+  // (its own slots, with one rank) and the plan over them in local expert ids.
+  dist::ExpertExchange exchange;
   moe::DispatchPlan plan;
-  SlotExpertForward<T> experts;  // experts.y [batch · Z, dim]: the expert outputs
+  SlotExpertForward<T> experts;  // on the R received rows
 };
 
 template <class T>
@@ -135,9 +142,17 @@ class SoftMoE {
   using value_type = T;
   // Parameters initialised as the reference: φ / slot_embeds ~ N(0, 1), norm γ = 1, β = 0,
   // experts as config.experts.init; drawn from Generator(seed). Throws on an invalid config.
-  SoftMoE(const SoftMoEConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn);
+  // With a communicator of W ranks the experts are placed over them (dist/placement.hpp; W > E:
+  // shards of their hidden units, not available for experts with an output LayerNorm, output
+  // activation or residual): this rank keeps its block of the one-rank initialisation; φ / slot
+  // embeddings and norms are on every rank. Every rank brings its own sequences (a rank may bring
+  // none); each sequence's slots go to the experts' owners. Forward and backward are collective.
+  SoftMoE(const SoftMoEConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn,
+          const dist::Communicator& comm = {});
 
   const SoftMoEConfig& config() const { return config_; }
+  const dist::Communicator& communicator() const { return comm_; }
+  const dist::Placement& placement() const { return placement_; }
   SoftMoEParams<T>& params() { return params_; }
   const SoftMoEParams<T>& params() const { return params_; }
   SoftMoEParams<T>& grads() { return grads_; }
@@ -163,7 +178,15 @@ class SoftMoE {
   Tensor<T> backward(const SoftMoEForward<T>& forward, const Tensor<T>& dy);
 
  private:
+  // The expert entries of the registry over experts (params_ or grads_ shapes): placed.
+  void visit_experts(const model::ParameterVisitor<T>& visit, const std::string& prefix, SlotExpertParams<T>& p,
+                     SlotExpertParams<T>& g);
+
   SoftMoEConfig config_;
+  dist::Communicator comm_;
+  dist::Placement placement_;
+  SlotExpertConfig local_experts_;  // this rank's block: its experts and hidden units
+  dist::Communicator shards_;       // the ranks holding shards of this rank's expert (W > E)
   SoftMoEParams<T> params_;
   SoftMoEParams<T> grads_;
   Tensor<T> norm_beta_, slot_norm_beta_;

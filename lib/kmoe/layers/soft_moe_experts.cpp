@@ -134,19 +134,85 @@ Tensor<T> expert_linear(const moe::DispatchPlan& plan, const Tensor<T>& x, const
   return out;
 }
 
+// [rows] Σ_c term(r, c) over this rank's `cols` columns, summed over the shards that hold the
+// row's other columns (in rank order, on the host).
+template <class T, class Term>
+View1<T> shard_row_sums(index_t rows, index_t cols, const dist::Communicator& shards, const Term& term) {
+  View1<T> sums("kmoe::soft_moe_experts::row_sums", rows);
+  Kokkos::parallel_for(
+      "kmoe::soft_moe_experts::row_sums", Kokkos::RangePolicy<ExecSpace>(0, rows), KOKKOS_LAMBDA(const index_t r) {
+        T sum = 0;
+        for (index_t c = 0; c < cols; ++c) sum += term(r, c);
+        sums(r) = sum;
+      });
+  if (shards.size() > 1) {
+    const auto host = Kokkos::create_mirror_view_and_copy(HostSpace(), sums);
+    shards.all_reduce_sum(host.data(), static_cast<std::size_t>(rows));
+    Kokkos::deep_copy(sums, host);
+  }
+  return sums;
+}
+
+// A LayerNorm over `width` units of which a shard holds pre's columns (the others on the other
+// shards): statistics (biased variance, as torch) from row sums over every shard.
+template <class T>
+void sharded_layer_norm_forward(const View2<const T>& pre, index_t width, const dist::Communicator& shards, T eps,
+                                const View2<T>& out, const View1<T>& mean, const View1<T>& rstd) {
+  const index_t rows = pre.extent(0), cols = pre.extent(1);
+  const T inverse_width = T(1) / static_cast<T>(width);
+  const View1<T> sums = shard_row_sums<T>(rows, cols, shards, KOKKOS_LAMBDA(index_t r, index_t c) { return pre(r, c); });
+  Kokkos::parallel_for(
+      "kmoe::soft_moe_experts::sharded_mean", Kokkos::RangePolicy<ExecSpace>(0, rows),
+      KOKKOS_LAMBDA(const index_t r) { mean(r) = sums(r) * inverse_width; });
+  const View1<T> squares = shard_row_sums<T>(rows, cols, shards, KOKKOS_LAMBDA(index_t r, index_t c) {
+    const T centred = pre(r, c) - mean(r);
+    return centred * centred;
+  });
+  Kokkos::parallel_for(
+      "kmoe::soft_moe_experts::sharded_normalise", all_of(rows, cols), KOKKOS_LAMBDA(const index_t r, const index_t c) {
+        const T s = T(1) / Kokkos::Experimental::sqrt(squares(r) * inverse_width + eps);
+        if (c == 0) rstd(r) = s;
+        out(r, c) = (pre(r, c) - mean(r)) * s;
+      });
+}
+
+// Its backward without affine: dpre = rstd · (dn − mean(dn) − x̂ · mean(dn · x̂)), the means over
+// every shard's units.
+template <class T>
+void sharded_layer_norm_backward(const View2<const T>& pre, index_t width, const dist::Communicator& shards,
+                                 const View1<const T>& mean, const View1<const T>& rstd, const View2<const T>& dn,
+                                 const View2<T>& dpre) {
+  const index_t rows = pre.extent(0), cols = pre.extent(1);
+  const T inverse_width = T(1) / static_cast<T>(width);
+  const View1<T> dn_sums = shard_row_sums<T>(rows, cols, shards, KOKKOS_LAMBDA(index_t r, index_t c) { return dn(r, c); });
+  const View1<T> dn_xhat_sums = shard_row_sums<T>(
+      rows, cols, shards, KOKKOS_LAMBDA(index_t r, index_t c) { return dn(r, c) * (pre(r, c) - mean(r)) * rstd(r); });
+  Kokkos::parallel_for(
+      "kmoe::soft_moe_experts::sharded_layer_norm_backward", all_of(rows, cols),
+      KOKKOS_LAMBDA(const index_t r, const index_t c) {
+        const T xhat = (pre(r, c) - mean(r)) * rstd(r);
+        dpre(r, c) = rstd(r) * (dn(r, c) - dn_sums(r) * inverse_width - xhat * dn_xhat_sums(r) * inverse_width);
+      });
+}
+
 // [LayerNorm with per-expert affine] of pre: returns what follows it (pre itself without the norm)
-// and fills the statistics.
+// and fills the statistics. `width`: the units the norm runs over, of which pre holds its shard's
+// (the shards' statistics are combined over `shards`); pre's own width when not sharded.
 template <class T>
 Tensor<T> maybe_expert_layer_norm(bool enabled, const moe::DispatchPlan& plan, const Tensor<T>& pre,
                                   const Tensor<T>& gamma, const Tensor<T>& beta, T eps, Tensor<T>& mean,
-                                  Tensor<T>& rstd, const char* label) {
+                                  Tensor<T>& rstd, const char* label, index_t width, const dist::Communicator& shards) {
   if (!enabled) return pre;
   const index_t rows = pre.dim(0);
   mean = Tensor<T>::uninitialized(label, {rows});
   rstd = Tensor<T>::uninitialized(label, {rows});
   const auto out = Tensor<T>::uninitialized(label, pre.shape());
-  ops::layer_norm_forward<T>(pre.as_matrix(), View1<const T>(), View1<const T>(), eps, out.as_matrix(), mean.flat(),
-                             rstd.flat());
+  if (width == pre.dim(1)) {
+    ops::layer_norm_forward<T>(pre.as_matrix(), View1<const T>(), View1<const T>(), eps, out.as_matrix(), mean.flat(),
+                               rstd.flat());
+  } else {
+    sharded_layer_norm_forward<T>(pre.as_matrix(), width, shards, eps, out.as_matrix(), mean.flat(), rstd.flat());
+  }
   expert_affine<T>(out.as_matrix(), plan.expert_of_pair(), gamma.as_matrix(), beta.as_matrix());
   return out;
 }
@@ -156,7 +222,7 @@ template <class T>
 Tensor<T> maybe_expert_layer_norm_backward(bool enabled, const moe::DispatchPlan& plan, const Tensor<T>& pre,
                                            const Tensor<T>& gamma, const Tensor<T>& mean, const Tensor<T>& rstd,
                                            const Tensor<T>& dout, Tensor<T>& dgamma, Tensor<T>& dbeta,
-                                           const char* label) {
+                                           const char* label, index_t width, const dist::Communicator& shards) {
   if (!enabled) return dout;
   accumulate_expert_gain_gradient<T>(plan, dout.as_matrix(), pre.as_matrix(), mean.flat(), rstd.flat(),
                                      dgamma.as_matrix());
@@ -164,9 +230,25 @@ Tensor<T> maybe_expert_layer_norm_backward(bool enabled, const moe::DispatchPlan
   const auto dnormalized = Tensor<T>::uninitialized(label, pre.shape());
   expert_affine_input_gradient<T>(dout.as_matrix(), plan.expert_of_pair(), gamma.as_matrix(), dnormalized.as_matrix());
   const auto dpre = Tensor<T>::uninitialized(label, pre.shape());
-  ops::layer_norm_backward<T>(pre.as_matrix(), View1<const T>(), mean.flat(), rstd.flat(), dnormalized.as_matrix(),
-                              dpre.as_matrix(), View1<T>(), View1<T>());
+  if (width == pre.dim(1)) {
+    ops::layer_norm_backward<T>(pre.as_matrix(), View1<const T>(), mean.flat(), rstd.flat(), dnormalized.as_matrix(),
+                                dpre.as_matrix(), View1<T>(), View1<T>());
+  } else {
+    sharded_layer_norm_backward<T>(pre.as_matrix(), width, shards, mean.flat(), rstd.flat(), dnormalized.as_matrix(),
+                                   dpre.as_matrix());
+  }
   return dpre;
+}
+
+// The dropout counter of each row's hidden unit 0: (global row) · hidden_total + hidden_begin.
+inline View1<std::int64_t> dropout_keys(index_t rows, index_t hidden_total, const SlotExpertShare& share) {
+  std::vector<std::int64_t> keys(static_cast<std::size_t>(rows));
+  for (index_t r = 0; r < rows; ++r)
+    keys[r] = (share.global_rows.empty() ? r : share.global_rows[r]) * hidden_total + share.hidden_begin;
+  View1<std::int64_t> out("kmoe::soft_moe_experts::dropout_keys", rows);
+  const Kokkos::View<const std::int64_t*, HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> host(keys.data(), keys.size());
+  Kokkos::deep_copy(out, host);
+  return out;
 }
 
 template <class T>
@@ -267,20 +349,29 @@ moe::DispatchPlan slot_dispatch_plan(index_t batch, int n_experts, index_t slots
 template <class T>
 SlotExpertForward<T> slot_experts_forward(const SlotExpertConfig& c, const SlotExpertParams<T>& p,
                                           const moe::DispatchPlan& plan, const Tensor<T>& u, bool training,
-                                          Generator& rng) {
+                                          Generator& rng, const SlotExpertShare& share) {
   const char* op = "slot_experts_forward";
   require(u.rank() == 2 && u.dim(1) == c.dim, Status::shape_mismatch, op, ": u is ", u.shape().str(),
           ", expected [rows, dim = ", c.dim, "]");
   impl::slot_experts::require_plan(c, plan, u.dim(0), op);
   impl::slot_experts::require_params(c, p);
+  const index_t hidden_total = share.hidden_total > 0 ? share.hidden_total : c.hidden;
+  const bool sharded = hidden_total != c.hidden;
+  require(!sharded || (!c.output_layer_norm && c.output_activation == ops::Activation::identity && !c.residual),
+          Status::unsupported, op, ": experts with an output LayerNorm, an output activation or a residual cannot be "
+          "split into hidden-unit shards (more ranks than experts); use at most as many ranks as experts");
+  require(share.global_rows.empty() || static_cast<index_t>(share.global_rows.size()) == u.dim(0), Status::internal, op,
+          ": ", share.global_rows.size(), " global rows for ", u.dim(0), " rows");
   const T eps = static_cast<T>(c.layer_norm_eps);
+  const index_t first_width_total = c.glu ? 2 * hidden_total : hidden_total;
 
   SlotExpertForward<T> f;
   f.u = u;
+  f.share = share;
   f.first = impl::slot_experts::expert_linear(plan, u, p.w1, p.b1, "soft_moe_experts::first");
   f.activation_in = impl::slot_experts::maybe_expert_layer_norm(
       c.hidden_layer_norm, plan, f.first, p.hidden_norm_weight, p.hidden_norm_bias, eps, f.hidden_mean, f.hidden_rstd,
-      "soft_moe_experts::hidden_norm");
+      "soft_moe_experts::hidden_norm", first_width_total, share.shards);
   f.h = Tensor<T>::uninitialized("soft_moe_experts::h", {u.dim(0), c.hidden});
   if (c.glu) {
     ops::glu_forward<T>(c.activation, f.activation_in.as_matrix(), View1<const T>(), f.h.as_matrix());
@@ -288,16 +379,22 @@ SlotExpertForward<T> slot_experts_forward(const SlotExpertConfig& c, const SlotE
     ops::activation_forward<T>(c.activation, f.activation_in.flat(), f.h.flat());
   }
   if (training && c.dropout > 0) {
+    // Unit j of global row g draws g · hidden_total + j of the whole batch's stream.
     f.dropped = true;
-    f.dropout_stream = rng.take(static_cast<std::uint64_t>(f.h.size()));
-    ops::dropout_forward<T>(f.h.flat(), static_cast<T>(c.dropout), f.dropout_stream, f.h.flat());
+    const std::int64_t total_rows = share.total_rows > 0 ? share.total_rows : u.dim(0);
+    f.dropout_stream = rng.take(static_cast<std::uint64_t>(total_rows * hidden_total));
+    f.dropout_keys = impl::slot_experts::dropout_keys(u.dim(0), hidden_total, share);
+    ops::dropout_rows<T>(f.h.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys, f.h.as_matrix());
   }
   if (c.has_residual()) KokkosBlas::axpy(T(1), u.flat(), f.h.flat());
 
-  f.second = impl::slot_experts::expert_linear(plan, f.h, p.w2, p.b2, "soft_moe_experts::second");
+  f.second = Tensor<T>::uninitialized("soft_moe_experts::second", {u.dim(0), c.dim});
+  moe::cvmm_forward<T>(plan, f.h.as_matrix(), p.w2.template view<3>(), f.second.as_matrix());
+  if (share.output_bias())
+    moe::add_expert_bias<T>(plan, moe::PairRows::pair_order, f.second.as_matrix(), p.b2.as_matrix());
   f.output_in = impl::slot_experts::maybe_expert_layer_norm(c.output_layer_norm, plan, f.second, p.output_norm_weight,
                                                             p.output_norm_bias, eps, f.output_mean, f.output_rstd,
-                                                            "soft_moe_experts::output_norm");
+                                                            "soft_moe_experts::output_norm", c.dim, share.shards);
   f.y = Tensor<T>::uninitialized("soft_moe_experts::y", f.second.shape());
   ops::activation_forward<T>(c.output_activation, f.output_in.flat(), f.y.flat());
   if (c.has_residual()) KokkosBlas::axpy(T(1), f.h.flat(), f.y.flat());
@@ -323,8 +420,9 @@ Tensor<T> slot_experts_backward(const SlotExpertConfig& c, const SlotExpertParam
   ops::activation_backward<T>(c.output_activation, f.output_in.flat(), dy.flat(), doutput_in.flat());
   const Tensor<T> dsecond = impl::slot_experts::maybe_expert_layer_norm_backward(
       c.output_layer_norm, plan, f.second, p.output_norm_weight, f.output_mean, f.output_rstd, doutput_in,
-      g.output_norm_weight, g.output_norm_bias, "soft_moe_experts::dsecond");
-  moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::pair_order, dsecond.as_matrix(), g.b2.as_matrix());
+      g.output_norm_weight, g.output_norm_bias, "soft_moe_experts::dsecond", c.dim, f.share.shards);
+  if (f.share.output_bias())
+    moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::pair_order, dsecond.as_matrix(), g.b2.as_matrix());
   const auto dh = Tensor<T>::uninitialized("soft_moe_experts::dh", f.h.shape());
   moe::cvmm_backward<T>(plan, f.h.as_matrix(), p.w2.template view<3>(), dsecond.as_matrix(), dh.as_matrix(),
                         g.w2.template view<3>());
@@ -335,7 +433,7 @@ Tensor<T> slot_experts_backward(const SlotExpertConfig& c, const SlotExpertParam
   if (f.dropped) {
     // h = u + a keeps dh for u, so the residual case needs its own copy.
     da = c.has_residual() ? Tensor<T>::uninitialized("soft_moe_experts::da", dh.shape()) : dh;
-    ops::dropout_backward<T>(dh.flat(), static_cast<T>(c.dropout), f.dropout_stream, da.flat());
+    ops::dropout_rows<T>(dh.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys, da.as_matrix());
   }
   const auto dactivation_in = Tensor<T>::uninitialized("soft_moe_experts::dactivation_in", f.activation_in.shape());
   if (c.glu) {
@@ -344,9 +442,11 @@ Tensor<T> slot_experts_backward(const SlotExpertConfig& c, const SlotExpertParam
   } else {
     ops::activation_backward<T>(c.activation, f.activation_in.flat(), da.flat(), dactivation_in.flat());
   }
+  const index_t hidden_total = f.share.hidden_total > 0 ? f.share.hidden_total : c.hidden;
   const Tensor<T> dfirst = impl::slot_experts::maybe_expert_layer_norm_backward(
       c.hidden_layer_norm, plan, f.first, p.hidden_norm_weight, f.hidden_mean, f.hidden_rstd, dactivation_in,
-      g.hidden_norm_weight, g.hidden_norm_bias, "soft_moe_experts::dfirst");
+      g.hidden_norm_weight, g.hidden_norm_bias, "soft_moe_experts::dfirst", c.glu ? 2 * hidden_total : hidden_total,
+      f.share.shards);
   moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::pair_order, dfirst.as_matrix(), g.b1.as_matrix());
   const auto du = Tensor<T>::uninitialized("soft_moe_experts::du", f.u.shape());
   moe::cvmm_backward<T>(plan, f.u.as_matrix(), p.w1.template view<3>(), dfirst.as_matrix(), du.as_matrix(),
@@ -400,7 +500,8 @@ void set_expert_row(const Tensor<T>& stacked, int expert, const Tensor<T>& row) 
   template SlotExpertParams<T> init_slot_expert_params<T>(const SlotExpertConfig&, Generator&);                        \
   template SlotExpertParams<T> zeros_like<T>(const SlotExpertParams<T>&);                                              \
   template SlotExpertForward<T> slot_experts_forward<T>(const SlotExpertConfig&, const SlotExpertParams<T>&,           \
-                                                        const moe::DispatchPlan&, const Tensor<T>&, bool, Generator&); \
+                                                        const moe::DispatchPlan&, const Tensor<T>&, bool, Generator&,  \
+                                                        const SlotExpertShare&);                                       \
   template Tensor<T> slot_experts_backward<T>(const SlotExpertConfig&, const SlotExpertParams<T>&,                     \
                                               const moe::DispatchPlan&, const SlotExpertForward<T>&, const Tensor<T>&, \
                                               SlotExpertParams<T>&);                                                   \

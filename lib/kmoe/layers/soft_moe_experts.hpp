@@ -27,6 +27,7 @@
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/dist/communicator.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
 #include "kmoe/ops/activations.hpp"
 
@@ -86,6 +87,26 @@ SlotExpertParams<T> zeros_like(const SlotExpertParams<T>& params);
 // r = (b · E + e) · S + s belongs to expert e.
 moe::DispatchPlan slot_dispatch_plan(index_t batch, int n_experts, index_t slots_per_expert);
 
+// Where a rank's slot experts and rows sit in the whole (dist/placement.hpp). The config a rank's
+// experts run with is its own block (n_experts = its experts, hidden = its hidden units); this says
+// which part of the whole that is and where its rows are, so that every rank computes its exact
+// share: a shard's partial outputs add up to the expert's (the second bias only on the shard at
+// hidden unit 0), the hidden LayerNorm's statistics are summed over the expert's shards, and each
+// dropout unit draws what it draws in the whole batch.
+struct SlotExpertShare {
+  index_t hidden_begin = 0;
+  index_t hidden_total = 0;  // 0: config.hidden (not sharded)
+  // The ranks holding the shards of this rank's expert (they receive the same rows in the same
+  // order); one rank when not sharded.
+  dist::Communicator shards;
+  // The global row of each row (empty: row r is global row r) and the whole batch's row count
+  // (0: the rows given).
+  std::vector<std::int64_t> global_rows;
+  std::int64_t total_rows = 0;
+
+  bool output_bias() const { return hidden_begin == 0; }
+};
+
 // What the forward returns: the output rows and what backward needs.
 template <class T>
 struct SlotExpertForward {
@@ -104,14 +125,19 @@ struct SlotExpertForward {
   Tensor<T> output_in;   // [rows, dim] what the output activation ran on
   bool dropped = false;  // dropout was applied
   RngStream dropout_stream;
+  View1<std::int64_t> dropout_keys;  // [rows] the counter of each row's hidden unit 0
+  SlotExpertShare share;
 };
 
 // u [rows, dim] with rows = plan.n_tokens() (plan with k = 1, e.g. slot_dispatch_plan). training
 // enables dropout, drawn from rng. Throws Status::shape_mismatch on mismatched shapes.
+// With a share of a whole (above): collective over share.shards when the hidden LayerNorm is on.
+// A shard must not have an output LayerNorm, an output activation or the residual (its partial
+// outputs would not add up): Status::unsupported.
 template <class T>
 SlotExpertForward<T> slot_experts_forward(const SlotExpertConfig& config, const SlotExpertParams<T>& params,
                                           const moe::DispatchPlan& plan, const Tensor<T>& u, bool training,
-                                          Generator& rng);
+                                          Generator& rng, const SlotExpertShare& share = {});
 
 // dy [rows, dim]. Returns du [rows, dim]; accumulates every parameter gradient into grads.
 template <class T>

@@ -34,8 +34,11 @@ Tensor<T> residual_feed_forward(const GegluExpert<T>& ff, const Tensor<T>& x,
 }  // namespace block_impl
 
 template <class T>
-SparseMoEBlock<T>::SparseMoEBlock(const SparseMoEBlockConfig& config, std::uint64_t seed, ParameterInit init)
-    : config_(config), moe_(config.moe, seed, init) {
+SparseMoEBlock<T>::SparseMoEBlock(const SparseMoEBlockConfig& config, std::uint64_t seed, ParameterInit init,
+                                  const dist::Communicator& comm)
+    : config_(config), moe_(config.moe, seed, init, comm) {
+  comm.require_same(static_cast<std::uint64_t>(config_.add_ff_before) * 2 + config_.add_ff_after,
+                    "the SparseMoEBlock's feed-forwards");
   const index_t D = config_.moe.dim;
   gamma_ = Tensor<T>("sparse_moe_block::moe_prenorm_gamma", {D});
   gamma_.fill(T(1));
@@ -65,20 +68,26 @@ template <class T>
 SparseMoEBlockForward<T> SparseMoEBlock<T>::forward(const Tensor<T>& x, bool training, Generator& rng,
                                                     const StMoECall<T>& call) const {
   const index_t D = config_.moe.dim;
-  require(x.rank() == 3 && x.dim(2) == D, Status::shape_mismatch, "SparseMoEBlock::forward: x is ",
-          x.shape().str(), ", expected [batch, n, dim = ", D, "]");
+  moe_.communicator().collectively([&] {
+    require(x.rank() == 3 && x.dim(2) == D, Status::shape_mismatch, "SparseMoEBlock::forward: x is ",
+            x.shape().str(), ", expected [batch, n, dim = ", D, "]");
+  });
   const index_t tokens = x.dim(0) * x.dim(1);
   SparseMoEBlockForward<T> f;
   const Tensor<T> x_rows = x.reshape({tokens, D});
-  f.residual = ff_before_ ? block_impl::residual_feed_forward(*ff_before_, x_rows, f.ff_before) : x_rows;
+  // A rank of several may bring no sequences: it only takes part in the MoE's exchanges.
+  const bool rows = tokens > 0;
+  f.residual = ff_before_ && rows ? block_impl::residual_feed_forward(*ff_before_, x_rows, f.ff_before) : x_rows;
   f.moe_input = Tensor<T>::uninitialized("sparse_moe_block::moe_input", {tokens, D});
   f.moe_scale = Tensor<T>::uninitialized("sparse_moe_block::moe_scale", {tokens});
-  ops::rms_norm_forward<T>(ops::RmsNormMode::l2_normalize, f.residual.as_matrix(), gamma_.flat(),
-                           static_cast<T>(block_impl::block_rms_eps), f.moe_input.as_matrix(), f.moe_scale.flat());
+  if (rows)
+    ops::rms_norm_forward<T>(ops::RmsNormMode::l2_normalize, f.residual.as_matrix(), gamma_.flat(),
+                             static_cast<T>(block_impl::block_rms_eps), f.moe_input.as_matrix(), f.moe_scale.flat());
   f.moe = moe_.forward(f.moe_input.reshape(x.shape()), training, rng, call);
   const Tensor<T> after_moe = f.moe.out.clone("sparse_moe_block::after_moe").reshape({tokens, D});
-  block_impl::add_into(after_moe, f.residual);
-  f.out = (ff_after_ ? block_impl::residual_feed_forward(*ff_after_, after_moe, f.ff_after) : after_moe).reshape(x.shape());
+  if (rows) block_impl::add_into(after_moe, f.residual);
+  f.out = (ff_after_ && rows ? block_impl::residual_feed_forward(*ff_after_, after_moe, f.ff_after) : after_moe)
+              .reshape(x.shape());
   f.total_aux_loss = f.moe.total_aux_loss;
   f.balance_loss = f.moe.balance_loss;
   f.router_z_loss = f.moe.router_z_loss;
@@ -87,12 +96,21 @@ SparseMoEBlockForward<T> SparseMoEBlock<T>::forward(const Tensor<T>& x, bool tra
 
 template <class T>
 Tensor<T> SparseMoEBlock<T>::backward(const SparseMoEBlockForward<T>& f, const Tensor<T>& dout, T aux_weight) {
-  require(!f.out.empty(), Status::invalid_argument, "SparseMoEBlock::backward: the forward result is empty");
-  require(f.ff_before.has_value() == ff_before_.has_value() && f.ff_after.has_value() == ff_after_.has_value(),
-          Status::invalid_argument, "SparseMoEBlock::backward: the forward result comes from another block");
-  dout.require_shape(f.out.shape(), "SparseMoEBlock::backward: dout");
-  const index_t D = config_.moe.dim, tokens = f.residual.dim(0);
+  const index_t D = config_.moe.dim;
+  moe_.communicator().collectively([&] {
+    require(!f.out.empty(), Status::invalid_argument, "SparseMoEBlock::backward: the forward result is empty");
+    const bool rows = f.residual.dim(0) > 0;
+    require(f.ff_before.has_value() == (ff_before_.has_value() && rows) &&
+                f.ff_after.has_value() == (ff_after_.has_value() && rows),
+            Status::invalid_argument, "SparseMoEBlock::backward: the forward result comes from another block");
+    dout.require_shape(f.out.shape(), "SparseMoEBlock::backward: dout");
+  });
+  const index_t tokens = f.residual.dim(0);
   const Tensor<T> dout_rows = dout.reshape({tokens, D});
+  if (tokens == 0) {  // only the MoE's exchanges
+    moe_.backward(f.moe, dout, aux_weight);
+    return Tensor<T>("sparse_moe_block::dx", f.out.shape());
+  }
   // After the MoE: d(after_moe) = dout + FF_after'ᵀ dout.
   Tensor<T> dafter = dout_rows;
   if (ff_after_) {

@@ -39,9 +39,14 @@ class SparseMoEBlock {
   using value_type = T;
   // The MoE from Generator(seed) as StMoE, then RMSNorm γ = 1 and the feed-forwards (seeds derived
   // from seed). Throws on an invalid config.
-  SparseMoEBlock(const SparseMoEBlockConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn);
+  // With a communicator the MoE's experts are placed over its ranks (StMoE); the feed-forwards
+  // and the norm are on every rank (their gradients are summed over the ranks with the other
+  // dense parameters, dist/gradients.hpp).
+  SparseMoEBlock(const SparseMoEBlockConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn,
+                 const dist::Communicator& comm = {});
 
   const SparseMoEBlockConfig& config() const { return config_; }
+  const dist::Communicator& communicator() const { return moe_.communicator(); }
   StMoE<T>& moe() { return moe_; }
   const StMoE<T>& moe() const { return moe_; }
   Tensor<T>& moe_prenorm_gamma() { return gamma_; }  // [dim], state_dict moe_prenorm.gamma

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
+#include <tuple>
 #include <string>
 
 namespace kmoe::layers {
@@ -283,6 +285,39 @@ View2<T> row_block(const Tensor<T>& matrix, index_t block, index_t rows) {
   return View2<T>(matrix.data() + block * rows * matrix.dim(1), rows, matrix.dim(1));
 }
 
+// The routing draws of this rank's rows, keyed by their place in the batch of every rank: a level's
+// rows come in `blocks` blocks (the inner gate: one per expert group) of which this rank holds
+// local_block rows at `first` of global_block; U[i, o · local_block + j] = draw
+// (i · blocks + o) · global_block + first + j. With one rank this is the gating's own layout
+// U_i(row) = draw i · rows + row.
+template <class T>
+Tensor<T> route_uniforms(const RngStream& stream, int k, index_t blocks, index_t local_block, index_t global_block,
+                         index_t first) {
+  const auto uniforms = Tensor<T>::uninitialized("st_moe::route_uniform", {k, blocks * local_block});
+  const View2<T> out = uniforms.as_matrix();
+  Kokkos::parallel_for(
+      "kmoe::st_moe::route_uniforms", Range2({0, 0}, {static_cast<index_t>(k), blocks * local_block}),
+      KOKKOS_LAMBDA(const index_t i, const index_t row) {
+        const index_t o = row / local_block, j = row % local_block;
+        out(i, row) = stream.uniform<T>(static_cast<std::uint64_t>((i * blocks + o) * global_block + first + j));
+      });
+  return uniforms;
+}
+
+// Everything that decides the computation, for the ranks' agreement check.
+inline std::string config_text(const StMoEConfig& c) {
+  std::ostringstream text;
+  text.precision(17);
+  text << c.dim << ' ' << c.num_experts << ' ' << c.num_experts_inner << ' ' << c.expert_hidden_mult << ' '
+       << c.capacity_factor_train << ' ' << c.capacity_factor_eval << ' ' << c.gating_top_n << ' '
+       << c.balance_loss_coef << ' ' << c.router_z_loss_coef << ' ' << c.straight_through_dispatch_tensor << ' '
+       << static_cast<int>(c.balance_density) << ' ' << static_cast<int>(c.gate_normalisation) << ' '
+       << static_cast<int>(c.router_init) << ' ' << static_cast<int>(c.generation);
+  for (const double t : c.threshold_train) text << " t" << t;
+  for (const double t : c.threshold_eval) text << " e" << t;
+  return text.str();
+}
+
 // values = stddev · N(0, 1), or U(±bound) when uniform.
 template <class T>
 void fill_random(const Tensor<T>& t, const RngStream& stream, bool uniform, T scale) {
@@ -295,9 +330,15 @@ void fill_random(const Tensor<T>& t, const RngStream& stream, bool uniform, T sc
 // ---- the layer ----
 
 template <class T>
-StMoE<T>::StMoE(const StMoEConfig& config, std::uint64_t seed, ParameterInit init) : config_(config) {
+StMoE<T>::StMoE(const StMoEConfig& config, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm)
+    : config_(config), comm_(comm) {
   config_.validate();
+  comm_.require_same(dist::text_hash(st_moe_impl::config_text(config_)) ^ seed, "the StMoE config or seed");
   const index_t D = config_.dim, E = config_.num_experts, I = config_.num_experts_inner;
+  placement_ = dist::Placement(config_.total_experts(), comm_.size(), config_.expert_hidden());
+  const int rank = comm_.rank();
+  share_ = {placement_.first_expert(rank), placement_.local_experts(rank), placement_.hidden_begin(rank),
+            placement_.local_hidden(rank)};
   Generator rng(seed, init);
   const bool uniform = config_.router_init == RouterInit::linear_default;
   const T scale = uniform ? static_cast<T>(1.0 / std::sqrt(static_cast<double>(D))) : T(1);
@@ -310,8 +351,8 @@ StMoE<T>::StMoE(const StMoEConfig& config, std::uint64_t seed, ParameterInit ini
   if (config_.hierarchical()) {
     st_moe_impl::fill_random<T>(params_.router_inner, rng.take(params_.router_inner.size()), uniform, scale);
   }
-  params_.experts = make_geglu_experts<T>(config_.total_experts(), D, config_.expert_hidden(), rng);
-  grads_.experts = make_geglu_experts<T>(config_.total_experts(), D, config_.expert_hidden(), rng, true);
+  params_.experts = make_geglu_experts<T>(config_.total_experts(), D, config_.expert_hidden(), rng, false, share_);
+  grads_.experts = make_geglu_experts<T>(config_.total_experts(), D, config_.expert_hidden(), rng, true, share_);
   if (config_.generation == StMoEGeneration::v0_1_8) {
     for (const bool training : {true, false}) {
       const moe::TopNGatingOptions options = config_.gating_options(training);
@@ -352,14 +393,24 @@ void StMoE<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const s
   const std::string pattern = prefix + (c.hierarchical() ? "experts.*.experts.*.net." : "experts.experts.*.net.");
   GegluExpertsParams<T>& p = params_.experts;
   GegluExpertsParams<T>& g = grads_.experts;
-  const auto expert = [&](const std::string& name, Tensor<T>& param, Tensor<T>& grad, int hidden_axis, bool transposed) {
+  // Placed (dist/placement.hpp): this rank's experts, of each its hidden units (both halves of
+  // the first layer's [value | gate] outputs).
+  const auto expert = [&](const std::string& name, Tensor<T>& param, Tensor<T>& grad, int hidden_axis, bool transposed,
+                          int hidden_blocks = 1) {
     model::TorchLayout torch{{}, transposed};
     for (const std::string& expert_prefix : expert_prefixes) torch.per_expert_names.push_back(expert_prefix + name);
     auto entry = model::expert_parameter(pattern + name, param, grad, hidden_axis, torch);
+    entry.first_expert = share_.first_expert;
+    entry.total_experts = c.total_experts();
+    if (placement_.sharded()) {
+      entry.hidden_begin = share_.hidden_begin;
+      entry.hidden_total = c.expert_hidden();
+      entry.hidden_blocks = hidden_blocks;
+    }
     visit(entry);
   };
-  expert("0.weight", p.w_in, g.w_in, 2, true);
-  expert("0.bias", p.b_in, g.b_in, 1, false);
+  expert("0.weight", p.w_in, g.w_in, 2, true, 2);
+  expert("0.bias", p.b_in, g.b_in, 1, false, 2);
   expert("1.mult_bias", p.mult_bias, g.mult_bias, 1, false);
   expert("2.weight", p.w_out, g.w_out, 1, true);
   expert("2.bias", p.b_out, g.b_out, -1, false);
@@ -380,39 +431,61 @@ void StMoE<T>::zero_grad() {
 
 namespace st_moe_impl {
 
-// The experts' stage of a forward: the plan over the level's kept choices, their rows gathered
-// from `inputs` in sorted order, the experts run. rows_per_block / experts_per_block number the
-// inner gates' experts group by group (flat: one block).
+// The experts' stage of a forward: each row of `inputs` with a kept choice goes to the ranks
+// holding its experts (experts [rows, top_n]: global ids, −1 not kept; gate [rows, top_n] the kept
+// gates), which run them on what they received; returns [rows, dim] Σ_j gate_j · f_{e_j}(row),
+// the owners' shares summed. Collective.
 template <class T>
-void run_experts(const StMoEParams<T>& params, int total_experts, const Tensor<T>& inputs, index_t rows_per_block,
-                 int experts_per_block, StMoERoutingLevel<T>& level, StMoEForward<T>& f) {
-  const int k = static_cast<int>(level.routing.expert_index.dim(1));
-  // At least two slots per row, so CVMM never reads a per-pair matrix as a per-token one (k = 1).
-  const int k_plan = std::max(k, 2);
-  const Tensor<int> index = plan_index(level.routing.expert_index, k_plan, rows_per_block, experts_per_block);
-  f.plan = moe::DispatchPlan::build_with_drops(index.as_matrix(), total_experts);
-  level.rows = pair_rows(f.plan, k);
-  const index_t D = inputs.dim(1), pairs = f.plan.n_pairs();
-  f.expert_input = Tensor<T>::uninitialized("st_moe::expert_input", {pairs, D});
-  dispatch_rows<T>(inputs.as_matrix(), level.rows.as_matrix(), f.expert_input.as_matrix());
-  f.expert_output = Tensor<T>::uninitialized("st_moe::expert_output", {pairs, D});
-  f.experts = geglu_experts_forward(params.experts, f.plan, f.expert_input, f.expert_output);
+Tensor<T> run_experts(const StMoEParams<T>& params, const dist::Communicator& comm, const dist::Placement& placement,
+                      const GegluExpertsShare& share, const Tensor<T>& inputs, const Tensor<int>& experts,
+                      const Tensor<T>& gate, StMoEExpertStage<T>& s) {
+  // ST-MoE's experts draw nothing, so the rows' global positions are not needed.
+  s.exchange = dist::ExpertExchange(comm, placement, experts, 0);
+  s.x_received = s.exchange.dispatch(inputs);
+  s.gate_received = s.exchange.dispatch(gate);
+  const index_t R = s.exchange.received_rows();
+  Tensor<T> combined;
+  if (R > 0) {
+    const int k = s.exchange.k();
+    // At least two slots per row, so CVMM never reads a per-pair matrix as a per-token one (k = 1).
+    const Tensor<int> index = plan_index(s.exchange.received_experts(), std::max(k, 2), R, 0);
+    s.plan = moe::DispatchPlan::build_with_drops(index.as_matrix(), share.experts);
+    s.rows = pair_rows(s.plan, k);
+    const index_t D = s.x_received.dim(1), pairs = s.plan.n_pairs();
+    s.expert_input = Tensor<T>::uninitialized("st_moe::expert_input", {pairs, D});
+    dispatch_rows<T>(s.x_received.as_matrix(), s.rows.as_matrix(), s.expert_input.as_matrix());
+    s.expert_output = Tensor<T>::uninitialized("st_moe::expert_output", {pairs, D});
+    s.experts = geglu_experts_forward(params.experts, s.plan, s.expert_input, s.expert_output, share.output_bias());
+    combined = Tensor<T>::uninitialized("st_moe::combined", {R, D});
+    combine_rows<T>(s.gate_received.as_matrix(), s.rows.as_matrix(), s.expert_output.as_matrix(),
+                    combined.as_matrix());
+  }
+  return s.exchange.combine(combined);
 }
 
-// The experts' stage of a backward: from the gradient of the level's combined rows (dcombined
-// [R, dim]) to the level's gate gradient and the gradient of its inputs (both overwritten).
+// The experts' stage of a backward: from the gradient of the stage's output rows (dcombined
+// [rows, dim]) to the gradient of the level's kept gates [rows, top_n] and of its input rows
+// [rows, dim], each the sum of the owners' shares. Collective.
 template <class T>
-void experts_backward(const StMoEParams<T>& params, StMoEParams<T>& grads, bool straight_through,
-                      const StMoEForward<T>& f, const StMoERoutingLevel<T>& level, const Tensor<T>& inputs,
-                      const Tensor<T>& dcombined, const Tensor<T>& dgate, const Tensor<T>& dinputs) {
-  const index_t pairs = f.plan.n_pairs(), D = inputs.dim(1);
-  const auto dy = Tensor<T>::uninitialized("st_moe::dexpert_output", {pairs, D});
-  scatter_row_gradients<T>(level.routing.gate.as_matrix(), level.rows.as_matrix(), dcombined.as_matrix(),
-                           dy.as_matrix());
-  const auto dx = Tensor<T>::uninitialized("st_moe::dexpert_input", {pairs, D});
-  geglu_experts_backward(params.experts, grads.experts, f.plan, f.expert_input, f.experts, dy, dx);
-  level_backward<T>(level.rows.as_matrix(), dcombined.as_matrix(), f.expert_output.as_matrix(), dx.as_matrix(),
-                    inputs.as_matrix(), straight_through, dgate.as_matrix(), dinputs.as_matrix());
+std::pair<Tensor<T>, Tensor<T>> experts_backward(const StMoEParams<T>& params, StMoEParams<T>& grads,
+                                                 const GegluExpertsShare& share, bool straight_through,
+                                                 const StMoEExpertStage<T>& s, const Tensor<T>& dcombined) {
+  const Tensor<T> dreceived = s.exchange.dispatch(dcombined);
+  const index_t R = s.exchange.received_rows();
+  Tensor<T> dgate, dinputs;
+  if (R > 0) {
+    const index_t pairs = s.plan.n_pairs(), D = s.x_received.dim(1);
+    const auto dy = Tensor<T>::uninitialized("st_moe::dexpert_output", {pairs, D});
+    scatter_row_gradients<T>(s.gate_received.as_matrix(), s.rows.as_matrix(), dreceived.as_matrix(), dy.as_matrix());
+    const auto dx = Tensor<T>::uninitialized("st_moe::dexpert_input", {pairs, D});
+    geglu_experts_backward(params.experts, grads.experts, s.plan, s.expert_input, s.experts, dy, dx,
+                           share.output_bias());
+    dgate = Tensor<T>::uninitialized("st_moe::dgate_received", {R, s.exchange.k()});
+    dinputs = Tensor<T>::uninitialized("st_moe::dx_received", {R, D});
+    level_backward<T>(s.rows.as_matrix(), dreceived.as_matrix(), s.expert_output.as_matrix(), dx.as_matrix(),
+                      s.x_received.as_matrix(), straight_through, dgate.as_matrix(), dinputs.as_matrix());
+  }
+  return {s.exchange.combine(dgate), s.exchange.combine(dinputs)};
 }
 
 template <class T>
@@ -428,15 +501,26 @@ template <class T>
 StMoEForward<T> StMoE<T>::forward(const Tensor<T>& x, bool training, Generator& rng, const StMoECall<T>& call) const {
   const StMoEConfig& c = config_;
   const index_t D = c.dim, E = c.num_experts;
-  require(x.rank() == 3 && x.dim(2) == D && x.dim(0) >= 1 && x.dim(1) >= 1, Status::shape_mismatch,
-          "StMoE::forward: x is ", x.shape().str(), ", expected [batch >= 1, n >= 1, dim = ", D, "]");
-  require_finite(x, "StMoE::forward: x");
-  require(!call.noise_gates || !c.hierarchical(), Status::invalid_argument,
-          "StMoE::forward: noise_gates is not available with the hierarchical MoE (v0.0.14 has no gate noise)");
-  require(std::isfinite(call.noise_mult), Status::invalid_argument, "StMoE::forward: noise_mult = ", call.noise_mult,
-          " is not finite");
-  const index_t B = x.dim(0), n = x.dim(1), tokens = B * n;
   const int k = c.gating_top_n;
+  // A bad input on one rank is an error on every rank (the others would wait for it otherwise).
+  comm_.collectively([&] {
+    require(x.rank() == 3 && x.dim(2) == D && x.dim(1) >= 1 && (x.dim(0) >= 1 || comm_.distributed()),
+            Status::shape_mismatch, "StMoE::forward: x is ", x.shape().str(), ", expected [batch >= 1, n >= 1, dim = ",
+            D, "] (batch 0 only on a rank of several)");
+    require_finite(x, "StMoE::forward: x");
+    require(!call.noise_gates || !c.hierarchical(), Status::invalid_argument,
+            "StMoE::forward: noise_gates is not available with the hierarchical MoE (v0.0.14 has no gate noise)");
+    require(std::isfinite(call.noise_mult), Status::invalid_argument, "StMoE::forward: noise_mult = ",
+            call.noise_mult, " is not finite");
+  });
+  const index_t B = x.dim(0), n = x.dim(1), tokens = B * n;
+  // Sequences are the routing groups: every rank's must have the same length (the global batch is
+  // [Σ batch, n, dim]).
+  const std::vector<std::int64_t> lengths = comm_.all_gather(B > 0 ? n : 0);
+  for (int r = 0; r < comm_.size(); ++r)
+    require(lengths[r] == 0 || lengths[r] == n || B == 0, Status::shape_mismatch,
+            "StMoE::forward: the ranks' sequences differ in length (", n, " here, ", lengths[r], " on rank ", r, ")");
+  const index_t first_sequence = comm_.exclusive_prefix_sum(B), global_batch = comm_.sum(B);
 
   StMoEForward<T> f;
   f.training = training;
@@ -445,45 +529,65 @@ StMoEForward<T> StMoE<T>::forward(const Tensor<T>& x, bool training, Generator& 
   // The (outer) gate over the tokens, one routing group per batch row.
   const moe::TopNGatingOptions options = c.gating_options(training);
   const auto logits = Tensor<T>::uninitialized("st_moe::logits", {B, n, E});
-  ops::linear_forward<T>(f.x.as_matrix(), params_.router.as_matrix(), View1<const T>(),
-                         logits.reshape({tokens, E}).as_matrix());
-  const Tensor<T> noise = call.noise_gates ? moe::gumbel_noise<T>(logits.shape(), rng.take(tokens * E),
-                                                                  static_cast<T>(call.noise_mult))
-                                           : Tensor<T>();
-  const Tensor<T> uniform = st_moe_impl::injected_uniforms(call.route_uniform, {k, B, n}, "route_uniform");
-  f.gate.routing = moe::top_n_gating_forward<T>(options, logits, noise, Tensor<T>(), uniform, rng.take(k * tokens));
+  if (tokens > 0)
+    ops::linear_forward<T>(f.x.as_matrix(), params_.router.as_matrix(), View1<const T>(),
+                           logits.reshape({tokens, E}).as_matrix());
+  Tensor<T> noise;
+  if (call.noise_gates) {
+    noise = moe::gumbel_noise<T>(logits.shape(), dist::take_global(comm_, rng, static_cast<std::uint64_t>(tokens * E)),
+                                 static_cast<T>(call.noise_mult));
+  }
+  const RngStream route_draws = rng.take(static_cast<std::uint64_t>(k * global_batch * n));
+  const Tensor<T> uniform =
+      !call.route_uniform.empty()
+          ? st_moe_impl::injected_uniforms(call.route_uniform, {k, B, n}, "route_uniform")
+          : st_moe_impl::route_uniforms<T>(route_draws, k, 1, tokens, global_batch * n, first_sequence * n);
+  f.gate.routing = moe::top_n_gating_forward<T>(options, logits, noise, Tensor<T>(), uniform, route_draws, comm_);
+  const Tensor<int> no_choices = Tensor<int>("st_moe::no_choices", {0, k});
+  const Tensor<T> no_gates = Tensor<T>("st_moe::no_gates", {0, k});
 
-  const auto out = Tensor<T>::uninitialized("st_moe::out", {tokens, D});
+  Tensor<T> out;
   if (!c.hierarchical()) {
-    st_moe_impl::run_experts(params_, c.total_experts(), f.x, tokens, 0, f.gate, f);
-    st_moe_impl::combine_rows<T>(f.gate.routing.gate.as_matrix(), f.gate.rows.as_matrix(), f.expert_output.as_matrix(),
-                          out.as_matrix());
+    out = st_moe_impl::run_experts(params_, comm_, placement_, share_, f.x,
+                                   tokens > 0 ? f.gate.routing.expert_index : no_choices,
+                                   tokens > 0 ? f.gate.routing.gate : no_gates, f.stage);
   } else {
     // Outer slots [groups, batch, C_outer] hold the tokens routed there (empty slots: zeros).
     const index_t I = c.num_experts_inner, C = f.gate.routing.capacity, slots = E * B * C, block = B * C;
-    f.gate.rows = st_moe_impl::slot_rows(f.gate.routing, B);
     f.slot_input = Tensor<T>("st_moe::slot_input", {slots, D});
-    st_moe_impl::dispatch_rows<T>(f.x.as_matrix(), f.gate.rows.as_matrix(), f.slot_input.as_matrix());
-    const Tensor<T> importance = st_moe_impl::slot_importance(f.gate.routing, f.gate.rows, slots);
+    Tensor<T> importance("st_moe::importance", {slots});
+    if (tokens > 0) {
+      f.gate.rows = st_moe_impl::slot_rows(f.gate.routing, B);
+      st_moe_impl::dispatch_rows<T>(f.x.as_matrix(), f.gate.rows.as_matrix(), f.slot_input.as_matrix());
+      importance = st_moe_impl::slot_importance(f.gate.routing, f.gate.rows, slots);
+    }
     // Inner logits: each group's slots through its own router.
     const auto inner_logits = Tensor<T>::uninitialized("st_moe::inner_logits", {E * B, C, I});
     const auto inner_logit_rows = inner_logits.reshape({slots, I});
-    for (index_t o = 0; o < E; ++o) {
+    for (index_t o = 0; o < E && tokens > 0; ++o) {
       ops::gemm<T>(false, true, T(1), st_moe_impl::row_block(f.slot_input, o, block),
                    st_moe_impl::row_block(params_.router_inner.reshape({E * I, D}), o, I), T(0),
                    st_moe_impl::row_block(inner_logit_rows, o, block));
     }
+    // The inner draws of slot (group o, sequence b, position c) are keyed by the global sequence.
+    const RngStream inner_draws = rng.take(static_cast<std::uint64_t>(2 * E * global_batch * C));
     const Tensor<T> inner_uniform =
-        st_moe_impl::injected_uniforms(call.route_uniform_inner, {2, E, B, C}, "route_uniform_inner");
+        !call.route_uniform_inner.empty()
+            ? st_moe_impl::injected_uniforms(call.route_uniform_inner, {2, E, B, C}, "route_uniform_inner")
+            : st_moe_impl::route_uniforms<T>(inner_draws, 2, E, block, global_batch * C, first_sequence * C);
     f.gate_inner.routing = moe::top_n_gating_forward<T>(c.gating_options(training, true), inner_logits, Tensor<T>(),
-                                                        importance.reshape({E * B, C}), inner_uniform,
-                                                        rng.take(2 * slots));
-    st_moe_impl::run_experts(params_, c.total_experts(), f.slot_input, block, static_cast<int>(I), f.gate_inner, f);
-    f.slot_output = Tensor<T>::uninitialized("st_moe::slot_output", {slots, D});
-    st_moe_impl::combine_rows<T>(f.gate_inner.routing.gate.as_matrix(), f.gate_inner.rows.as_matrix(),
-                          f.expert_output.as_matrix(), f.slot_output.as_matrix());
-    st_moe_impl::combine_rows<T>(f.gate.routing.gate.as_matrix(), f.gate.rows.as_matrix(), f.slot_output.as_matrix(),
-                          out.as_matrix());
+                                                        importance.reshape({E * B, C}), inner_uniform, inner_draws,
+                                                        comm_);
+    // The inner gates number their experts group by group: global expert o · I + i.
+    const Tensor<int> experts =
+        tokens > 0 ? st_moe_impl::plan_index(f.gate_inner.routing.expert_index, 2, block, static_cast<int>(I))
+                   : no_choices;
+    f.slot_output = st_moe_impl::run_experts(params_, comm_, placement_, share_, f.slot_input, experts,
+                                             tokens > 0 ? f.gate_inner.routing.gate : no_gates, f.stage);
+    out = Tensor<T>::uninitialized("st_moe::out", {tokens, D});
+    if (tokens > 0)
+      st_moe_impl::combine_rows<T>(f.gate.routing.gate.as_matrix(), f.gate.rows.as_matrix(), f.slot_output.as_matrix(),
+                                   out.as_matrix());
   }
   f.out = out.reshape(x.shape());
 
@@ -498,48 +602,52 @@ template <class T>
 Tensor<T> StMoE<T>::backward(const StMoEForward<T>& f, const Tensor<T>& dout, T aux_weight) {
   const StMoEConfig& c = config_;
   const char* op = "StMoE::backward";
-  require(!f.out.empty() && !f.expert_output.empty(), Status::invalid_argument, op,
-          ": the forward result is empty (default-constructed)");
-  const index_t D = c.dim, E = c.num_experts, tokens = f.x.dim(0);
-  require(f.x.dim(1) == D && f.gate.routing.probs.dim(1) == E && f.plan.n_experts() == c.total_experts() &&
-              f.gate_inner.routing.gate.empty() != c.hierarchical(),
-          Status::shape_mismatch, op, ": the forward result (x ", f.x.shape().str(), ", router probabilities ",
-          f.gate.routing.probs.shape().str(), ") does not come from a layer with dim = ", D, ", num_experts = ", E,
-          c.hierarchical() ? " (hierarchical)" : "");
-  dout.require_shape(f.out.shape(), std::string(op) + ": dout");
+  const index_t D = c.dim, E = c.num_experts;
+  comm_.collectively([&] {
+    require(!f.out.empty(), Status::invalid_argument, op, ": the forward result is empty (default-constructed)");
+    require(f.x.dim(1) == D && (f.x.dim(0) == 0 || f.gate.routing.probs.dim(1) == E) &&
+                (f.gate_inner.routing.group_size > 0) == c.hierarchical(),
+            Status::shape_mismatch, op, ": the forward result (x ", f.x.shape().str(),
+            ") does not come from a layer with dim = ", D, ", num_experts = ", E, c.hierarchical() ? " (hierarchical)" : "");
+    dout.require_shape(f.out.shape(), std::string(op) + ": dout");
+    require_finite(dout, std::string(op) + ": dout");
+  });
+  const index_t tokens = f.x.dim(0);
   const Tensor<T> dout_rows = dout.reshape({tokens, D});
   const T balance_coef = aux_weight * static_cast<T>(c.balance_loss_coef);
   const T z_coef = aux_weight * static_cast<T>(c.router_z_loss_coef);
   const bool st = c.straight_through_dispatch_tensor;
 
-  const int k = c.gating_top_n;
-  const auto dgate = Tensor<T>::uninitialized("st_moe::dgate", {tokens, k});
-  const auto dx = Tensor<T>::uninitialized("st_moe::dx", {tokens, D});
+  Tensor<T> dgate, dx;
   if (!c.hierarchical()) {
-    st_moe_impl::experts_backward(params_, grads_, st, f, f.gate, f.x, dout_rows, dgate, dx);
+    std::tie(dgate, dx) = st_moe_impl::experts_backward(params_, grads_, share_, st, f.stage, dout_rows);
   } else {
     const index_t I = c.num_experts_inner, slots = f.slot_input.dim(0), block = slots / E;
     // Outer combine → slot outputs; inner level → slot inputs.
     const Tensor<T> dslot_output("st_moe::dslot_output", {slots, D});
-    st_moe_impl::scatter_row_gradients<T>(f.gate.routing.gate.as_matrix(), f.gate.rows.as_matrix(), dout_rows.as_matrix(),
-                                   dslot_output.as_matrix());
-    const auto dgate_inner = Tensor<T>::uninitialized("st_moe::dgate_inner", {slots, 2});
-    const auto dslot_input = Tensor<T>::uninitialized("st_moe::dslot_input", {slots, D});
-    st_moe_impl::experts_backward(params_, grads_, st, f, f.gate_inner, f.slot_input, dslot_output, dgate_inner,
-                           dslot_input);
-    const Tensor<T> dlogits_inner = moe::top_n_gating_backward<T>(
-        c.gating_options(f.training, true), f.gate_inner.routing, dgate_inner, balance_coef, z_coef);
-    const Tensor<T> router_inner = params_.router_inner.reshape({E * I, D});
-    const Tensor<T> drouter_inner = grads_.router_inner.reshape({E * I, D});
-    for (index_t o = 0; o < E; ++o) {
-      const View2<T> dl = st_moe_impl::row_block(dlogits_inner, o, block), xs = st_moe_impl::row_block(f.slot_input, o, block);
-      ops::gemm<T>(false, false, T(1), dl, st_moe_impl::row_block(router_inner, o, I), T(1),
-                   st_moe_impl::row_block(dslot_input, o, block));
-      ops::gemm<T>(true, false, T(1), dl, xs, T(1), st_moe_impl::row_block(drouter_inner, o, I));
+    if (tokens > 0)
+      st_moe_impl::scatter_row_gradients<T>(f.gate.routing.gate.as_matrix(), f.gate.rows.as_matrix(),
+                                            dout_rows.as_matrix(), dslot_output.as_matrix());
+    auto [dgate_inner, dslot_input] = st_moe_impl::experts_backward(params_, grads_, share_, st, f.stage, dslot_output);
+    if (tokens > 0) {
+      const Tensor<T> dlogits_inner = moe::top_n_gating_backward<T>(
+          c.gating_options(f.training, true), f.gate_inner.routing, dgate_inner, balance_coef, z_coef);
+      const Tensor<T> router_inner = params_.router_inner.reshape({E * I, D});
+      const Tensor<T> drouter_inner = grads_.router_inner.reshape({E * I, D});
+      for (index_t o = 0; o < E; ++o) {
+        const View2<T> dl = st_moe_impl::row_block(dlogits_inner, o, block),
+                       xs = st_moe_impl::row_block(f.slot_input, o, block);
+        ops::gemm<T>(false, false, T(1), dl, st_moe_impl::row_block(router_inner, o, I), T(1),
+                     st_moe_impl::row_block(dslot_input, o, block));
+        ops::gemm<T>(true, false, T(1), dl, xs, T(1), st_moe_impl::row_block(drouter_inner, o, I));
+      }
+      dgate = Tensor<T>::uninitialized("st_moe::dgate", {tokens, 2});
+      dx = Tensor<T>::uninitialized("st_moe::dx", {tokens, D});
+      st_moe_impl::level_backward<T>(f.gate.rows.as_matrix(), dout_rows.as_matrix(), f.slot_output.as_matrix(),
+                                     dslot_input.as_matrix(), f.x.as_matrix(), st, dgate.as_matrix(), dx.as_matrix());
     }
-    st_moe_impl::level_backward<T>(f.gate.rows.as_matrix(), dout_rows.as_matrix(), f.slot_output.as_matrix(),
-                            dslot_input.as_matrix(), f.x.as_matrix(), st, dgate.as_matrix(), dx.as_matrix());
   }
+  if (tokens == 0) return Tensor<T>("st_moe::dx", f.out.shape());
   // The (outer) router: logits = x · routerᵀ.
   const Tensor<T> dlogits =
       moe::top_n_gating_backward<T>(c.gating_options(f.training), f.gate.routing, dgate, balance_coef, z_coef);

@@ -20,6 +20,9 @@
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/dist/communicator.hpp"
+#include "kmoe/dist/expert_exchange.hpp"
+#include "kmoe/dist/placement.hpp"
 #include "kmoe/layers/geglu_expert.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
 #include "kmoe/moe/top_n_gating.hpp"
@@ -116,12 +119,14 @@ struct StMoEParams {
 };
 
 // How forward draws its randomness; the route uniforms can be injected to replay a recorded run.
+// Drawn ones are keyed by global coordinates (the token's or slot's place in the batch of every
+// rank), so any world size draws what one rank draws.
 template <class T>
 struct StMoECall {
   bool noise_gates = false;  // Gumbel noise on the gate logits (not with the hierarchy)
   double noise_mult = 1.0;
-  // [top_n, batch, n] the routing draws U_i (row 0 unused, as the original draws it), or empty:
-  // drawn from the generator.
+  // [top_n, batch, n] the routing draws U_i of this rank's batch (row 0 unused, as the original
+  // draws it), or empty: drawn from the generator.
   Tensor<T> route_uniform;
   // Hierarchical: the inner gate's draws [2, num_experts, batch, outer capacity], or empty.
   Tensor<T> route_uniform_inner;
@@ -131,7 +136,22 @@ struct StMoECall {
 template <class T>
 struct StMoERoutingLevel {
   moe::TopNRouting<T> routing;
-  Tensor<int> rows;  // [tokens, top_n] row of each kept choice in the next stage's matrix, −1 elsewhere
+  Tensor<int> rows;  // hierarchical outer gate: [tokens, 2] slot row of each kept choice, −1 elsewhere
+};
+
+// The experts' stage of a level (dist/expert_exchange.hpp): every row with a kept choice goes to
+// the ranks holding its experts, which run them on what they received and send back their share
+// of Σ_j ĝ_j f_{e_j}(row). Everything here is on the experts' side: the R received rows.
+template <class T>
+struct StMoEExpertStage {
+  dist::ExpertExchange exchange;
+  Tensor<T> x_received;     // [R, dim]
+  Tensor<T> gate_received;  // [R, top_n] kept gates (0: not kept)
+  Tensor<int> rows;         // [R, top_n] the plan's sorted position of each pair held here, −1 elsewhere
+  moe::DispatchPlan plan;   // over the received pairs in local expert ids (others dropped)
+  Tensor<T> expert_input;   // [plan pairs, dim] in the plan's sorted order
+  Tensor<T> expert_output;  // [plan pairs, dim] in the plan's sorted order
+  GegluExpertsSaved<T> experts;
 };
 
 // What forward returns: the outputs and everything backward needs.
@@ -145,14 +165,11 @@ struct StMoEForward {
 
   // Saved for backward (and for inspection).
   Tensor<T> x;                      // [tokens, dim] (a view of the caller's input)
-  StMoERoutingLevel<T> gate;        // the (outer) gate; rows index expert_input (flat) or slot_input
-  StMoERoutingLevel<T> gate_inner;  // hierarchical: the inner gate over the slots; rows index expert_input
+  StMoERoutingLevel<T> gate;        // the (outer) gate
+  StMoERoutingLevel<T> gate_inner;  // hierarchical: the inner gate over the slots
   Tensor<T> slot_input;             // hierarchical [groups · batch · C_outer, dim] (empty slots: 0)
   Tensor<T> slot_output;            // hierarchical [groups · batch · C_outer, dim]
-  moe::DispatchPlan plan;           // the experts' pairs (dropped pairs marked −1)
-  Tensor<T> expert_input;           // [plan pairs, dim] in the plan's sorted order
-  Tensor<T> expert_output;          // [plan pairs, dim] in the plan's sorted order
-  GegluExpertsSaved<T> experts;
+  StMoEExpertStage<T> stage;        // the experts, fed by the tokens (flat) or the slots
 };
 
 template <class T>
@@ -161,9 +178,17 @@ class StMoE {
   using value_type = T;
   // Parameters initialised as the original (router per config.router_init; experts as Expert.init_)
   // from Generator(seed). Throws on an invalid config.
-  StMoE(const StMoEConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn);
+  // With a communicator of W ranks the total_experts() experts are placed over them
+  // (dist/placement.hpp; W > E: shards of their hidden units): this rank holds its block, drawn as
+  // its part of the one-rank initialisation; the routers are on every rank. Every rank brings its
+  // own sequences (the same n; a rank may bring none); forward and backward are collective, the
+  // balance and z-losses are means over every rank's sequences, capacity stays per sequence.
+  StMoE(const StMoEConfig& config, std::uint64_t seed, ParameterInit init = ParameterInit::drawn,
+        const dist::Communicator& comm = {});
 
   const StMoEConfig& config() const { return config_; }
+  const dist::Communicator& communicator() const { return comm_; }
+  const dist::Placement& placement() const { return placement_; }
   StMoEParams<T>& params() { return params_; }
   const StMoEParams<T>& params() const { return params_; }
   StMoEParams<T>& grads() { return grads_; }
@@ -174,7 +199,7 @@ class StMoE {
   // v0.1.8's threshold buffers gate.threshold_train / threshold_eval = [eps, τ_1, …].
   void visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix = "");
 
-  // x [batch, n, dim] (each batch row is one routing group). training selects thresholds,
+  // x [batch, n, dim] (each batch row is one routing group; batch 0 on a rank of several). training selects thresholds,
   // capacity factor and losses. Draws (route uniforms unless injected, gate noise) come from rng.
   // Throws Status::shape_mismatch for a wrong x or injected uniform shape, Status::non_finite for
   // non-finite x, Status::invalid_argument for noise_gates with the hierarchy.
@@ -186,6 +211,9 @@ class StMoE {
 
  private:
   StMoEConfig config_;
+  dist::Communicator comm_;
+  dist::Placement placement_;
+  GegluExpertsShare share_;  // this rank's block of the experts
   StMoEParams<T> params_;
   StMoEParams<T> grads_;
   Tensor<T> threshold_train_, threshold_eval_;  // v0.1.8 buffers, from the config

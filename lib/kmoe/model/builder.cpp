@@ -180,7 +180,8 @@ class Wrapped : public Layer<typename L::value_type> {
   nlohmann::json config() const override { return config_; }
   const dist::Communicator& communicator() const override {
     if constexpr (std::is_same_v<L, layers::SigmaMoE<T>> || std::is_same_v<L, layers::MoEUT<T>> ||
-                  std::is_same_v<L, layers::MoEUTLM<T>>) {
+                  std::is_same_v<L, layers::MoEUTLM<T>> || std::is_same_v<L, layers::StMoE<T>> ||
+                  std::is_same_v<L, layers::SparseMoEBlock<T>> || std::is_same_v<L, layers::SoftMoE<T>>) {
       return layer_.communicator();
     } else {
       static const dist::Communicator one_rank;
@@ -350,7 +351,7 @@ using Factory = std::function<std::unique_ptr<Layer<T>>(const std::string& kind,
 
 template <class T>
 std::unique_ptr<Layer<T>> build_st_moe_block(const std::string& kind, const nlohmann::json& config, std::uint64_t seed,
-                                             ParameterInit init, bool v0014) {
+                                             ParameterInit init, const dist::Communicator& comm, bool v0014) {
   const std::string context = kind + " config";
   layers::SparseMoEBlockConfig block;
   nlohmann::json moe_json;
@@ -374,7 +375,7 @@ std::unique_ptr<Layer<T>> build_st_moe_block(const std::string& kind, const nloh
   block.add_ff_after = args.add_ff_after;
   written.update(write_fields(block_fields(), args));
   written["moe"] = moe_json;
-  return std::make_unique<SparseMoEBlockLayer<T>>(kind, written, block, seed, init);
+  return std::make_unique<SparseMoEBlockLayer<T>>(kind, written, block, seed, init, comm);
 }
 
 template <class T>
@@ -386,40 +387,40 @@ const std::map<std::string, Factory<T>>& factories() {
          return std::make_unique<SigmaMoELayer<T>>(kind, write_fields(layers::sigma_moe_fields(), c), c, seed, init, comm);
        }},
       {"st_moe",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::st_moe_fields(), json, kind + " config");
-         return std::make_unique<StMoELayer<T>>(kind, write_fields(layers::st_moe_fields(), c), c, seed, init);
+         return std::make_unique<StMoELayer<T>>(kind, write_fields(layers::st_moe_fields(), c), c, seed, init, comm);
        }},
       {"st_moe_v0014",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
          const auto args = read_fields(v0014_fields(false), json, kind + " config", v0014_defaults(false));
-         return std::make_unique<StMoELayer<T>>(kind, write_fields(v0014_fields(false), args), args.to_config(), seed, init);
+         return std::make_unique<StMoELayer<T>>(kind, write_fields(v0014_fields(false), args), args.to_config(), seed, init, comm);
        }},
       {"hier_moe_v0014",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
          const auto args = read_fields(v0014_fields(true), json, kind + " config", v0014_defaults(true));
-         return std::make_unique<StMoELayer<T>>(kind, write_fields(v0014_fields(true), args), args.to_config(), seed, init);
+         return std::make_unique<StMoELayer<T>>(kind, write_fields(v0014_fields(true), args), args.to_config(), seed, init, comm);
        }},
       {"st_moe_block",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) {
-         return build_st_moe_block<T>(kind, json, seed, init, false);
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) {
+         return build_st_moe_block<T>(kind, json, seed, init, comm, false);
        }},
       {"st_moe_block_v0014",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) {
-         return build_st_moe_block<T>(kind, json, seed, init, true);
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) {
+         return build_st_moe_block<T>(kind, json, seed, init, comm, true);
        }},
       {"soft_moe_lite",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
          const auto a = read_fields(lite_fields(), json, kind + " config");
          return std::make_unique<SoftMoELayer<T>>(kind, write_fields(lite_fields(), a),
                                                   layers::SoftMoEConfig::lite(a.d_model, a.num_experts, a.num_slots),
-                                                  seed, init);
+                                                  seed, init, comm);
        }},
       {"soft_moe_lucidrains",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
          const auto a = read_fields(lucidrains_fields(), json, kind + " config");
          return std::make_unique<SoftMoELayer<T>>(kind, write_fields(lucidrains_fields(), a),
-                                                  layers::SoftMoEConfig::lucidrains(a.dim, a.options), seed, init);
+                                                  layers::SoftMoEConfig::lucidrains(a.dim, a.options), seed, init, comm);
        }},
       {"switchhead",
        [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
@@ -460,9 +461,9 @@ std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const nlohmann::j
     for (const std::string& name : layer_kinds()) known += (known.empty() ? "" : ", ") + name;
     fail(Status::invalid_argument, "unknown layer '", kind, "' (kmoe knows: ", known, ")");
   }
-  // Expert parallelism reaches the other families through the same exchange next.
-  require(!comm.distributed() || kind == "sigma_moe" || kind == "moeut" || kind == "moeut_lm", Status::unsupported,
-          "the ", kind, " layer is not yet distributed over MPI ranks (sigma_moe, moeut and moeut_lm are); build it with one rank");
+  require(!comm.distributed() || kind != "switchhead", Status::unsupported,
+          "the switchhead layer alone is not distributed over MPI ranks (inside moeut and moeut_lm it is); build it "
+          "with one rank");
   return found->second(kind, config, seed, init, comm);
 }
 

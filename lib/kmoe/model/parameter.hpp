@@ -48,6 +48,11 @@ struct Parameter {
   // [hidden_begin, hidden_begin + dim(hidden_axis)) of hidden_total; hidden_total −1: all of them.
   index_t hidden_begin = 0;
   index_t hidden_total = -1;
+  // The hidden axis may hold several blocks of hidden_total units side by side (a GEGLU's
+  // [value | gate] first layer: 2); a shard holds its range of each block. An expert entry without
+  // a hidden axis (a GEGLU's output bias) is kept by every shard of its expert, and only the
+  // shard at hidden_begin 0 uses and trains it.
+  int hidden_blocks = 1;
   // All of the layer's experts along expert_axis (−1: the ones held here are all of them).
   int total_experts = -1;
   TorchLayout torch;
@@ -57,14 +62,15 @@ struct Parameter {
   bool partial() const {
     return kind == ParameterKind::expert &&
            ((total_experts >= 0 && total_experts != local_experts()) ||
-            (hidden_total >= 0 && hidden_axis >= 0 && hidden_total != tensor->dim(hidden_axis)));
+            (hidden_total >= 0 && hidden_axis >= 0 && hidden_total * hidden_blocks != tensor->dim(hidden_axis)));
   }
   // The shape of the whole tensor over every rank.
   Shape global_shape() const {
     if (kind != ParameterKind::expert) return tensor->shape();
     std::vector<index_t> dims = tensor->shape().dims();
     if (total_experts >= 0) dims[static_cast<std::size_t>(expert_axis)] = total_experts;
-    if (hidden_total >= 0 && hidden_axis >= 0) dims[static_cast<std::size_t>(hidden_axis)] = hidden_total;
+    if (hidden_total >= 0 && hidden_axis >= 0)
+      dims[static_cast<std::size_t>(hidden_axis)] = hidden_total * hidden_blocks;
     return Shape(dims);
   }
 };

@@ -147,10 +147,10 @@ void kept_gates(const TopNRouting<T>& r) {
       });
 }
 
-// Per group: Σ_t m_t · LSE_t² and Σ_t m_t (m = [importance == 1], or 1); summed over groups on the
-// host in group order.
+// Σ_t m_t · LSE_t² and Σ_t m_t (m = [importance == 1], or 1) over this rank's tokens, per group on
+// the device and summed over groups on the host in group order.
 template <class T>
-void router_z_loss(TopNRouting<T>& r) {
+std::pair<double, double> router_z_sums(const TopNRouting<T>& r) {
   const View1<T> lse = r.logit_lse.flat();
   const bool has_importance = !r.importance.empty();
   const View1<T> importance = has_importance ? r.importance.flat() : View1<T>();
@@ -173,17 +173,30 @@ void router_z_loss(TopNRouting<T>& r) {
     sum += host(g, 0);
     count += host(g, 1);
   }
-  r.z_loss_count = has_importance ? std::max(count, 1e-5) : static_cast<double>(r.groups * n);
-  r.router_z_loss = static_cast<T>(sum / r.z_loss_count);
+  return {sum, count};
+}
+
+// The losses from this rank's sums, over every rank's groups: balance = E / groups · Σ terms,
+// z = Σ m·LSE² / count. Collective.
+template <class T>
+void finish_losses(TopNRouting<T>& r, index_t E, bool has_importance, double balance_sum, double z_sum,
+                   double z_count, const dist::Communicator& comm) {
+  double totals[5] = {balance_sum, z_sum, z_count, static_cast<double>(r.groups),
+                      static_cast<double>(r.groups * r.group_size)};
+  comm.all_reduce_sum(totals, 5);
+  r.loss_groups = static_cast<index_t>(totals[3]);
+  r.z_loss_count = has_importance ? std::max(totals[2], 1e-5) : totals[4];
+  r.balance_loss = static_cast<T>(totals[3] > 0 ? totals[0] * static_cast<double>(E) / totals[3] : 0.0);
+  r.router_z_loss = static_cast<T>(r.z_loss_count > 0 ? totals[1] / r.z_loss_count : 0.0);
 }
 
 template <class T>
-T sum_on_host(const View2<T>& values) {
+double sum_on_host(const View2<T>& values) {
   const auto host = Kokkos::create_mirror_view_and_copy(HostSpace(), values);
   double sum = 0;
   for (std::size_t i = 0; i < host.extent(0); ++i)
     for (std::size_t j = 0; j < host.extent(1); ++j) sum += host(i, j);
-  return static_cast<T>(sum);
+  return sum;
 }
 
 }  // namespace gating_impl
@@ -191,14 +204,16 @@ T sum_on_host(const View2<T>& values) {
 template <class T>
 TopNRouting<T> top_n_gating_forward(const TopNGatingOptions& options, const Tensor<T>& logits,
                                     const Tensor<T>& noise, const Tensor<T>& importance,
-                                    const Tensor<T>& route_uniform, const RngStream& routing) {
+                                    const Tensor<T>& route_uniform, const RngStream& routing,
+                                    const dist::Communicator& comm) {
   const char* op = "top_n_gating_forward";
   options.validate();
   require(logits.rank() == 3 && logits.dim(2) == options.num_gates, Status::shape_mismatch, op, ": logits are ",
           logits.shape().str(), ", expected [groups, group_size, num_gates = ", options.num_gates, "]");
   const index_t groups = logits.dim(0), n = logits.dim(1), tokens = groups * n, E = options.num_gates;
   const int k = options.top_n;
-  require(tokens >= 1, Status::shape_mismatch, op, ": logits ", logits.shape().str(), " hold no tokens");
+  require(tokens >= 1 || (comm.distributed() && groups == 0), Status::shape_mismatch, op, ": logits ",
+          logits.shape().str(), " hold no tokens");
   if (!noise.empty()) noise.require_shape(logits.shape(), std::string(op) + ": noise");
   if (!importance.empty()) {
     importance.require_shape({groups, n}, std::string(op) + ": importance");
@@ -211,6 +226,10 @@ TopNRouting<T> top_n_gating_forward(const TopNGatingOptions& options, const Tens
   r.groups = groups;
   r.group_size = n;
   r.capacity = options.capacity(n);
+  if (tokens == 0) {  // a rank without groups: only the losses' collective
+    if (options.compute_losses) gating_impl::finish_losses(r, E, !importance.empty(), 0, 0, 0, comm);
+    return r;
+  }
   r.logits = logits.reshape({tokens, E});
   r.importance = importance.empty() ? Tensor<T>() : importance.reshape({tokens});
 
@@ -246,9 +265,9 @@ TopNRouting<T> top_n_gating_forward(const TopNGatingOptions& options, const Tens
 
   if (options.compute_losses) {
     // E² · mean over (group, expert) = E / groups · Σ.
-    r.balance_loss = static_cast<T>(static_cast<double>(gating_impl::sum_on_host(balance_terms.as_matrix())) *
-                                    static_cast<double>(E) / static_cast<double>(groups));
-    gating_impl::router_z_loss(r);
+    const auto [z_sum, z_count] = gating_impl::router_z_sums(r);
+    gating_impl::finish_losses(r, E, !importance.empty(), gating_impl::sum_on_host(balance_terms.as_matrix()), z_sum,
+                               z_count, comm);
   }
   return r;
 }
@@ -258,7 +277,7 @@ Tensor<T> top_n_gating_backward(const TopNGatingOptions& options, const TopNRout
                                 T balance_coef, T z_coef) {
   const char* op = "top_n_gating_backward";
   require(!r.gate.empty(), Status::invalid_argument, op, ": the routing is empty (default-constructed)");
-  const index_t tokens = r.gate.dim(0), E = options.num_gates, n = r.group_size, groups = r.groups;
+  const index_t tokens = r.gate.dim(0), E = options.num_gates, n = r.group_size, groups = r.loss_groups;
   const int k = options.top_n;
   require(r.gate.dim(1) == k && r.probs.dim(1) == E, Status::shape_mismatch, op, ": the routing (gate ",
           r.gate.shape().str(), ", probs ", r.probs.shape().str(), ") does not match top_n = ", k,
@@ -336,7 +355,8 @@ Tensor<T> gumbel_noise(const Shape& shape, const RngStream& stream, T noise_mult
 #define KMOE_INSTANTIATE(T)                                                                                      \
   template struct TopNRouting<T>;                                                                               \
   template TopNRouting<T> top_n_gating_forward<T>(const TopNGatingOptions&, const Tensor<T>&, const Tensor<T>&, \
-                                                  const Tensor<T>&, const Tensor<T>&, const RngStream&);       \
+                                                  const Tensor<T>&, const Tensor<T>&, const RngStream&,        \
+                                                  const dist::Communicator&);                                 \
   template Tensor<T> top_n_gating_backward<T>(const TopNGatingOptions&, const TopNRouting<T>&,                  \
                                               const Tensor<T>&, T, T);                                          \
   template Tensor<T> gumbel_noise<T>(const Shape&, const RngStream&, T);

@@ -31,6 +31,7 @@
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/dist/communicator.hpp"
 
 #include <vector>
 
@@ -86,6 +87,7 @@ struct TopNRouting {
   Tensor<T> density;         // [groups, E] the balance loss's first-choice fractions
   Tensor<T> importance;      // [tokens] as given (empty: none)
   double z_loss_count = 0;   // the z-loss's denominator: tokens, or max(#importance-1 tokens, 1e-5)
+  index_t loss_groups = 0;   // the balance loss's groups (every rank's)
   T balance_loss = T(0);     // unweighted; 0 in eval
   T router_z_loss = T(0);    // unweighted; 0 in eval
 };
@@ -95,10 +97,14 @@ struct TopNRouting {
 // be 2 with importance). route_uniform: [top_n, tokens] (row i = U_i, row 0 unused, as the original
 // draws them) or empty, in which case U_i(t) = routing.uniform(i · tokens + t). Throws
 // Status::shape_mismatch on a wrong extent and Status::invalid_argument on invalid options.
+// With a communicator of several ranks the groups are this rank's share of a batch split by
+// groups: the losses are means over every rank's groups and tokens (collective; a rank may then
+// bring no groups), everything else stays per group.
 template <class T>
 TopNRouting<T> top_n_gating_forward(const TopNGatingOptions& options, const Tensor<T>& logits,
                                     const Tensor<T>& noise, const Tensor<T>& importance,
-                                    const Tensor<T>& route_uniform, const RngStream& routing);
+                                    const Tensor<T>& route_uniform, const RngStream& routing,
+                                    const dist::Communicator& comm = {});
 
 // dgate [tokens, top_n]: gradient of the kept gates (entries of choices not kept are ignored).
 // balance_coef, z_coef: the losses' weights in the differentiated scalar (ignored in eval, where
