@@ -1,8 +1,9 @@
-// Checkpoints of a σ-MoE whose experts are placed over the ranks: written collectively in the
+// Checkpoints of a layer whose experts are placed over the ranks: written collectively in the
 // one-rank format (whole tensors, global expert indices, a placement attribute), loadable by one
 // rank and by any other world size with the same parameters, AdamW moments and outputs.
 // Resharding across world sizes: tests/dist/reshard.cmake runs WriteForResharding at W = 4 and
-// ReshardAndResave at W = 1, 3, 6 and 20 (KMOE_RESHARD_IN / KMOE_RESHARD_OUT name the files).
+// ReshardAndResave at W = 1, 3, 6 and 20 (KMOE_RESHARD_IN / KMOE_RESHARD_OUT name the files,
+// KMOE_RESHARD_MODEL the model: sigma_moe by default, st_moe, hier_moe_v0014, soft_moe_lite).
 #include "kmoe/dist/communicator.hpp"
 #include "kmoe/dist/gradients.hpp"
 #include "kmoe/dist/parameter_blocks.hpp"
@@ -23,19 +24,53 @@ using namespace kmoe::test;
 
 namespace {
 
-const char* const config = R"({"dmodel": 8, "n_experts": 6, "expert_size": 10, "k": 2, "bias": true})";
-constexpr index_t batch_tokens = 23;
+// A model, its config and the shape of one row of its batch (a token, or a sequence of them).
+struct Model {
+  std::string kind, config;
+  std::vector<index_t> row;
+};
 
-// This rank's contiguous share of a global batch of batch_tokens tokens.
-std::pair<index_t, index_t> my_tokens() {
-  const index_t w = world().size(), r = world().rank(), base = batch_tokens / w, extra = batch_tokens % w;
+const Model& model_under_test() {
+  static const std::map<std::string, Model> models = {
+      {"sigma_moe", {"sigma_moe", R"({"dmodel": 8, "n_experts": 6, "expert_size": 10, "k": 2, "bias": true})", {8}}},
+      {"st_moe", {"st_moe", R"({"dim": 8, "num_experts": 6, "expert_hidden_mult": 2})", {4, 8}}},
+      {"hier_moe_v0014", {"hier_moe_v0014", R"({"dim": 8, "num_experts": [2, 3], "expert_hidden_mult": 2})", {4, 8}}},
+      {"soft_moe_lite", {"soft_moe_lite", R"({"d_model": 8, "num_experts": 6, "num_slots": 2})", {4, 8}}},
+  };
+  const char* chosen = std::getenv("KMOE_RESHARD_MODEL");
+  return models.at(chosen != nullptr ? chosen : "sigma_moe");
+}
+
+std::unique_ptr<model::Layer<float>> build(std::uint64_t seed, ParameterInit init = ParameterInit::drawn) {
+  return model::build_layer<float>(model_under_test().kind, model_under_test().config, seed, init, world());
+}
+
+constexpr index_t batch_rows = 23;
+
+index_t row_size() {
+  index_t size = 1;
+  for (const index_t d : model_under_test().row) size *= d;
+  return size;
+}
+
+// This rank's contiguous share of a global batch of batch_rows rows.
+std::pair<index_t, index_t> my_share() {
+  const index_t w = world().size(), r = world().rank(), base = batch_rows / w, extra = batch_rows % w;
   return {r * base + std::min(r, extra), base + (r < extra ? 1 : 0)};
 }
 
+// Rows [first, first + count) of the global batch drawn from seed.
+Tensor<float> batch_rows_of(std::uint64_t seed, index_t first, index_t count) {
+  const index_t size = row_size();
+  const std::vector<double> all = random_values(static_cast<std::size_t>(batch_rows * size), seed);
+  std::vector<index_t> dims = {count};
+  dims.insert(dims.end(), model_under_test().row.begin(), model_under_test().row.end());
+  return make_tensor<float>(Shape(dims), std::vector<double>(all.begin() + first * size, all.begin() + (first + count) * size));
+}
+
 Tensor<float> my_rows(std::uint64_t seed) {
-  const auto [first, count] = my_tokens();
-  const std::vector<double> all = random_values(batch_tokens * 8, seed);
-  return make_tensor<float>({count, 8}, std::vector<double>(all.begin() + first * 8, all.begin() + (first + count) * 8));
+  const auto [first, count] = my_share();
+  return batch_rows_of(seed, first, count);
 }
 
 // One AdamW step on this rank's share (dense gradients all-reduced), so that moments are not zero.
@@ -53,18 +88,14 @@ void train_step(model::Layer<float>& layer, model::AdamW<float>& opt) {
 // The rows of this rank of the whole batch's output (on every rank: a one-rank layer's output).
 std::vector<float> my_outputs(model::Layer<float>& layer, bool whole_batch) {
   model::LayerInputs<float> in;
-  if (whole_batch) {
-    in.x = make_tensor<float>({batch_tokens, 8}, random_values(batch_tokens * 8, 33));
-  } else {
-    const auto [first, count] = my_tokens();
-    const std::vector<double> all = random_values(batch_tokens * 8, 33);
-    in.x = make_tensor<float>({count, 8}, std::vector<double>(all.begin() + first * 8, all.begin() + (first + count) * 8));
-  }
+  const auto [first, count] = my_share();
+  in.x = whole_batch ? batch_rows_of(33, 0, batch_rows) : batch_rows_of(33, first, count);
   Generator rng(0);
-  std::vector<float> out = layer.forward(in, false, rng).out.to_host();
-  if (!whole_batch) return out;
-  const auto [first, count] = my_tokens();
-  return std::vector<float>(out.begin() + first * 8, out.begin() + (first + count) * 8);
+  const Tensor<float> out = layer.forward(in, false, rng).out;
+  std::vector<float> values = out.size() > 0 ? out.to_host() : std::vector<float>();
+  if (!whole_batch) return values;
+  const index_t size = row_size();
+  return std::vector<float>(values.begin() + first * size, values.begin() + (first + count) * size);
 }
 
 std::string shared_path(const std::string& name) {
@@ -81,8 +112,8 @@ void expect_close(const std::vector<float>& got, const std::vector<float>& want,
 
 }  // namespace
 
-TEST(SigmaMoEDistCheckpoint, RoundTripsAndLoadsAtOneRank) {
-  auto layer = model::build_layer<float>("sigma_moe", std::string(config), 3, ParameterInit::drawn, world());
+TEST(DistCheckpoint, RoundTripsAndLoadsAtOneRank) {
+  auto layer = build(3);
   model::AdamW<float> opt(layer->parameters(), ops::AdamWConfig{});
   train_step(*layer, opt);
   const std::string path = shared_path("round_trip.h5");
@@ -92,7 +123,7 @@ TEST(SigmaMoEDistCheckpoint, RoundTripsAndLoadsAtOneRank) {
   io::save_checkpoint(path, *layer, extras);
 
   // A fresh distributed layer and optimizer get exactly this rank's parameters and moments.
-  auto again = model::build_layer<float>("sigma_moe", std::string(config), 99, ParameterInit::drawn, world());
+  auto again = build(99);
   model::AdamW<float> opt_again(again->parameters(), ops::AdamWConfig{});
   io::CheckpointRestore<float> restore;
   restore.optimizer = &opt_again;
@@ -139,7 +170,7 @@ TEST(SigmaMoEDistCheckpoint, RoundTripsAndLoadsAtOneRank) {
 
 // A MoEUTLM's placed FFN experts and its replicated rest round-trip the same way: a one-rank
 // load holds exactly the distributed layer's blocks.
-TEST(SigmaMoEDistCheckpoint, MoEUTLMRoundTripsThroughOneRank) {
+TEST(DistCheckpoint, MoEUTLMRoundTripsThroughOneRank) {
   const std::string lm = R"({"n_tokens": 20, "d_model": 16, "n_layers": 2, "n_heads": 2, "ff_n_experts": 5,
                              "att_n_experts": 2, "ff_k": 2, "att_k": 1, "ff_expert_size": 8})";
   auto layer = model::build_layer<float>("moeut_lm", lm, 4, ParameterInit::drawn, world());
@@ -163,8 +194,8 @@ TEST(SigmaMoEDistCheckpoint, MoEUTLMRoundTripsThroughOneRank) {
   });
 }
 
-TEST(SigmaMoEDistCheckpoint, CorruptFileIsAnErrorOnEveryRank) {
-  auto layer = model::build_layer<float>("sigma_moe", std::string(config), 3, ParameterInit::drawn, world());
+TEST(DistCheckpoint, CorruptFileIsAnErrorOnEveryRank) {
+  auto layer = build(3);
   const std::string path = shared_path("corrupt.h5");
   io::save_checkpoint(path, *layer);
   world().collectively([&] {
@@ -181,10 +212,10 @@ TEST(SigmaMoEDistCheckpoint, CorruptFileIsAnErrorOnEveryRank) {
   });
 }
 
-TEST(SigmaMoEDistCheckpoint, WriteForResharding) {
+TEST(DistCheckpoint, WriteForResharding) {
   const char* out = std::getenv("KMOE_RESHARD_IN");
   if (out == nullptr) GTEST_SKIP() << "run by tests/dist/reshard.cmake";
-  auto layer = model::build_layer<float>("sigma_moe", std::string(config), 7, ParameterInit::drawn, world());
+  auto layer = build(7);
   model::AdamW<float> opt(layer->parameters(), ops::AdamWConfig{});
   train_step(*layer, opt);
   io::CheckpointExtras<float> extras;
@@ -193,11 +224,11 @@ TEST(SigmaMoEDistCheckpoint, WriteForResharding) {
   io::save_checkpoint(out, *layer, extras);
 }
 
-TEST(SigmaMoEDistCheckpoint, ReshardAndResave) {
+TEST(DistCheckpoint, ReshardAndResave) {
   const char* in = std::getenv("KMOE_RESHARD_IN");
   const char* out = std::getenv("KMOE_RESHARD_OUT");
   if (in == nullptr || out == nullptr) GTEST_SKIP() << "run by tests/dist/reshard.cmake";
-  auto layer = model::build_layer<float>("sigma_moe", std::string(config), 1, ParameterInit::zeros, world());
+  auto layer = build(1, ParameterInit::zeros);
   model::AdamW<float> opt(layer->parameters(), ops::AdamWConfig{});
   io::CheckpointRestore<float> restore;
   restore.optimizer = &opt;
