@@ -365,8 +365,8 @@ void SoftMoE<T>::visit_experts(const model::ParameterVisitor<T>& visit, const st
     if (placement_.sharded()) {
       entry.hidden_begin = placement_.hidden_begin(rank);
       entry.hidden_total = c.experts.hidden;
-      entry.hidden_blocks = hidden_blocks;
     }
+    entry.hidden_blocks = hidden_blocks;
     visit(entry);
   };
   const int first_blocks = c.experts.glu ? 2 : 1;

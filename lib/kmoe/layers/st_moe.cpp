@@ -405,8 +405,8 @@ void StMoE<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const s
     if (placement_.sharded()) {
       entry.hidden_begin = share_.hidden_begin;
       entry.hidden_total = c.expert_hidden();
-      entry.hidden_blocks = hidden_blocks;
     }
+    entry.hidden_blocks = hidden_blocks;
     visit(entry);
   };
   expert("0.weight", p.w_in, g.w_in, 2, true, 2);
