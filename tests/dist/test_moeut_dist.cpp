@@ -1,7 +1,8 @@
-// MoEUT and MoEUTLM over MPI ranks: the σ-MoE FFN experts placed over the ranks, attention and
-// everything dense on every rank, each rank bringing an uneven share of the sequences. Outputs,
-// input gradients, the losses and every parameter gradient equal a one-rank layer on the whole
-// batch, in training (dropout, keyed by the global batch) and in eval.
+// MoEUT, MoEUTLM and SwitchHead over MPI ranks: the σ-MoE FFN experts and the SwitchHead value /
+// output experts placed over the ranks, q, k, the routers and everything dense on every rank,
+// each rank bringing an uneven share of the sequences. Outputs, input gradients, the losses and
+// every parameter gradient equal a one-rank layer on the whole batch, in training (dropout,
+// keyed by the global batch) and in eval.
 #include "kmoe/dist/communicator.hpp"
 #include "kmoe/model/builder.hpp"
 #include "dist/layer_matches_one_rank.hpp"
@@ -32,6 +33,20 @@ void matches_one_rank(const std::string& kind, bool training, bool idle_rank = f
 }
 
 }  // namespace
+
+// SwitchHead alone: its H·Ea value and output experts placed (W > 6: shards of the head channels).
+TEST(SwitchHeadDist, MatchesOneRank) {
+  DistCase c;
+  c.kind = "switchhead";
+  c.config = R"({"state_size": 16, "n_heads": 2, "n_experts": 3, "moe_k": 2, "expert_dropout": 0.2})";
+  c.sequence = {5, 16};
+  for (const bool training : {false, true}) {
+    c.training = training;
+    expect_layer_matches_one_rank<double>(c, 1e-12);
+  }
+  c.idle_rank = true;
+  expect_layer_matches_one_rank<double>(c, 1e-12);
+}
 
 TEST(MoEUTDist, MatchesOneRank) {
   for (const bool training : {false, true}) matches_one_rank("moeut", training);

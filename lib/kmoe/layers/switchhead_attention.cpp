@@ -1,5 +1,7 @@
 #include "kmoe/layers/switchhead_attention.hpp"
 
+#include <tuple>
+
 #include "kmoe/core/error.hpp"
 #include "kmoe/model/config_fields.hpp"
 #include "kmoe/layers/moeut_init.hpp"
@@ -7,6 +9,7 @@
 #include "kmoe/ops/activations.hpp"
 #include "kmoe/ops/dropout.hpp"
 #include "kmoe/ops/gemm.hpp"
+#include "kmoe/ops/init.hpp"
 #include "kmoe/ops/linear.hpp"
 #include "kmoe/ops/rope.hpp"
 #include "kmoe/ops/topk.hpp"
@@ -165,18 +168,23 @@ Tensor<T> selection_backward(const Tensor<int>& local, const Tensor<T>& gates, c
   return dz;
 }
 
-// rows [N, H·P]: rows[t, h·P + c] = Σ_j gates[t, h·ka + j] · pairs[(t·H + h)·ka + j, c].
+// A rank's experts hold the head channels [c0, c0 + Pl) of P (all of them unless sharded); the
+// per-pair matrices below have Pl columns, the per-token rows H·P, zero outside the share.
+
+// rows [N, H·P]: rows[t, h·P + c0 + c] = Σ_j gates[t, h·ka + j] · pairs[(t·H + h)·ka + j, c].
 template <class T>
-Tensor<T> mix_pairs(const Tensor<T>& pairs, const Tensor<T>& gates, index_t heads, index_t k, index_t d_head) {
-  const index_t tokens = gates.dim(0);
+Tensor<T> mix_pairs(const Tensor<T>& pairs, const Tensor<T>& gates, index_t heads, index_t k, index_t d_head,
+                    index_t c0) {
+  const index_t tokens = gates.dim(0), share = pairs.dim(1);
   auto rows = Tensor<T>::uninitialized("switchhead::v_rows", {tokens, heads * d_head});
   const View2<T> pv = pairs.as_matrix(), gv = gates.as_matrix(), rv = rows.as_matrix();
   Kokkos::parallel_for(
       "kmoe::switchhead::mix_pairs", Range2({0, 0}, {tokens, heads * d_head}),
       KOKKOS_LAMBDA(const index_t t, const index_t col) {
-        const index_t h = col / d_head, c = col % d_head;
+        const index_t h = col / d_head, c = col % d_head - c0;
         T sum = 0;
-        for (index_t j = 0; j < k; ++j) sum += gv(t, h * k + j) * pv((t * heads + h) * k + j, c);
+        if (c >= 0 && c < share)
+          for (index_t j = 0; j < k; ++j) sum += gv(t, h * k + j) * pv((t * heads + h) * k + j, c);
         rv(t, col) = sum;
       });
   return rows;
@@ -185,8 +193,8 @@ Tensor<T> mix_pairs(const Tensor<T>& pairs, const Tensor<T>& gates, index_t head
 // Backward of mix_pairs: dgates[t, h·ka + j] = ⟨pairs[p], drows[t, h]⟩, dpairs[p] = gate · drows[t, h].
 template <class T>
 void mix_pairs_backward(const Tensor<T>& pairs, const Tensor<T>& gates, const Tensor<T>& drows, index_t heads,
-                        index_t k, index_t d_head, const Tensor<T>& dpairs, const Tensor<T>& dgates) {
-  const index_t tokens = gates.dim(0);
+                        index_t k, index_t d_head, index_t c0, const Tensor<T>& dpairs, const Tensor<T>& dgates) {
+  const index_t tokens = gates.dim(0), share = pairs.dim(1);
   const View2<T> pv = pairs.as_matrix(), gv = gates.as_matrix(), dr = drows.as_matrix();
   const View2<T> dp = dpairs.as_matrix(), dg = dgates.as_matrix();
   Kokkos::parallel_for(
@@ -195,8 +203,8 @@ void mix_pairs_backward(const Tensor<T>& pairs, const Tensor<T>& gates, const Te
         const index_t h = slot / k, p = t * heads * k + slot;
         const T g = gv(t, slot);
         T sum = 0;
-        for (index_t c = 0; c < d_head; ++c) {
-          const T d = dr(t, h * d_head + c);
+        for (index_t c = 0; c < share; ++c) {
+          const T d = dr(t, h * d_head + c0 + c);
           sum += pv(p, c) * d;
           dp(p, c) = g * d;
         }
@@ -204,29 +212,35 @@ void mix_pairs_backward(const Tensor<T>& pairs, const Tensor<T>& gates, const Te
       });
 }
 
-// [N·H·ka, P]: row (t·H + h)·ka + j = attended[t, h·P : (h+1)·P] (one input row per O pair).
+// [N·H·ka, Pl]: row (t·H + h)·ka + j = attended[t, h·P + c0 : h·P + c0 + Pl] (one input row per O pair).
 template <class T>
-Tensor<T> replicate_heads(const Tensor<T>& attended, index_t heads, index_t k, index_t d_head) {
+Tensor<T> replicate_heads(const Tensor<T>& attended, index_t heads, index_t k, index_t d_head, index_t c0,
+                          index_t share) {
   const index_t tokens = attended.dim(0);
-  auto out = Tensor<T>::uninitialized("switchhead::o_input", {tokens * heads * k, d_head});
+  auto out = Tensor<T>::uninitialized("switchhead::o_input", {tokens * heads * k, share});
   const View2<T> a = attended.as_matrix(), o = out.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::switchhead::replicate_heads", Range2({0, 0}, {tokens * heads * k, d_head}),
-      KOKKOS_LAMBDA(const index_t p, const index_t c) { o(p, c) = a(p / (heads * k), (p / k) % heads * d_head + c); });
+      "kmoe::switchhead::replicate_heads", Range2({0, 0}, {tokens * heads * k, share}),
+      KOKKOS_LAMBDA(const index_t p, const index_t c) {
+        o(p, c) = a(p / (heads * k), (p / k) % heads * d_head + c0 + c);
+      });
   return out;
 }
 
-// Backward of replicate_heads: dattended[t, h·P + c] = Σ_j dpairs[(t·H + h)·ka + j, c], slots in order.
+// Backward of replicate_heads: dattended[t, h·P + c0 + c] = Σ_j dpairs[(t·H + h)·ka + j, c], slots
+// in order (0 outside the share).
 template <class T>
-Tensor<T> sum_replicas(const Tensor<T>& dpairs, index_t tokens, index_t heads, index_t k, index_t d_head) {
+Tensor<T> sum_replicas(const Tensor<T>& dpairs, index_t tokens, index_t heads, index_t k, index_t d_head, index_t c0) {
+  const index_t share = dpairs.dim(1);
   auto out = Tensor<T>::uninitialized("switchhead::dattended", {tokens, heads * d_head});
   const View2<T> dp = dpairs.as_matrix(), o = out.as_matrix();
   Kokkos::parallel_for(
       "kmoe::switchhead::sum_replicas", Range2({0, 0}, {tokens, heads * d_head}),
       KOKKOS_LAMBDA(const index_t t, const index_t col) {
-        const index_t h = col / d_head, c = col % d_head;
+        const index_t h = col / d_head, c = col % d_head - c0;
         T sum = 0;
-        for (index_t j = 0; j < k; ++j) sum += dp((t * heads + h) * k + j, c);
+        if (c >= 0 && c < share)
+          for (index_t j = 0; j < k; ++j) sum += dp((t * heads + h) * k + j, c);
         o(t, col) = sum;
       });
   return out;
@@ -278,6 +292,93 @@ Tensor<T> linear(const Tensor<T>& x, const Tensor<T>& weight, const char* label)
   return y;
 }
 
+// The value experts: each token's v_src row to the owners of its selected experts, which return
+// their share of Σ_j g_j · x · V[e_j] per head; v_rows [N, H·P] is the owners' rows summed.
+// Collective (every rank, also one without tokens).
+template <class T>
+Tensor<T> value_experts_forward(const Tensor<T>& v, const dist::Communicator& comm, const dist::Placement& placement,
+                                const SwitchHeadConfig& c, const Tensor<T>& v_src, const Tensor<int>& experts,
+                                const Tensor<T>& gates, std::int64_t first_token, SwitchHeadForward<T>& f) {
+  const index_t H = c.n_heads, P = c.d_head(), ka = c.moe_k, c0 = placement.hidden_begin(comm.rank());
+  f.v_exchange = dist::ExpertExchange(comm, placement, experts, first_token);
+  f.v_src_received = f.v_exchange.dispatch(v_src);
+  f.v_gates_received = f.v_exchange.dispatch(gates);
+  Tensor<T> rows;
+  if (f.v_exchange.received_rows() > 0) {
+    f.v_plan = moe::DispatchPlan::build_with_drops(f.v_exchange.received_experts().as_matrix(),
+                                                   placement.local_experts(comm.rank()));
+    f.v_pairs = Tensor<T>::uninitialized("switchhead::v_pairs", {f.v_plan.n_pairs(), v.dim(2)});
+    moe::cvmm_forward<T>(f.v_plan, f.v_src_received.as_matrix(), v.template view<3>(), f.v_pairs.as_matrix());
+    rows = mix_pairs(f.v_pairs, f.v_gates_received, H, ka, P, c0);
+  }
+  return f.v_exchange.combine(rows);
+}
+
+// Its backward from dv_rows [N, H·P]: accumulates dV, returns dv_src [N, D] and dgates [N, H·ka].
+template <class T>
+std::pair<Tensor<T>, Tensor<T>> value_experts_backward(const Tensor<T>& v, const Tensor<T>& dv_weights,
+                                                       const dist::Communicator& comm,
+                                                       const dist::Placement& placement, const SwitchHeadConfig& c,
+                                                       const SwitchHeadForward<T>& f, const Tensor<T>& dv_rows) {
+  const index_t H = c.n_heads, P = c.d_head(), ka = c.moe_k, c0 = placement.hidden_begin(comm.rank());
+  const Tensor<T> dreceived = f.v_exchange.dispatch(dv_rows);
+  Tensor<T> dx, dgates;
+  if (f.v_exchange.received_rows() > 0) {
+    const auto dpairs = Tensor<T>::uninitialized("switchhead::dv_pairs", f.v_pairs.shape());
+    dgates = Tensor<T>::uninitialized("switchhead::dv_gates", f.v_gates_received.shape());
+    mix_pairs_backward(f.v_pairs, f.v_gates_received, dreceived, H, ka, P, c0, dpairs, dgates);
+    dx = Tensor<T>::uninitialized("switchhead::dv_src_received", f.v_src_received.shape());
+    moe::cvmm_backward<T>(f.v_plan, f.v_src_received.as_matrix(), v.template view<3>(), dpairs.as_matrix(),
+                          dx.as_matrix(), dv_weights.template view<3>());
+  }
+  return {f.v_exchange.combine(dx), f.v_exchange.combine(dgates)};
+}
+
+// The output experts: each token's attended row [H·P] to the owners of its selected experts,
+// which return their share of Σ_j g_j · attended_h · O[e_j]; y [N, D] summed. Collective.
+template <class T>
+Tensor<T> output_experts_forward(const Tensor<T>& o, const dist::Communicator& comm, const dist::Placement& placement,
+                                 const SwitchHeadConfig& c, const Tensor<T>& attended, const Tensor<int>& experts,
+                                 const Tensor<T>& gates, std::int64_t first_token, SwitchHeadForward<T>& f) {
+  const index_t H = c.n_heads, P = c.d_head(), ka = c.moe_k, c0 = placement.hidden_begin(comm.rank());
+  f.o_exchange = dist::ExpertExchange(comm, placement, experts, first_token);
+  f.attended_received = f.o_exchange.dispatch(attended);
+  f.o_gates_received = f.o_exchange.dispatch(gates);
+  const index_t R = f.o_exchange.received_rows();
+  Tensor<T> y;
+  if (R > 0) {
+    f.o_plan = moe::DispatchPlan::build_with_drops(f.o_exchange.received_experts().as_matrix(),
+                                                   placement.local_experts(comm.rank()));
+    const Tensor<T> input = replicate_heads(f.attended_received, H, ka, P, c0, o.dim(1));
+    y = Tensor<T>::uninitialized("switchhead::y_received", {R, c.state_size});
+    moe::cvmm_forward_reduced<T>(f.o_plan, input.as_matrix(), o.template view<3>(), f.o_gates_received.as_matrix(),
+                                 y.as_matrix());
+  }
+  return f.o_exchange.combine(y);
+}
+
+// Its backward from dy [N, D]: accumulates dO, returns dattended [N, H·P] and dgates [N, H·ka].
+template <class T>
+std::pair<Tensor<T>, Tensor<T>> output_experts_backward(const Tensor<T>& o, const Tensor<T>& do_weights,
+                                                        const dist::Communicator& comm,
+                                                        const dist::Placement& placement, const SwitchHeadConfig& c,
+                                                        const SwitchHeadForward<T>& f, const Tensor<T>& dy) {
+  const index_t H = c.n_heads, P = c.d_head(), ka = c.moe_k, c0 = placement.hidden_begin(comm.rank());
+  const Tensor<T> dreceived = f.o_exchange.dispatch(dy);
+  const index_t R = f.o_exchange.received_rows();
+  Tensor<T> dattended, dgates;
+  if (R > 0) {
+    const Tensor<T> input = replicate_heads(f.attended_received, H, ka, P, c0, o.dim(1));
+    const auto dinput = Tensor<T>::uninitialized("switchhead::do_input", input.shape());
+    dgates = Tensor<T>::uninitialized("switchhead::do_gates", f.o_gates_received.shape());
+    moe::cvmm_backward_reduced<T>(f.o_plan, input.as_matrix(), o.template view<3>(), f.o_gates_received.as_matrix(),
+                                  dreceived.as_matrix(), dinput.as_matrix(), do_weights.template view<3>(),
+                                  dgates.as_matrix());
+    dattended = sum_replicas(dinput, R, H, ka, P, c0);
+  }
+  return {f.o_exchange.combine(dattended), f.o_exchange.combine(dgates)};
+}
+
 }  // namespace switchhead_impl
 
 template <class T>
@@ -285,12 +386,18 @@ SwitchHeadAttention<T>::SwitchHeadAttention(const SwitchHeadConfig& config, std:
                                             const dist::Communicator& comm)
     : config_(config), comm_(comm) {
   config_.validate();
+  comm_.require_same(dist::text_hash(model::write_fields(switchhead_fields(), config_).dump()) ^ seed,
+                     "the SwitchHead config or seed");
   const index_t D = config_.state_size, H = config_.n_heads, P = config_.d_head(), Ea = config_.n_experts;
   const bool moe = Ea > 1;
+  if (moe) placement_ = dist::Placement(static_cast<int>(H * Ea), comm_.size(), P);
+  const int rank = comm_.rank();
+  const index_t El = moe ? placement_.local_experts(rank) : 0, e0 = moe ? placement_.first_expert(rank) : 0;
+  const index_t Pl = moe ? placement_.local_hidden(rank) : 0, c0 = moe ? placement_.hidden_begin(rank) : 0;
   params_.q = Tensor<T>("switchhead::q", {H * P, D});
   params_.k = Tensor<T>("switchhead::k", {H * P, D});
-  params_.v = moe ? Tensor<T>("switchhead::v", {H * Ea, D, P}) : Tensor<T>("switchhead::v", {H * P, D});
-  params_.o = moe ? Tensor<T>("switchhead::o", {H * Ea, P, D}) : Tensor<T>("switchhead::o", {D, H * P});
+  params_.v = moe ? Tensor<T>("switchhead::v", {El, D, Pl}) : Tensor<T>("switchhead::v", {H * P, D});
+  params_.o = moe ? Tensor<T>("switchhead::o", {El, Pl, D}) : Tensor<T>("switchhead::o", {D, H * P});
   if (moe) params_.sel_v = Tensor<T>("switchhead::sel_v", {H * Ea, D});
   params_.sel_o = Tensor<T>("switchhead::sel_o", {moe ? H * Ea : H, D});
   // The original's reset_parameters order: sel_v, sel_o, k, q, v, o.
@@ -304,8 +411,17 @@ SwitchHeadAttention<T>::SwitchHeadAttention(const SwitchHeadConfig& config, std:
   if (generator.draws()) moeut_init::renorm_rows(params_.sel_o);
   moeut_init::fill_normal(params_.k, generator, in_std);
   moeut_init::fill_normal(params_.q, generator, in_std);
-  moeut_init::fill_normal(params_.v, generator, in_std);
-  moeut_init::fill_normal(params_.o, generator, s / std::sqrt(static_cast<double>(H * P)));
+  const double o_std = s / std::sqrt(static_cast<double>(H * P));
+  if (moe) {
+    // Each rank draws its block of the one-rank tensors.
+    ops::fill_normal_block<T>(params_.v.template view<3>(), generator.take(static_cast<std::uint64_t>(H * Ea * D * P)),
+                              T(0), static_cast<T>(in_std), D, P, e0, 0, c0);
+    ops::fill_normal_block<T>(params_.o.template view<3>(), generator.take(static_cast<std::uint64_t>(H * Ea * P * D)),
+                              T(0), static_cast<T>(o_std), P, D, e0, c0, 0);
+  } else {
+    moeut_init::fill_normal(params_.v, generator, in_std);
+    moeut_init::fill_normal(params_.o, generator, o_std);
+  }
   const auto zeros_like = [](const Tensor<T>& t) {
     return t.empty() ? Tensor<T>() : Tensor<T>("grad::" + t.label(), t.shape());
   };
@@ -318,9 +434,20 @@ void SwitchHeadAttention<T>::visit_parameters(const model::ParameterVisitor<T>& 
   const bool experts = config_.n_experts > 1;
   auto q = model::dense_parameter(prefix + "q.weight", params_.q, grads_.q);
   auto k = model::dense_parameter(prefix + "k.weight", params_.k, grads_.k);
-  auto v = experts ? model::expert_parameter(prefix + "v", params_.v, grads_.v, 2)
+  const int rank = comm_.rank();
+  // Placed (dist/placement.hpp): this rank's experts, of each its head channels.
+  const auto placed = [&](model::Parameter<T> p) {
+    p.first_expert = placement_.first_expert(rank);
+    p.total_experts = placement_.n_experts();
+    if (placement_.sharded()) {
+      p.hidden_begin = placement_.hidden_begin(rank);
+      p.hidden_total = config_.d_head();
+    }
+    return p;
+  };
+  auto v = experts ? placed(model::expert_parameter(prefix + "v", params_.v, grads_.v, 2))
                    : model::dense_parameter(prefix + "v", params_.v, grads_.v);
-  auto o = experts ? model::expert_parameter(prefix + "o", params_.o, grads_.o, 1)
+  auto o = experts ? placed(model::expert_parameter(prefix + "o", params_.o, grads_.o, 1))
                    : model::dense_parameter(prefix + "o", params_.o, grads_.o);
   visit(q);
   visit(k);
@@ -353,18 +480,27 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
   const index_t B = qk_src.dim(0), Tq = qk_src.dim(1), N = B * Tq;
   require(N >= 1 || (comm_.distributed() && cache == nullptr), Status::shape_mismatch,
           "SwitchHeadAttention::forward: qk_src ", qk_src.shape().str(), " has no tokens");
+  // The experts' exchanges and the draws are keyed by the token's place in the global batch.
+  const std::int64_t first_token = Ea > 1 ? comm_.exclusive_prefix_sum(N) : 0;
   if (N == 0) {
-    // A rank without sequences: nothing to compute, but the batch-wide draws are collective.
-    if (Ea > 1 && training && c.expert_dropout > 0) {
-      (void)dist::take_global(comm_, rng, 0);
-      (void)dist::take_global(comm_, rng, 0);
-    }
+    // A rank without sequences computes nothing of its own, but takes part in the batch-wide
+    // draws and serves its experts.
     SwitchHeadForward<T> none;
     none.training = training;
     none.qk_src = qk_src.reshape({0, D});
     none.v_src = v_src.reshape({0, D});
     none.y = Tensor<T>("switchhead::y", {B, Tq, D});
     if (Ea > 1) {
+      if (training && c.expert_dropout > 0) {
+        (void)dist::take_global(comm_, rng, 0);
+        (void)dist::take_global(comm_, rng, 0);
+      }
+      const Tensor<int> no_experts("switchhead::no_experts", {0, H * ka});
+      const Tensor<T> no_gates("switchhead::no_gates", {0, H * ka});
+      (void)si::value_experts_forward(params_.v, comm_, placement_, c, none.v_src, no_experts, no_gates, first_token,
+                                      none);
+      (void)si::output_experts_forward(params_.o, comm_, placement_, c, Tensor<T>("switchhead::attended", {0, H * P}),
+                                       no_experts, no_gates, first_token, none);
       none.sel_o_logits = Tensor<T>("switchhead::sel_o_logits", {B, Tq, H, Ea});
       none.sel_v_logits = Tensor<T>("switchhead::sel_v_logits", {B, Tq, H, Ea});
     }
@@ -389,6 +525,7 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
 
   // Values: expert-mixed (Ea > 1) or one linear map; the output selection is made here too.
   Tensor<T> v_rows;
+  Tensor<int> o_experts;
   if (Ea > 1) {
     const Tensor<T> z_v = si::linear(f.qk_src, params_.sel_v, "switchhead::sel_v_logits");
     const Tensor<T> z_o = si::linear(f.qk_src, params_.sel_o, "switchhead::sel_o_logits");
@@ -400,11 +537,8 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
     f.v_gates = v_sel.gates;
     f.o_local_index = o_sel.local;
     f.o_gates = o_sel.gates;
-    f.v_plan = moe::DispatchPlan::build(v_sel.global.as_matrix(), static_cast<int>(H * Ea));
-    f.o_plan = moe::DispatchPlan::build(o_sel.global.as_matrix(), static_cast<int>(H * Ea));
-    f.v_pairs = Tensor<T>::uninitialized("switchhead::v_pairs", {N * H * ka, P});
-    moe::cvmm_forward<T>(f.v_plan, f.v_src.as_matrix(), params_.v.template view<3>(), f.v_pairs.as_matrix());
-    v_rows = si::mix_pairs(f.v_pairs, f.v_gates, H, ka, P);
+    v_rows = si::value_experts_forward(params_.v, comm_, placement_, c, f.v_src, v_sel.global, f.v_gates, first_token, f);
+    o_experts = o_sel.global;
     f.sel_v_logits = z_v.reshape({B, Tq, H, Ea});
     f.sel_o_logits = z_o.reshape({B, Tq, H, Ea});
   } else {
@@ -435,12 +569,11 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
                             mask, f.probs.template view<4>(), out_heads.template view<4>());
   f.attended = si::heads_to_rows(out_heads, T(1), "switchhead::attended");
 
-  auto y = Tensor<T>::uninitialized("switchhead::y", {N, D});
+  Tensor<T> y;
   if (Ea > 1) {
-    const Tensor<T> o_input = si::replicate_heads(f.attended, H, ka, P);
-    moe::cvmm_forward_reduced<T>(f.o_plan, o_input.as_matrix(), params_.o.template view<3>(), f.o_gates.as_matrix(),
-                                 y.as_matrix());
+    y = si::output_experts_forward(params_.o, comm_, placement_, c, f.attended, o_experts, f.o_gates, first_token, f);
   } else {
+    y = Tensor<T>::uninitialized("switchhead::y", {N, D});
     const Tensor<T> gated = si::apply_head_gate(f.attended, f.o_gate, P);
     ops::linear_forward<T>(gated.as_matrix(), params_.o.as_matrix(), View1<const T>(), y.as_matrix());
   }
@@ -457,8 +590,13 @@ typename SwitchHeadAttention<T>::InputGrads SwitchHeadAttention<T>::backward(con
   const SwitchHeadConfig& c = config_;
   const index_t D = c.state_size, H = c.n_heads, P = c.d_head(), Ea = c.n_experts, ka = c.moe_k;
   require(!f.y.empty(), Status::invalid_argument, "SwitchHeadAttention::backward: the forward result is empty");
-  if (f.y.size() == 0) {  // a rank without sequences (see forward)
+  if (f.y.size() == 0) {  // a rank without sequences (see forward): it serves its experts
     dy.require_shape(f.y.shape(), "SwitchHeadAttention::backward: dy");
+    if (Ea > 1) {
+      (void)si::output_experts_backward(params_.o, grads_.o, comm_, placement_, c, f, Tensor<T>("switchhead::dy", {0, D}));
+      (void)si::value_experts_backward(params_.v, grads_.v, comm_, placement_, c, f,
+                                       Tensor<T>("switchhead::dv_rows", {0, H * P}));
+    }
     return {Tensor<T>("switchhead::dqk_src", f.y.shape()), Tensor<T>("switchhead::dv_src", f.y.shape())};
   }
   require(!f.cached, Status::invalid_argument,
@@ -482,13 +620,8 @@ typename SwitchHeadAttention<T>::InputGrads SwitchHeadAttention<T>::backward(con
   // Output projection → d attended, d o-router.
   Tensor<T> dattended;
   if (Ea > 1) {
-    const Tensor<T> o_input = si::replicate_heads(f.attended, H, ka, P);
-    const auto do_input = Tensor<T>::uninitialized("switchhead::do_input", o_input.shape());
-    const auto dgates = Tensor<T>::uninitialized("switchhead::do_gates", f.o_gates.shape());
-    moe::cvmm_backward_reduced<T>(f.o_plan, o_input.as_matrix(), params_.o.template view<3>(), f.o_gates.as_matrix(),
-                                  dy_rows.as_matrix(), do_input.as_matrix(), grads_.o.template view<3>(),
-                                  dgates.as_matrix());
-    dattended = si::sum_replicas(do_input, N, H, ka, P);
+    Tensor<T> dgates;
+    std::tie(dattended, dgates) = si::output_experts_backward(params_.o, grads_.o, comm_, placement_, c, f, dy_rows);
     const Tensor<T> dz_o = si::selection_backward(f.o_local_index, f.o_gates, dgates, c.n_heads, c.n_experts,
                                                   dsel_o_logits.empty() ? Tensor<T>() : dsel_o_logits.reshape({N, H * Ea}));
     si::linear_backward_accumulate(f.qk_src, params_.sel_o, dz_o, grads.dqk_src, grads_.sel_o);
@@ -523,11 +656,8 @@ typename SwitchHeadAttention<T>::InputGrads SwitchHeadAttention<T>::backward(con
   // Values → dv_src and the v-router.
   const Tensor<T> dv_rows = si::heads_to_rows(dv, T(1), "switchhead::dv_rows");
   if (Ea > 1) {
-    const auto dpairs = Tensor<T>::uninitialized("switchhead::dv_pairs", f.v_pairs.shape());
-    const auto dgates = Tensor<T>::uninitialized("switchhead::dv_gates", f.v_gates.shape());
-    si::mix_pairs_backward(f.v_pairs, f.v_gates, dv_rows, H, ka, P, dpairs, dgates);
-    moe::cvmm_backward<T>(f.v_plan, f.v_src.as_matrix(), params_.v.template view<3>(), dpairs.as_matrix(),
-                          grads.dv_src.as_matrix(), grads_.v.template view<3>());
+    Tensor<T> dgates;
+    std::tie(grads.dv_src, dgates) = si::value_experts_backward(params_.v, grads_.v, comm_, placement_, c, f, dv_rows);
     const Tensor<T> dz_v = si::selection_backward(f.v_local_index, f.v_gates, dgates, c.n_heads, c.n_experts,
                                                   dsel_v_logits.empty() ? Tensor<T>() : dsel_v_logits.reshape({N, H * Ea}));
     si::linear_backward_accumulate(f.qk_src, params_.sel_v, dz_v, grads.dqk_src, grads_.sel_v);

@@ -20,6 +20,8 @@
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/dist/communicator.hpp"
+#include "kmoe/dist/expert_exchange.hpp"
+#include "kmoe/dist/placement.hpp"
 #include "kmoe/model/parameter.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
 #include "kmoe/ops/attention.hpp"
@@ -94,8 +96,15 @@ struct SwitchHeadForward {
   Tensor<T> qk_src, v_src;                  // [N, D] views of the inputs
   Tensor<int> v_local_index, o_local_index; // [N·H, ka] expert within the head
   Tensor<T> v_gates, o_gates;               // [N, H·ka] σ of the selected logits
-  moe::DispatchPlan v_plan, o_plan;         // tokens N, k = H·ka, experts h·Ea + e
-  Tensor<T> v_pairs;                        // [N·H·ka, P] x_t · V[e] per pair (Ea > 1)
+  // The value and output experts' side (Ea > 1; dist/expert_exchange.hpp): each token goes to
+  // the ranks holding its selected experts h·Ea + e (of each a shard of the P head channels when
+  // there are more ranks than experts); the rows they received, their gates and the plans over
+  // their pairs (k = H·ka) in local expert ids.
+  dist::ExpertExchange v_exchange, o_exchange;
+  Tensor<T> v_src_received, v_gates_received;      // [Rv, D], [Rv, H·ka]
+  Tensor<T> attended_received, o_gates_received;   // [Ro, H·P], [Ro, H·ka]
+  moe::DispatchPlan v_plan, o_plan;
+  Tensor<T> v_pairs;                        // [Rv·H·ka, local P] x_t · V[e] per pair
   Tensor<T> o_gate;                         // [N, H] σ(q_src · sel_oᵀ) (Ea = 1)
   Tensor<T> q_rot, k_rot, v_heads, probs;   // [B,H,T,P], [B,H,Tk,P], [B,H,Tk,P], [B,H,T,Tk]
   Tensor<T> attended;                       // [N, H·P] attention output in token-major rows
@@ -108,12 +117,15 @@ class SwitchHeadAttention {
   // Parameters initialised as the original (moeut@87f0497 SwitchHeadCore.reset_parameters with
   // s = init_scale): q, k, v N(0, (s/√D)²), o N(0, (s/√(H·P))²), routers N(0, (s/√D)²) with rows
   // renormalised (renorm_rows); drawn from Generator(seed). Throws on an invalid config.
-  // comm: the ranks that split the batch (the experts are on every rank); draws are keyed by the
-  // global batch.
+  // comm: the ranks that split the batch; with experts (n_experts > 1) the H·Ea value and output
+  // experts are placed over them (dist/placement.hpp; W > H·Ea: shards of the P head channels),
+  // q, k and the routers are on every rank. Draws are keyed by the global batch.
   SwitchHeadAttention(const SwitchHeadConfig& config, std::uint64_t seed,
                       ParameterInit init = ParameterInit::drawn, const dist::Communicator& comm = {});
 
   const SwitchHeadConfig& config() const { return config_; }
+  const dist::Communicator& communicator() const { return comm_; }
+  const dist::Placement& placement() const { return placement_; }
   SwitchHeadParams<T>& params() { return params_; }
   const SwitchHeadParams<T>& params() const { return params_; }
   SwitchHeadParams<T>& grads() { return grads_; }
@@ -145,6 +157,7 @@ class SwitchHeadAttention {
  private:
   SwitchHeadConfig config_;
   dist::Communicator comm_;
+  dist::Placement placement_;  // of the H·Ea experts (n_experts > 1)
   SwitchHeadParams<T> params_;
   SwitchHeadParams<T> grads_;
 };

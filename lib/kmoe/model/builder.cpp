@@ -181,7 +181,8 @@ class Wrapped : public Layer<typename L::value_type> {
   const dist::Communicator& communicator() const override {
     if constexpr (std::is_same_v<L, layers::SigmaMoE<T>> || std::is_same_v<L, layers::MoEUT<T>> ||
                   std::is_same_v<L, layers::MoEUTLM<T>> || std::is_same_v<L, layers::StMoE<T>> ||
-                  std::is_same_v<L, layers::SparseMoEBlock<T>> || std::is_same_v<L, layers::SoftMoE<T>>) {
+                  std::is_same_v<L, layers::SparseMoEBlock<T>> || std::is_same_v<L, layers::SoftMoE<T>> ||
+                  std::is_same_v<L, layers::SwitchHeadAttention<T>>) {
       return layer_.communicator();
     } else {
       static const dist::Communicator one_rank;
@@ -423,9 +424,9 @@ const std::map<std::string, Factory<T>>& factories() {
                                                   layers::SoftMoEConfig::lucidrains(a.dim, a.options), seed, init, comm);
        }},
       {"switchhead",
-       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator&) -> std::unique_ptr<Layer<T>> {
+       [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::switchhead_fields(), json, kind + " config");
-         return std::make_unique<SwitchHeadLayer<T>>(kind, write_fields(layers::switchhead_fields(), c), c, seed, init);
+         return std::make_unique<SwitchHeadLayer<T>>(kind, write_fields(layers::switchhead_fields(), c), c, seed, init, comm);
        }},
       {"moeut",
        [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
@@ -461,9 +462,6 @@ std::unique_ptr<Layer<T>> build_layer(const std::string& kind, const nlohmann::j
     for (const std::string& name : layer_kinds()) known += (known.empty() ? "" : ", ") + name;
     fail(Status::invalid_argument, "unknown layer '", kind, "' (kmoe knows: ", known, ")");
   }
-  require(!comm.distributed() || kind != "switchhead", Status::unsupported,
-          "the switchhead layer alone is not distributed over MPI ranks (inside moeut and moeut_lm it is); build it "
-          "with one rank");
   return found->second(kind, config, seed, init, comm);
 }
 
