@@ -2,6 +2,14 @@
 #include "test_util.hpp"
 
 #include <cmath>
+#include <future>
+#include <thread>
+
+// OpenBLAS's thread control, looked up weakly as kmoe does (null with another BLAS).
+extern "C" {
+void openblas_set_num_threads(int threads) __attribute__((weak));
+int openblas_get_num_threads(void) __attribute__((weak));
+}
 
 using namespace kmoe;
 using namespace kmoe::test;
@@ -121,4 +129,31 @@ TEST(Gemm, MismatchedExtentsAreShapeErrors) {
                      "Bᵀ is 6x4");
   // the correct call passes
   EXPECT_NO_THROW(ops::gemm<double>(false, false, 1.0, a.as_matrix(), b_ok.as_matrix(), 0.0, c.as_matrix()));
+}
+
+// The BLAS thread count is the host program's: single-threaded sections on two host threads that
+// overlap (the first ends while the second still runs) leave it as the program set it.
+TEST(GemmPolicy, OverlappingSingleThreadedSectionsRestoreTheProgramsThreadCount) {
+  if (openblas_set_num_threads == nullptr || openblas_get_num_threads == nullptr)
+    GTEST_SKIP() << "the BLAS is not OpenBLAS";
+  const int before = openblas_get_num_threads();
+  openblas_set_num_threads(2);
+  std::promise<void> first_in, second_in, first_out;
+  std::thread first([&] {
+    const ops::impl::SingleThreadedBlas section;
+    first_in.set_value();
+    second_in.get_future().wait();
+  });
+  std::thread second([&] {
+    first_in.get_future().wait();
+    const ops::impl::SingleThreadedBlas section;
+    second_in.set_value();
+    first_out.get_future().wait();
+    EXPECT_EQ(openblas_get_num_threads(), 1) << "a section still runs: one BLAS thread";
+  });
+  first.join();
+  first_out.set_value();
+  second.join();
+  EXPECT_EQ(openblas_get_num_threads(), 2);
+  openblas_set_num_threads(before);
 }

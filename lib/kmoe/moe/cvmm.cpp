@@ -1,7 +1,7 @@
 #include "kmoe/moe/cvmm.hpp"
 
 #include "kmoe/core/error.hpp"
-#include "kmoe/core/scratch.hpp"
+#include "kmoe/core/tensor.hpp"
 #include "kmoe/ops/gemm.hpp"
 
 #include <algorithm>
@@ -100,7 +100,7 @@ void gather_sorted(const DispatchPlan& plan, RowSource source, const View2<const
 // in sorted order. Sorted sources are passed through. Otherwise, on the host each expert's rows
 // are copied into the running thread's own buffer right before f, so its GEMMs read them from
 // cache rather than after a round trip through memory; on a device all rows are gathered into the
-// scratch buffer `name` first.
+// temporary `name` first (a block of the caching allocator, core/memory_pool.hpp).
 template <class T, class F>
 void for_each_expert_gathered(const DispatchPlan& plan, RowSource source, const View2<const T>& src, const char* name,
                               const F& f) {
@@ -125,7 +125,8 @@ void for_each_expert_gathered(const DispatchPlan& plan, RowSource source, const 
       f(e, rows, View2<const T>(buffer.data(), n, cols));
     });
   } else {
-    const auto sorted = scratch<T>(name, plan.n_pairs(), cols);
+    const Tensor<T> sorted_storage = Tensor<T>::uninitialized(name, {plan.n_pairs(), static_cast<index_t>(cols)});
+    const View2<T> sorted = sorted_storage.as_matrix();
     gather_sorted<T>(plan, source, src, View2<const T>(), sorted);
     for_each_expert_block(plan, [&](int e, auto rows) { f(e, rows, Kokkos::subview(sorted, rows, Kokkos::ALL)); });
   }
@@ -197,8 +198,10 @@ void backward_from_sorted(const DispatchPlan& plan, RowSource x_source, const Vi
                           const View3<T>& dw) {
   const index_t pairs = plan.n_pairs(), K = x.extent(1);
   if (dx.data() != nullptr) {
-    // Per-pair dx in sorted order is written in place; otherwise through a sorted scratch.
-    const View2<T> dx_sorted = x_source == RowSource::sorted ? dx : scratch<T>("cvmm.dx_sorted", pairs, K);
+    // Per-pair dx in sorted order is written in place; otherwise through a sorted temporary.
+    const Tensor<T> dx_sorted_storage =
+        x_source == RowSource::sorted ? Tensor<T>() : Tensor<T>::uninitialized("cvmm.dx_sorted", {pairs, K});
+    const View2<T> dx_sorted = x_source == RowSource::sorted ? dx : dx_sorted_storage.as_matrix();
     for_each_expert_block(plan, [&](int e, auto rows) {
       ops::gemm<T>(false, true, T(1), Kokkos::subview(dy_sorted, rows, Kokkos::ALL),
                    Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
@@ -241,7 +244,8 @@ void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3
     impl::sorted_products<T>(plan, x_source, x, w, y_pairs);
     return impl::zero_dropped_rows<T>(plan, y_pairs);
   }
-  const auto y_sorted = scratch<T>("cvmm.y_sorted", plan.n_pairs(), w.extent(2));
+  const Tensor<T> y_sorted_storage = Tensor<T>::uninitialized("cvmm.y_sorted", {plan.n_pairs(), static_cast<index_t>(w.extent(2))});
+    const View2<T> y_sorted = y_sorted_storage.as_matrix();
   impl::sorted_products<T>(plan, x_source, x, w, y_sorted);
   impl::unsort_pairs<T>(plan, y_sorted, y_pairs);
 }
@@ -253,7 +257,8 @@ void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, con
   const impl::RowSource x_source = impl::x_row_source<T>(op, plan, x, w, pair_rows);
   impl::require_matrix(op, "gates", gates, plan.n_tokens(), plan.k());
   impl::require_matrix(op, "y", y, plan.n_tokens(), w.extent(2));
-  const auto y_sorted = scratch<T>("cvmm.y_sorted", plan.n_pairs(), w.extent(2));
+  const Tensor<T> y_sorted_storage = Tensor<T>::uninitialized("cvmm.y_sorted", {plan.n_pairs(), static_cast<index_t>(w.extent(2))});
+    const View2<T> y_sorted = y_sorted_storage.as_matrix();
   impl::sorted_products<T>(plan, x_source, x, w, y_sorted);
   impl::sum_slots<T>(plan, y_sorted, true, gates, y);
 }
@@ -266,7 +271,8 @@ void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View
   impl::require_matrix(op, "dy_pairs", dy_pairs, plan.n_pairs(), w.extent(2));
   impl::require_backward_outputs(op, x, w, dx, dw);
   if (pair_rows == PairRows::sorted) return impl::backward_from_sorted<T>(plan, x_source, x, w, dy_pairs, dx, dw);
-  const auto dy_sorted = scratch<T>("cvmm.dy_sorted", plan.n_pairs(), w.extent(2));
+  const Tensor<T> dy_sorted_storage = Tensor<T>::uninitialized("cvmm.dy_sorted", {plan.n_pairs(), static_cast<index_t>(w.extent(2))});
+    const View2<T> dy_sorted = dy_sorted_storage.as_matrix();
   impl::gather_sorted<T>(plan, impl::RowSource::pair, dy_pairs, View2<const T>(), dy_sorted);
   impl::backward_from_sorted<T>(plan, x_source, x, w, dy_sorted, dx, dw);
 }
@@ -291,7 +297,8 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
 
   if (want_dgates || want_dx) {
     // g_sorted = dy_e · W[e]ᵀ per expert: the unweighted input gradient of each pair.
-    const auto g_sorted = scratch<T>("cvmm.g_sorted", pairs, K);
+    const Tensor<T> g_sorted_storage = Tensor<T>::uninitialized("cvmm.g_sorted", {pairs, static_cast<index_t>(K)});
+    const View2<T> g_sorted = g_sorted_storage.as_matrix();
     impl::for_each_expert_gathered<T>(plan, impl::RowSource::token, dy, "cvmm.dy_sorted",
                                       [&](int e, auto rows, const View2<const T>& dy_e) {
                                         ops::gemm<T>(false, true, T(1), dy_e,
@@ -329,7 +336,8 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
   }
   if (dw.data() != nullptr) {
     // dW[e] += (gates ⊙ x_sorted)ᵀ · dy_e: the gate scales the narrow x rows, not dy.
-    const auto gated_x = scratch<T>("cvmm.gated_x_sorted", pairs, K);
+    const Tensor<T> gated_x_storage = Tensor<T>::uninitialized("cvmm.gated_x_sorted", {pairs, static_cast<index_t>(K)});
+    const View2<T> gated_x = gated_x_storage.as_matrix();
     impl::gather_sorted<T>(plan, x_source, x, gates, gated_x);
     impl::for_each_expert_gathered<T>(plan, impl::RowSource::token, dy, "cvmm.dy_sorted",
                                       [&](int e, auto rows, const View2<const T>& dy_e) {

@@ -9,8 +9,10 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #if defined(KOKKOS_ENABLE_CUDA) && defined(KOKKOSKERNELS_ENABLE_TPL_CUBLAS)
@@ -36,15 +38,29 @@ namespace impl {
 
 // Set while a SingleThreadedBlas is alive: the BLAS then always takes its single-threaded driver,
 // whose blocking is fixed, so no inner-dimension split is needed for reproducibility.
-bool blas_single_threaded = false;
+std::atomic<bool> blas_single_threaded{false};
+
+// The BLAS thread count is process-wide: the first holder of a SingleThreadedBlas (on any host
+// thread) saves it and sets one thread, the last one restores it, so that holders on several
+// host threads never leave the caller's setting changed.
+std::mutex& blas_policy_mutex() {
+  static std::mutex m;
+  return m;
+}
+int blas_policy_holders = 0;
+int blas_saved_threads = 0;
 
 SingleThreadedBlas::SingleThreadedBlas() {
 #if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
   if (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible && openblas_set_num_threads != nullptr &&
       openblas_get_num_threads != nullptr) {
-    previous_threads_ = openblas_get_num_threads();
-    openblas_set_num_threads(1);
-    blas_single_threaded = true;
+    const std::lock_guard<std::mutex> lock(blas_policy_mutex());
+    if (blas_policy_holders++ == 0) {
+      blas_saved_threads = openblas_get_num_threads();
+      openblas_set_num_threads(1);
+      blas_single_threaded = true;
+    }
+    previous_threads_ = blas_saved_threads;
   }
 #endif
 }
@@ -52,8 +68,11 @@ SingleThreadedBlas::SingleThreadedBlas() {
 SingleThreadedBlas::~SingleThreadedBlas() {
 #if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
   if (previous_threads_ > 0) {
-    openblas_set_num_threads(previous_threads_);
-    blas_single_threaded = false;
+    const std::lock_guard<std::mutex> lock(blas_policy_mutex());
+    if (--blas_policy_holders == 0) {
+      openblas_set_num_threads(blas_saved_threads);
+      blas_single_threaded = false;
+    }
   }
 #endif
 }
@@ -104,8 +123,9 @@ struct GemmRecording {
   std::vector<RecordedGemm> gemms;
 };
 
+// Per host thread: a group records the GEMMs of the thread that opened it, never another's.
 GemmRecording& recording() {
-  static GemmRecording instance;
+  thread_local GemmRecording instance;
   return instance;
 }
 
