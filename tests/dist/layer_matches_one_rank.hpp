@@ -121,4 +121,24 @@ void expect_layer_matches_one_rank(const DistCase& c, double tolerance) {
   EXPECT_EQ(runs[1].dx, got.dx) << where << ": a second run changed the input gradient";
 }
 
+// A NaN in the last rank's input x (of shape x_shape) makes forward fail on every rank with
+// Status::non_finite, naming that rank.
+inline void expect_nan_on_one_rank_fails_everywhere(const std::string& kind, const std::string& config,
+                                                    const Shape& x_shape) {
+  const auto layer = model::build_layer<float>(kind, config, 1, ParameterInit::drawn, world());
+  std::vector<double> values = random_values(static_cast<std::size_t>(x_shape.size()), 3);
+  const int bad = world().size() - 1;
+  if (world().rank() == bad) values[values.size() / 2] = std::nan("");
+  model::LayerInputs<float> in;
+  in.x = make_tensor<float>(x_shape, values);
+  Generator rng(1);
+  try {
+    (void)layer->forward(in, true, rng);
+    ADD_FAILURE() << kind << " rank " << world().rank() << ": forward accepted a NaN on rank " << bad;
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), Status::non_finite) << e.what();
+    EXPECT_NE(std::string(e.what()).find("rank " + std::to_string(bad) + ": "), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace kmoe::test

@@ -292,6 +292,22 @@ Tensor<T> linear(const Tensor<T>& x, const Tensor<T>& weight, const char* label)
   return y;
 }
 
+// Sends each token's row and gates to the ranks holding its selected experts (experts [N, H·ka],
+// global ids); on this rank's side: what it received and the plan over it in local expert ids.
+// Returns whether anything was received. Collective.
+template <class T>
+bool send_to_experts(const dist::Communicator& comm, const dist::Placement& placement, const Tensor<int>& experts,
+                     const Tensor<T>& rows, const Tensor<T>& gates, std::int64_t first_token,
+                     dist::ExpertExchange& exchange, Tensor<T>& rows_received, Tensor<T>& gates_received,
+                     moe::DispatchPlan& plan) {
+  exchange = dist::ExpertExchange(comm, placement, experts, first_token);
+  rows_received = exchange.dispatch(rows);
+  gates_received = exchange.dispatch(gates);
+  if (exchange.received_rows() == 0) return false;
+  plan = moe::DispatchPlan::build_with_drops(exchange.received_experts().as_matrix(), placement.local_experts(comm.rank()));
+  return true;
+}
+
 // The value experts: each token's v_src row to the owners of its selected experts, which return
 // their share of Σ_j g_j · x · V[e_j] per head; v_rows [N, H·P] is the owners' rows summed.
 // Collective (every rank, also one without tokens).
@@ -300,13 +316,9 @@ Tensor<T> value_experts_forward(const Tensor<T>& v, const dist::Communicator& co
                                 const SwitchHeadConfig& c, const Tensor<T>& v_src, const Tensor<int>& experts,
                                 const Tensor<T>& gates, std::int64_t first_token, SwitchHeadForward<T>& f) {
   const index_t H = c.n_heads, P = c.d_head(), ka = c.moe_k, c0 = placement.hidden_begin(comm.rank());
-  f.v_exchange = dist::ExpertExchange(comm, placement, experts, first_token);
-  f.v_src_received = f.v_exchange.dispatch(v_src);
-  f.v_gates_received = f.v_exchange.dispatch(gates);
   Tensor<T> rows;
-  if (f.v_exchange.received_rows() > 0) {
-    f.v_plan = moe::DispatchPlan::build_with_drops(f.v_exchange.received_experts().as_matrix(),
-                                                   placement.local_experts(comm.rank()));
+  if (send_to_experts(comm, placement, experts, v_src, gates, first_token, f.v_exchange, f.v_src_received,
+                      f.v_gates_received, f.v_plan)) {
     f.v_pairs = Tensor<T>::uninitialized("switchhead::v_pairs", {f.v_plan.n_pairs(), v.dim(2)});
     moe::cvmm_forward<T>(f.v_plan, f.v_src_received.as_matrix(), v.template view<3>(), f.v_pairs.as_matrix());
     rows = mix_pairs(f.v_pairs, f.v_gates_received, H, ka, P, c0);
@@ -341,14 +353,10 @@ Tensor<T> output_experts_forward(const Tensor<T>& o, const dist::Communicator& c
                                  const SwitchHeadConfig& c, const Tensor<T>& attended, const Tensor<int>& experts,
                                  const Tensor<T>& gates, std::int64_t first_token, SwitchHeadForward<T>& f) {
   const index_t H = c.n_heads, P = c.d_head(), ka = c.moe_k, c0 = placement.hidden_begin(comm.rank());
-  f.o_exchange = dist::ExpertExchange(comm, placement, experts, first_token);
-  f.attended_received = f.o_exchange.dispatch(attended);
-  f.o_gates_received = f.o_exchange.dispatch(gates);
-  const index_t R = f.o_exchange.received_rows();
   Tensor<T> y;
-  if (R > 0) {
-    f.o_plan = moe::DispatchPlan::build_with_drops(f.o_exchange.received_experts().as_matrix(),
-                                                   placement.local_experts(comm.rank()));
+  if (send_to_experts(comm, placement, experts, attended, gates, first_token, f.o_exchange, f.attended_received,
+                      f.o_gates_received, f.o_plan)) {
+    const index_t R = f.o_exchange.received_rows();
     const Tensor<T> input = replicate_heads(f.attended_received, H, ka, P, c0, o.dim(1));
     y = Tensor<T>::uninitialized("switchhead::y_received", {R, c.state_size});
     moe::cvmm_forward_reduced<T>(f.o_plan, input.as_matrix(), o.template view<3>(), f.o_gates_received.as_matrix(),
