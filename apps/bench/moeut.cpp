@@ -16,10 +16,8 @@
 
 namespace kmoe::apps {
 
-namespace {
-
 // A MoEUT-shaped model small enough for a two-core CPU (the published profiles start at 44M).
-layers::MoEUTConfig tiny_profile() {
+layers::MoEUTConfig moeut_tiny_profile() {
   layers::MoEUTConfig c;
   c.n_tokens = 1024;
   c.d_model = 128;
@@ -35,8 +33,8 @@ layers::MoEUTConfig tiny_profile() {
   return c;
 }
 
-// Matmul FLOPs of one forward over batch × seq tokens (full attention rows, as computed).
-double forward_flops(const layers::MoEUTConfig& c, index_t batch, index_t seq) {
+// Full attention rows, as computed.
+double moeut_forward_flops(const layers::MoEUTConfig& c, index_t batch, index_t seq) {
   const double D = c.d_model, H = c.n_heads, P = c.head_dim(), Ea = c.att_n_experts, ka = c.att_k;
   const double E = c.ff_n_experts, K = c.ff_k, es = c.ff_expert_size, V = c.n_tokens, T = seq;
   const double attention = 2 * (2 * D * H * P)                           // q, k
@@ -47,13 +45,11 @@ double forward_flops(const layers::MoEUTConfig& c, index_t batch, index_t seq) {
   return static_cast<double>(batch * seq) * (c.n_layers * (attention + ffn) + 2 * D * V);
 }
 
-}  // namespace
-
 BenchTable bench_moeut(const Options& options, int repeats) {
   const char* app = "kmoe-bench moeut";
   const index_t batch = positive_option(options, "--batch", 4, app);
   const index_t seq = positive_option(options, "--seq", 128, app);
-  const layers::MoEUTConfig c = tiny_profile();
+  const layers::MoEUTConfig c = moeut_tiny_profile();
   const index_t N = batch * seq;
   char title[256];
   std::snprintf(title, sizeof title,
@@ -64,7 +60,7 @@ BenchTable bench_moeut(const Options& options, int repeats) {
                 static_cast<long>(c.n_tokens), static_cast<long>(batch), static_cast<long>(seq));
   BenchTable table;
   table.title = title;
-  const double fwd = forward_flops(c, batch, seq), step = 3 * fwd;
+  const double fwd = moeut_forward_flops(c, batch, seq), step = 3 * fwd;
   table.baseline = dense_gemm_row("dense gemm, same FLOPs as the step (baseline)", N, c.d_model,
                                   static_cast<index_t>(step / (2.0 * N * c.d_model)), repeats);
   PeakMemory memory;

@@ -6,6 +6,8 @@
 #include "options.hpp"
 #include "report.hpp"
 
+#include "kmoe/layers/moeut.hpp"
+
 #include <vector>
 
 namespace kmoe::apps {
@@ -24,7 +26,13 @@ BenchTable bench_moeut(const Options& options, int repeats);
 BenchTable bench_soft_moe(const Options& options, int repeats);
 BenchTable bench_st_moe(const Options& options, int repeats);
 BenchTable bench_checkpoint(const Options& options, int repeats);
-BenchTable bench_dist(const Options& options, int repeats);  // under mpirun only
+BenchTable bench_dist(const Options& options, int repeats);         // under mpirun only
+BenchTable bench_dist_moeut(const Options& options, int repeats);   // under mpirun only
+
+// The MoEUT profile the moeut sections run: small enough for a two-core CPU.
+layers::MoEUTConfig moeut_tiny_profile();
+// Matmul FLOPs of one MoEUT LM forward over batch × seq tokens.
+double moeut_forward_flops(const layers::MoEUTConfig& c, index_t batch, index_t seq);
 
 inline const std::vector<BenchSection>& bench_sections() {
   static const std::vector<BenchSection> sections = {
@@ -34,6 +42,7 @@ inline const std::vector<BenchSection>& bench_sections() {
       {"st_moe", "--batch --seq --dim --experts --top-n", bench_st_moe},
       {"checkpoint", "--profile --vocab --dir", bench_checkpoint},
       {"dist", "--tokens --dmodel --experts --expert-size --k", bench_dist},
+      {"dist-moeut", "--batch --seq", bench_dist_moeut},
   };
   return sections;
 }

@@ -228,8 +228,14 @@ void Communicator::set_round_bytes(std::size_t bytes) const {
   if (state_) state_->round_bytes = bytes;
 }
 
+void Communicator::count_exchange(std::uint64_t row_bytes, std::uint64_t all_gather_bytes) const {
+  if (!state_) return;
+  state_->row_bytes_sent += row_bytes;
+  state_->all_gather_bytes += all_gather_bytes;
+}
+
 void Communicator::reset_bytes_sent() const {
-  if (state_) state_->bytes_sent = 0;
+  if (state_) state_->bytes_sent = state_->row_bytes_sent = state_->all_gather_bytes = 0;
 }
 
 RngStream take_global(const Communicator& comm, Generator& rng, std::uint64_t local_count) {

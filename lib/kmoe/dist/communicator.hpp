@@ -77,12 +77,19 @@ class Communicator {
 
   // Bytes this rank has sent to other ranks through all_to_all (its own rows to itself excluded).
   std::uint64_t bytes_sent() const { return state_ ? state_->bytes_sent : 0; }
+  // Of those, the expert exchanges' token rows (the routing's minimum: each row once per other
+  // rank that needs it; the rest is routing metadata), and what a naive all-gather design would
+  // have sent for the same exchanges (every rank's rows to every other rank, st-moe-pytorch's
+  // way). Counted by dist::ExpertExchange; reset with bytes_sent.
+  std::uint64_t row_bytes_sent() const { return state_ ? state_->row_bytes_sent : 0; }
+  std::uint64_t all_gather_bytes() const { return state_ ? state_->all_gather_bytes : 0; }
+  void count_exchange(std::uint64_t row_bytes, std::uint64_t all_gather_bytes) const;
   void reset_bytes_sent() const;
 
  private:
   struct State {
     MPI_Comm comm = MPI_COMM_NULL;
-    std::uint64_t bytes_sent = 0;
+    std::uint64_t bytes_sent = 0, row_bytes_sent = 0, all_gather_bytes = 0;
     std::size_t round_bytes = std::size_t(1) << 29;
     ~State();
   };

@@ -107,6 +107,8 @@ Tensor<T> ExpertExchange::dispatch(const Tensor<T>& per_token) const {
     for (std::size_t i = 0; i < send_tokens_[r].size(); ++i)
       std::memcpy(packed.data() + at + i * row_bytes, rows.data() + send_tokens_[r][i] * common, row_bytes);
   }
+  comm_.count_exchange(rows_sent_ * row_bytes,
+                       static_cast<std::uint64_t>(world - 1) * static_cast<std::uint64_t>(tokens_) * row_bytes);
   std::vector<std::size_t> recv_bytes;
   const std::vector<unsigned char> got = comm_.all_to_all(packed.data(), send_bytes, recv_bytes);
   const index_t received = received_rows();
@@ -129,7 +131,13 @@ Tensor<T> ExpertExchange::combine(const Tensor<T>& per_row) const {
   for (const std::int64_t v : widths) common = std::max<index_t>(common, v);
   // The rows go back to their sources as they came: source by source, in the order received.
   std::vector<std::size_t> send_bytes(static_cast<std::size_t>(world));
-  for (int r = 0; r < world; ++r) send_bytes[r] = recv_rows_[r] * static_cast<std::size_t>(common) * sizeof(T);
+  std::uint64_t back_to_others = 0;
+  for (int r = 0; r < world; ++r) {
+    send_bytes[r] = recv_rows_[r] * static_cast<std::size_t>(common) * sizeof(T);
+    if (r != comm_.rank()) back_to_others += send_bytes[r];
+  }
+  comm_.count_exchange(back_to_others, static_cast<std::uint64_t>(world - 1) * static_cast<std::uint64_t>(tokens_) *
+                                           static_cast<std::uint64_t>(common) * sizeof(T));
   const std::vector<T> rows = per_row.empty() ? std::vector<T>() : per_row.to_host();
   std::vector<std::size_t> recv_bytes;
   const std::vector<unsigned char> got =
