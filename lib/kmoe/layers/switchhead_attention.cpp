@@ -596,7 +596,7 @@ typename SwitchHeadAttention<T>::InputGrads SwitchHeadAttention<T>::backward(con
                                                                              const Tensor<T>& dsel_v_logits) {
   namespace si = switchhead_impl;
   const SwitchHeadConfig& c = config_;
-  const index_t D = c.state_size, H = c.n_heads, P = c.d_head(), Ea = c.n_experts, ka = c.moe_k;
+  const index_t D = c.state_size, H = c.n_heads, P = c.d_head(), Ea = c.n_experts;
   require(!f.y.empty(), Status::invalid_argument, "SwitchHeadAttention::backward: the forward result is empty");
   if (f.y.size() == 0) {  // a rank without sequences (see forward): it serves its experts
     dy.require_shape(f.y.shape(), "SwitchHeadAttention::backward: dy");
