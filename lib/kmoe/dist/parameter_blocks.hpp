@@ -5,11 +5,26 @@
 #pragma once
 
 #include "kmoe/dist/communicator.hpp"
+#include "kmoe/dist/placement.hpp"
 #include "kmoe/model/parameter.hpp"
 
 #include <nlohmann/json.hpp>
 
 namespace kmoe::dist {
+
+// An expert entry (experts on axis 0) as `rank` holds it under `placement`: its first global
+// expert, the layer's expert count and, when the experts are split into shards, its range of the
+// placement's hidden units.
+template <class T>
+model::Parameter<T> placed(model::Parameter<T> p, const Placement& placement, int rank) {
+  p.first_expert = placement.first_expert(rank);
+  p.total_experts = placement.n_experts();
+  if (placement.sharded()) {
+    p.hidden_begin = placement.hidden_begin(rank);
+    p.hidden_total = placement.hidden();
+  }
+  return p;
+}
 
 // Rank 0 gets every rank's block of `local` (p's tensor, or one shaped like it: a gradient, an
 // AdamW moment) assembled into `whole` (the global shape; ignored elsewhere, may be null there).

@@ -1,6 +1,7 @@
 #include "kmoe/layers/sigma_moe.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/dist/parameter_blocks.hpp"
 #include "kmoe/model/config_fields.hpp"
 #include "kmoe/moe/cvmm.hpp"
 #include "kmoe/moe/entropy_regulariser.hpp"
@@ -321,15 +322,7 @@ SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed, Paramete
 template <class T>
 void SigmaMoE<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const std::string& prefix) {
   const int rank = comm_.rank();
-  const auto placed = [&](model::Parameter<T> p) {
-    p.first_expert = placement_.first_expert(rank);
-    p.total_experts = config_.n_experts;
-    if (placement_.sharded()) {
-      p.hidden_begin = placement_.hidden_begin(rank);
-      p.hidden_total = config_.expert_size;
-    }
-    return p;
-  };
+  const auto placed = [&](model::Parameter<T> p) { return dist::placed(std::move(p), placement_, rank); };
   auto keys = placed(model::expert_parameter(prefix + "keys", params_.keys, grads_.keys, 2));
   auto values = placed(model::expert_parameter(prefix + "values", params_.values, grads_.values, 1));
   auto expert_sel = model::dense_parameter(prefix + "expert_sel", params_.expert_sel, grads_.expert_sel);

@@ -359,13 +359,8 @@ void SoftMoE<T>::visit_experts(const model::ParameterVisitor<T>& visit, const st
   const auto expert = [&](const std::string& name, Tensor<T>& param, Tensor<T>& grad, int hidden_axis,
                           bool transposed, int hidden_blocks = 1) {
     model::TorchLayout torch{model::per_expert_names(experts + name, c.num_experts), transposed};
-    model::Parameter<T> entry = model::expert_parameter(experts + name, param, grad, hidden_axis, torch);
-    entry.first_expert = placement_.first_expert(rank);
-    entry.total_experts = c.num_experts;
-    if (placement_.sharded()) {
-      entry.hidden_begin = placement_.hidden_begin(rank);
-      entry.hidden_total = c.experts.hidden;
-    }
+    model::Parameter<T> entry =
+        dist::placed(model::expert_parameter(experts + name, param, grad, hidden_axis, torch), placement_, rank);
     entry.hidden_blocks = hidden_blocks;
     visit(entry);
   };

@@ -1,6 +1,7 @@
 #include "kmoe/layers/st_moe.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/dist/parameter_blocks.hpp"
 #include "kmoe/model/config_fields.hpp"
 #include "kmoe/ops/gemm.hpp"
 #include "kmoe/ops/impl/team_reduce.hpp"
@@ -399,13 +400,8 @@ void StMoE<T>::visit_parameters(const model::ParameterVisitor<T>& visit, const s
                           int hidden_blocks = 1) {
     model::TorchLayout torch{{}, transposed};
     for (const std::string& expert_prefix : expert_prefixes) torch.per_expert_names.push_back(expert_prefix + name);
-    auto entry = model::expert_parameter(pattern + name, param, grad, hidden_axis, torch);
-    entry.first_expert = share_.first_expert;
-    entry.total_experts = c.total_experts();
-    if (placement_.sharded()) {
-      entry.hidden_begin = share_.hidden_begin;
-      entry.hidden_total = c.expert_hidden();
-    }
+    auto entry = dist::placed(model::expert_parameter(pattern + name, param, grad, hidden_axis, torch), placement_,
+                              comm_.rank());
     entry.hidden_blocks = hidden_blocks;
     visit(entry);
   };

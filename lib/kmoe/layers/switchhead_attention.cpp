@@ -3,6 +3,7 @@
 #include <tuple>
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/dist/parameter_blocks.hpp"
 #include "kmoe/model/config_fields.hpp"
 #include "kmoe/layers/moeut_init.hpp"
 #include "kmoe/moe/cvmm.hpp"
@@ -444,15 +445,7 @@ void SwitchHeadAttention<T>::visit_parameters(const model::ParameterVisitor<T>& 
   auto k = model::dense_parameter(prefix + "k.weight", params_.k, grads_.k);
   const int rank = comm_.rank();
   // Placed (dist/placement.hpp): this rank's experts, of each its head channels.
-  const auto placed = [&](model::Parameter<T> p) {
-    p.first_expert = placement_.first_expert(rank);
-    p.total_experts = placement_.n_experts();
-    if (placement_.sharded()) {
-      p.hidden_begin = placement_.hidden_begin(rank);
-      p.hidden_total = config_.d_head();
-    }
-    return p;
-  };
+  const auto placed = [&](model::Parameter<T> p) { return dist::placed(std::move(p), placement_, rank); };
   auto v = experts ? placed(model::expert_parameter(prefix + "v", params_.v, grads_.v, 2))
                    : model::dense_parameter(prefix + "v", params_.v, grads_.v);
   auto o = experts ? placed(model::expert_parameter(prefix + "o", params_.o, grads_.o, 1))
