@@ -100,6 +100,16 @@ std::int64_t Communicator::sum(std::int64_t value) const {
   return total;
 }
 
+std::string Communicator::broadcast(const std::string& text) const {
+  if (!state_) return text;
+  std::int64_t length = static_cast<std::int64_t>(text.size());
+  check_mpi(MPI_Bcast(&length, 1, MPI_INT64_T, 0, state_->comm), "MPI_Bcast");
+  require(length <= INT_MAX, Status::internal, "Communicator::broadcast: ", length, " bytes");
+  std::string out = rank_ == 0 ? text : std::string(static_cast<std::size_t>(length), '\0');
+  check_mpi(MPI_Bcast(out.data(), static_cast<int>(length), MPI_CHAR, 0, state_->comm), "MPI_Bcast");
+  return out;
+}
+
 std::int64_t Communicator::exclusive_prefix_sum(std::int64_t value) const {
   const std::vector<std::int64_t> all = all_gather(value);
   std::int64_t before = 0;

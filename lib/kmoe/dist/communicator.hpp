@@ -54,6 +54,8 @@ class Communicator {
   template <class T>
   void all_reduce_sum(T* values, std::size_t n) const;
   std::int64_t sum(std::int64_t value) const;
+  // Rank 0's text, on every rank (a file name or a time stamp that every rank must use alike).
+  std::string broadcast(const std::string& text) const;
   // The exclusive prefix sum of value over the ranks (rank 0: 0).
   std::int64_t exclusive_prefix_sum(std::int64_t value) const;
 

@@ -1,5 +1,6 @@
 #include "kmoe/dist/parameter_blocks.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 namespace kmoe::dist {
@@ -96,6 +97,43 @@ nlohmann::json placement_json(const Communicator& comm, const model::ParameterLi
   return {{"world", comm.size()}, {"ranks", ranks}};
 }
 
+bool Hyperslab::whole(const Shape& shape) const {
+  return !empty && axis0_range(shape) && start[0] == 0 && block[0] == static_cast<std::uint64_t>(shape[0]);
+}
+
+bool Hyperslab::axis0_range(const Shape& shape) const {
+  if (empty || static_cast<int>(start.size()) != shape.rank()) return false;
+  for (std::size_t i = 0; i < start.size(); ++i)
+    if (count[i] != 1 || (i > 0 && (start[i] != 0 || block[i] != static_cast<std::uint64_t>(shape[static_cast<int>(i)]))))
+      return false;
+  return true;
+}
+
+template <class T>
+Hyperslab hyperslab_of(const model::Parameter<T>& p) {
+  const Shape shape = p.global_shape();
+  Hyperslab slab;
+  for (int i = 0; i < shape.rank(); ++i) {
+    slab.start.push_back(0);
+    slab.stride.push_back(1);
+    slab.count.push_back(1);
+    slab.block.push_back(static_cast<std::uint64_t>(shape[i]));
+  }
+  if (!p.partial()) return slab;
+  const Block b = block_of(p);
+  slab.empty = !block_owns_values(p.hidden_axis, b);
+  slab.start[0] = static_cast<std::uint64_t>(b.first);
+  slab.block[0] = static_cast<std::uint64_t>(b.count);
+  if (p.hidden_axis > 0 && p.hidden_total >= 0) {
+    const auto h = static_cast<std::size_t>(p.hidden_axis);
+    slab.start[h] = static_cast<std::uint64_t>(b.hidden_begin);
+    slab.stride[h] = static_cast<std::uint64_t>(std::max<std::int64_t>(b.hidden_total, 1));
+    slab.count[h] = static_cast<std::uint64_t>(b.hidden_blocks);
+    slab.block[h] = static_cast<std::uint64_t>(b.hidden);
+  }
+  return slab;
+}
+
 template <class T>
 void take_block(const model::Parameter<T>& p, const Tensor<T>& whole, Tensor<T> into) {
   if (!p.partial()) return into.copy_from_host(whole.to_host());
@@ -108,7 +146,8 @@ void take_block(const model::Parameter<T>& p, const Tensor<T>& whole, Tensor<T> 
 #define KMOE_INSTANTIATE(T)                                                                                     \
   template void gather_to_rank0<T>(const Communicator&, const model::Parameter<T>&, const Tensor<T>&, Tensor<T>*); \
   template void take_block<T>(const model::Parameter<T>&, const Tensor<T>&, Tensor<T>);                          \
-  template nlohmann::json placement_json<T>(const Communicator&, const model::ParameterList<T>&);
+  template nlohmann::json placement_json<T>(const Communicator&, const model::ParameterList<T>&);               \
+  template Hyperslab hyperslab_of<T>(const model::Parameter<T>&);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)
 #undef KMOE_INSTANTIATE

@@ -36,6 +36,21 @@ void gather_to_rank0(const Communicator& comm, const model::Parameter<T>& p, con
 template <class T>
 void take_block(const model::Parameter<T>& p, const Tensor<T>& whole, Tensor<T> into);
 
+// p's block as a hyperslab of the whole tensor: per axis HDF5's start, stride, count and block
+// (H5Sselect_hyperslab), whose elements in row-major order are the local tensor's. A dense entry
+// is the whole tensor. Empty when the block holds no values of its own: the copy that a shard past
+// its expert's first keeps of an entry without a hidden axis. Checkpoints write and read blocks
+// through it.
+struct Hyperslab {
+  std::vector<std::uint64_t> start, stride, count, block;
+  bool empty = false;
+  bool whole(const Shape& shape) const;  // the whole tensor of that shape
+  // Only a range of axis 0 (every other axis whole): [start[0], start[0] + block[0]).
+  bool axis0_range(const Shape& shape) const;
+};
+template <class T>
+Hyperslab hyperslab_of(const model::Parameter<T>& p);
+
 // {"world": W, "ranks": [{"experts": [begin, end), "hidden": [begin, end)}, ...]} of the first
 // expert entry of every rank (the placement a checkpoint records). Collective.
 template <class T>

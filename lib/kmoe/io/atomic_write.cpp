@@ -43,23 +43,37 @@ std::string temporary_path_for(const std::string& path) {
       .string();
 }
 
-void write_atomically(const std::string& path, const std::function<void(const std::string&)>& write) {
-  require(!path.empty(), Status::invalid_argument, "empty output path");
-  const std::string folder = folder_of(path);
-  require(std::filesystem::is_directory(folder), Status::io_error, path, ": folder ", folder, " does not exist");
-  require(::access(folder.c_str(), W_OK) == 0, Status::io_error, path, ": folder ", folder,
-          " is not writable: ", errno_text());
-  const std::string temporary = temporary_path_for(path);
+void write_atomically(const std::string& path, const std::function<void(const std::string&)>& write,
+                      const dist::Communicator& comm) {
+  std::string temporary;
+  comm.collectively([&] {
+    if (comm.rank() != 0) return;
+    require(!path.empty(), Status::invalid_argument, "empty output path");
+    const std::string folder = folder_of(path);
+    require(std::filesystem::is_directory(folder), Status::io_error, path, ": folder ", folder, " does not exist");
+    require(::access(folder.c_str(), W_OK) == 0, Status::io_error, path, ": folder ", folder,
+            " is not writable: ", errno_text());
+    temporary = temporary_path_for(path);
+  });
+  temporary = comm.broadcast(temporary);
   try {
-    write(temporary);
-    sync_path(temporary, false, path);
-    require(std::rename(temporary.c_str(), path.c_str()) == 0, Status::io_error, path, ": cannot rename ",
-            temporary, " over it: ", errno_text());
+    comm.collectively([&] { write(temporary); });
   } catch (...) {
-    std::remove(temporary.c_str());
+    if (comm.rank() == 0) std::remove(temporary.c_str());
     throw;
   }
-  sync_path(folder, true, path);
+  comm.collectively([&] {
+    if (comm.rank() != 0) return;
+    try {
+      sync_path(temporary, false, path);
+      require(std::rename(temporary.c_str(), path.c_str()) == 0, Status::io_error, path, ": cannot rename ",
+              temporary, " over it: ", errno_text());
+    } catch (...) {
+      std::remove(temporary.c_str());
+      throw;
+    }
+    sync_path(folder_of(path), true, path);
+  });
 }
 
 }  // namespace kmoe::io

@@ -5,6 +5,8 @@
 // full, unwritable folder) removes the temporary file and leaves the old one untouched.
 #pragma once
 
+#include "kmoe/dist/communicator.hpp"
+
 #include <functional>
 #include <string>
 
@@ -14,7 +16,14 @@ namespace kmoe::io {
 // returns), then makes it durable and renames it to path. Throws Status::io_error naming path
 // and the failing step (errno's text); an exception from write is passed on after the
 // temporary file is removed.
-void write_atomically(const std::string& path, const std::function<void(const std::string& temporary_path)>& write);
+//
+// Over several ranks (a parallel HDF5 file written collectively), every rank calls it with the
+// same path: rank 0 checks the folder and picks the temporary name, every rank's write(temporary)
+// runs (collectively: an error on one rank is an error on every rank, and rank 0 removes the
+// temporary file), then rank 0 alone flushes and renames. The one-rank communicator is the case
+// above.
+void write_atomically(const std::string& path, const std::function<void(const std::string& temporary_path)>& write,
+                      const dist::Communicator& comm = {});
 
 // The temporary name write_atomically uses for path: "<folder>/.<name>.tmp-<pid>-<counter>".
 std::string temporary_path_for(const std::string& path);

@@ -167,9 +167,19 @@ std::string utc_now() {
 
 // ---- writing ------------------------------------------------------------------------------
 
+// Writes a checkpoint's objects. Over several ranks (a file opened with HDF5's MPI-IO driver)
+// every rank makes the same calls, which HDF5 needs for every object and attribute: the metadata
+// are written collectively, and each rank writes its block of every tensor in one collective
+// H5Dwrite through the Fletcher32 filter (parallel HDF5 filters chunks only in collective writes),
+// dense tensors by rank 0. One rank writes whole tensors chunk by chunk (write_chunks).
 class Writer {
  public:
-  explicit Writer(const std::string& target) : target_(target) {}
+  explicit Writer(const std::string& target, const dist::Communicator& comm = {}) : target_(target), comm_(comm) {
+    if (!comm.distributed()) return;
+    transfer_list_.emplace(H5Pcreate(H5P_DATASET_XFER), H5Pclose);
+    transfer_ = transfer_list_->get();
+    check(H5Pset_dxpl_mpio(transfer_, H5FD_MPIO_COLLECTIVE), "the collective transfer property");
+  }
 
   void check(herr_t rc, const std::string& what) const {
     require(rc >= 0, Status::io_error, target_, ": writing ", what, " failed (disk full or unwritable?)");
@@ -235,25 +245,72 @@ class Writer {
     return id;
   }
 
+  // values: p's tensor, or one shaped like it (an AdamW moment); with p's attributes when
+  // `describe`. The dataset has p's whole shape over every rank.
   template <class T>
-  void tensor(hid_t group, const std::string& name, const Tensor<T>& tensor,
-              const model::Parameter<T>* parameter = nullptr) const {
+  void tensor(hid_t group, const std::string& name, const Tensor<T>& values, const model::Parameter<T>& p,
+              bool describe) const {
     const hid_t file_type = std::is_same_v<T, float> ? H5T_IEEE_F32LE : H5T_IEEE_F64LE;
-    const bool one_expert_each = parameter != nullptr && parameter->kind == model::ParameterKind::expert &&
-                                 parameter->expert_axis == 0;
-    H5Object ds(dataset(group, name, tensor.shape(), file_type, sizeof(T), one_expert_each), H5Dclose);
-    write_chunks(ds.get(), name, tensor, chunk_dims(tensor.shape(), sizeof(T), one_expert_each));
-    if (parameter == nullptr) return;
-    string_attribute(ds.get(), "kind", model::parameter_kind_name(parameter->kind));
-    if (parameter->kind != model::ParameterKind::expert) return;
-    number_attribute(ds.get(), "expert_axis", static_cast<std::int64_t>(parameter->expert_axis));
-    std::vector<int> experts;
-    for (int e = 0; e < parameter->local_experts(); ++e) experts.push_back(parameter->first_expert + e);
-    int_list_attribute(ds.get(), "experts", experts);
-    if (!parameter->torch.per_expert_names.empty()) {
-      string_list_attribute(ds.get(), "torch_names", parameter->torch.per_expert_names);
-      number_attribute(ds.get(), "torch_transposed", static_cast<std::int64_t>(parameter->torch.transposed));
+    const bool one_expert_each = p.kind == model::ParameterKind::expert && p.expert_axis == 0;
+    const Shape shape = p.global_shape();
+    H5Object ds(dataset(group, name, shape, file_type, sizeof(T), one_expert_each), H5Dclose);
+    if (comm_.distributed()) {
+      const dist::Hyperslab slab = dist::hyperslab_of(p);
+      const bool mine = p.partial() ? !slab.empty : comm_.rank() == 0;
+      write_block(ds.get(), name, mine ? values.to_host() : std::vector<T>(), shape, mine ? &slab : nullptr);
+    } else {
+      write_chunks(ds.get(), name, values, chunk_dims(shape, sizeof(T), one_expert_each));
     }
+    if (!describe) return;
+    string_attribute(ds.get(), "kind", model::parameter_kind_name(p.kind));
+    if (p.kind != model::ParameterKind::expert) return;
+    number_attribute(ds.get(), "expert_axis", static_cast<std::int64_t>(p.expert_axis));
+    std::vector<int> experts;
+    for (index_t e = 0; e < shape[0]; ++e) experts.push_back(static_cast<int>(e));
+    int_list_attribute(ds.get(), "experts", experts);
+    if (!p.torch.per_expert_names.empty()) {
+      string_list_attribute(ds.get(), "torch_names", p.torch.per_expert_names);
+      number_attribute(ds.get(), "torch_transposed", static_cast<std::int64_t>(p.torch.transposed));
+    }
+  }
+
+  // A small dataset's values, written by rank 0 (every rank calls it).
+  void values(hid_t ds, hid_t memory_type, const void* data, const std::string& name) const {
+    if (!comm_.distributed()) return check(H5Dwrite(ds, memory_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), name);
+    H5Object file_space(H5Dget_space(ds), H5Sclose);
+    H5Object memory(H5Scopy(file_space.get()), H5Sclose);
+    if (comm_.rank() != 0) {
+      H5Sselect_none(file_space.get());
+      H5Sselect_none(memory.get());
+    }
+    check(H5Dwrite(ds, memory_type, memory.get(), file_space.get(), transfer_, data), name);
+  }
+
+  // This rank's block (values, in the hyperslab's order) of a dataset of the whole shape, in the
+  // collective write every rank takes part in (slab null: this rank writes nothing).
+  template <class T>
+  void write_block(hid_t ds, const std::string& name, const std::vector<T>& values, const Shape& shape,
+                   const dist::Hyperslab* slab) const {
+    if (shape.size() == 0) return;
+    H5Object file_space(H5Dget_space(ds), H5Sclose);
+    const hsize_t n = std::max<hsize_t>(values.size(), 1);
+    H5Object memory(H5Screate_simple(1, &n, nullptr), H5Sclose);
+    if (slab != nullptr && !values.empty()) {
+      const std::vector<hsize_t> start(slab->start.begin(), slab->start.end()),
+          stride(slab->stride.begin(), slab->stride.end()), count(slab->count.begin(), slab->count.end()),
+          block(slab->block.begin(), slab->block.end());
+      check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start.data(), stride.data(), count.data(),
+                                block.data()),
+            "the block of dataset " + name);
+      require(H5Sget_select_npoints(file_space.get()) == static_cast<hssize_t>(values.size()), Status::internal,
+              target_, ": the block of ", name, " selects ", H5Sget_select_npoints(file_space.get()), " values, not ",
+              values.size());
+    } else {
+      H5Sselect_none(file_space.get());
+      H5Sselect_none(memory.get());
+    }
+    check(H5Dwrite(ds, native_type<T>(), memory.get(), file_space.get(), transfer_, values.data()),
+          "dataset " + name);
   }
 
   // The tensor's values, chunk by chunk with their checksums (the filter's output, bit for bit);
@@ -297,14 +354,17 @@ class Writer {
 
  private:
   std::string target_;
+  dist::Communicator comm_;
+  std::optional<H5Object> transfer_list_;
+  hid_t transfer_ = H5P_DEFAULT;  // collective over several ranks
 };
 
-// Reserves `bytes` of disk for the open file (fallocate, without changing its size), so that
-// HDF5's writes cannot fail for lack of space: HDF5 1.10 cannot close a file whose writes failed,
-// and crashes at exit trying again (H5F__close_cb). A full disk, a quota or a file size limit
-// fails here, before any data is written, as Status::io_error. Returns the bytes reserved: 0 on
-// file systems without fallocate, which skip it.
-std::uint64_t reserve_disk(hid_t file, std::uint64_t bytes, const std::string& target, const std::string& file_path) {
+// Reserves `bytes` of disk for the file being written (fallocate, without changing its size), so
+// that HDF5's writes cannot fail for lack of space: HDF5 1.10 cannot close a file whose writes
+// failed, and crashes at exit trying again (H5F__close_cb). A full disk, a quota or a file size
+// limit fails here, before any data is written, as Status::io_error. Returns the bytes reserved: 0
+// on file systems without fallocate, which skip it.
+std::uint64_t reserve_disk(std::uint64_t bytes, const std::string& target, const std::string& file_path) {
 #if defined(__linux__)
   // A reservation that keeps the size is not checked against RLIMIT_FSIZE: check it here.
   rlimit limit{};
@@ -312,16 +372,17 @@ std::uint64_t reserve_disk(hid_t file, std::uint64_t bytes, const std::string& t
     fail(Status::io_error, target, ": the checkpoint needs up to ", bytes, " bytes, over the file size limit of ",
          static_cast<std::uint64_t>(limit.rlim_cur), " bytes (ulimit -f)");
   }
-  void* handle = nullptr;
-  if (H5Fget_vfd_handle(file, H5P_DEFAULT, &handle) < 0 || handle == nullptr) return 0;
-  const int fd = *static_cast<int*>(handle);
-  if (::fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(bytes)) == 0) return bytes;
+  const int fd = ::open(file_path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  const int rc = ::fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(bytes));
   const int error = errno;
+  ::close(fd);
+  if (rc == 0) return bytes;
   if (error == EOPNOTSUPP || error == ENOSYS) return 0;
   fail(Status::io_error, target, ": cannot reserve ", bytes, " bytes of disk for ", file_path, " (disk full?): ",
        std::strerror(error));
 #else
-  (void)file, (void)bytes, (void)target, (void)file_path;
+  (void)bytes, (void)target, (void)file_path;
   return 0;
 #endif
 }
@@ -341,22 +402,28 @@ void release_reserve(const std::string& file_path, std::uint64_t reserved) {
 #endif
 }
 
+// The root attributes that must be the same on every rank (rank 0's): the time stamp and the
+// caller's JSON.
+struct SharedText {
+  std::string created, train, source;
+};
+
 template <class T>
-void write_contents(hid_t file, const std::string& target, model::Layer<T>& layer, const CheckpointExtras<T>& extras) {
-  const Writer w(target);
+void write_contents(hid_t file, const Writer& w, model::Layer<T>& layer, const CheckpointExtras<T>& extras,
+                    const SharedText& text) {
   w.number_attribute(file, "kmoe_format", static_cast<std::int64_t>(checkpoint_format_version));
   w.string_attribute(file, "model", layer.kind());
   w.string_attribute(file, "config", layer.config().dump());
   w.string_attribute(file, "dtype", model::dtype_name(model::dtype_of<T>()));
   w.string_attribute(file, "kmoe_version", kmoe_version_string);
-  w.string_attribute(file, "created", utc_now());
+  w.string_attribute(file, "created", text.created);
   w.number_attribute(file, "step", extras.step);
-  if (!extras.source.is_null()) w.string_attribute(file, "source", extras.source.dump());
+  if (!extras.source.is_null()) w.string_attribute(file, "source", text.source);
 
   const model::ParameterList<T> parameters = model::trainable(layer.parameters());
   {
     H5Object params(w.group(file, "params"), H5Gclose);
-    for (const model::Parameter<T>& p : parameters) w.tensor(params.get(), p.name, *p.tensor, &p);
+    for (const model::Parameter<T>& p : parameters) w.tensor(params.get(), p.name, *p.tensor, p, true);
   }
   if (extras.optimizer != nullptr) {
     const model::AdamW<T>& opt = *extras.optimizer;
@@ -370,20 +437,21 @@ void write_contents(hid_t file, const std::string& target, model::Layer<T>& laye
     w.number_attribute(group.get(), "weight_decay", opt.config().weight_decay);
     H5Object avg(w.group(group.get(), "exp_avg"), H5Gclose);
     H5Object avg_sq(w.group(group.get(), "exp_avg_sq"), H5Gclose);
-    for (const auto& [name, m] : opt.moments()) {
-      w.tensor(avg.get(), name, m.exp_avg);
-      w.tensor(avg_sq.get(), name, m.exp_avg_sq);
+    for (const model::Parameter<T>& p : opt.parameters()) {
+      const model::AdamWMoments<T>& m = opt.moments().at(p.name);
+      w.tensor(avg.get(), p.name, m.exp_avg, p, false);
+      w.tensor(avg_sq.get(), p.name, m.exp_avg_sq, p, false);
     }
   }
   if (extras.rng != nullptr) {
     H5Object group(w.group(file, "rng"), H5Gclose);
     H5Object ds(w.dataset(group.get(), "state", Shape{2}, H5T_STD_U64LE, 8), H5Dclose);
     const std::uint64_t state[2] = {extras.rng->seed(), extras.rng->position()};
-    w.check(H5Dwrite(ds.get(), H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, state), "/rng/state");
+    w.values(ds.get(), H5T_NATIVE_UINT64, state, "/rng/state");
   }
   if (!extras.train.is_null()) {
     H5Object group(w.group(file, "train"), H5Gclose);
-    w.string_attribute(group.get(), "json", extras.train.dump());
+    w.string_attribute(group.get(), "json", text.train);
   }
 }
 
@@ -580,53 +648,87 @@ void convert_values(const unsigned char* from, bool f32, V* into, std::size_t n)
   fail(Status::corrupt_file, file_path, ": dataset ", path, " is corrupt (checksum mismatch or truncated file)");
 }
 
-// Reads a whole dataset of `count` values through raw chunks (RawChunks), converting to V; returns
-// false (nothing trusted) where the dataset is not stored so. Chunks of V's own type are read in
-// place, each chunk's checksum landing on the next chunk's first bytes before that chunk
-// overwrites them; their checksums are verified in parallel at the end.
+// Reads slices [first, end) of axis 0 of a dataset through raw chunks (RawChunks), converting to
+// V; returns false (nothing trusted) where the dataset is not stored so or the range does not start
+// and end on chunk boundaries. Chunks of V's own type are read in place, each chunk's checksum
+// landing on the next chunk's first bytes before that chunk overwrites them; their checksums are
+// verified in parallel at the end.
 template <class V>
-bool read_chunks(hid_t ds, hid_t space, V* values, std::size_t count, const std::string& path,
+bool read_chunks(hid_t ds, hid_t space, V* values, std::size_t first, std::size_t end, const std::string& path,
                  const std::string& file_path) {
   if constexpr (!std::is_floating_point_v<V>) {
     return false;
   } else {
-    std::optional<RawChunks> raw = raw_chunks(ds, space, count);
-    if (!raw) return false;
+    std::optional<RawChunks> raw = raw_chunks(ds, space, static_cast<std::size_t>(H5Sget_simple_extent_npoints(space)));
+    if (!raw || first % raw->rows != 0 || (end % raw->rows != 0 && end != raw->slices)) return false;
+    const std::size_t c0 = first / raw->rows, c1 = (end + raw->rows - 1) / raw->rows;
     const bool same_type = raw->f32 == std::is_same_v<V, float>;
     auto* const out = reinterpret_cast<unsigned char*>(values);
     std::vector<unsigned char> buffer;
-    std::vector<std::uint32_t> stored(raw->chunks);
-    for (std::size_t c = 0; c < raw->chunks; ++c) {
-      const bool direct = same_type && c + 1 < raw->chunks;
+    std::vector<std::uint32_t> stored(c1 - c0);
+    for (std::size_t c = c0; c < c1; ++c) {
+      const std::size_t i = c - c0;
+      const bool direct = same_type && c + 1 < c1;
       if (!direct && buffer.empty()) buffer.resize(raw->chunk_bytes + 4);
-      unsigned char* const target = direct ? out + c * raw->chunk_bytes : buffer.data();
+      unsigned char* const target = direct ? out + i * raw->chunk_bytes : buffer.data();
       const RawChunks::Read got = raw->read(ds, c, target);
       if (got == RawChunks::Read::unreadable) corrupt_dataset(path, file_path);
       if (got == RawChunks::Read::not_raw) return false;
       if (direct) {
-        stored[c] = get_checksum(target + raw->chunk_bytes);
+        stored[i] = get_checksum(target + raw->chunk_bytes);
         continue;
       }
       if (!checksum_matches(get_checksum(buffer.data() + raw->chunk_bytes), buffer.data(), raw->chunk_bytes))
         corrupt_dataset(path, file_path);
-      convert_values(buffer.data(), raw->f32, values + c * raw->rows * raw->slice, raw->values_in(c));
+      convert_values(buffer.data(), raw->f32, values + i * raw->rows * raw->slice, raw->values_in(c));
     }
-    if (same_type && !chunks_match(out, raw->chunk_bytes, stored, raw->chunks - 1)) corrupt_dataset(path, file_path);
+    if (same_type && c1 > c0 && !chunks_match(out, raw->chunk_bytes, stored, c1 - c0 - 1))
+      corrupt_dataset(path, file_path);
     return true;
   }
 }
 
-// The open dataset's `count` values into values (type V): read_chunks, else through the filter
-// pipeline; Fletcher32 verifies every chunk either way.
+std::vector<hsize_t> dims_of(hid_t space) {
+  std::vector<hsize_t> dims(static_cast<std::size_t>(std::max(H5Sget_simple_extent_ndims(space), 0)));
+  H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+  return dims;
+}
+
+// The open dataset's values into values (type V), all of them or the block `slab` (its count
+// values, in its order): read_chunks where the block is a range of whole chunks, else through the
+// filter pipeline; Fletcher32 verifies every chunk either way.
 template <class V>
-void read_values(hid_t ds, hid_t space, V* values, std::size_t count, const std::string& path,
-                 const std::string& file_path) {
-  if (read_chunks(ds, space, values, count, path, file_path)) return;
-  const hid_t memory = std::is_same_v<V, float>    ? H5T_NATIVE_FLOAT
-                       : std::is_same_v<V, double> ? H5T_NATIVE_DOUBLE
-                                                   : H5T_NATIVE_UINT64;
-  require(H5Dread(ds, memory, H5S_ALL, H5S_ALL, H5P_DEFAULT, values) >= 0, Status::corrupt_file, file_path,
-          ": dataset ", path, " is corrupt (checksum mismatch or truncated file)");
+void read_values(hid_t ds, hid_t space, V* values, const std::string& path, const std::string& file_path,
+                 const dist::Hyperslab* slab = nullptr) {
+  const std::vector<hsize_t> dims = dims_of(space);
+  const Shape shape(std::vector<index_t>(dims.begin(), dims.end()));
+  if (slab != nullptr && slab->whole(shape)) slab = nullptr;
+  const std::size_t first = slab != nullptr ? slab->start[0] : 0;
+  const std::size_t end = slab != nullptr ? first + slab->block[0] : (dims.empty() ? 0 : dims[0]);
+  if ((slab == nullptr || slab->axis0_range(shape)) && read_chunks(ds, space, values, first, end, path, file_path))
+    return;
+  const hid_t memory_type = std::is_same_v<V, float>    ? H5T_NATIVE_FLOAT
+                            : std::is_same_v<V, double> ? H5T_NATIVE_DOUBLE
+                                                        : H5T_NATIVE_UINT64;
+  hid_t file_space = H5S_ALL, memory_space = H5S_ALL;
+  std::optional<H5Object> selection, memory;
+  if (slab != nullptr) {
+    selection.emplace(H5Scopy(space), H5Sclose);
+    const std::vector<hsize_t> start(slab->start.begin(), slab->start.end()),
+        stride(slab->stride.begin(), slab->stride.end()), count(slab->count.begin(), slab->count.end()),
+        block(slab->block.begin(), slab->block.end());
+    require(H5Sselect_hyperslab(selection->get(), H5S_SELECT_SET, start.data(), stride.data(), count.data(),
+                                block.data()) >= 0 &&
+                H5Sselect_valid(selection->get()) > 0,
+            Status::shape_mismatch, file_path, ": dataset ", path, " does not hold the block wanted");
+    const hsize_t n = static_cast<hsize_t>(H5Sget_select_npoints(selection->get()));
+    if (n == 0) return;
+    memory.emplace(H5Screate_simple(1, &n, nullptr), H5Sclose);
+    file_space = selection->get();
+    memory_space = memory->get();
+  }
+  require(H5Dread(ds, memory_type, memory_space, file_space, H5P_DEFAULT, values) >= 0, Status::corrupt_file,
+          file_path, ": dataset ", path, " is corrupt (checksum mismatch or truncated file)");
 }
 
 // Calls visit(values, n) for the dataset's values in order, chunk by chunk through one buffer of a
@@ -680,20 +782,24 @@ void visit_dataset(hid_t file, const std::string& path, const std::string& file_
     if (raw) return;
   }
   std::vector<V> values(static_cast<std::size_t>(n));
-  read_values(ds.get(), space.get(), values.data(), values.size(), path, file_path);
+  read_values(ds.get(), space.get(), values.data(), path, file_path);
   visit(values.data(), values.size());
 }
 
-// Reads a whole float or integer dataset into memory of type V: into a new vector, or into
-// `count` values at `values` (another size is Status::shape_mismatch).
+// Reads a float or integer dataset into memory of type V, all of it or the block `slab`: into a
+// new vector, or into `count` values at `values` (another size is Status::shape_mismatch).
 template <class V>
 std::vector<V> read_dataset(hid_t file, const std::string& path, const std::string& file_path, V* values = nullptr,
-                            std::size_t count = 0) {
+                            std::size_t count = 0, const dist::Hyperslab* slab = nullptr) {
   H5Object ds(H5Dopen2(file, path.c_str(), H5P_DEFAULT), H5Dclose);
   require(ds.valid(), Status::corrupt_file, file_path, ": no dataset ", path);
   H5Object space(H5Dget_space(ds.get()), H5Sclose);
-  const hssize_t n = H5Sget_simple_extent_npoints(space.get());
+  hssize_t n = H5Sget_simple_extent_npoints(space.get());
   require(n >= 0, Status::corrupt_file, file_path, ": dataset ", path, " is unreadable");
+  if (slab != nullptr) {
+    n = 1;
+    for (std::size_t i = 0; i < slab->count.size(); ++i) n *= static_cast<hssize_t>(slab->count[i] * slab->block[i]);
+  }
   std::vector<V> own;
   if (values == nullptr) {
     own.resize(static_cast<std::size_t>(n));
@@ -702,7 +808,7 @@ std::vector<V> read_dataset(hid_t file, const std::string& path, const std::stri
   }
   require(static_cast<std::size_t>(n) == count, Status::shape_mismatch, file_path, ": dataset ", path, " holds ", n,
           " values, not ", count);
-  read_values(ds.get(), space.get(), values, count, path, file_path);
+  read_values(ds.get(), space.get(), values, path, file_path, slab);
   return own;
 }
 
@@ -877,18 +983,19 @@ template <class T>
 std::uint64_t checkpoint_size_bound(model::Layer<T>& layer, const CheckpointExtras<T>& extras) {
   std::uint64_t bytes = std::uint64_t(1) << 20;
   std::uint64_t datasets = 1;
-  const auto add = [&](const Tensor<T>& t) {
-    // The values, their chunks' checksums and index entries, and an edge chunk stored whole (at
-    // most one chunk of about 4 MiB, chunk_dims, more than the values).
-    const std::uint64_t chunks = t.shape().rank() > 0 ? static_cast<std::uint64_t>(std::max<index_t>(t.shape()[0], 1)) : 1;
-    bytes += static_cast<std::uint64_t>(t.size()) * sizeof(T) + (std::uint64_t(4) << 20) + 64 * chunks;
+  // The whole tensor over every rank: its values, its chunks' checksums and index entries, and an
+  // edge chunk stored whole (at most one chunk of about 4 MiB, chunk_dims, more than the values).
+  const auto add = [&](const model::Parameter<T>& p) {
+    const Shape shape = p.global_shape();
+    const std::uint64_t chunks = shape.rank() > 0 ? static_cast<std::uint64_t>(std::max<index_t>(shape[0], 1)) : 1;
+    bytes += static_cast<std::uint64_t>(shape.size()) * sizeof(T) + (std::uint64_t(4) << 20) + 64 * chunks;
     ++datasets;
   };
-  for (const model::Parameter<T>& p : model::trainable(layer.parameters())) add(*p.tensor);
+  for (const model::Parameter<T>& p : model::trainable(layer.parameters())) add(p);
   if (extras.optimizer != nullptr) {
-    for (const auto& item : extras.optimizer->moments()) {
-      add(item.second.exp_avg);
-      add(item.second.exp_avg_sq);
+    for (const model::Parameter<T>& p : extras.optimizer->parameters()) {
+      add(p);
+      add(p);
     }
   }
   // Object headers, attributes (the config, torch names) and groups: generously per dataset.
@@ -896,33 +1003,79 @@ std::uint64_t checkpoint_size_bound(model::Layer<T>& layer, const CheckpointExtr
                                              extras.source.dump().size());
 }
 
+namespace {
+
+// Writes the checkpoint of layer, whose experts may be placed over the ranks of its communicator:
+// one file, written collectively with parallel HDF5 where there are several.
 template <class T>
-void save_whole(const std::string& path, model::Layer<T>& layer, const CheckpointExtras<T>& extras,
-                const nlohmann::json& placement) {
+void save_file(const std::string& path, model::Layer<T>& layer, const CheckpointExtras<T>& extras) {
   silence_hdf5_errors();
-  write_atomically(path, [&](const std::string& temporary) {
-    // v2 object headers (libver 1.10+) carry checksums of the metadata too.
-    H5Object fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-    H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V110, H5F_LIBVER_LATEST);
-    const hid_t file = H5Fcreate(temporary.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get());
-    Writer(path).check(file, "the file");
-    std::uint64_t reserved = 0;
-    try {
-      reserved = reserve_disk(file, checkpoint_size_bound(layer, extras), path, temporary);
-      write_contents(file, path, layer, extras);
-      if (!placement.is_null()) Writer(path).string_attribute(file, "placement", placement.dump());
-    } catch (...) {
-      H5Fclose(file);
-      throw;
-    }
-    Writer(path).check(H5Fclose(file), "the file (close)");
-    release_reserve(temporary, reserved);
-  });
+  const dist::Communicator& comm = layer.communicator();
+  const SharedText text{comm.broadcast(utc_now()), comm.broadcast(extras.train.dump()),
+                        comm.broadcast(extras.source.dump())};
+  const model::ParameterList<T> parameters = model::trainable(layer.parameters());
+  const nlohmann::json placement = comm.distributed() ? dist::placement_json(comm, parameters) : nlohmann::json();
+  const std::uint64_t bound = checkpoint_size_bound(layer, extras);
+  write_atomically(
+      path,
+      [&](const std::string& temporary) {
+        // v2 object headers (libver 1.10+) carry checksums of the metadata too.
+        H5Object fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+        H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V110, H5F_LIBVER_LATEST);
+        if (comm.distributed()) {
+          H5Pset_fapl_mpio(fapl.get(), comm.comm(), MPI_INFO_NULL);
+          H5Pset_coll_metadata_write(fapl.get(), true);
+        }
+        const Writer w(path, comm);
+        hid_t file = -1;
+        comm.collectively([&] {
+          file = H5Fcreate(temporary.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get());
+          w.check(file, "the file");
+        });
+        std::uint64_t reserved = 0;
+        try {
+          comm.collectively([&] {
+            if (comm.rank() == 0) reserved = reserve_disk(bound, path, temporary);
+          });
+          write_contents(file, w, layer, extras, text);
+          if (!placement.is_null()) w.string_attribute(file, "placement", placement.dump());
+        } catch (...) {
+          H5Fclose(file);
+          throw;
+        }
+        w.check(H5Fclose(file), "the file (close)");
+        if (comm.rank() == 0) release_reserve(temporary, reserved);
+      },
+      comm);
 }
 
+// This rank's block of a stored tensor of p's whole shape (all of a dense entry's; an expert
+// shard's copy of an entry without a hidden axis reads its experts' values too).
 template <class T>
-void load_whole(const std::string& path, model::Layer<T>& layer, const CheckpointLoadOptions& options,
-                const CheckpointRestore<T>& restore) {
+dist::Hyperslab block_to_read(const model::Parameter<T>& p) {
+  dist::Hyperslab slab = dist::hyperslab_of(p);
+  slab.empty = false;
+  return slab;
+}
+
+// What a load reads before anything of the layer changes: every trainable parameter's block (in
+// registry order, end to end), the optimizer's moments and the extras.
+template <class T>
+struct LoadedCheckpoint {
+  std::unique_ptr<Staging<T>> values;
+  std::vector<std::size_t> offsets;
+  std::map<std::string, std::pair<std::vector<T>, std::vector<T>>> moments;
+  std::vector<std::uint64_t> rng_state;
+  std::int64_t optimizer_step = 0;
+  nlohmann::json train;
+  std::int64_t step = 0;
+};
+
+// Reads this rank's part of the checkpoint for layer (its experts' hyperslabs, the dense tensors
+// whole), with every check of load_checkpoint. Each rank opens the file on its own, read-only.
+template <class T>
+LoadedCheckpoint<T> read_for_layer(const std::string& path, model::Layer<T>& layer, const CheckpointLoadOptions& options,
+                                   const CheckpointRestore<T>& restore) {
   const CheckpointReader reader(path);
   const CheckpointInfo& info = reader.info();
   require(info.model == layer.kind(), Status::invalid_argument, path, ": the checkpoint holds a '", info.model,
@@ -933,33 +1086,36 @@ void load_whole(const std::string& path, model::Layer<T>& layer, const Checkpoin
   require(options.convert_dtype || info.dtype == own_dtype, Status::invalid_argument, path, ": the checkpoint is ",
           info.dtype, ", the layer ", own_dtype, " (load with convert_dtype to convert)");
 
-  std::map<std::string, const StoredTensor*> stored;
-  for (const StoredTensor& t : reader.tensors())
+  std::map<std::string, const StoredTensor*> stored, all;
+  for (const StoredTensor& t : reader.tensors()) {
+    all[t.path] = &t;
     if (t.path.rfind("/params/", 0) == 0) stored[t.name] = &t;
+  }
   const model::ParameterList<T> parameters = model::trainable(layer.parameters());
-  // Everything is read and checked before anything of the layer changes: into one staging buffer,
-  // through a second handle on the file (the reader's is private to it; HDF5 shares the file).
+  // Everything is read into one staging buffer, through a second handle on the file (the
+  // reader's is private to it; HDF5 shares the file).
+  LoadedCheckpoint<T> loaded;
   std::size_t total = 0;
   for (const model::Parameter<T>& p : parameters) total += static_cast<std::size_t>(p.tensor->size());
-  const Staging<T> staging(total);
+  loaded.values = std::make_unique<Staging<T>>(total);
   H5Object file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
   require(file.valid(), Status::io_error, path, ": cannot open as HDF5");
-  prefetch(file.get());
-  std::vector<std::size_t> offsets;
+  if (!layer.communicator().distributed()) prefetch(file.get());
   std::size_t offset = 0;
   for (const model::Parameter<T>& p : parameters) {
     const auto found = stored.find(p.name);
     require(found != stored.end(), Status::invalid_argument, path, ": no parameter '", p.name, "' in the checkpoint");
     const StoredTensor& t = *found->second;
-    require(t.shape == p.tensor->shape(), Status::shape_mismatch, path, ": parameter '", p.name, "' has shape ",
-            t.shape.str(), ", the layer ", p.tensor->shape().str());
+    require(t.shape == p.global_shape(), Status::shape_mismatch, path, ": parameter '", p.name, "' has shape ",
+            t.shape.str(), ", the layer ", p.global_shape().str());
     require(t.dtype == "float32" || t.dtype == "float64", Status::corrupt_file, path, ": parameter '", p.name,
             "' is ", t.dtype);
     require(options.convert_dtype || t.dtype == own_dtype, Status::invalid_argument, path, ": parameter '", p.name,
             "' is ", t.dtype, ", the layer ", own_dtype);
     const auto count = static_cast<std::size_t>(p.tensor->size());
-    read_dataset<T>(file.get(), t.path, path, staging.data() + offset, count);
-    offsets.push_back(offset);
+    const dist::Hyperslab slab = block_to_read(p);
+    read_dataset<T>(file.get(), t.path, path, loaded.values->data() + offset, count, &slab);
+    loaded.offsets.push_back(offset);
     offset += count;
     stored.erase(found);
   }
@@ -968,114 +1124,72 @@ void load_whole(const std::string& path, model::Layer<T>& layer, const Checkpoin
   require(extra.empty(), Status::invalid_argument, path, ": datasets that are not parameters of this ", layer.kind(),
           " layer: ", extra);
 
-  std::map<std::string, std::pair<std::vector<T>, std::vector<T>>> moments;
-  std::vector<std::uint64_t> rng_state;
-  std::int64_t optimizer_step = 0;
   if (restore.optimizer != nullptr) {
     require(reader.has_optimizer(), Status::invalid_argument, path, ": no /optimizer state to restore");
-    optimizer_step = reader.optimizer_step();
+    loaded.optimizer_step = reader.optimizer_step();
     for (const model::Parameter<T>& p : restore.optimizer->parameters()) {
-      moments[p.name] = {reader.read_as<T>("/optimizer/exp_avg/" + p.name),
-                         reader.read_as<T>("/optimizer/exp_avg_sq/" + p.name)};
-      require(moments[p.name].first.size() == static_cast<std::size_t>(p.tensor->size()) &&
-                  moments[p.name].second.size() == static_cast<std::size_t>(p.tensor->size()),
-              Status::shape_mismatch, path, ": optimizer moments of '", p.name, "' have the wrong size");
+      const dist::Hyperslab slab = block_to_read(p);
+      const auto count = static_cast<std::size_t>(p.tensor->size());
+      auto& [avg, avg_sq] = loaded.moments[p.name];
+      for (const auto& [moment, into] : {std::pair{"exp_avg", &avg}, std::pair{"exp_avg_sq", &avg_sq}}) {
+        const std::string moment_path = std::string("/optimizer/") + moment + "/" + p.name;
+        const auto t = all.find(moment_path);
+        require(t != all.end(), Status::invalid_argument, path, ": no ", moment_path, " in the checkpoint");
+        require(t->second->shape == p.global_shape(), Status::shape_mismatch, path, ": optimizer moment ", moment_path,
+                " has shape ", t->second->shape.str(), ", the layer's parameter ", p.global_shape().str());
+        into->resize(count);
+        read_dataset<T>(file.get(), moment_path, path, into->data(), count, &slab);
+      }
     }
   }
   if (restore.rng != nullptr) {
     require(reader.has_rng(), Status::invalid_argument, path, ": no /rng state to restore");
-    rng_state = reader.read_as<std::uint64_t>("/rng/state");
-    require(rng_state.size() == 2, Status::corrupt_file, path, ": /rng/state must hold [seed, position]");
+    loaded.rng_state = reader.read_as<std::uint64_t>("/rng/state");
+    require(loaded.rng_state.size() == 2, Status::corrupt_file, path, ": /rng/state must hold [seed, position]");
   }
+  loaded.train = reader.train();
+  loaded.step = info.step;
+  return loaded;
+}
 
+template <class T>
+void apply_loaded(const LoadedCheckpoint<T>& loaded, model::Layer<T>& layer, const CheckpointRestore<T>& restore) {
   using HostValues = Kokkos::View<const T*, Kokkos::LayoutRight, Kokkos::HostSpace, Kokkos::MemoryUnmanaged>;
+  const model::ParameterList<T> parameters = model::trainable(layer.parameters());
   for (std::size_t i = 0; i < parameters.size(); ++i) {
     const Tensor<T>& tensor = *parameters[i].tensor;
     if (tensor.size() == 0) continue;
-    Kokkos::deep_copy(tensor.flat(), HostValues(staging.data() + offsets[i], static_cast<std::size_t>(tensor.size())));
+    Kokkos::deep_copy(tensor.flat(), HostValues(loaded.values->data() + loaded.offsets[i],
+                                                static_cast<std::size_t>(tensor.size())));
   }
   Kokkos::fence();
   if (restore.optimizer != nullptr) {
-    restore.optimizer->set_steps(optimizer_step);
+    restore.optimizer->set_steps(loaded.optimizer_step);
     for (auto& [name, m] : restore.optimizer->moments()) {
-      m.exp_avg.copy_from_host(moments.at(name).first);
-      m.exp_avg_sq.copy_from_host(moments.at(name).second);
+      m.exp_avg.copy_from_host(loaded.moments.at(name).first);
+      m.exp_avg_sq.copy_from_host(loaded.moments.at(name).second);
     }
   }
-  if (restore.rng != nullptr) *restore.rng = Generator::restore(rng_state[0], rng_state[1]);
-  if (restore.train != nullptr) *restore.train = reader.train();
-  if (restore.step != nullptr) *restore.step = info.step;
+  if (restore.rng != nullptr) *restore.rng = Generator::restore(loaded.rng_state[0], loaded.rng_state[1]);
+  if (restore.train != nullptr) *restore.train = loaded.train;
+  if (restore.step != nullptr) *restore.step = loaded.step;
 }
 
-// ---- layers over several ranks ---------------------------------------------------------------
+}  // namespace
 
 template <class T>
 void save_checkpoint(const std::string& path, model::Layer<T>& layer, const CheckpointExtras<T>& extras) {
-  const dist::Communicator& comm = layer.communicator();
-  if (!comm.distributed()) return save_whole(path, layer, extras, nlohmann::json());
-  // Rank 0 assembles a one-rank copy of the layer (and of the optimizer) and writes it.
-  std::unique_ptr<model::Layer<T>> whole;
-  std::unique_ptr<model::AdamW<T>> whole_optimizer;
-  comm.collectively([&] {
-    if (comm.rank() != 0) return;
-    whole = model::build_layer<T>(layer.kind(), layer.config(), 0, ParameterInit::zeros);
-    if (extras.optimizer != nullptr)
-      whole_optimizer = std::make_unique<model::AdamW<T>>(whole->parameters(), extras.optimizer->config());
-  });
-  const model::ParameterList<T> parameters = model::trainable(layer.parameters());
-  const nlohmann::json placement = dist::placement_json(comm, parameters);
-  model::ParameterList<T> targets;
-  if (whole) targets = model::trainable(whole->parameters());
-  for (std::size_t i = 0; i < parameters.size(); ++i) {
-    const model::Parameter<T>& p = parameters[i];
-    dist::gather_to_rank0(comm, p, *p.tensor, whole ? targets[i].tensor : nullptr);
-    if (extras.optimizer == nullptr) continue;
-    const model::AdamWMoments<T>& m = extras.optimizer->moments().at(p.name);
-    model::AdamWMoments<T>* into = whole_optimizer ? &whole_optimizer->moments().at(p.name) : nullptr;
-    dist::gather_to_rank0(comm, p, m.exp_avg, into ? &into->exp_avg : nullptr);
-    dist::gather_to_rank0(comm, p, m.exp_avg_sq, into ? &into->exp_avg_sq : nullptr);
-  }
-  comm.collectively([&] {
-    if (comm.rank() != 0) return;
-    CheckpointExtras<T> mine = extras;
-    if (whole_optimizer) {
-      whole_optimizer->set_steps(extras.optimizer->steps());
-      mine.optimizer = whole_optimizer.get();
-    }
-    save_whole(path, *whole, mine, placement);
-  });
+  save_file(path, layer, extras);
 }
 
+// Each rank reads its own block (re-sharding is the choice of hyperslab), and nothing of the layer
+// changes unless every rank read and checked everything.
 template <class T>
 void load_checkpoint(const std::string& path, model::Layer<T>& layer, const CheckpointLoadOptions& options,
                      const CheckpointRestore<T>& restore) {
-  const dist::Communicator& comm = layer.communicator();
-  if (!comm.distributed()) return load_whole(path, layer, options, restore);
-  // Every rank loads the whole tensors into a one-rank copy (all of load's checks), then keeps
-  // its block; nothing of the layer changes unless every rank read everything.
-  std::unique_ptr<model::Layer<T>> whole;
-  std::unique_ptr<model::AdamW<T>> whole_optimizer;
-  comm.collectively([&] {
-    whole = model::build_layer<T>(layer.kind(), layer.config(), 0, ParameterInit::zeros);
-    CheckpointRestore<T> whole_restore = restore;
-    if (restore.optimizer != nullptr) {
-      whole_optimizer = std::make_unique<model::AdamW<T>>(whole->parameters(), restore.optimizer->config());
-      whole_restore.optimizer = whole_optimizer.get();
-    }
-    load_whole(path, *whole, options, whole_restore);
-  });
-  const model::ParameterList<T> parameters = model::trainable(layer.parameters());
-  const model::ParameterList<T> sources = model::trainable(whole->parameters());
-  for (std::size_t i = 0; i < parameters.size(); ++i) {
-    const model::Parameter<T>& p = parameters[i];
-    dist::take_block(p, *sources[i].tensor, *p.tensor);
-    if (restore.optimizer == nullptr) continue;
-    const model::AdamWMoments<T>& from = whole_optimizer->moments().at(p.name);
-    model::AdamWMoments<T>& into = restore.optimizer->moments().at(p.name);
-    dist::take_block(p, from.exp_avg, into.exp_avg);
-    dist::take_block(p, from.exp_avg_sq, into.exp_avg_sq);
-  }
-  if (restore.optimizer != nullptr) restore.optimizer->set_steps(whole_optimizer->steps());
+  std::optional<LoadedCheckpoint<T>> loaded;
+  layer.communicator().collectively([&] { loaded.emplace(read_for_layer(path, layer, options, restore)); });
+  apply_loaded(*loaded, layer, restore);
 }
 
 template <class T>

@@ -64,11 +64,12 @@ struct CheckpointExtras {
 // A layer whose experts are placed over several ranks (model::Layer::communicator()) is saved and
 // loaded collectively, in the same format: the file holds the whole tensors with every global
 // expert index, as one rank writes them, and a root attribute placement (JSON: world size, and per
-// rank its experts and hidden units) records how it was written. Saving gathers each parameter
-// (and its AdamW moments) to rank 0, which writes the file as one rank does; loading reads the
-// whole tensors on every rank and keeps each rank's block, so a checkpoint written at any world
-// size loads at any other (re-sharding is part of loading). An error on any rank is an error on
-// every rank (dist::Communicator::collectively).
+// rank its experts and hidden units) records how it was written. Saving opens one file with
+// parallel HDF5 (MPI-IO) on every rank; each rank writes the hyperslabs of its experts or shards
+// (dist::hyperslab_of) and rank 0 the dense tensors, in collective writes. Loading: every rank
+// reads the hyperslabs of its own block under its own placement, so a checkpoint written at any
+// world size loads at any other (re-sharding is part of loading). An error on any rank is an error
+// on every rank (dist::Communicator::collectively).
 
 // Writes the layer (kind, config, every trainable parameter) and the extras to path, crash-safely.
 // The disk it needs (checkpoint_size_bound) is reserved before anything is written, so a full disk,
