@@ -14,6 +14,7 @@
 #include "test_util.hpp"
 
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -209,6 +210,46 @@ TEST(DistCheckpoint, CorruptFileIsAnErrorOnEveryRank) {
   }
   world().collectively([&] {
     if (world().rank() == 0) std::filesystem::remove(path);
+  });
+}
+
+// A collective save that cannot be written fails on every rank, leaves the old file as it was and
+// no temporary file behind.
+TEST(DistCheckpoint, FailedCollectiveSaveIsAnErrorOnEveryRankAndKeepsTheOldFile) {
+  auto layer = build(3);
+  const std::string missing = shared_path("no_such_folder") + "/layer.h5";
+  try {
+    io::save_checkpoint(missing, *layer);
+    ADD_FAILURE() << "rank " << world().rank() << ": saved into a missing folder";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), Status::io_error) << e.what();
+  }
+  const std::string path = shared_path("kept.h5");
+  io::save_checkpoint(path, *layer);
+  const std::string folder = std::filesystem::path(path).parent_path().string();
+  auto other = build(4);
+  // A file size limit below the checkpoint's size: the reservation fails before anything is written.
+  rlimit old{};
+  ::getrlimit(RLIMIT_FSIZE, &old);
+  rlimit small = old;
+  small.rlim_cur = 4096;
+  ::setrlimit(RLIMIT_FSIZE, &small);
+  try {
+    io::save_checkpoint(path, *other);
+    ADD_FAILURE() << "rank " << world().rank() << ": saved over a file size limit";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status(), Status::io_error) << e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  io::load_checkpoint(path, *other);
+  EXPECT_EQ(my_outputs(*other, false), my_outputs(*layer, false)) << "the old checkpoint changed";
+  world().collectively([&] {
+    if (world().rank() != 0) return;
+    for (const auto& entry : std::filesystem::directory_iterator(folder))
+      EXPECT_EQ(entry.path().filename().string().find(".kmoe_dist_" + std::to_string(::getpid()) + "_kept.h5.tmp"),
+                std::string::npos)
+          << "left behind: " << entry.path();
+    std::filesystem::remove(path);
   });
 }
 
