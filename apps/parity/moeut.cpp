@@ -54,12 +54,27 @@ Tensor<int> token_columns(const std::vector<int>& tokens, index_t B, index_t T, 
   return Tensor<int>::from_host("parity::chunk", {B, len}, out);
 }
 
-// The KV-cache check: chunked decoding against the full sequence (see the file comment).
+// Every rank's share of a [B, ...] tensor (this rank's rows under --distributed) put back together.
+template <class T>
+Tensor<T> all_rows(const dist::Communicator& ranks, const Tensor<T>& share, index_t B) {
+  if (!ranks.distributed()) return share;
+  std::vector<index_t> dims = share.shape().dims();
+  dims[0] = B;
+  return whole_batch(ranks, share, Shape(dims));
+}
+
+// The KV-cache check: chunked decoding against the full sequence (see the file comment). model
+// is the fixture's layer, or under --distributed this rank's placed part, which decodes its share
+// of the sequences with a cache of its own; the chunks' logits and the final cache are compared
+// put back together.
 template <class T>
 void run_kv_chunks(const Fixture& fixture, Report& report, const layers::MoEUTLM<T>& model, const Tensor<int>& x) {
   const Tensor<int> sizes = fixture.read_indices("/input/chunk_sizes");
+  const dist::Communicator& ranks = fixture.ranks();
   const index_t B = x.dim(0), T_len = x.dim(1), V = model.config().n_tokens;
-  const std::vector<int> tokens = x.to_host();
+  const Tensor<int> my_x = ranks.distributed() ? my_share(ranks, x) : x;
+  const index_t my_B = my_x.dim(0);
+  const std::vector<int> tokens = my_x.size() > 0 ? my_x.to_host() : std::vector<int>();
   std::vector<T> assembled(static_cast<std::size_t>(B * T_len * V));
   layers::MoEUTCache<T> cache;
   Generator rng(fixture.seed());
@@ -68,25 +83,26 @@ void run_kv_chunks(const Fixture& fixture, Report& report, const layers::MoEUTLM
   for (const int size : sizes.to_host()) {
     const auto len = static_cast<index_t>(size);
     require(len >= 1 && start + len <= T_len, Status::io_error, "/input/chunk_sizes do not split T = ", T_len);
-    const auto f = model.forward(token_columns(tokens, B, T_len, start, len), std::nullopt, fixture.training(), rng,
-                                 &cache);
+    const auto f = model.forward(token_columns(tokens, my_B, T_len, start, len), std::nullopt, fixture.training(),
+                                 rng, &cache);
+    const Tensor<T> chunk_logits = all_rows(ranks, f.logits, B);
     const std::string index = std::to_string(chunk);
-    report.compare("/debug/logits_chunk" + index + "_rope_offset_fixed", f.logits);
+    report.compare("/debug/logits_chunk" + index + "_rope_offset_fixed", chunk_logits);
     report.compare_scalar("/output/reg_loss_chunk" + index, f.reg_loss);
     // The reference's own chunk output: equal for the first chunk, off by its RoPE bug after.
     const std::string reference = "/output/logits_chunk" + index;
     if (chunk == 0) {
-      report.compare(reference, f.logits);
+      report.compare(reference, chunk_logits);
     } else {
-      const std::vector<double> expected = fixture.read<double>(reference, f.logits.shape()).to_host();
-      const std::vector<T> computed = f.logits.to_host();
+      const std::vector<double> expected = fixture.read<double>(reference, chunk_logits.shape()).to_host();
+      const std::vector<T> computed = chunk_logits.to_host();
       double max_abs = 0;
       for (std::size_t i = 0; i < expected.size(); ++i)
         max_abs = std::max(max_abs, std::abs(static_cast<double>(computed[i]) - expected[i]));
       std::printf("  %-28s info: max_abs %9.3e from the reference's RoPE-offset bug (reported, not required)\n",
                   reference.c_str(), max_abs);
     }
-    const std::vector<T> logits = f.logits.to_host();
+    const std::vector<T> logits = chunk_logits.to_host();
     for (index_t b = 0; b < B; ++b)
       std::copy(logits.begin() + b * len * V, logits.begin() + (b + 1) * len * V,
                 assembled.begin() + (b * T_len + start) * V);
@@ -101,7 +117,8 @@ void run_kv_chunks(const Fixture& fixture, Report& report, const layers::MoEUTLM
   for (std::size_t l = 0; l < cache.layers.size(); ++l) {
     const std::string prefix = "/debug/kv_cache/" + std::to_string(l);
     if (!fixture.has(prefix)) continue;
-    const std::pair<const char*, Tensor<T>> cached[] = {{"/k", cache.layers[l].k}, {"/v", cache.layers[l].v}};
+    const std::pair<const char*, Tensor<T>> cached[] = {{"/k", all_rows(ranks, cache.layers[l].k, B)},
+                                                         {"/v", all_rows(ranks, cache.layers[l].v, B)}};
     for (const auto& [name, computed] : cached) {
       if (l == 0) {
         report.compare(prefix + name, computed);
@@ -158,8 +175,6 @@ void run_moeut_lm(const Fixture& fixture, Report& report) {
   require(x.rank() == 2, Status::io_error, "/input/x is ", x.shape().str(), ", expected [B, T] token ids");
   fixture.read_indices("/input/tokens");  // x and targets are its two shifted views
   const Tensor<int> targets = fixture.read_indices("/input/targets");
-  require(!fixture.ranks().distributed() || !fixture.has("/input/chunk_sizes"), Status::unsupported,
-          "kmoe-parity --distributed: the KV-cache check (/input/chunk_sizes) runs on one rank");
   FixtureRun<T> run = fixture_forward(fixture, *layer, inputs);
   const Tensor<T> out = run.out;
   const double reg_loss = run.forward.losses.at("reg_loss");
@@ -168,7 +183,7 @@ void run_moeut_lm(const Fixture& fixture, Report& report) {
 
   if (fixture.has("/input/chunk_sizes")) {
     require_loss(fixture, {"none (forward only; no /grad)"});
-    run_kv_chunks(fixture, report, model, x);
+    run_kv_chunks(fixture, report, run.layer ? *run.layer->template as<layers::MoEUTLM<T>>() : model, x);
     return;
   }
   require_loss(fixture, {"cross_entropy(logits.view(-1, n_tokens), targets.flatten(), reduction='mean') + reg_loss[0]"});

@@ -277,7 +277,7 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
   comm_.collectively([&] {
     require(x.rank() == 3 && x.dim(2) == D, Status::shape_mismatch, "MoEUT::forward: x is ", x.shape().str(),
             ", expected [B, T, d_model = ", D, "]");
-    require(x.dim(0) * x.dim(1) >= 1 || (comm_.distributed() && x.dim(1) >= 1 && cache == nullptr),
+    require(x.dim(0) * x.dim(1) >= 1 || (comm_.distributed() && x.dim(1) >= 1),
             Status::shape_mismatch, "MoEUT::forward: x ", x.shape().str(), " has no tokens");
   });
   const index_t B = x.dim(0), T_len = x.dim(1), N = B * T_len;

@@ -479,7 +479,7 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
           qk_src.shape().str(), ", expected [B, T, state_size = ", D, "]");
   v_src.require_shape(qk_src.shape(), "SwitchHeadAttention::forward: v_src (must match qk_src)");
   const index_t B = qk_src.dim(0), Tq = qk_src.dim(1), N = B * Tq;
-  require(N >= 1 || (comm_.distributed() && cache == nullptr), Status::shape_mismatch,
+  require(N >= 1 || comm_.distributed(), Status::shape_mismatch,
           "SwitchHeadAttention::forward: qk_src ", qk_src.shape().str(), " has no tokens");
   // The experts' exchanges and the draws are keyed by the token's place in the global batch.
   const std::int64_t first_token = Ea > 1 ? comm_.exclusive_prefix_sum(N) : 0;
@@ -504,6 +504,13 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
                                        no_experts, no_gates, first_token, none);
       none.sel_o_logits = Tensor<T>("switchhead::sel_o_logits", {B, Tq, H, Ea});
       none.sel_v_logits = Tensor<T>("switchhead::sel_v_logits", {B, Tq, H, Ea});
+    }
+    if (cache != nullptr) {
+      // Its (empty) cache grows with the others', so that every rank's cache has one length.
+      const index_t length = cache->length() + Tq;
+      cache->k = Tensor<T>("switchhead::k_cached", {0, H, length, P});
+      cache->v = Tensor<T>("switchhead::v_cached", {0, H, length, P});
+      none.cached = true;
     }
     return none;
   }

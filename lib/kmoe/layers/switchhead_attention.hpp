@@ -79,7 +79,7 @@ template <class T>
 struct SwitchHeadCache {
   Tensor<T> k;
   Tensor<T> v;
-  index_t length() const { return k.empty() ? 0 : k.dim(2); }
+  index_t length() const { return k.rank() == 4 ? k.dim(2) : 0; }
 };
 
 template <class T>
