@@ -71,6 +71,7 @@ void expect_layer_matches_one_rank(const DistCase& c, double tolerance) {
     std::vector<T> out, dx;
     std::map<std::string, double> losses;
     std::vector<std::vector<T>> grads;
+    std::uint64_t rng_position = 0;  // where the forward left the generator
   };
   std::vector<Run> runs;
   std::unique_ptr<model::Layer<T>> layer;
@@ -81,7 +82,7 @@ void expect_layer_matches_one_rank(const DistCase& c, double tolerance) {
     const Tensor<T> dx = layer->backward(f, dout(f.out.shape(), first), static_cast<T>(c.aux_weight));
     dist::all_reduce_dense_gradients(comm, layer->parameters());
     Run run{f.out.size() > 0 ? f.out.to_host() : std::vector<T>(), dx.size() > 0 ? dx.to_host() : std::vector<T>(),
-            f.losses, {}};
+            f.losses, {}, rng.position()};
     for (const auto& p : layer->parameters())
       if (p.grad != nullptr) run.grads.push_back(p.grad->size() > 0 ? p.grad->to_host() : std::vector<T>());
     runs.push_back(std::move(run));
@@ -91,6 +92,9 @@ void expect_layer_matches_one_rank(const DistCase& c, double tolerance) {
                             (c.idle_rank ? " idle rank" : "") + " W " + std::to_string(W) + " rank " +
                             std::to_string(rank);
   const Run& got = runs[0];
+  // Every draw is batch-wide: the generator ends where the one-rank layer's does, on every rank
+  // (the next layer's or step's draws depend on it).
+  EXPECT_EQ(got.rng_position, ref_rng.position()) << where << ": generator position after forward";
   const std::vector<T> out_all = rf.out.to_host();
   EXPECT_LE(rel_l2(got.out, std::vector<T>(out_all.begin() + first * out_row, out_all.begin() + (first + count) * out_row)),
             tolerance)

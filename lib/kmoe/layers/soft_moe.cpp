@@ -460,6 +460,8 @@ SoftMoEForward<T> SoftMoE<T>::forward(const Tensor<T>& x, const Tensor<int>& mas
   f.exchange = dist::ExpertExchange(comm_, placement_, impl::soft_moe::expert_of_slot(B * Z, E, S), first_sequence * Z);
   const Tensor<T> received = f.exchange.dispatch(f.slots);
   const index_t R = f.exchange.received_rows();
+  // Every rank holds an expert or a shard of one, and every sequence sends slots to every expert:
+  // a rank receives nothing only when the whole batch is empty, and then nobody draws.
   Tensor<T> outputs_received;
   if (R > 0) {
     f.plan = moe::DispatchPlan::build(f.exchange.received_experts().as_matrix(), local_experts_.n_experts);
@@ -471,9 +473,6 @@ SoftMoEForward<T> SoftMoE<T>::forward(const Tensor<T>& x, const Tensor<int>& mas
     share.total_rows = total_sequences * Z;
     f.experts = slot_experts_forward<T>(local_experts_, params_.experts, f.plan, received, training, rng, share);
     outputs_received = f.experts.y;
-  } else if (training && c.experts.dropout > 0) {
-    // A rank whose experts received nothing still advances the generator as the others do.
-    rng.take(static_cast<std::uint64_t>(total_sequences * Z * c.experts.hidden));
   }
   f.slot_outputs = f.exchange.combine(outputs_received);
 
