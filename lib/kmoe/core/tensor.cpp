@@ -60,6 +60,16 @@ Tensor<T>::Tensor(const std::string& label, const Shape& shape, bool zero_initia
 }
 
 template <class T>
+Tensor<T> Tensor<T>::wrap(const std::string& label, const Shape& shape, T* data) {
+  Tensor t;
+  t.label_ = label;
+  t.shape_ = shape;
+  t.block_ = std::shared_ptr<void>(nullptr, [](void*) {});  // owns nothing, but is not empty
+  t.storage_ = View1<T>(data, static_cast<size_t>(shape.size()));
+  return t;
+}
+
+template <class T>
 Tensor<T> Tensor<T>::from_host(const std::string& label, const Shape& shape, const std::vector<T>& values) {
   Tensor t(label, shape, false);
   t.copy_from_host(values);

@@ -55,6 +55,10 @@ class Tensor {
   // A tensor with uninitialised contents, for outputs that a kernel overwrites entirely (no
   // memset over the allocation).
   static Tensor uninitialized(const std::string& label, const Shape& shape) { return Tensor(label, shape, false); }
+  // Memory kmoe does not own as a tensor, not copied: shape.size() row-major elements at data, in
+  // the default memory space (device memory on a CUDA build). The caller keeps the memory alive
+  // (and, for an input, unchanged) while the tensor or a copy of it lives. For the C ABI.
+  static Tensor wrap(const std::string& label, const Shape& shape, T* data);
   // A tensor holding a copy of host data (row-major, shape.size() elements).
   static Tensor from_host(const std::string& label, const Shape& shape, const std::vector<T>& values);
 
