@@ -223,8 +223,19 @@ int kmoe_abi_version(void) { return KMOE_ABI_VERSION; }
 const char* kmoe_last_error(void) { return last_error.c_str(); }
 
 const char* kmoe_status_name(kmoe_status status) {
-  if (status < KMOE_OK || status > KMOE_MPI_ERROR) return "unknown";
-  return kmoe::status_name(static_cast<Status>(static_cast<int>(status)));
+  switch (status) {
+    case KMOE_OK: return "ok";
+    case KMOE_INVALID_ARGUMENT: return "invalid_argument";
+    case KMOE_SHAPE_MISMATCH: return "shape_mismatch";
+    case KMOE_NON_FINITE: return "non_finite";
+    case KMOE_IO_ERROR: return "io_error";
+    case KMOE_OUT_OF_MEMORY: return "out_of_memory";
+    case KMOE_INTERNAL: return "internal";
+    case KMOE_CORRUPT_FILE: return "corrupt_file";
+    case KMOE_UNSUPPORTED: return "unsupported";
+    case KMOE_MPI_ERROR: return "mpi_error";
+  }
+  return "unknown";
 }
 
 kmoe_status kmoe_initialize(void) {
@@ -394,7 +405,8 @@ kmoe_status kmoe_layer_get_parameter(kmoe_layer* layer, const char* name, const 
   return call("kmoe_layer_get_parameter", [&] {
     kmoe_layer& handle = non_null(layer, "layer");
     with_layer(handle, [&](auto& l) {
-      const auto& p = parameter_named(kmoe::model::trainable(l.parameters()), name, handle.kind);
+      const auto all = kmoe::model::trainable(l.parameters());
+      const auto& p = parameter_named(all, name, handle.kind);
       write_tensor(*p.tensor, into, "into");
     });
   });
@@ -405,7 +417,8 @@ kmoe_status kmoe_layer_set_parameter(kmoe_layer* layer, const char* name, const 
     kmoe_layer& handle = non_null(layer, "layer");
     with_layer(handle, [&](auto& l) {
       using T = typename std::decay_t<decltype(l)>::value_type;
-      const auto& p = parameter_named(kmoe::model::trainable(l.parameters()), name, handle.kind);
+      const auto all = kmoe::model::trainable(l.parameters());
+      const auto& p = parameter_named(all, name, handle.kind);
       const kmoe::Tensor<T> values = read_tensor<T>(from, "from", false);
       values.require_shape(p.tensor->shape(), std::string("from (parameter ") + p.name + ")");
       kmoe::require_finite(values, std::string("from (parameter ") + p.name + ")");
@@ -418,7 +431,8 @@ kmoe_status kmoe_layer_get_gradient(kmoe_layer* layer, const char* name, const k
   return call("kmoe_layer_get_gradient", [&] {
     kmoe_layer& handle = non_null(layer, "layer");
     with_layer(handle, [&](auto& l) {
-      const auto& p = parameter_named(kmoe::model::trainable(l.parameters()), name, handle.kind);
+      const auto all = kmoe::model::trainable(l.parameters());
+      const auto& p = parameter_named(all, name, handle.kind);
       kmoe::require(p.grad != nullptr, Status::invalid_argument, "parameter ", p.name, " has no gradient");
       write_tensor(*p.grad, into, "into");
     });
