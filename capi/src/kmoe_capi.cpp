@@ -407,7 +407,7 @@ kmoe_status kmoe_layer_get_parameter(kmoe_layer* layer, const char* name, const 
     with_layer(handle, [&](auto& l) {
       const auto all = kmoe::model::trainable(l.parameters());
       const auto& p = parameter_named(all, name, handle.kind);
-      write_tensor(*p.tensor, into, "into");
+      write_tensor(*p.tensor, into, ("into (parameter " + p.name + ")").c_str());
     });
   });
 }
@@ -419,7 +419,7 @@ kmoe_status kmoe_layer_set_parameter(kmoe_layer* layer, const char* name, const 
       using T = typename std::decay_t<decltype(l)>::value_type;
       const auto all = kmoe::model::trainable(l.parameters());
       const auto& p = parameter_named(all, name, handle.kind);
-      const kmoe::Tensor<T> values = read_tensor<T>(from, "from", false);
+      const kmoe::Tensor<T> values = read_tensor<T>(from, ("from (parameter " + p.name + ")").c_str(), false);
       values.require_shape(p.tensor->shape(), std::string("from (parameter ") + p.name + ")");
       kmoe::require_finite(values, std::string("from (parameter ") + p.name + ")");
       Kokkos::deep_copy(p.tensor->flat(), values.flat());
@@ -434,7 +434,7 @@ kmoe_status kmoe_layer_get_gradient(kmoe_layer* layer, const char* name, const k
       const auto all = kmoe::model::trainable(l.parameters());
       const auto& p = parameter_named(all, name, handle.kind);
       kmoe::require(p.grad != nullptr, Status::invalid_argument, "parameter ", p.name, " has no gradient");
-      write_tensor(*p.grad, into, "into");
+      write_tensor(*p.grad, into, ("into (gradient of " + p.name + ")").c_str());
     });
   });
 }
