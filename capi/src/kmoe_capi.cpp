@@ -31,7 +31,12 @@ using kmoe::Status;
 using kmoe::capi::read_tensor;
 using kmoe::capi::write_tensor;
 
-struct kmoe_layer {
+namespace {
+
+// The handles kmoe.h declares incomplete. They are not defined under their C names (whose
+// definitions would bring their C++ insides into the ABI description abidw reads from the debug
+// information): kmoe_layer* is a Layer*, and so on.
+struct Layer {
   std::unique_ptr<kmoe::model::Layer<float>> f32;
   std::unique_ptr<kmoe::model::Layer<double>> f64;
   kmoe::Generator rng;
@@ -40,22 +45,30 @@ struct kmoe_layer {
   std::shared_ptr<const bool> alive = std::make_shared<const bool>(true);  // forward states check it
 };
 
-struct kmoe_forward {
-  const kmoe_layer* layer = nullptr;
+struct Forward {
+  const Layer* layer = nullptr;
   std::weak_ptr<const bool> layer_alive;
   kmoe::model::LayerForward<float> f32;
   kmoe::model::LayerForward<double> f64;
   bool tokens = false;  // the input was token ids: no input gradient
 };
 
-struct kmoe_optimizer {
-  kmoe_layer* layer = nullptr;
+struct Optimizer {
+  Layer* layer = nullptr;
   std::weak_ptr<const bool> layer_alive;
   std::unique_ptr<kmoe::model::AdamW<float>> f32;
   std::unique_ptr<kmoe::model::AdamW<double>> f64;
 };
 
-namespace {
+Layer* from_c(kmoe_layer* p) { return reinterpret_cast<Layer*>(p); }
+const Layer* from_c(const kmoe_layer* p) { return reinterpret_cast<const Layer*>(p); }
+Forward* from_c(kmoe_forward* p) { return reinterpret_cast<Forward*>(p); }
+const Forward* from_c(const kmoe_forward* p) { return reinterpret_cast<const Forward*>(p); }
+Optimizer* from_c(kmoe_optimizer* p) { return reinterpret_cast<Optimizer*>(p); }
+const Optimizer* from_c(const kmoe_optimizer* p) { return reinterpret_cast<const Optimizer*>(p); }
+kmoe_layer* to_c(Layer* p) { return reinterpret_cast<kmoe_layer*>(p); }
+kmoe_forward* to_c(Forward* p) { return reinterpret_cast<kmoe_forward*>(p); }
+kmoe_optimizer* to_c(Optimizer* p) { return reinterpret_cast<kmoe_optimizer*>(p); }
 
 thread_local std::string last_error;
 std::recursive_mutex calls;  // one call at a time (kmoe_layer_* may nest through helpers)
@@ -114,6 +127,13 @@ P& non_null(P* p, const char* what) {
   return *p;
 }
 
+// The handle behind a C pointer; NULL is Status::invalid_argument naming it.
+template <class C>
+auto& handle_of(C* p, const char* what) {
+  kmoe::require(p != nullptr, Status::invalid_argument, what, " is NULL");
+  return *from_c(p);
+}
+
 std::string text(const char* s, const char* what) {
   kmoe::require(s != nullptr, Status::invalid_argument, what, " is NULL");
   return s;
@@ -161,21 +181,21 @@ kmoe::dist::Communicator communicator_of(const kmoe_layer_options& o) {
 
 // Calls f(layer) with the handle's typed layer.
 template <class F>
-decltype(auto) with_layer(const kmoe_layer& handle, F&& f) {
+decltype(auto) with_layer(const Layer& handle, F&& f) {
   if (handle.f32) return f(*handle.f32);
   return f(*handle.f64);
 }
 
-void finish_layer(kmoe_layer& handle) {
+void finish_layer(Layer& handle) {
   with_layer(handle, [&](auto& layer) {
     handle.kind = layer.kind();
     for (const auto& p : kmoe::model::trainable(layer.parameters())) handle.names.push_back(p.name);
   });
 }
 
-kmoe_layer* new_layer(const std::string& kind, const std::string& config, const kmoe_layer_options& o,
+Layer* new_layer(const std::string& kind, const std::string& config, const kmoe_layer_options& o,
                       kmoe::ParameterInit init) {
-  auto handle = std::make_unique<kmoe_layer>();
+  auto handle = std::make_unique<Layer>();
   const kmoe::dist::Communicator comm = communicator_of(o);
   if (o.dtype == KMOE_FLOAT32) {
     handle->f32 = kmoe::model::build_layer<float>(kind, config, o.seed, init, comm);
@@ -200,15 +220,15 @@ const kmoe::model::Parameter<T>& parameter_named(const kmoe::model::ParameterLis
 }
 
 template <class T>
-kmoe::model::LayerForward<T>& forward_of(kmoe_forward& f);
+kmoe::model::LayerForward<T>& forward_of(Forward& f);
 template <>
-kmoe::model::LayerForward<float>& forward_of<float>(kmoe_forward& f) { return f.f32; }
+kmoe::model::LayerForward<float>& forward_of<float>(Forward& f) { return f.f32; }
 template <>
-kmoe::model::LayerForward<double>& forward_of<double>(kmoe_forward& f) { return f.f64; }
+kmoe::model::LayerForward<double>& forward_of<double>(Forward& f) { return f.f64; }
 
 template <class T>
-const kmoe::model::LayerForward<T>& forward_of(const kmoe_forward& f) {
-  return forward_of<T>(const_cast<kmoe_forward&>(f));
+const kmoe::model::LayerForward<T>& forward_of(const Forward& f) {
+  return forward_of<T>(const_cast<Forward&>(f));
 }
 
 }  // namespace
@@ -273,8 +293,8 @@ kmoe_status kmoe_layer_create(const char* kind, const char* config_json, const k
                               kmoe_layer** layer) {
   return call("kmoe_layer_create", [&] {
     non_null(layer, "layer") = nullptr;
-    *layer = new_layer(text(kind, "kind"), text(config_json, "config_json"), options_or_default(options),
-                       kmoe::ParameterInit::drawn);
+    *layer = to_c(new_layer(text(kind, "kind"), text(config_json, "config_json"), options_or_default(options),
+                            kmoe::ParameterInit::drawn));
   });
 }
 
@@ -288,7 +308,7 @@ kmoe_status kmoe_layer_create_from_file(const char* kind, const char* config_pat
     std::ostringstream contents;
     contents << in.rdbuf();
     try {
-      *layer = new_layer(text(kind, "kind"), contents.str(), options_or_default(options), kmoe::ParameterInit::drawn);
+      *layer = to_c(new_layer(text(kind, "kind"), contents.str(), options_or_default(options), kmoe::ParameterInit::drawn));
     } catch (const Error& e) {
       throw Error(e.status(), path + ": " + e.what());
     }
@@ -301,31 +321,31 @@ kmoe_status kmoe_layer_open_checkpoint(const char* path, const kmoe_layer_option
     const std::string file = text(path, "path");
     kmoe_layer_options o = options_or_default(options);
     const kmoe::io::CheckpointReader reader(file);
-    std::unique_ptr<kmoe_layer> handle(
+    std::unique_ptr<Layer> handle(
         new_layer(reader.info().model, reader.info().config.dump(), o, kmoe::ParameterInit::zeros));
     with_layer(*handle, [&](auto& l) { kmoe::io::load_checkpoint(file, l); });
-    *layer = handle.release();
+    *layer = to_c(handle.release());
   });
 }
 
 kmoe_status kmoe_layer_destroy(kmoe_layer* layer) {
   return call(
-      "kmoe_layer_destroy", [&] { delete layer; }, false);
+      "kmoe_layer_destroy", [&] { delete from_c(layer); }, false);
 }
 
 kmoe_status kmoe_layer_load(kmoe_layer* layer, kmoe_optimizer* optimizer, const char* path) {
   return call("kmoe_layer_load", [&] {
-    kmoe_layer& handle = non_null(layer, "layer");
+    Layer& handle = handle_of(layer, "layer");
     const std::string file = text(path, "path");
-    kmoe::require(optimizer == nullptr || optimizer->layer == layer, Status::invalid_argument,
+    kmoe::require(optimizer == nullptr || from_c(optimizer)->layer == &handle, Status::invalid_argument,
                   "optimizer belongs to another layer");
     if (handle.f32) {
       kmoe::io::CheckpointRestore<float> restore;
-      restore.optimizer = optimizer != nullptr ? optimizer->f32.get() : nullptr;
+      restore.optimizer = optimizer != nullptr ? from_c(optimizer)->f32.get() : nullptr;
       kmoe::io::load_checkpoint(file, *handle.f32, {}, restore);
     } else {
       kmoe::io::CheckpointRestore<double> restore;
-      restore.optimizer = optimizer != nullptr ? optimizer->f64.get() : nullptr;
+      restore.optimizer = optimizer != nullptr ? from_c(optimizer)->f64.get() : nullptr;
       kmoe::io::load_checkpoint(file, *handle.f64, {}, restore);
     }
   });
@@ -333,18 +353,18 @@ kmoe_status kmoe_layer_load(kmoe_layer* layer, kmoe_optimizer* optimizer, const 
 
 kmoe_status kmoe_layer_save(kmoe_layer* layer, const kmoe_optimizer* optimizer, const char* path) {
   return call("kmoe_layer_save", [&] {
-    kmoe_layer& handle = non_null(layer, "layer");
+    Layer& handle = handle_of(layer, "layer");
     const std::string file = text(path, "path");
-    kmoe::require(optimizer == nullptr || optimizer->layer == layer, Status::invalid_argument,
+    kmoe::require(optimizer == nullptr || from_c(optimizer)->layer == &handle, Status::invalid_argument,
                   "optimizer belongs to another layer");
     if (handle.f32) {
       kmoe::io::CheckpointExtras<float> extras;
-      extras.optimizer = optimizer != nullptr ? optimizer->f32.get() : nullptr;
+      extras.optimizer = optimizer != nullptr ? from_c(optimizer)->f32.get() : nullptr;
       if (extras.optimizer != nullptr) extras.step = extras.optimizer->steps();
       kmoe::io::save_checkpoint(file, *handle.f32, extras);
     } else {
       kmoe::io::CheckpointExtras<double> extras;
-      extras.optimizer = optimizer != nullptr ? optimizer->f64.get() : nullptr;
+      extras.optimizer = optimizer != nullptr ? from_c(optimizer)->f64.get() : nullptr;
       if (extras.optimizer != nullptr) extras.step = extras.optimizer->steps();
       kmoe::io::save_checkpoint(file, *handle.f64, extras);
     }
@@ -352,12 +372,12 @@ kmoe_status kmoe_layer_save(kmoe_layer* layer, const kmoe_optimizer* optimizer, 
 }
 
 kmoe_status kmoe_layer_kind(const kmoe_layer* layer, const char** kind) {
-  return call("kmoe_layer_kind", [&] { non_null(kind, "kind") = non_null(layer, "layer").kind.c_str(); });
+  return call("kmoe_layer_kind", [&] { non_null(kind, "kind") = handle_of(layer, "layer").kind.c_str(); });
 }
 
 kmoe_status kmoe_layer_config(const kmoe_layer* layer, char* buffer, size_t capacity, size_t* length) {
   return call("kmoe_layer_config", [&] {
-    const std::string config = with_layer(non_null(layer, "layer"), [](auto& l) { return l.config().dump(); });
+    const std::string config = with_layer(handle_of(layer, "layer"), [](auto& l) { return l.config().dump(); });
     non_null(length, "length") = config.size();
     if (buffer == nullptr) return;
     kmoe::require(capacity > config.size(), Status::invalid_argument, "buffer holds ", capacity,
@@ -369,19 +389,19 @@ kmoe_status kmoe_layer_config(const kmoe_layer* layer, char* buffer, size_t capa
 
 kmoe_status kmoe_layer_dtype(const kmoe_layer* layer, kmoe_dtype* dtype) {
   return call("kmoe_layer_dtype", [&] {
-    non_null(dtype, "dtype") = non_null(layer, "layer").f32 ? KMOE_FLOAT32 : KMOE_FLOAT64;
+    non_null(dtype, "dtype") = handle_of(layer, "layer").f32 ? KMOE_FLOAT32 : KMOE_FLOAT64;
   });
 }
 
 kmoe_status kmoe_layer_parameter_count(const kmoe_layer* layer, int64_t* count) {
   return call("kmoe_layer_parameter_count", [&] {
-    non_null(count, "count") = static_cast<int64_t>(non_null(layer, "layer").names.size());
+    non_null(count, "count") = static_cast<int64_t>(handle_of(layer, "layer").names.size());
   });
 }
 
 kmoe_status kmoe_layer_parameter_info(const kmoe_layer* layer, int64_t index, kmoe_parameter_info* info) {
   return call("kmoe_layer_parameter_info", [&] {
-    const kmoe_layer& handle = non_null(layer, "layer");
+    const Layer& handle = handle_of(layer, "layer");
     versioned(info, sizeof(kmoe_parameter_info), "info");
     kmoe::require(index >= 0 && index < static_cast<int64_t>(handle.names.size()), Status::invalid_argument,
                   "index ", index, " is outside [0, ", handle.names.size(), ")");
@@ -403,7 +423,7 @@ kmoe_status kmoe_layer_parameter_info(const kmoe_layer* layer, int64_t index, km
 
 kmoe_status kmoe_layer_get_parameter(kmoe_layer* layer, const char* name, const kmoe_tensor* into) {
   return call("kmoe_layer_get_parameter", [&] {
-    kmoe_layer& handle = non_null(layer, "layer");
+    Layer& handle = handle_of(layer, "layer");
     with_layer(handle, [&](auto& l) {
       const auto all = kmoe::model::trainable(l.parameters());
       const auto& p = parameter_named(all, name, handle.kind);
@@ -414,7 +434,7 @@ kmoe_status kmoe_layer_get_parameter(kmoe_layer* layer, const char* name, const 
 
 kmoe_status kmoe_layer_set_parameter(kmoe_layer* layer, const char* name, const kmoe_tensor* from) {
   return call("kmoe_layer_set_parameter", [&] {
-    kmoe_layer& handle = non_null(layer, "layer");
+    Layer& handle = handle_of(layer, "layer");
     with_layer(handle, [&](auto& l) {
       using T = typename std::decay_t<decltype(l)>::value_type;
       const auto all = kmoe::model::trainable(l.parameters());
@@ -429,7 +449,7 @@ kmoe_status kmoe_layer_set_parameter(kmoe_layer* layer, const char* name, const 
 
 kmoe_status kmoe_layer_get_gradient(kmoe_layer* layer, const char* name, const kmoe_tensor* into) {
   return call("kmoe_layer_get_gradient", [&] {
-    kmoe_layer& handle = non_null(layer, "layer");
+    Layer& handle = handle_of(layer, "layer");
     with_layer(handle, [&](auto& l) {
       const auto all = kmoe::model::trainable(l.parameters());
       const auto& p = parameter_named(all, name, handle.kind);
@@ -440,23 +460,23 @@ kmoe_status kmoe_layer_get_gradient(kmoe_layer* layer, const char* name, const k
 }
 
 kmoe_status kmoe_layer_zero_grad(kmoe_layer* layer) {
-  return call("kmoe_layer_zero_grad", [&] { with_layer(non_null(layer, "layer"), [](auto& l) { l.zero_grad(); }); });
+  return call("kmoe_layer_zero_grad", [&] { with_layer(handle_of(layer, "layer"), [](auto& l) { l.zero_grad(); }); });
 }
 
 kmoe_status kmoe_layer_all_reduce_gradients(kmoe_layer* layer) {
   return call("kmoe_layer_all_reduce_gradients", [&] {
-    with_layer(non_null(layer, "layer"),
+    with_layer(handle_of(layer, "layer"),
                [](auto& l) { kmoe::dist::all_reduce_dense_gradients(l.communicator(), l.parameters()); });
   });
 }
 
 kmoe_status kmoe_layer_forward(kmoe_layer* layer, const kmoe_tensor* input, int32_t training, kmoe_forward** state) {
   return call("kmoe_layer_forward", [&] {
-    kmoe_layer& handle = non_null(layer, "layer");
+    Layer& handle = handle_of(layer, "layer");
     non_null(state, "state") = nullptr;
     const kmoe_tensor& in = non_null(input, "input");
-    auto f = std::make_unique<kmoe_forward>();
-    f->layer = layer;
+    auto f = std::make_unique<Forward>();
+    f->layer = &handle;
     f->layer_alive = handle.alive;
     with_layer(handle, [&](auto& l) {
       using T = typename std::decay_t<decltype(l)>::value_type;
@@ -470,13 +490,13 @@ kmoe_status kmoe_layer_forward(kmoe_layer* layer, const kmoe_tensor* input, int3
       }
       forward_of<T>(*f) = l.forward(inputs, training != 0, handle.rng);
     });
-    *state = f.release();
+    *state = to_c(f.release());
   });
 }
 
 kmoe_status kmoe_forward_output_shape(const kmoe_forward* state, int32_t* rank, int64_t* shape) {
   return call("kmoe_forward_output_shape", [&] {
-    const kmoe_forward& f = non_null(state, "state");
+    const Forward& f = handle_of(state, "state");
     non_null(shape, "shape");
     kmoe::require(!f.layer_alive.expired(), Status::invalid_argument, "the state's layer was destroyed");
     const kmoe::Shape s = f.layer->f32 ? f.f32.out.shape() : f.f64.out.shape();
@@ -487,7 +507,7 @@ kmoe_status kmoe_forward_output_shape(const kmoe_forward* state, int32_t* rank, 
 
 kmoe_status kmoe_forward_output(const kmoe_forward* state, const kmoe_tensor* into) {
   return call("kmoe_forward_output", [&] {
-    const kmoe_forward& f = non_null(state, "state");
+    const Forward& f = handle_of(state, "state");
     kmoe::require(!f.layer_alive.expired(), Status::invalid_argument, "the state's layer was destroyed");
     if (f.layer->f32) return write_tensor(f.f32.out, into, "into");
     write_tensor(f.f64.out, into, "into");
@@ -496,7 +516,7 @@ kmoe_status kmoe_forward_output(const kmoe_forward* state, const kmoe_tensor* in
 
 kmoe_status kmoe_forward_loss(const kmoe_forward* state, const char* name, double* value) {
   return call("kmoe_forward_loss", [&] {
-    const kmoe_forward& f = non_null(state, "state");
+    const Forward& f = handle_of(state, "state");
     const std::string wanted = text(name, "name");
     non_null(value, "value");
     kmoe::require(!f.layer_alive.expired(), Status::invalid_argument, "the state's layer was destroyed");
@@ -518,9 +538,9 @@ kmoe_status kmoe_forward_loss(const kmoe_forward* state, const char* name, doubl
 kmoe_status kmoe_layer_backward(kmoe_layer* layer, const kmoe_forward* state, const kmoe_tensor* grad_output,
                                 double aux_weight, const kmoe_tensor* grad_input) {
   return call("kmoe_layer_backward", [&] {
-    kmoe_layer& handle = non_null(layer, "layer");
-    const kmoe_forward& f = non_null(state, "state");
-    kmoe::require(f.layer == layer && !f.layer_alive.expired(), Status::invalid_argument,
+    Layer& handle = handle_of(layer, "layer");
+    const Forward& f = handle_of(state, "state");
+    kmoe::require(f.layer == &handle && !f.layer_alive.expired(), Status::invalid_argument,
                   "state comes from another layer's forward");
     kmoe::require(!(f.tokens && grad_input != nullptr), Status::invalid_argument,
                   "grad_input must be NULL: the input was token ids");
@@ -539,7 +559,7 @@ kmoe_status kmoe_layer_backward(kmoe_layer* layer, const kmoe_forward* state, co
 
 kmoe_status kmoe_forward_destroy(kmoe_forward* state) {
   return call(
-      "kmoe_forward_destroy", [&] { delete state; }, false);
+      "kmoe_forward_destroy", [&] { delete from_c(state); }, false);
 }
 
 kmoe_status kmoe_adamw_options_init(kmoe_adamw_options* options) {
@@ -560,7 +580,7 @@ kmoe_status kmoe_adamw_options_init(kmoe_adamw_options* options) {
 
 kmoe_status kmoe_optimizer_create(kmoe_layer* layer, const kmoe_adamw_options* options, kmoe_optimizer** optimizer) {
   return call("kmoe_optimizer_create", [&] {
-    kmoe_layer& handle = non_null(layer, "layer");
+    Layer& handle = handle_of(layer, "layer");
     non_null(optimizer, "optimizer") = nullptr;
     kmoe::ops::AdamWConfig config;
     if (options != nullptr) {
@@ -571,21 +591,21 @@ kmoe_status kmoe_optimizer_create(kmoe_layer* layer, const kmoe_adamw_options* o
       config.eps = o.eps;
       config.weight_decay = o.weight_decay;
     }
-    auto opt = std::make_unique<kmoe_optimizer>();
-    opt->layer = layer;
+    auto opt = std::make_unique<Optimizer>();
+    opt->layer = &handle;
     opt->layer_alive = handle.alive;
     if (handle.f32) {
       opt->f32 = std::make_unique<kmoe::model::AdamW<float>>(handle.f32->parameters(), config);
     } else {
       opt->f64 = std::make_unique<kmoe::model::AdamW<double>>(handle.f64->parameters(), config);
     }
-    *optimizer = opt.release();
+    *optimizer = to_c(opt.release());
   });
 }
 
 kmoe_status kmoe_optimizer_step(kmoe_optimizer* optimizer) {
   return call("kmoe_optimizer_step", [&] {
-    kmoe_optimizer& opt = non_null(optimizer, "optimizer");
+    Optimizer& opt = handle_of(optimizer, "optimizer");
     kmoe::require(!opt.layer_alive.expired(), Status::invalid_argument, "the optimizer's layer was destroyed");
     with_layer(*opt.layer, [](auto& l) { kmoe::dist::all_reduce_dense_gradients(l.communicator(), l.parameters()); });
     if (opt.f32) {
@@ -598,7 +618,7 @@ kmoe_status kmoe_optimizer_step(kmoe_optimizer* optimizer) {
 
 kmoe_status kmoe_optimizer_destroy(kmoe_optimizer* optimizer) {
   return call(
-      "kmoe_optimizer_destroy", [&] { delete optimizer; }, false);
+      "kmoe_optimizer_destroy", [&] { delete from_c(optimizer); }, false);
 }
 
 }  // extern "C"
