@@ -1,5 +1,5 @@
 /* kmoe — the C ABI (C99). Mixture-of-experts layers (σ-MoE, ST-MoE, Soft MoE, MoEUT) for C, C++
- * and Fortran codes (capi/fortran/kmoe.f90 is a Fortran 2008 module over this header).
+ * and Fortran codes (capi/fortran/kmoe.F90 is a Fortran module over this header).
  *
  * Conventions
  * - Every function returns a kmoe_status; on failure kmoe_last_error() is the message (it names

@@ -219,6 +219,20 @@ const kmoe::model::Parameter<T>& parameter_named(const kmoe::model::ParameterLis
              ")");
 }
 
+// The optimizer's AdamW of the layer's dtype (null for no optimizer); one of another layer is
+// Status::invalid_argument.
+template <class T>
+kmoe::model::AdamW<T>* adamw_of(const kmoe_optimizer* optimizer, const Layer& layer) {
+  if (optimizer == nullptr) return nullptr;
+  const Optimizer& o = *from_c(optimizer);
+  kmoe::require(o.layer == &layer, Status::invalid_argument, "optimizer belongs to another layer");
+  if constexpr (std::is_same_v<T, float>) {
+    return o.f32.get();
+  } else {
+    return o.f64.get();
+  }
+}
+
 template <class T>
 kmoe::model::LayerForward<T>& forward_of(Forward& f);
 template <>
@@ -337,17 +351,12 @@ kmoe_status kmoe_layer_load(kmoe_layer* layer, kmoe_optimizer* optimizer, const 
   return call("kmoe_layer_load", [&] {
     Layer& handle = handle_of(layer, "layer");
     const std::string file = text(path, "path");
-    kmoe::require(optimizer == nullptr || from_c(optimizer)->layer == &handle, Status::invalid_argument,
-                  "optimizer belongs to another layer");
-    if (handle.f32) {
-      kmoe::io::CheckpointRestore<float> restore;
-      restore.optimizer = optimizer != nullptr ? from_c(optimizer)->f32.get() : nullptr;
-      kmoe::io::load_checkpoint(file, *handle.f32, {}, restore);
-    } else {
-      kmoe::io::CheckpointRestore<double> restore;
-      restore.optimizer = optimizer != nullptr ? from_c(optimizer)->f64.get() : nullptr;
-      kmoe::io::load_checkpoint(file, *handle.f64, {}, restore);
-    }
+    with_layer(handle, [&](auto& l) {
+      using T = typename std::decay_t<decltype(l)>::value_type;
+      kmoe::io::CheckpointRestore<T> restore;
+      restore.optimizer = adamw_of<T>(optimizer, handle);
+      kmoe::io::load_checkpoint(file, l, {}, restore);
+    });
   });
 }
 
@@ -355,19 +364,13 @@ kmoe_status kmoe_layer_save(kmoe_layer* layer, const kmoe_optimizer* optimizer, 
   return call("kmoe_layer_save", [&] {
     Layer& handle = handle_of(layer, "layer");
     const std::string file = text(path, "path");
-    kmoe::require(optimizer == nullptr || from_c(optimizer)->layer == &handle, Status::invalid_argument,
-                  "optimizer belongs to another layer");
-    if (handle.f32) {
-      kmoe::io::CheckpointExtras<float> extras;
-      extras.optimizer = optimizer != nullptr ? from_c(optimizer)->f32.get() : nullptr;
+    with_layer(handle, [&](auto& l) {
+      using T = typename std::decay_t<decltype(l)>::value_type;
+      kmoe::io::CheckpointExtras<T> extras;
+      extras.optimizer = adamw_of<T>(optimizer, handle);
       if (extras.optimizer != nullptr) extras.step = extras.optimizer->steps();
-      kmoe::io::save_checkpoint(file, *handle.f32, extras);
-    } else {
-      kmoe::io::CheckpointExtras<double> extras;
-      extras.optimizer = optimizer != nullptr ? from_c(optimizer)->f64.get() : nullptr;
-      if (extras.optimizer != nullptr) extras.step = extras.optimizer->steps();
-      kmoe::io::save_checkpoint(file, *handle.f64, extras);
-    }
+      kmoe::io::save_checkpoint(file, l, extras);
+    });
   });
 }
 

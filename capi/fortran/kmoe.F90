@@ -1,4 +1,5 @@
-! kmoe — the Fortran module over the C ABI (capi/include/kmoe.h).
+! kmoe — the Fortran module over the C ABI (preprocessed: kmoe_typed.inc holds the procedures of
+! each real kind) (capi/include/kmoe.h).
 !
 !   use kmoe
 !   type(kmoe_layer) :: layer
@@ -381,88 +382,18 @@ contains
     status = int(c_layer_zero_grad(layer%handle))
   end subroutine
 
-  ! ---- parameters (assumed rank; float / double) ----
-  subroutine get_parameter_float(layer, name, values, status)
-    type(kmoe_layer), intent(in) :: layer
-    character(len=*), intent(in) :: name
-    real(c_float), dimension(..), contiguous, target, intent(inout) :: values
-    integer, intent(out) :: status
-    status = int(c_layer_get_parameter(layer%handle, c_string(name), &
-                                       describe(c_loc(values), shape(values, c_int64_t), KMOE_FLOAT32)))
-  end subroutine
-  subroutine get_parameter_double(layer, name, values, status)
-    type(kmoe_layer), intent(in) :: layer
-    character(len=*), intent(in) :: name
-    real(c_double), dimension(..), contiguous, target, intent(inout) :: values
-    integer, intent(out) :: status
-    status = int(c_layer_get_parameter(layer%handle, c_string(name), &
-                                       describe(c_loc(values), shape(values, c_int64_t), KMOE_FLOAT64)))
-  end subroutine
-  subroutine set_parameter_float(layer, name, values, status)
-    type(kmoe_layer), intent(in) :: layer
-    character(len=*), intent(in) :: name
-    real(c_float), dimension(..), contiguous, target, intent(in) :: values
-    integer, intent(out) :: status
-    status = int(c_layer_set_parameter(layer%handle, c_string(name), &
-                                       describe(c_loc(values), shape(values, c_int64_t), KMOE_FLOAT32)))
-  end subroutine
-  subroutine set_parameter_double(layer, name, values, status)
-    type(kmoe_layer), intent(in) :: layer
-    character(len=*), intent(in) :: name
-    real(c_double), dimension(..), contiguous, target, intent(in) :: values
-    integer, intent(out) :: status
-    status = int(c_layer_set_parameter(layer%handle, c_string(name), &
-                                       describe(c_loc(values), shape(values, c_int64_t), KMOE_FLOAT64)))
-  end subroutine
-  subroutine get_gradient_float(layer, name, values, status)
-    type(kmoe_layer), intent(in) :: layer
-    character(len=*), intent(in) :: name
-    real(c_float), dimension(..), contiguous, target, intent(inout) :: values
-    integer, intent(out) :: status
-    status = int(c_layer_get_gradient(layer%handle, c_string(name), &
-                                      describe(c_loc(values), shape(values, c_int64_t), KMOE_FLOAT32)))
-  end subroutine
-  subroutine get_gradient_double(layer, name, values, status)
-    type(kmoe_layer), intent(in) :: layer
-    character(len=*), intent(in) :: name
-    real(c_double), dimension(..), contiguous, target, intent(inout) :: values
-    integer, intent(out) :: status
-    status = int(c_layer_get_gradient(layer%handle, c_string(name), &
-                                      describe(c_loc(values), shape(values, c_int64_t), KMOE_FLOAT64)))
-  end subroutine
-
-  ! ---- compute ----
-  subroutine forward_float(layer, x, training, state, status)
-    type(kmoe_layer), intent(in) :: layer
-    real(c_float), dimension(..), contiguous, target, intent(in) :: x
-    logical, intent(in) :: training
-    type(kmoe_forward), intent(out) :: state
-    integer, intent(out) :: status
-    status = int(c_layer_forward(layer%handle, describe(c_loc(x), shape(x, c_int64_t), KMOE_FLOAT32), &
-                                 merge(1_c_int32_t, 0_c_int32_t, training), state%handle))
-  end subroutine
-  subroutine forward_double(layer, x, training, state, status)
-    type(kmoe_layer), intent(in) :: layer
-    real(c_double), dimension(..), contiguous, target, intent(in) :: x
-    logical, intent(in) :: training
-    type(kmoe_forward), intent(out) :: state
-    integer, intent(out) :: status
-    status = int(c_layer_forward(layer%handle, describe(c_loc(x), shape(x, c_int64_t), KMOE_FLOAT64), &
-                                 merge(1_c_int32_t, 0_c_int32_t, training), state%handle))
-  end subroutine
-
-  subroutine output_float(state, out, status)
-    type(kmoe_forward), intent(in) :: state
-    real(c_float), dimension(..), contiguous, target, intent(inout) :: out
-    integer, intent(out) :: status
-    status = int(c_forward_output(state%handle, describe(c_loc(out), shape(out, c_int64_t), KMOE_FLOAT32)))
-  end subroutine
-  subroutine output_double(state, out, status)
-    type(kmoe_forward), intent(in) :: state
-    real(c_double), dimension(..), contiguous, target, intent(inout) :: out
-    integer, intent(out) :: status
-    status = int(c_forward_output(state%handle, describe(c_loc(out), shape(out, c_int64_t), KMOE_FLOAT64)))
-  end subroutine
+  ! ---- the procedures of each real kind: kmoe_typed.inc, instantiated for c_float and c_double ----
+#define KMOE_REAL real(c_float)
+#define KMOE_DTYPE KMOE_FLOAT32
+#define KMOE_TYPED(name) name/**/_float
+#include "kmoe_typed.inc"
+#undef KMOE_REAL
+#undef KMOE_DTYPE
+#undef KMOE_TYPED
+#define KMOE_REAL real(c_double)
+#define KMOE_DTYPE KMOE_FLOAT64
+#define KMOE_TYPED(name) name/**/_double
+#include "kmoe_typed.inc"
 
   ! An auxiliary loss by name ("reg_loss", "balance_loss", "router_z_loss", "total_aux_loss", "aux_loss").
   subroutine kmoe_forward_loss(state, name, value, status)
@@ -471,34 +402,6 @@ contains
     real(c_double), intent(out) :: value
     integer, intent(out) :: status
     status = int(c_forward_loss(state%handle, c_string(name), value))
-  end subroutine
-
-  ! grad_input (same shape as the forward's x) gets the input gradient; parameter gradients accumulate.
-  subroutine backward_float(layer, state, grad_output, aux_weight, grad_input, status)
-    type(kmoe_layer), intent(in) :: layer
-    type(kmoe_forward), intent(in) :: state
-    real(c_float), dimension(..), contiguous, target, intent(in) :: grad_output
-    real(c_double), intent(in) :: aux_weight
-    real(c_float), dimension(..), contiguous, target, intent(inout) :: grad_input
-    integer, intent(out) :: status
-    type(tensor_c), target :: dx
-    dx = describe(c_loc(grad_input), shape(grad_input, c_int64_t), KMOE_FLOAT32)
-    status = int(c_layer_backward(layer%handle, state%handle, &
-                                  describe(c_loc(grad_output), shape(grad_output, c_int64_t), KMOE_FLOAT32), &
-                                  aux_weight, c_loc(dx)))
-  end subroutine
-  subroutine backward_double(layer, state, grad_output, aux_weight, grad_input, status)
-    type(kmoe_layer), intent(in) :: layer
-    type(kmoe_forward), intent(in) :: state
-    real(c_double), dimension(..), contiguous, target, intent(in) :: grad_output
-    real(c_double), intent(in) :: aux_weight
-    real(c_double), dimension(..), contiguous, target, intent(inout) :: grad_input
-    integer, intent(out) :: status
-    type(tensor_c), target :: dx
-    dx = describe(c_loc(grad_input), shape(grad_input, c_int64_t), KMOE_FLOAT64)
-    status = int(c_layer_backward(layer%handle, state%handle, &
-                                  describe(c_loc(grad_output), shape(grad_output, c_int64_t), KMOE_FLOAT64), &
-                                  aux_weight, c_loc(dx)))
   end subroutine
 
   subroutine kmoe_forward_destroy(state, status)
