@@ -104,6 +104,10 @@ static void test_create(void) {
   options.struct_size = sizeof options;
   options.dtype = (kmoe_dtype)7;
   EXPECT(kmoe_layer_create("sigma_moe", sigma_config, &options, &layer), KMOE_INVALID_ARGUMENT, "dtype");
+  /* 4e11 bytes of keys: more than any machine here has. */
+  EXPECT(kmoe_layer_create("sigma_moe", "{\"dmodel\": 100000, \"n_experts\": 1000, \"expert_size\": 1000, \"k\": 2}",
+                           NULL, &layer),
+         KMOE_OUT_OF_MEMORY, "out of memory");
   EXPECT(kmoe_layer_create_from_file("sigma_moe", "/no/such/config.json", NULL, &layer), KMOE_IO_ERROR,
          "/no/such/config.json");
 

@@ -1,5 +1,7 @@
 #include "kmoe/core/memory_pool.hpp"
 
+#include "kmoe/core/error.hpp"
+
 #include <algorithm>
 #include <cstdlib>
 #include <list>
@@ -54,8 +56,13 @@ Block fresh_block(std::size_t bytes, const std::string& label, bool& zeroed) {
   }
 #endif
   zeroed = false;
-  Bytes view(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::pool::" + label), bytes);
-  return {view.data(), bytes, std::make_shared<Bytes>(view)};
+  try {
+    Bytes view(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::pool::" + label), bytes);
+    return {view.data(), bytes, std::make_shared<Bytes>(view)};
+  } catch (const std::exception& e) {
+    // Kokkos reports a failed allocation (host or device) as a runtime_error.
+    fail(Status::out_of_memory, "cannot allocate ", bytes, " bytes for ", label, " (out of memory): ", e.what());
+  }
 }
 
 struct Cache {
