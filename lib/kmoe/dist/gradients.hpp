@@ -14,4 +14,12 @@ namespace kmoe::dist {
 template <class T>
 void all_reduce_dense_gradients(const Communicator& comm, const model::ParameterList<T>& parameters);
 
+// The L2 norm of the whole model's gradient over every rank (each dense entry once, each expert
+// block once: shards' copies of entries without a hidden axis are not counted), after
+// all_reduce_dense_gradients. When it exceeds max_norm (> 0), every gradient is scaled by
+// max_norm / norm (PyTorch's clip_grad_norm_). Returns the norm before clipping; collective.
+template <class T>
+double clip_gradients_by_global_norm(const Communicator& comm, const model::ParameterList<T>& parameters,
+                                     double max_norm);
+
 }  // namespace kmoe::dist

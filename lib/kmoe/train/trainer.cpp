@@ -1,0 +1,352 @@
+#include "kmoe/train/trainer.hpp"
+
+#include "kmoe/core/random.hpp"
+#include "kmoe/dist/gradients.hpp"
+#include "kmoe/dist/parameter_blocks.hpp"
+#include "kmoe/io/checkpoint.hpp"
+#include "kmoe/io/token_dataset.hpp"
+#include "kmoe/layers/moeut.hpp"
+#include "kmoe/model/builder.hpp"
+#include "kmoe/model/optimizer.hpp"
+#include "kmoe/ops/cross_entropy.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <csignal>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <map>
+#include <sstream>
+#include <vector>
+
+namespace kmoe::train {
+
+namespace {
+
+volatile std::sig_atomic_t stop_flag = 0;
+
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+// The model's config: the profile's (if any), the config's keys over it, n_tokens from the data.
+nlohmann::json model_config_for(const TrainConfig& c, int vocabulary) {
+  nlohmann::json config = nlohmann::json::object();
+  if (!c.profile.empty())
+    config = model::write_fields(layers::moeut_fields(true), layers::moeut_profile(c.profile, vocabulary));
+  for (const auto& [key, value] : c.model_config.items()) config[key] = value;
+  if (!config.contains("n_tokens")) config["n_tokens"] = vocabulary;
+  require(config["n_tokens"].is_number_integer() && config["n_tokens"].get<std::int64_t>() >= vocabulary,
+          Status::invalid_argument, "model_config: n_tokens = ", config["n_tokens"].dump(), " is smaller than the ",
+          "data's vocabulary of ", vocabulary, " tokens");
+  return config;
+}
+
+// The first token of sequence g (global index over the ranks) of batch `index`: keyed by the
+// batch and the sequence, so any world size reads the same windows.
+std::int64_t window_start(std::uint64_t seed, std::uint64_t stream, std::int64_t index, std::int64_t g,
+                          std::int64_t tokens, std::int64_t length) {
+  std::uint32_t r[4];
+  impl::philox4x32(seed ^ stream, (static_cast<std::uint64_t>(index) << 24) + static_cast<std::uint64_t>(g), r);
+  const std::uint64_t draw = (static_cast<std::uint64_t>(r[0]) << 32) | r[1];
+  return static_cast<std::int64_t>(draw % static_cast<std::uint64_t>(tokens - length));
+}
+
+struct Batch {
+  Tensor<int> inputs, targets;  // [b, T] and [b·T]
+};
+
+Batch read_batch(const io::TokenDataset& data, std::uint64_t seed, std::uint64_t stream, std::int64_t index,
+                 std::int64_t first_sequence, std::int64_t b, std::int64_t T) {
+  std::vector<int> inputs, targets;
+  for (std::int64_t i = 0; i < b; ++i) {
+    const std::int64_t start = window_start(seed, stream, index, first_sequence + i, data.size(), T + 1);
+    const std::vector<int> window = data.read(start, T + 1);
+    inputs.insert(inputs.end(), window.begin(), window.end() - 1);
+    targets.insert(targets.end(), window.begin() + 1, window.end());
+  }
+  return {Tensor<int>::from_host("train::inputs", {b, T}, inputs), Tensor<int>::from_host("train::targets", {b * T}, targets)};
+}
+
+// The mean next-token cross-entropy over every rank's tokens of these logits; with dlogits, also
+// its gradient (this rank's share of the global mean).
+double global_cross_entropy(const dist::Communicator& comm, const Tensor<float>& logits, const Tensor<int>& targets,
+                            Tensor<float>* dlogits) {
+  const index_t N = targets.size(), V = logits.dim(logits.rank() - 1);
+  const Tensor<float> rows = logits.reshape({N, V});
+  const auto row_lse = Tensor<float>::uninitialized("train::row_lse", {N});
+  const double local_mean = ops::cross_entropy_forward<float>(rows.as_matrix(), targets.flat(), -100, row_lse.flat());
+  double sums[2] = {local_mean * static_cast<double>(N), static_cast<double>(N)};
+  comm.all_reduce_sum(sums, 2);
+  if (dlogits != nullptr) {
+    *dlogits = Tensor<float>::uninitialized("train::dlogits", logits.shape());
+    ops::cross_entropy_backward<float>(rows.as_matrix(), targets.flat(), -100, row_lse.flat(),
+                                       static_cast<float>(static_cast<double>(N) / sums[1]),
+                                       dlogits->reshape({N, V}).as_matrix());
+  }
+  return sums[0] / sums[1];
+}
+
+// Entropy (nats) of the token frequencies of a split, read in blocks.
+double unigram_entropy(const io::TokenDataset& data) {
+  std::vector<double> counts(static_cast<std::size_t>(data.vocabulary()), 0);
+  const std::int64_t block = std::int64_t(1) << 20;
+  for (std::int64_t at = 0; at < data.size(); at += block)
+    for (const int t : data.read(at, std::min(block, data.size() - at))) counts[static_cast<std::size_t>(t)] += 1;
+  double h = 0;
+  for (const double n : counts)
+    if (n > 0) h -= n / static_cast<double>(data.size()) * std::log(n / static_cast<double>(data.size()));
+  return h;
+}
+
+std::string checkpoint_path(const std::string& out_dir, std::int64_t step) {
+  char name[64];
+  std::snprintf(name, sizeof name, "checkpoint-%08lld.h5", static_cast<long long>(step));
+  return (fs::path(out_dir) / name).string();
+}
+
+std::string format_seconds(double s) {
+  std::ostringstream out;
+  const auto total = static_cast<long long>(s + 0.5);
+  if (total >= 3600) out << total / 3600 << "h" << std::setw(2) << std::setfill('0') << (total / 60) % 60 << "m";
+  else if (total >= 60) out << total / 60 << "m" << std::setw(2) << std::setfill('0') << total % 60 << "s";
+  else out << std::fixed << std::setprecision(1) << s << "s";
+  return out.str();
+}
+
+// "rank 0: experts [0, 8) · rank 1: experts [8, 16)" of the placement a checkpoint records.
+std::string describe_placement(const nlohmann::json& placement) {
+  if (placement["world"].get<int>() == 1) return "every expert on rank 0";
+  std::string text;
+  for (std::size_t r = 0; r < placement["ranks"].size(); ++r) {
+    const auto& p = placement["ranks"][r];
+    text += (text.empty() ? "" : " · ") + std::string("rank ") + std::to_string(r) + ": experts [" +
+            p["experts"][0].dump() + ", " + p["experts"][1].dump() + ")";
+  }
+  return text;
+}
+
+// The metrics file, one row per logged step; a resumed run keeps the rows up to its first step.
+class Metrics {
+ public:
+  static constexpr const char* header = "step,loss,eval_loss,reg_loss,lr,grad_norm,tokens_per_s,elapsed_s";
+  Metrics(const std::string& path, std::int64_t resumed_step, bool writer) : path_(path), writer_(writer) {
+    if (!writer_) return;
+    std::vector<std::string> kept;
+    std::ifstream old(path);
+    std::string line;
+    while (resumed_step > 0 && std::getline(old, line))
+      if (!line.empty() && line.rfind("step", 0) != 0 && std::stoll(line) <= resumed_step) kept.push_back(line);
+    out_.open(path, std::ios::trunc);
+    require(out_.good(), Status::io_error, path, ": cannot write the metrics file");
+    out_ << header << '\n';
+    for (const std::string& k : kept) out_ << k << '\n';
+    out_.flush();
+  }
+  void row(std::int64_t step, double loss, double eval_loss, double reg, double lr, double norm, double tps,
+           double elapsed) {
+    if (!writer_) return;
+    out_ << step << ',' << std::setprecision(9) << loss << ',';
+    if (std::isfinite(eval_loss)) out_ << eval_loss;
+    out_ << ',' << reg << ',' << lr << ',' << norm << ',' << tps << ',' << elapsed << '\n';
+    out_.flush();
+  }
+
+ private:
+  std::string path_;
+  bool writer_;
+  std::ofstream out_;
+};
+
+}  // namespace
+
+void request_stop() { stop_flag = 1; }
+
+std::string newest_checkpoint(const std::string& out_dir) {
+  std::string newest;
+  if (!fs::is_directory(out_dir)) return newest;
+  for (const auto& entry : fs::directory_iterator(out_dir)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("checkpoint-", 0) == 0 && name.size() > 3 && name.substr(name.size() - 3) == ".h5" &&
+        (newest.empty() || entry.path().string() > newest))
+      newest = entry.path().string();
+  }
+  return newest;
+}
+
+TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, const TrainOptions& options) {
+  const bool root = comm.rank() == 0;
+  std::ostream* log = root ? options.log : nullptr;
+  const auto say = [&](const std::string& text) {
+    if (log != nullptr) *log << text << std::endl;
+  };
+  stop_flag = 0;
+  TrainSummary summary;
+
+  // Everything that can be wrong with the config, the data or a checkpoint is found before step 1.
+  std::unique_ptr<io::TokenDataset> train, eval;
+  comm.collectively([&] {
+    train = std::make_unique<io::TokenDataset>(c.data, "train");
+    eval = std::make_unique<io::TokenDataset>(c.data, "eval");
+    for (const io::TokenDataset* d : {train.get(), eval.get()})
+      require(d->size() > c.seq_len + 1, Status::invalid_argument, c.data, ": a split holds ", d->size(),
+              " tokens, too few for seq_len = ", c.seq_len);
+    if (root) fs::create_directories(c.out_dir);
+  });
+  const nlohmann::json model_json = model_config_for(c, train->vocabulary());
+  std::unique_ptr<model::Layer<float>> layer =
+      model::build_layer<float>(c.model, model_json, static_cast<std::uint64_t>(c.seed), ParameterInit::drawn, comm);
+  ops::AdamWConfig adamw;
+  adamw.lr = c.lr;
+  adamw.beta1 = c.beta1;
+  adamw.beta2 = c.beta2;
+  adamw.eps = c.eps;
+  adamw.weight_decay = c.weight_decay;
+  model::AdamW<float> optimizer(layer->parameters(), adamw);
+  Generator rng(static_cast<std::uint64_t>(c.seed) + 1);
+  std::int64_t step = 0;
+  if (options.resume) {
+    const std::string from = comm.broadcast(root ? newest_checkpoint(c.out_dir) : std::string());
+    if (!from.empty()) {
+      io::CheckpointRestore<float> restore;
+      restore.optimizer = &optimizer;
+      restore.rng = &rng;
+      restore.step = &step;
+      io::load_checkpoint(from, *layer, {}, restore);
+      say("kmoe-train: resumed from " + from + " (step " + std::to_string(step) + ")");
+    }
+  }
+  summary.first_step = step + 1;
+  summary.unigram_entropy = unigram_entropy(*train);
+  const nlohmann::json placement = dist::placement_json(comm, model::trainable(layer->parameters()));
+  summary.placement = describe_placement(placement);
+  const std::int64_t first_sequence = comm.exclusive_prefix_sum(c.batch_size);
+  const std::int64_t global_batch = comm.sum(c.batch_size);
+  const auto parameters = model::trainable(layer->parameters());
+  std::int64_t n_parameters = 0;
+  for (const auto& p : parameters) n_parameters += p.global_shape().size();
+  say("kmoe-train: " + c.model + " (" + std::to_string(n_parameters) + " parameters) on " +
+      std::to_string(comm.size()) + " MPI rank" + (comm.size() > 1 ? "s" : "") + " — " + summary.placement);
+  say("kmoe-train: " + std::to_string(global_batch) + " sequences × " + std::to_string(c.seq_len) +
+      " tokens a step, steps " + std::to_string(step + 1) + "–" + std::to_string(c.steps) + "; writing to " +
+      c.out_dir);
+
+  Metrics metrics((fs::path(c.out_dir) / "metrics.csv").string(), step, root);
+  summary.metrics_path = (fs::path(c.out_dir) / "metrics.csv").string();
+  const auto evaluate = [&] {
+    double total = 0;
+    for (std::int64_t j = 0; j < c.eval_batches; ++j) {
+      const Batch batch = read_batch(*eval, static_cast<std::uint64_t>(c.seed), 0xe7a1, j, first_sequence, c.batch_size,
+                                     c.seq_len);
+      model::LayerInputs<float> in;
+      in.tokens = batch.inputs;
+      Generator eval_rng(0);
+      const auto f = layer->forward(in, false, eval_rng);
+      total += global_cross_entropy(comm, f.out, batch.targets, nullptr);
+    }
+    return total / static_cast<double>(c.eval_batches);
+  };
+  const auto save = [&](std::int64_t at) {
+    io::CheckpointExtras<float> extras;
+    extras.optimizer = &optimizer;
+    extras.rng = &rng;
+    extras.step = at;
+    extras.train = {{"config", model::write_fields(train_config_fields(), c)}, {"world", comm.size()}};
+    const std::string path = checkpoint_path(c.out_dir, at);
+    io::save_checkpoint(path, *layer, extras);
+    summary.last_checkpoint = path;
+    if (!root) return;
+    std::vector<std::string> all;
+    for (const auto& entry : fs::directory_iterator(c.out_dir)) {
+      const std::string name = entry.path().filename().string();
+      if (name.rfind("checkpoint-", 0) == 0 && entry.path().extension() == ".h5") all.push_back(entry.path().string());
+    }
+    std::sort(all.begin(), all.end());
+    for (std::size_t i = 0; i + static_cast<std::size_t>(c.keep_checkpoints) < all.size(); ++i) fs::remove(all[i]);
+  };
+
+  const auto start = Clock::now();
+  auto interval_start = start;
+  std::int64_t interval_tokens = 0, run_tokens = 0;
+  double last_eval = NAN, reg = 0, norm = 0, loss = 0;
+  bool have_initial = false;
+  while (step < c.steps) {
+    ++step;
+    const double lr = learning_rate(c, step);
+    optimizer.set_learning_rate(lr);
+    const Batch batch =
+        read_batch(*train, static_cast<std::uint64_t>(c.seed), 0x7a1e, step, first_sequence, c.batch_size, c.seq_len);
+    model::LayerInputs<float> in;
+    in.tokens = batch.inputs;
+    layer->zero_grad();
+    const std::string last_good = summary.last_checkpoint.empty() ? newest_checkpoint(c.out_dir) : summary.last_checkpoint;
+    try {
+      const auto f = layer->forward(in, true, rng);
+      Tensor<float> dlogits;
+      loss = global_cross_entropy(comm, f.out, batch.targets, &dlogits);
+      reg = f.losses.count("reg_loss") > 0 ? f.losses.at("reg_loss") : 0.0;
+      require(std::isfinite(loss) && std::isfinite(reg), Status::non_finite, "the loss is ", loss, " (reg_loss ", reg,
+              ")");
+      (void)layer->backward(f, dlogits, static_cast<float>(c.aux_weight));
+      dist::all_reduce_dense_gradients(comm, layer->parameters());
+      norm = dist::clip_gradients_by_global_norm(comm, parameters, c.clip_norm);
+      require(std::isfinite(norm), Status::non_finite, "the gradient norm is ", norm);
+    } catch (const Error& e) {
+      if (e.status() != Status::non_finite) throw;
+      fail(Status::non_finite, "step ", step, ": ", e.what(), "; stopped (the last good checkpoint is ",
+           last_good.empty() ? std::string("none") : last_good, ")");
+    }
+    optimizer.step();
+    if (!have_initial) {
+      summary.initial_loss = loss;
+      have_initial = true;
+    }
+    interval_tokens += global_batch * c.seq_len;
+    run_tokens += global_batch * c.seq_len;
+
+    const bool stopping = comm.sum(stop_flag != 0 ? 1 : 0) > 0 || (options.stop_after > 0 && step == options.stop_after && step < c.steps);
+    const bool last = step == c.steps || stopping;
+    if (step % c.eval_every == 0 || last) last_eval = evaluate();
+    if (step % c.log_every == 0 || last) {
+      const double now = std::chrono::duration<double>(Clock::now() - start).count();
+      const double span = std::chrono::duration<double>(Clock::now() - interval_start).count();
+      const double tps = span > 0 ? static_cast<double>(interval_tokens) / span : 0;
+      const double per_step = now / static_cast<double>(step - summary.first_step + 1);
+      std::ostringstream line;
+      line << "step " << step << "/" << c.steps << " | loss " << std::fixed << std::setprecision(4) << loss
+           << " | eval " << (std::isfinite(last_eval) ? std::to_string(last_eval).substr(0, 6) : std::string("-"))
+           << " | reg " << std::setprecision(4) << reg << " | lr " << std::scientific << std::setprecision(2) << lr
+           << " | |g| " << std::fixed << std::setprecision(3) << norm << " | " << std::setprecision(0) << tps
+           << " tok/s | " << comm.size() << " rank" << (comm.size() > 1 ? "s" : "") << " | "
+           << format_seconds(now) << " elapsed, ETA " << format_seconds(per_step * static_cast<double>(c.steps - step));
+      if (options.progress_bar && log != nullptr) *log << "\r\033[K";
+      say(line.str());
+      metrics.row(step, loss, last_eval, reg, lr, norm, tps, now);
+      interval_start = Clock::now();
+      interval_tokens = 0;
+    } else if (options.progress_bar && log != nullptr) {
+      const int width = 30, done = static_cast<int>(width * step / c.steps);
+      *log << "\r[" << std::string(static_cast<std::size_t>(done), '#')
+           << std::string(static_cast<std::size_t>(width - done), ' ') << "] step " << step << "/" << c.steps
+           << std::flush;
+    }
+    if (step % c.checkpoint_every == 0 || last) save(step);
+    if (stopping) {
+      summary.stopped = true;
+      say("kmoe-train: stopped on request after step " + std::to_string(step) + "; wrote " + summary.last_checkpoint);
+      break;
+    }
+  }
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  summary.last_step = step;
+  summary.final_loss = loss;
+  summary.final_eval_loss = last_eval;
+  summary.tokens_per_second = seconds > 0 ? static_cast<double>(run_tokens) / seconds : 0;
+  return summary;
+}
+
+}  // namespace kmoe::train
