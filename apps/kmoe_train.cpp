@@ -10,6 +10,7 @@
 #include <mpi.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -87,6 +88,12 @@ int main(int argc, char** argv) {
                     static_cast<long long>(s.first_step), static_cast<long long>(s.last_step),
                     s.stopped ? " (stopped on request)" : "", s.initial_loss, s.final_loss, s.final_eval_loss,
                     s.unigram_entropy, s.tokens_per_second);
+        const double total = std::max(s.seconds, 1e-9);
+        std::printf("kmoe-train: time %.1f s: data %.1f%%, eval %.1f%%, checkpoints %.1f%%, logging %.1f%%, the rest "
+                    "(forward, backward, optimizer) %.1f%%\n",
+                    s.seconds, 100 * s.data_seconds / total, 100 * s.eval_seconds / total,
+                    100 * s.checkpoint_seconds / total, 100 * s.log_seconds / total,
+                    100 * (1 - (s.data_seconds + s.eval_seconds + s.checkpoint_seconds + s.log_seconds) / total));
         std::printf("kmoe-train: wrote %s (last checkpoint), %s (metrics)%s%s\n", s.last_checkpoint.c_str(),
                     s.metrics_path.c_str(), png.empty() ? "" : ", ", png.empty() ? "" : (png + " (loss curve)").c_str());
       }

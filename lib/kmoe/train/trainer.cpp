@@ -103,6 +103,25 @@ double unigram_entropy(const io::TokenDataset& data) {
   return h;
 }
 
+// The σ-MoE FFN experts' load of a MoEUTLM forward: max over the experts of the (token, expert)
+// pairs routed to each, over their mean, summed over every layer and rank (1 = perfectly even).
+double expert_load_imbalance(const dist::Communicator& comm, const model::LayerForward<float>& forward,
+                             index_t n_experts) {
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(n_experts), 0);
+  for (const auto& call : forward.state_as<layers::MoEUTLMForward<float>>().body.calls) {
+    if (call.ffn.expert_index.size() == 0) continue;
+    for (const int e : call.ffn.expert_index.to_host())
+      if (e >= 0 && e < n_experts) ++counts[static_cast<std::size_t>(e)];
+  }
+  comm.all_reduce_sum(counts.data(), counts.size());
+  std::int64_t total = 0, most = 0;
+  for (const std::int64_t c : counts) {
+    total += c;
+    most = std::max(most, c);
+  }
+  return total > 0 ? static_cast<double>(most) * static_cast<double>(n_experts) / static_cast<double>(total) : 0;
+}
+
 std::string checkpoint_path(const std::string& out_dir, std::int64_t step) {
   char name[64];
   std::snprintf(name, sizeof name, "checkpoint-%08lld.h5", static_cast<long long>(step));
@@ -133,7 +152,7 @@ std::string describe_placement(const nlohmann::json& placement) {
 // The metrics file, one row per logged step; a resumed run keeps the rows up to its first step.
 class Metrics {
  public:
-  static constexpr const char* header = "step,loss,eval_loss,reg_loss,lr,grad_norm,tokens_per_s,elapsed_s";
+  static constexpr const char* header = "step,loss,eval_loss,reg_loss,lr,grad_norm,tokens_per_s,elapsed_s,expert_load";
   Metrics(const std::string& path, std::int64_t resumed_step, bool writer) : path_(path), writer_(writer) {
     if (!writer_) return;
     std::vector<std::string> kept;
@@ -148,11 +167,11 @@ class Metrics {
     out_.flush();
   }
   void row(std::int64_t step, double loss, double eval_loss, double reg, double lr, double norm, double tps,
-           double elapsed) {
+           double elapsed, double load) {
     if (!writer_) return;
     out_ << step << ',' << std::setprecision(9) << loss << ',';
     if (std::isfinite(eval_loss)) out_ << eval_loss;
-    out_ << ',' << reg << ',' << lr << ',' << norm << ',' << tps << ',' << elapsed << '\n';
+    out_ << ',' << reg << ',' << lr << ',' << norm << ',' << tps << ',' << elapsed << ',' << load << '\n';
     out_.flush();
   }
 
@@ -271,15 +290,21 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
 
   const auto start = Clock::now();
   auto interval_start = start;
+  // Where the run's time goes: the step's compute, and what the driver adds around it.
+  double data_s = 0, eval_s = 0, checkpoint_s = 0, log_s = 0;
+  const auto seconds_since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
   std::int64_t interval_tokens = 0, run_tokens = 0;
-  double last_eval = NAN, reg = 0, norm = 0, loss = 0;
+  double last_eval = NAN, reg = 0, norm = 0, loss = 0, load = 0;
+  const index_t ff_experts = layer->config().value("ff_n_experts", index_t(1));
   bool have_initial = false;
   while (step < c.steps) {
     ++step;
     const double lr = learning_rate(c, step);
     optimizer.set_learning_rate(lr);
+    auto mark = Clock::now();
     const Batch batch =
         read_batch(*train, static_cast<std::uint64_t>(c.seed), 0x7a1e, step, first_sequence, c.batch_size, c.seq_len);
+    data_s += seconds_since(mark);
     model::LayerInputs<float> in;
     in.tokens = batch.inputs;
     layer->zero_grad();
@@ -289,6 +314,7 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
       Tensor<float> dlogits;
       loss = global_cross_entropy(comm, f.out, batch.targets, &dlogits);
       reg = f.losses.count("reg_loss") > 0 ? f.losses.at("reg_loss") : 0.0;
+      if (step % c.log_every == 0 || step == c.steps) load = expert_load_imbalance(comm, f, ff_experts);
       require(std::isfinite(loss) && std::isfinite(reg), Status::non_finite, "the loss is ", loss, " (reg_loss ", reg,
               ")");
       (void)layer->backward(f, dlogits, static_cast<float>(c.aux_weight));
@@ -310,7 +336,10 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
 
     const bool stopping = comm.sum(stop_flag != 0 ? 1 : 0) > 0 || (options.stop_after > 0 && step == options.stop_after && step < c.steps);
     const bool last = step == c.steps || stopping;
+    mark = Clock::now();
     if (step % c.eval_every == 0 || last) last_eval = evaluate();
+    eval_s += seconds_since(mark);
+    mark = Clock::now();
     if (step % c.log_every == 0 || last) {
       const double now = std::chrono::duration<double>(Clock::now() - start).count();
       const double span = std::chrono::duration<double>(Clock::now() - interval_start).count();
@@ -320,12 +349,13 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
       line << "step " << step << "/" << c.steps << " | loss " << std::fixed << std::setprecision(4) << loss
            << " | eval " << (std::isfinite(last_eval) ? std::to_string(last_eval).substr(0, 6) : std::string("-"))
            << " | reg " << std::setprecision(4) << reg << " | lr " << std::scientific << std::setprecision(2) << lr
-           << " | |g| " << std::fixed << std::setprecision(3) << norm << " | " << std::setprecision(0) << tps
+           << " | |g| " << std::fixed << std::setprecision(3) << norm << " | load " << std::setprecision(2) << load
+           << " | " << std::setprecision(0) << tps
            << " tok/s | " << comm.size() << " rank" << (comm.size() > 1 ? "s" : "") << " | "
            << format_seconds(now) << " elapsed, ETA " << format_seconds(per_step * static_cast<double>(c.steps - step));
       if (options.progress_bar && log != nullptr) *log << "\r\033[K";
       say(line.str());
-      metrics.row(step, loss, last_eval, reg, lr, norm, tps, now);
+      metrics.row(step, loss, last_eval, reg, lr, norm, tps, now, load);
       interval_start = Clock::now();
       interval_tokens = 0;
     } else if (options.progress_bar && log != nullptr) {
@@ -334,7 +364,10 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
            << std::string(static_cast<std::size_t>(width - done), ' ') << "] step " << step << "/" << c.steps
            << std::flush;
     }
+    log_s += seconds_since(mark);
+    mark = Clock::now();
     if (step % c.checkpoint_every == 0 || last) save(step);
+    checkpoint_s += seconds_since(mark);
     if (stopping) {
       summary.stopped = true;
       say("kmoe-train: stopped on request after step " + std::to_string(step) + "; wrote " + summary.last_checkpoint);
@@ -346,6 +379,11 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
   summary.final_loss = loss;
   summary.final_eval_loss = last_eval;
   summary.tokens_per_second = seconds > 0 ? static_cast<double>(run_tokens) / seconds : 0;
+  summary.seconds = seconds;
+  summary.data_seconds = data_s;
+  summary.eval_seconds = eval_s;
+  summary.checkpoint_seconds = checkpoint_s;
+  summary.log_seconds = log_s;
   return summary;
 }
 

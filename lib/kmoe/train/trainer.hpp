@@ -29,6 +29,9 @@ struct TrainSummary {
   std::string last_checkpoint, metrics_path;
   bool stopped = false;           // ended early by request_stop()
   std::string placement;          // how the experts sit on the ranks (kmoe-inspect's words)
+  // Wall time of this run (rank 0), and of it what the driver spent outside the steps' compute:
+  // reading batches, evaluating, writing checkpoints, logging (and the metrics file).
+  double seconds = 0, data_seconds = 0, eval_seconds = 0, checkpoint_seconds = 0, log_seconds = 0;
 };
 
 TrainSummary run_training(const TrainConfig& config, const dist::Communicator& comm, const TrainOptions& options);
