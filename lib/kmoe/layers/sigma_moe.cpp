@@ -412,6 +412,11 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   f.gates_received = f.exchange.dispatch(f.gates);
   const int local_experts = placement_.local_experts(comm_.rank());
   const index_t es_local = params_.keys.dim(2), received = f.exchange.received_rows();
+  // Unit j of pair (token t, slot s) draws ((t·k + s)·expert_size + j) of the global batch; every
+  // rank takes the stream, also one whose experts received nothing, so that its generator stays
+  // with the others'.
+  const RngStream dropout_stream =
+      training && c.dropout > 0 ? rng.take(static_cast<std::uint64_t>(global_tokens * K * es)) : RngStream{};
   Tensor<T> y_received;
   if (received > 0) {
   f.plan = moe::DispatchPlan::build_with_drops(f.exchange.received_experts().as_matrix(), local_experts);
@@ -428,8 +433,7 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   f.hidden = Tensor<T>::uninitialized("sigma_moe::hidden", {pairs, es_local});
   ops::activation_forward<T>(c.activation, f.pre_activation.flat(), f.hidden.flat());
   if (training && c.dropout > 0) {
-    // Unit j of pair (token t, slot s) draws ((t·k + s)·expert_size + j) of the global batch.
-    f.dropout_stream = rng.take(static_cast<std::uint64_t>(global_tokens * K * es));
+    f.dropout_stream = dropout_stream;
     f.dropout_keys = impl::hidden_dropout_keys(f.plan, impl::hidden_order(f.plan), f.exchange.received_tokens(), K, es,
                                                placement_.hidden_begin(comm_.rank()));
     ops::dropout_rows<T>(f.hidden.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys,

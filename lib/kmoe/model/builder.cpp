@@ -1,5 +1,7 @@
 #include "kmoe/model/builder.hpp"
 
+#include "kmoe/model/moe_stack.hpp"
+
 #include "kmoe/layers/moeut.hpp"
 #include "kmoe/layers/sigma_moe.hpp"
 #include "kmoe/layers/soft_moe.hpp"
@@ -382,6 +384,11 @@ std::unique_ptr<Layer<T>> build_st_moe_block(const std::string& kind, const nloh
 template <class T>
 const std::map<std::string, Factory<T>>& factories() {
   static const std::map<std::string, Factory<T>> table = {
+      {"moe_stack",
+       [](const std::string&, const nlohmann::json& json, std::uint64_t seed, ParameterInit init,
+          const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
+         return make_moe_stack<T>(read_moe_stack_config(json), seed, init, comm);
+       }},
       {"sigma_moe",
        [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
          const auto c = read_fields(layers::sigma_moe_fields(), json, kind + " config");
