@@ -1,9 +1,16 @@
-// kmoe-data: a plain text file as a byte-level token dataset for kmoe-train (io/token_dataset.hpp).
+// kmoe-data: a plain text file as a byte-level token dataset for kmoe-train (io/token_dataset.hpp),
+// or a regression dataset of a known function (a smoke test of the regression task).
 //
 //   kmoe-data TEXT OUT.h5 [--eval-fraction 0.05]
+//   kmoe-data --regression OUT.h5 [--rows 4096]   inputs [rows, 3] uniform in [-1, 1], targets [rows, 2]
+//                                                  = (sin(2 x0) x1, x2^2 - x0 / 2)
 #include "options.hpp"
 
+#include "kmoe/io/matrix_dataset.hpp"
 #include "kmoe/io/token_dataset.hpp"
+
+#include <cmath>
+#include <random>
 
 #include <cstdio>
 #include <fstream>
@@ -13,12 +20,32 @@
 int main(int argc, char** argv) {
   using namespace kmoe;
   if (apps::asks_for_help(argc, argv) || argc < 3) {
-    std::printf("usage: kmoe-data TEXT OUT.h5 [--eval-fraction F]\n"
+    std::printf("usage: kmoe-data TEXT OUT.h5 [--eval-fraction F] | kmoe-data --regression OUT.h5 [--rows N]\n"
                 "  writes TEXT's bytes as token ids (vocabulary 256): /train (the first 1 - F) and /eval\n"
                 "  (the last F, default 0.05) of OUT.h5, crash-safely\n");
     return argc < 3 && !apps::asks_for_help(argc, argv) ? 2 : 0;
   }
   try {
+    if (std::string(argv[1]) == "--regression") {
+      const apps::Options options = apps::parse_options(argc, argv, 3, "kmoe-data");
+      long rows = 4096;
+      for (const auto& [key, value] : options) {
+        require(key == "--rows", Status::invalid_argument, "kmoe-data: unknown option ", key);
+        rows = apps::positive_option(options, key, 4096, "kmoe-data");
+      }
+      std::mt19937_64 gen(7);
+      std::uniform_real_distribution<double> u(-1, 1);
+      io::MatrixPart inputs{"inputs", {}, 0, rows, 3}, targets{"targets", {}, 0, rows, 2};
+      for (long r = 0; r < rows; ++r) {
+        const double x0 = u(gen), x1 = u(gen), x2 = u(gen);
+        inputs.values.insert(inputs.values.end(), {x0, x1, x2});
+        targets.values.insert(targets.values.end(), {std::sin(2 * x0) * x1, x2 * x2 - x0 / 2});
+      }
+      io::write_matrices(argv[2], {inputs, targets}, dist::Communicator());
+      std::printf("kmoe-data: wrote %s: /inputs [%ld, 3], /targets [%ld, 2] = (sin(2 x0) x1, x2^2 - x0 / 2)\n",
+                  argv[2], rows, rows);
+      return 0;
+    }
     const apps::Options options = apps::parse_options(argc, argv, 3, "kmoe-data");
     double eval_fraction = 0.05;
     for (const auto& [key, value] : options) {

@@ -83,11 +83,12 @@ int main(int argc, char** argv) {
       const train::TrainSummary s = train::run_training(config, comm, options);
       if (comm.rank() == 0) {
         const std::string png = plot_losses(s.metrics_path, config.out_dir);
-        std::printf("kmoe-train: steps %lld-%lld%s: loss %.4f -> %.4f, eval loss %.4f (unigram entropy of the "
-                    "training text %.4f nats), %.0f tokens/s\n",
+        const bool lm = config.task == "lm";
+        std::printf("kmoe-train: steps %lld-%lld%s: loss %.4f -> %.4f, eval loss %.4f (%s %.4f), %.0f %s/s\n",
                     static_cast<long long>(s.first_step), static_cast<long long>(s.last_step),
                     s.stopped ? " (stopped on request)" : "", s.initial_loss, s.final_loss, s.final_eval_loss,
-                    s.unigram_entropy, s.tokens_per_second);
+                    lm ? "unigram entropy of the training text, nats:" : "variance of the training targets:",
+                    s.baseline_loss, s.tokens_per_second, lm ? "tokens" : "rows");
         const double total = std::max(s.seconds, 1e-9);
         std::printf("kmoe-train: time %.1f s: data %.1f%%, eval %.1f%%, checkpoints %.1f%%, logging %.1f%%, the rest "
                     "(forward, backward, optimizer) %.1f%%\n",

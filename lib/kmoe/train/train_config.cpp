@@ -45,11 +45,14 @@ Field<TrainConfig> model_config_field() {
 const model::FieldTable<TrainConfig>& train_config_fields() {
   using C = TrainConfig;
   static const model::FieldTable<C> table = {
-      field("task", &C::task, one_of(&C::task, {"lm"})),
-      field("model", &C::model, one_of(&C::model, {"moeut_lm"})),
+      field("task", &C::task, one_of(&C::task, {"lm", "regression"})),
+      field("model", &C::model, one_of(&C::model, {"moeut_lm", "moe_stack"})),
       field("profile", &C::profile),
       model_config_field(),
       field("data", &C::data, not_empty(&C::data)),
+      field("inputs", &C::inputs, not_empty(&C::inputs)),
+      field("targets", &C::targets, not_empty(&C::targets)),
+      field("eval_fraction", &C::eval_fraction, model::probability(&C::eval_fraction)),
       field("seq_len", &C::seq_len, at_least(&C::seq_len, std::int64_t(1))),
       field("batch_size", &C::batch_size, at_least(&C::batch_size, std::int64_t(1))),
       field("steps", &C::steps, at_least(&C::steps, std::int64_t(1))),

@@ -1,6 +1,7 @@
 // kmoe-train's config (JSON): every key, its default and its check in one field table
 // (model/config_fields.hpp), so unknown keys are errors naming the key and README's reference is
-// this table. task "lm": next-token cross-entropy over a byte-level token dataset (kmoe-data).
+// this table. task "lm": next-token cross-entropy over a byte-level token dataset (kmoe-data);
+// task "regression": the mean squared error of a moe_stack's outputs against HDF5 targets.
 #pragma once
 
 #include "kmoe/model/config_fields.hpp"
@@ -13,11 +14,14 @@
 namespace kmoe::train {
 
 struct TrainConfig {
-  std::string task = "lm";           // "lm" (language modelling on token ids)
-  std::string model = "moeut_lm";    // the layer kind (model/builder.hpp); the lm task takes moeut_lm
+  std::string task = "lm";           // "lm" (language modelling on token ids) | "regression"
+  std::string model = "moeut_lm";    // the layer kind: moeut_lm (lm), moe_stack (regression)
   std::string profile;               // a MoEUT profile ("MoEUT_44M", ...) as the base config, or none
   nlohmann::json model_config = nlohmann::json::object();  // the model's config, over the profile's
-  std::string data;                  // token dataset (kmoe-data): /train and /eval
+  std::string data;                  // lm: token dataset (kmoe-data); regression: HDF5 with the matrices
+  std::string inputs = "inputs";     // regression: the inputs' dataset [rows, d_in]
+  std::string targets = "targets";   // regression: the targets' dataset [rows, d_out]
+  double eval_fraction = 0.1;        // regression: the last rows held out
   std::int64_t seq_len = 64;         // tokens per sequence
   std::int64_t batch_size = 8;       // sequences per rank per step
   std::int64_t steps = 100;          // optimizer steps in all

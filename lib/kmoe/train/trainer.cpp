@@ -4,6 +4,7 @@
 #include "kmoe/dist/gradients.hpp"
 #include "kmoe/dist/parameter_blocks.hpp"
 #include "kmoe/io/checkpoint.hpp"
+#include "kmoe/io/matrix_dataset.hpp"
 #include "kmoe/io/token_dataset.hpp"
 #include "kmoe/layers/moeut.hpp"
 #include "kmoe/model/builder.hpp"
@@ -22,6 +23,7 @@
 #include <iomanip>
 #include <map>
 #include <sstream>
+#include <tuple>
 #include <vector>
 
 namespace kmoe::train {
@@ -122,6 +124,130 @@ double expert_load_imbalance(const dist::Communicator& comm, const model::LayerF
   return total > 0 ? static_cast<double>(most) * static_cast<double>(n_experts) / static_cast<double>(total) : 0;
 }
 
+// What differs between the tasks: the data, the model's config fitted to it, and a batch's loss.
+class Task {
+ public:
+  struct Result {
+    model::LayerForward<float> forward;
+    double loss = 0;
+    Tensor<float> dout;  // the loss's gradient with respect to the output (training batches)
+  };
+  virtual ~Task() = default;
+  virtual nlohmann::json model_config(const TrainConfig& c) const = 0;
+  // Forward of batch `index` of the training split (or the eval split), its loss over every
+  // rank's rows and, when asked, its gradient. The batch's rows: this rank's sequences
+  // first_sequence + [0, batch_size) of the global batch.
+  virtual Result run(model::Layer<float>& layer, bool eval_split, std::int64_t index, bool training, Generator& rng,
+                     bool gradient) const = 0;
+  virtual std::int64_t units_per_row() const = 0;  // tokens of a sequence (1 for a regression row)
+  virtual double baseline_loss() const = 0;       // unigram entropy / the targets' variance
+  double data_seconds() const { return data_seconds_; }  // spent reading batches so far
+
+ protected:
+  mutable double data_seconds_ = 0;
+};
+
+class LanguageModelling final : public Task {
+ public:
+  LanguageModelling(const TrainConfig& c, const dist::Communicator& comm, std::int64_t first_sequence)
+      : c_(c), comm_(comm), first_(first_sequence), train_(c.data, "train"), eval_(c.data, "eval") {
+    for (const io::TokenDataset* d : {&train_, &eval_})
+      require(d->size() > c.seq_len + 1, Status::invalid_argument, c.data, ": a split holds ", d->size(),
+              " tokens, too few for seq_len = ", c.seq_len);
+  }
+  nlohmann::json model_config(const TrainConfig& c) const override { return model_config_for(c, train_.vocabulary()); }
+  Result run(model::Layer<float>& layer, bool eval_split, std::int64_t index, bool training, Generator& rng,
+             bool gradient) const override {
+    const auto start = Clock::now();
+    const Batch batch = read_batch(eval_split ? eval_ : train_, static_cast<std::uint64_t>(c_.seed),
+                                   eval_split ? 0xe7a1 : 0x7a1e, index, first_, c_.batch_size, c_.seq_len);
+    if (!eval_split) data_seconds_ += std::chrono::duration<double>(Clock::now() - start).count();
+    model::LayerInputs<float> in;
+    in.tokens = batch.inputs;
+    Result r;
+    r.forward = layer.forward(in, training, rng);
+    r.loss = global_cross_entropy(comm_, r.forward.out, batch.targets, gradient ? &r.dout : nullptr);
+    return r;
+  }
+  std::int64_t units_per_row() const override { return c_.seq_len; }
+  double baseline_loss() const override { return unigram_entropy(train_); }
+
+ private:
+  const TrainConfig& c_;
+  const dist::Communicator& comm_;
+  std::int64_t first_;
+  io::TokenDataset train_, eval_;
+};
+
+// MSE regression of the targets on the inputs (rows of two HDF5 matrices); the last
+// eval_fraction of the rows are held out.
+class Regression final : public Task {
+ public:
+  Regression(const TrainConfig& c, const dist::Communicator& comm, std::int64_t first_sequence)
+      : c_(c), comm_(comm), first_(first_sequence), inputs_(c.data, c.inputs), targets_(c.data, c.targets) {
+    require(inputs_.rows() == targets_.rows(), Status::invalid_argument, c.data, ": /", c.inputs, " has ",
+            inputs_.rows(), " rows but /", c.targets, " has ", targets_.rows());
+    eval_rows_ = static_cast<std::int64_t>(static_cast<double>(inputs_.rows()) * c.eval_fraction);
+    require(eval_rows_ >= 1 && eval_rows_ < inputs_.rows(), Status::invalid_argument, c.data, ": ", inputs_.rows(),
+            " rows are too few to hold out eval_fraction = ", c.eval_fraction);
+  }
+  nlohmann::json model_config(const TrainConfig& c) const override {
+    nlohmann::json config = c.model_config;
+    for (const auto& [key, cols, what] : {std::tuple{"d_in", inputs_.cols(), c.inputs}, {"d_out", targets_.cols(), c.targets}}) {
+      if (!config.contains(key)) config[key] = cols;
+      require(config[key] == cols, Status::invalid_argument, "model_config: ", key, " = ", config[key].dump(),
+              ", but /", what, " of ", c.data, " has ", cols, " columns");
+    }
+    return config;
+  }
+  Result run(model::Layer<float>& layer, bool eval_split, std::int64_t index, bool training, Generator& rng,
+             bool gradient) const override {
+    const auto start = Clock::now();
+    const std::int64_t b = c_.batch_size, train_rows = inputs_.rows() - eval_rows_;
+    std::vector<std::int64_t> rows;
+    for (std::int64_t i = 0; i < b; ++i)
+      rows.push_back((eval_split ? train_rows : 0) + window_start(static_cast<std::uint64_t>(c_.seed),
+                                                                  eval_split ? 0xe7a1 : 0x7a1e, index, first_ + i,
+                                                                  eval_split ? eval_rows_ : train_rows, 0));
+    const std::vector<double> x = inputs_.read_row_set(rows), t = targets_.read_row_set(rows);
+    if (!eval_split) data_seconds_ += std::chrono::duration<double>(Clock::now() - start).count();
+    model::LayerInputs<float> in;
+    in.x = Tensor<float>::from_host("train::x", {b, inputs_.cols()}, std::vector<float>(x.begin(), x.end()));
+    require_finite(in.x, c_.data + ": /" + c_.inputs);
+    Result r;
+    r.forward = layer.forward(in, training, rng);
+    const std::vector<float> y = r.forward.out.to_host();
+    double sums[2] = {0, static_cast<double>(y.size())};
+    for (std::size_t i = 0; i < y.size(); ++i) sums[0] += (y[i] - t[i]) * (y[i] - t[i]);
+    comm_.all_reduce_sum(sums, 2);
+    r.loss = sums[0] / sums[1];
+    if (gradient) {
+      std::vector<float> dy(y.size());
+      for (std::size_t i = 0; i < y.size(); ++i) dy[i] = static_cast<float>(2 * (y[i] - t[i]) / sums[1]);
+      r.dout = Tensor<float>::from_host("train::dy", r.forward.out.shape(), dy);
+    }
+    return r;
+  }
+  std::int64_t units_per_row() const override { return 1; }
+  double baseline_loss() const override {
+    // The targets' variance over the training rows: the MSE of predicting their mean.
+    const std::int64_t train_rows = inputs_.rows() - eval_rows_;
+    const std::vector<double> all = targets_.read_rows(0, train_rows);
+    double total = 0;
+    for (const double v : all) total += v;
+    const double mean = total / static_cast<double>(all.size());
+    double var = 0;
+    for (const double v : all) var += (v - mean) * (v - mean);
+    return var / static_cast<double>(all.size());
+  }
+
+ private:
+  const TrainConfig& c_;
+  const dist::Communicator& comm_;
+  std::int64_t first_, eval_rows_ = 0;
+  io::MatrixDataset inputs_, targets_;
+};
+
 std::string checkpoint_path(const std::string& out_dir, std::int64_t step) {
   char name[64];
   std::snprintf(name, sizeof name, "checkpoint-%08lld.h5", static_cast<long long>(step));
@@ -207,16 +333,21 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
   TrainSummary summary;
 
   // Everything that can be wrong with the config, the data or a checkpoint is found before step 1.
-  std::unique_ptr<io::TokenDataset> train, eval;
+  const std::string wanted_model = c.task == "lm" ? "moeut_lm" : "moe_stack";
+  require(c.model == wanted_model, Status::invalid_argument, "model = '", c.model, "': the ", c.task,
+          " task trains model '", wanted_model, "'");
+  const std::int64_t first_sequence = comm.exclusive_prefix_sum(c.batch_size);
+  const std::int64_t global_batch = comm.sum(c.batch_size);
+  std::unique_ptr<Task> task;
   comm.collectively([&] {
-    train = std::make_unique<io::TokenDataset>(c.data, "train");
-    eval = std::make_unique<io::TokenDataset>(c.data, "eval");
-    for (const io::TokenDataset* d : {train.get(), eval.get()})
-      require(d->size() > c.seq_len + 1, Status::invalid_argument, c.data, ": a split holds ", d->size(),
-              " tokens, too few for seq_len = ", c.seq_len);
+    if (c.task == "lm") {
+      task = std::make_unique<LanguageModelling>(c, comm, first_sequence);
+    } else {
+      task = std::make_unique<Regression>(c, comm, first_sequence);
+    }
     if (root) fs::create_directories(c.out_dir);
   });
-  const nlohmann::json model_json = model_config_for(c, train->vocabulary());
+  const nlohmann::json model_json = task->model_config(c);
   std::unique_ptr<model::Layer<float>> layer =
       model::build_layer<float>(c.model, model_json, static_cast<std::uint64_t>(c.seed), ParameterInit::drawn, comm);
   ops::AdamWConfig adamw;
@@ -240,18 +371,16 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
     }
   }
   summary.first_step = step + 1;
-  summary.unigram_entropy = unigram_entropy(*train);
+  summary.baseline_loss = task->baseline_loss();
   const nlohmann::json placement = dist::placement_json(comm, model::trainable(layer->parameters()));
   summary.placement = describe_placement(placement);
-  const std::int64_t first_sequence = comm.exclusive_prefix_sum(c.batch_size);
-  const std::int64_t global_batch = comm.sum(c.batch_size);
   const auto parameters = model::trainable(layer->parameters());
   std::int64_t n_parameters = 0;
   for (const auto& p : parameters) n_parameters += p.global_shape().size();
   say("kmoe-train: " + c.model + " (" + std::to_string(n_parameters) + " parameters) on " +
       std::to_string(comm.size()) + " MPI rank" + (comm.size() > 1 ? "s" : "") + " — " + summary.placement);
   say("kmoe-train: " + std::to_string(global_batch) + " sequences × " + std::to_string(c.seq_len) +
-      " tokens a step, steps " + std::to_string(step + 1) + "–" + std::to_string(c.steps) + "; writing to " +
+      (c.task == "lm" ? " tokens" : " row") + " a step, steps " + std::to_string(step + 1) + "–" + std::to_string(c.steps) + "; writing to " +
       c.out_dir);
 
   Metrics metrics((fs::path(c.out_dir) / "metrics.csv").string(), step, root);
@@ -259,13 +388,8 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
   const auto evaluate = [&] {
     double total = 0;
     for (std::int64_t j = 0; j < c.eval_batches; ++j) {
-      const Batch batch = read_batch(*eval, static_cast<std::uint64_t>(c.seed), 0xe7a1, j, first_sequence, c.batch_size,
-                                     c.seq_len);
-      model::LayerInputs<float> in;
-      in.tokens = batch.inputs;
       Generator eval_rng(0);
-      const auto f = layer->forward(in, false, eval_rng);
-      total += global_cross_entropy(comm, f.out, batch.targets, nullptr);
+      total += task->run(*layer, true, j, false, eval_rng, false).loss;
     }
     return total / static_cast<double>(c.eval_batches);
   };
@@ -291,7 +415,7 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
   const auto start = Clock::now();
   auto interval_start = start;
   // Where the run's time goes: the step's compute, and what the driver adds around it.
-  double data_s = 0, eval_s = 0, checkpoint_s = 0, log_s = 0;
+  double eval_s = 0, checkpoint_s = 0, log_s = 0;
   const auto seconds_since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
   std::int64_t interval_tokens = 0, run_tokens = 0;
   double last_eval = NAN, reg = 0, norm = 0, loss = 0, load = 0;
@@ -302,22 +426,17 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
     const double lr = learning_rate(c, step);
     optimizer.set_learning_rate(lr);
     auto mark = Clock::now();
-    const Batch batch =
-        read_batch(*train, static_cast<std::uint64_t>(c.seed), 0x7a1e, step, first_sequence, c.batch_size, c.seq_len);
-    data_s += seconds_since(mark);
-    model::LayerInputs<float> in;
-    in.tokens = batch.inputs;
     layer->zero_grad();
     const std::string last_good = summary.last_checkpoint.empty() ? newest_checkpoint(c.out_dir) : summary.last_checkpoint;
     try {
-      const auto f = layer->forward(in, true, rng);
-      Tensor<float> dlogits;
-      loss = global_cross_entropy(comm, f.out, batch.targets, &dlogits);
-      reg = f.losses.count("reg_loss") > 0 ? f.losses.at("reg_loss") : 0.0;
-      if (step % c.log_every == 0 || step == c.steps) load = expert_load_imbalance(comm, f, ff_experts);
-      require(std::isfinite(loss) && std::isfinite(reg), Status::non_finite, "the loss is ", loss, " (reg_loss ", reg,
+      const Task::Result r = task->run(*layer, false, step, true, rng, true);
+      loss = r.loss;
+      reg = r.forward.losses.count("reg_loss") > 0 ? r.forward.losses.at("reg_loss") : r.forward.aux_loss;
+      if (c.task == "lm" && (step % c.log_every == 0 || step == c.steps))
+        load = expert_load_imbalance(comm, r.forward, ff_experts);
+      require(std::isfinite(loss) && std::isfinite(reg), Status::non_finite, "the loss is ", loss, " (aux loss ", reg,
               ")");
-      (void)layer->backward(f, dlogits, static_cast<float>(c.aux_weight));
+      (void)layer->backward(r.forward, r.dout, static_cast<float>(c.aux_weight));
       dist::all_reduce_dense_gradients(comm, layer->parameters());
       norm = dist::clip_gradients_by_global_norm(comm, parameters, c.clip_norm);
       require(std::isfinite(norm), Status::non_finite, "the gradient norm is ", norm);
@@ -331,8 +450,8 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
       summary.initial_loss = loss;
       have_initial = true;
     }
-    interval_tokens += global_batch * c.seq_len;
-    run_tokens += global_batch * c.seq_len;
+    interval_tokens += global_batch * task->units_per_row();
+    run_tokens += global_batch * task->units_per_row();
 
     const bool stopping = comm.sum(stop_flag != 0 ? 1 : 0) > 0 || (options.stop_after > 0 && step == options.stop_after && step < c.steps);
     const bool last = step == c.steps || stopping;
@@ -349,9 +468,10 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
       line << "step " << step << "/" << c.steps << " | loss " << std::fixed << std::setprecision(4) << loss
            << " | eval " << (std::isfinite(last_eval) ? std::to_string(last_eval).substr(0, 6) : std::string("-"))
            << " | reg " << std::setprecision(4) << reg << " | lr " << std::scientific << std::setprecision(2) << lr
-           << " | |g| " << std::fixed << std::setprecision(3) << norm << " | load " << std::setprecision(2) << load
-           << " | " << std::setprecision(0) << tps
-           << " tok/s | " << comm.size() << " rank" << (comm.size() > 1 ? "s" : "") << " | "
+           << " | |g| " << std::fixed << std::setprecision(3) << norm;
+      if (c.task == "lm") line << " | load " << std::setprecision(2) << load;
+      line << " | " << std::setprecision(0) << tps
+           << (c.task == "lm" ? " tok/s | " : " rows/s | ") << comm.size() << " rank" << (comm.size() > 1 ? "s" : "") << " | "
            << format_seconds(now) << " elapsed, ETA " << format_seconds(per_step * static_cast<double>(c.steps - step));
       if (options.progress_bar && log != nullptr) *log << "\r\033[K";
       say(line.str());
@@ -380,7 +500,7 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
   summary.final_eval_loss = last_eval;
   summary.tokens_per_second = seconds > 0 ? static_cast<double>(run_tokens) / seconds : 0;
   summary.seconds = seconds;
-  summary.data_seconds = data_s;
+  summary.data_seconds = task->data_seconds();
   summary.eval_seconds = eval_s;
   summary.checkpoint_seconds = checkpoint_s;
   summary.log_seconds = log_s;

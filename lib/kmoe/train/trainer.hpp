@@ -25,7 +25,9 @@ struct TrainSummary {
   std::int64_t first_step = 0, last_step = 0;  // the steps this run took (first_step - 1 was resumed)
   double initial_loss = 0, final_loss = 0, final_eval_loss = 0;
   double tokens_per_second = 0;   // of all ranks, over this run
-  double unigram_entropy = 0;     // of the training split's tokens, nats
+  // What a model that learned nothing scores: the unigram entropy of the training tokens (nats;
+  // lm), the variance of the training targets (regression).
+  double baseline_loss = 0;
   std::string last_checkpoint, metrics_path;
   bool stopped = false;           // ended early by request_stop()
   std::string placement;          // how the experts sit on the ranks (kmoe-inspect's words)
