@@ -19,12 +19,12 @@
 
 int main(int argc, char** argv) {
   using namespace kmoe;
-  if (apps::asks_for_help(argc, argv) || argc < 3) {
-    std::printf("usage: kmoe-data TEXT OUT.h5 [--eval-fraction F] | kmoe-data --regression OUT.h5 [--rows N]\n"
+  if (const int code = apps::usage_exit_code(argc, argv, 2,
+                                            "usage: kmoe-data TEXT OUT.h5 [--eval-fraction F] | kmoe-data --regression OUT.h5 [--rows N]\n"
                 "  writes TEXT's bytes as token ids (vocabulary 256): /train (the first 1 - F) and /eval\n"
                 "  (the last F, default 0.05) of OUT.h5, crash-safely\n");
-    return argc < 3 && !apps::asks_for_help(argc, argv) ? 2 : 0;
-  }
+      code >= 0)
+    return code;
   try {
     if (std::string(argv[1]) == "--regression") {
       const apps::Options options = apps::parse_options(argc, argv, 3, "kmoe-data");

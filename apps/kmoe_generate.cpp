@@ -43,12 +43,12 @@ int next_token(const std::vector<float>& logits, double temperature, int top_k, 
 
 int main(int argc, char** argv) {
   using namespace kmoe;
-  if (apps::asks_for_help(argc, argv) || argc < 2) {
-    std::printf("usage: kmoe-generate CHECKPOINT.h5 --prompt TEXT [--tokens 200] [--temperature 0] [--top-k 0] "
+  if (const int code = apps::usage_exit_code(argc, argv, 1,
+                                            "usage: kmoe-generate CHECKPOINT.h5 --prompt TEXT [--tokens 200] [--temperature 0] [--top-k 0] "
                 "[--seed 0]\n  continues TEXT with a moeut_lm checkpoint (byte tokens), using the KV cache;\n"
                 "  temperature 0 is greedy, otherwise a draw from the top-k tokens (0: all)\n");
-    return argc < 2 && !apps::asks_for_help(argc, argv) ? 2 : 0;
-  }
+      code >= 0)
+    return code;
   Kokkos::ScopeGuard kokkos(argc, argv);
   try {
     const apps::Options options = apps::parse_options(argc, argv, 2, "kmoe-generate");

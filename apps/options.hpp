@@ -3,6 +3,7 @@
 
 #include "kmoe/core/error.hpp"
 
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <string>
@@ -31,6 +32,15 @@ inline bool asks_for_help(int argc, char** argv) {
     if (arg == "--help" || arg == "-h") return true;
   }
   return false;
+}
+
+// Prints usage when asked (--help) or when fewer than `required` arguments follow the program's
+// name; returns the exit code then (0 for --help, 2 for missing arguments), -1 to go on.
+inline int usage_exit_code(int argc, char** argv, int required, const char* usage) {
+  const bool help = asks_for_help(argc, argv);
+  if (!help && argc > required) return -1;
+  std::fputs(usage, help ? stdout : stderr);
+  return help ? 0 : 2;
 }
 
 // The positive integer under `key`, or `fallback` when absent.
