@@ -119,6 +119,10 @@ JSON
     sed 's/"seq_len": 16/"seq_len": 1000000/' good.json > long.json
     expect_fail 2 "too few for seq_len" "$bin/kmoe-train" long.json
     expect_fail 2 "not valid JSON" "$bin/kmoe-train" <(echo '{"data": ')
+    # A token dataset cut short: refused as damaged before step 1.
+    head -c $(( $(stat -c %s tokens.h5) / 2 )) tokens.h5 > cut.h5
+    sed 's/tokens.h5/cut.h5/' good.json > cut.json
+    expect_fail 2 "cut.h5" "$bin/kmoe-train" cut.json
     # A checkpoint of another model in out_dir: refused before any step.
     "$bin/kmoe-train" good.json > /dev/null
     sed 's/"d_model": 32/"d_model": 48/' good.json > other.json
