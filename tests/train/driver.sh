@@ -103,6 +103,24 @@ JSON
     expect_fail 2 "d_in = 5, but /inputs of reg.h5 has 3 columns" "$bin/kmoe-train" wide.json
     sed 's/"model": "moe_stack"/"model": "moeut_lm"/' learn.json > wrong.json
     expect_fail 2 "the regression task trains model 'moe_stack'" "$bin/kmoe-train" wrong.json
+    # The lm task with moe_lm (σ-MoE or ST-MoE feed-forwards) at W = 2: it learns and resumes bitwise.
+    for kind in sigma_moe st_moe; do
+      moe='{"n_experts": 4, "expert_size": 16, "k": 2}'
+      [[ $kind == st_moe ]] && moe='{"num_experts": 4, "expert_hidden_mult": 2}'
+      for run in u r; do
+        cat > $kind-$run.json <<JSON
+{"data": "tokens.h5", "out_dir": "$kind-$run", "model": "moe_lm", "batch_size": 2, "seq_len": 16, "steps": 12,
+ "log_every": 2, "eval_every": 4, "eval_batches": 2, "checkpoint_every": 4, "seed": 5,
+ "model_config": {"d_model": 32, "n_layers": 2, "n_heads": 2, "moe_kind": "$kind", "moe": $moe}}
+JSON
+      done
+      mpirun 2 "$bin/kmoe-train" $kind-u.json > $kind-u.txt
+      mpirun 2 "$bin/kmoe-train" $kind-r.json --stop-after 6 > /dev/null
+      mpirun 2 "$bin/kmoe-train" $kind-r.json --resume > /dev/null
+      [[ "$(last_row $kind-u)" == "$(last_row $kind-r)" ]] || { echo "moe_lm $kind resumed differently"; exit 1; }
+      awk -F, 'NR == 2 { first = $2 } END { if (!($2 < first)) { print "moe_lm: loss did not drop"; exit 1 } }' \
+          $kind-u/metrics.csv
+    done
     echo "regression: learns, resumes bitwise, infers alike on 1 and 3 ranks, refuses the wrong task"
     ;;
   bad_input)

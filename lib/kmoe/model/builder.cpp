@@ -1,5 +1,6 @@
 #include "kmoe/model/builder.hpp"
 
+#include "kmoe/model/moe_lm.hpp"
 #include "kmoe/model/moe_stack.hpp"
 
 #include "kmoe/layers/moeut.hpp"
@@ -384,6 +385,11 @@ std::unique_ptr<Layer<T>> build_st_moe_block(const std::string& kind, const nloh
 template <class T>
 const std::map<std::string, Factory<T>>& factories() {
   static const std::map<std::string, Factory<T>> table = {
+      {"moe_lm",
+       [](const std::string&, const nlohmann::json& json, std::uint64_t seed, ParameterInit init,
+          const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
+         return make_moe_lm<T>(read_moe_lm_config(json), seed, init, comm);
+       }},
       {"moe_stack",
        [](const std::string&, const nlohmann::json& json, std::uint64_t seed, ParameterInit init,
           const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {

@@ -14,6 +14,7 @@
 //   soft_moe_lucidrains  lucidrains/soft-moe-pytorch SoftMoE(dim, seq_len | num_slots, ...)
 //   switchhead           MoEUT's SwitchHeadRope attention alone (x feeds q, k, v and the routers)
 //   moeut, moeut_lm      RobertCsordas/moeut MoEUT / MoEUTLM
+//   moe_lm               kmoe's transformer LM with σ-MoE or ST-MoE feed-forwards (model/moe_lm.hpp)
 //   moe_stack            kmoe's regression model: linear in, [LayerNorm → MoE → residual] blocks,
 //                        linear out (model/moe_stack.hpp)
 #pragma once

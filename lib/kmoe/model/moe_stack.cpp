@@ -45,16 +45,6 @@ const FieldTable<C>& moe_stack_fields() {
   return table;
 }
 
-// The MoE's config with its model width set to d_model (each kind names it its own way).
-nlohmann::json block_config(const C& c) {
-  nlohmann::json moe = c.moe;
-  const char* width = c.moe_kind == "sigma_moe" ? "dmodel" : c.moe_kind == "st_moe" ? "dim" : "d_model";
-  require(!moe.contains(width) || moe[width] == c.d_model, Status::invalid_argument, "moe_stack config: moe.", width,
-          " = ", moe.contains(width) ? moe[width].dump() : "", " differs from d_model = ", c.d_model);
-  moe[width] = c.d_model;
-  return moe;
-}
-
 template <class T>
 class MoEStack final : public Layer<T> {
  public:
@@ -76,7 +66,7 @@ class MoEStack final : public Layer<T> {
     uniform(b_in_, c.d_in);
     uniform(w_out_, D);
     uniform(b_out_, D);
-    const nlohmann::json moe = block_config(c);
+    const nlohmann::json moe = with_model_width(c.moe_kind, c.moe, c.d_model, "moe_stack config");
     for (int b = 0; b < c.n_blocks; ++b) {
       Block block;
       block.norm_weight = Tensor<T>("moe_stack::norm.weight", {D});
@@ -222,9 +212,18 @@ class MoEStack final : public Layer<T> {
 
 }  // namespace
 
+nlohmann::json with_model_width(const std::string& kind, nlohmann::json moe, index_t width,
+                                const std::string& context) {
+  const char* key = kind == "sigma_moe" ? "dmodel" : kind == "st_moe" ? "dim" : "d_model";
+  require(!moe.contains(key) || moe[key] == width, Status::invalid_argument, context, ": moe.", key, " = ",
+          moe.contains(key) ? moe[key].dump() : "", " differs from d_model = ", width);
+  moe[key] = width;
+  return moe;
+}
+
 MoEStackConfig read_moe_stack_config(const nlohmann::json& json) {
   MoEStackConfig c = read_fields(moe_stack_fields(), json, "moe_stack config");
-  (void)block_config(c);
+  (void)with_model_width(c.moe_kind, c.moe, c.d_model, "moe_stack config");
   return c;
 }
 

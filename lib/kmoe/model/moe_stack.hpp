@@ -28,6 +28,11 @@ struct MoEStackConfig {
   double norm_eps = 1e-5;
 };
 
+// An MoE layer's config (kind sigma_moe, st_moe or soft_moe_lite) with its model width — each
+// kind names it its own way — set to width; a different width already there is an error naming
+// `context`. For the models that hold MoE layers (moe_stack, moe_lm).
+nlohmann::json with_model_width(const std::string& kind, nlohmann::json moe, index_t width, const std::string& context);
+
 // The config read from JSON (every key checked, unknown ones refused).
 MoEStackConfig read_moe_stack_config(const nlohmann::json& json);
 nlohmann::json write_moe_stack_config(const MoEStackConfig& config);

@@ -46,7 +46,7 @@ const model::FieldTable<TrainConfig>& train_config_fields() {
   using C = TrainConfig;
   static const model::FieldTable<C> table = {
       field("task", &C::task, one_of(&C::task, {"lm", "regression"})),
-      field("model", &C::model, one_of(&C::model, {"moeut_lm", "moe_stack"})),
+      field("model", &C::model, one_of(&C::model, {"moeut_lm", "moe_lm", "moe_stack"})),
       field("profile", &C::profile),
       model_config_field(),
       field("data", &C::data, not_empty(&C::data)),

@@ -15,7 +15,7 @@ namespace kmoe::train {
 
 struct TrainConfig {
   std::string task = "lm";           // "lm" (language modelling on token ids) | "regression"
-  std::string model = "moeut_lm";    // the layer kind: moeut_lm (lm), moe_stack (regression)
+  std::string model = "moeut_lm";    // the layer kind: moeut_lm or moe_lm (lm), moe_stack (regression)
   std::string profile;               // a MoEUT profile ("MoEUT_44M", ...) as the base config, or none
   nlohmann::json model_config = nlohmann::json::object();  // the model's config, over the profile's
   std::string data;                  // lm: token dataset (kmoe-data); regression: HDF5 with the matrices

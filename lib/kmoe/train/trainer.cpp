@@ -38,13 +38,22 @@ namespace fs = std::filesystem;
 // The model's config: the profile's (if any), the config's keys over it, n_tokens from the data.
 nlohmann::json model_config_for(const TrainConfig& c, int vocabulary) {
   nlohmann::json config = nlohmann::json::object();
-  if (!c.profile.empty())
+  if (!c.profile.empty()) {
+    require(c.model == "moeut_lm", Status::invalid_argument, "profile = '", c.profile, "' names a MoEUT profile; model ",
+            c.model, " takes its sizes from model_config");
     config = model::write_fields(layers::moeut_fields(true), layers::moeut_profile(c.profile, vocabulary));
+  }
   for (const auto& [key, value] : c.model_config.items()) config[key] = value;
   if (!config.contains("n_tokens")) config["n_tokens"] = vocabulary;
   require(config["n_tokens"].is_number_integer() && config["n_tokens"].get<std::int64_t>() >= vocabulary,
           Status::invalid_argument, "model_config: n_tokens = ", config["n_tokens"].dump(), " is smaller than the ",
           "data's vocabulary of ", vocabulary, " tokens");
+  if (c.model == "moe_lm") {
+    if (!config.contains("max_seq_len")) config["max_seq_len"] = c.seq_len;
+    require(config["max_seq_len"].is_number_integer() && config["max_seq_len"].get<std::int64_t>() >= c.seq_len,
+            Status::invalid_argument, "model_config: max_seq_len = ", config["max_seq_len"].dump(),
+            " is shorter than seq_len = ", c.seq_len);
+  }
   return config;
 }
 
@@ -333,9 +342,9 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
   TrainSummary summary;
 
   // Everything that can be wrong with the config, the data or a checkpoint is found before step 1.
-  const std::string wanted_model = c.task == "lm" ? "moeut_lm" : "moe_stack";
-  require(c.model == wanted_model, Status::invalid_argument, "model = '", c.model, "': the ", c.task,
-          " task trains model '", wanted_model, "'");
+  const bool fits = c.task == "lm" ? (c.model == "moeut_lm" || c.model == "moe_lm") : c.model == "moe_stack";
+  require(fits, Status::invalid_argument, "model = '", c.model, "': the ", c.task, " task trains ",
+          c.task == "lm" ? "model 'moeut_lm' or 'moe_lm'" : "model 'moe_stack'");
   const std::int64_t first_sequence = comm.exclusive_prefix_sum(c.batch_size);
   const std::int64_t global_batch = comm.sum(c.batch_size);
   std::unique_ptr<Task> task;
@@ -432,7 +441,7 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
       const Task::Result r = task->run(*layer, false, step, true, rng, true);
       loss = r.loss;
       reg = r.forward.losses.count("reg_loss") > 0 ? r.forward.losses.at("reg_loss") : r.forward.aux_loss;
-      if (c.task == "lm" && (step % c.log_every == 0 || step == c.steps))
+      if (c.model == "moeut_lm" && (step % c.log_every == 0 || step == c.steps))
         load = expert_load_imbalance(comm, r.forward, ff_experts);
       require(std::isfinite(loss) && std::isfinite(reg), Status::non_finite, "the loss is ", loss, " (aux loss ", reg,
               ")");
@@ -469,7 +478,7 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
            << " | eval " << (std::isfinite(last_eval) ? std::to_string(last_eval).substr(0, 6) : std::string("-"))
            << " | reg " << std::setprecision(4) << reg << " | lr " << std::scientific << std::setprecision(2) << lr
            << " | |g| " << std::fixed << std::setprecision(3) << norm;
-      if (c.task == "lm") line << " | load " << std::setprecision(2) << load;
+      if (c.model == "moeut_lm") line << " | load " << std::setprecision(2) << load;
       line << " | " << std::setprecision(0) << tps
            << (c.task == "lm" ? " tok/s | " : " rows/s | ") << comm.size() << " rank" << (comm.size() > 1 ? "s" : "") << " | "
            << format_seconds(now) << " elapsed, ETA " << format_seconds(per_step * static_cast<double>(c.steps - step));
