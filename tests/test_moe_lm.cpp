@@ -48,19 +48,7 @@ TEST(MoELM, GradientsMatchFiniteDifferencesForBothMoEKinds) {
     ASSERT_EQ(f.out.shape(), (Shape{B, T_len, 11})) << kind;
     layer->zero_grad();
     EXPECT_TRUE(layer->backward(f, make_tensor<double>({B, T_len, 11}, r), aux_weight).empty());
-    for (auto& p : model::trainable(layer->parameters())) {
-      const std::vector<double> value = to_double(*p.tensor), grad = to_double(*p.grad);
-      const double error = finite_difference_error(
-          value,
-          [&](const std::vector<double>& probe) {
-            p.tensor->copy_from_host(probe);
-            const double l = loss_of(*layer, ids, r);
-            p.tensor->copy_from_host(value);
-            return l;
-          },
-          grad);
-      EXPECT_LE(error, 1e-6) << kind << ": " << p.name;
-    }
+    expect_parameter_gradients(*layer, [&] { return loss_of(*layer, ids, r); }, 1e-6, kind);
   }
 }
 

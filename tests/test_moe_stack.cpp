@@ -59,19 +59,7 @@ TEST(MoEStack, GradientsMatchFiniteDifferencesForEveryMoEKind) {
                                       to_double(dx)),
               1e-6)
         << kind << ": dx";
-    for (auto& p : model::trainable(layer->parameters())) {
-      const std::vector<double> value = to_double(*p.tensor), grad = to_double(*p.grad);
-      const double error = finite_difference_error(
-          value,
-          [&](const std::vector<double>& probe) {
-            p.tensor->copy_from_host(probe);
-            const double l = loss_of(*layer, x, r);
-            p.tensor->copy_from_host(value);
-            return l;
-          },
-          grad);
-      EXPECT_LE(error, 1e-6) << kind << ": " << p.name;
-    }
+    expect_parameter_gradients(*layer, [&] { return loss_of(*layer, x, r); }, 1e-6, kind);
   }
 }
 

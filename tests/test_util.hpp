@@ -4,6 +4,7 @@
 
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/model/parameter.hpp"
 
 #include <gtest/gtest.h>
 
@@ -103,6 +104,25 @@ inline double finite_difference_error(const std::vector<double>& x,
     numeric[i] = (up - down) / (2 * h);
   }
   return max_rel_error(analytic, numeric);
+}
+
+// Every trainable parameter's gradient (already computed into its grad) against central differences
+// of loss() over its values, within tolerance; `what` labels failures.
+template <class L>
+void expect_parameter_gradients(L& layer, const std::function<double()>& loss, double tolerance, const std::string& what) {
+  for (auto& p : kmoe::model::trainable(layer.parameters())) {
+    const std::vector<double> value = to_double(*p.tensor), grad = to_double(*p.grad);
+    const double error = finite_difference_error(
+        value,
+        [&](const std::vector<double>& probe) {
+          p.tensor->copy_from_host(probe);
+          const double l = loss();
+          p.tensor->copy_from_host(value);
+          return l;
+        },
+        grad);
+    EXPECT_LE(error, tolerance) << what << ": " << p.name;
+  }
 }
 
 // Σ a ⊙ b: the scalar "loss" L = Σ out ⊙ R whose gradient with respect to out is R.

@@ -199,6 +199,20 @@ Field<C> enum_field(const std::string& name, E C::*member, E (*parse)(const std:
   return f;
 }
 
+// A JSON object kept as it is (a nested layer's config), checked only to be an object.
+template <class C>
+Field<C> object_field(const std::string& name, nlohmann::json C::*member) {
+  Field<C> f;
+  f.name = name;
+  f.type = "an object";
+  f.get = [member](const C& c) { return c.*member; };
+  f.set = [member](C& c, const nlohmann::json& v, const std::string& where) {
+    if (!v.is_object()) impl::wrong_type(where, "an object", v);
+    c.*member = v;
+  };
+  return f;
+}
+
 // A number or a list of numbers (a Python float or tuple), stored as a vector.
 template <class C>
 Field<C> number_list_field(const std::string& name, std::vector<double> C::*member,

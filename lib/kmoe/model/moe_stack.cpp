@@ -31,15 +31,7 @@ const FieldTable<C>& moe_stack_fields() {
               })),
         field("norm_eps", &C::norm_eps, finite_positive(&C::norm_eps)),
     };
-    Field<C> moe;
-    moe.name = "moe";
-    moe.type = "an object";
-    moe.get = [](const C& c) { return c.moe; };
-    moe.set = [](C& c, const nlohmann::json& v, const std::string& where) {
-      if (!v.is_object()) impl::wrong_type(where, "an object", v);
-      c.moe = v;
-    };
-    t.push_back(moe);
+    t.push_back(object_field("moe", &C::moe));
     return t;
   }();
   return table;

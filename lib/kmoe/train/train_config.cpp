@@ -8,7 +8,6 @@ namespace {
 
 using model::at_least;
 using model::field;
-using model::Field;
 
 std::function<void(const TrainConfig&, const std::string&)> one_of(std::string TrainConfig::*member,
                                                                     std::vector<std::string> allowed) {
@@ -28,18 +27,6 @@ std::function<void(const TrainConfig&, const std::string&)> not_empty(std::strin
   };
 }
 
-Field<TrainConfig> model_config_field() {
-  Field<TrainConfig> f;
-  f.name = "model_config";
-  f.type = "an object";
-  f.get = [](const TrainConfig& c) { return c.model_config; };
-  f.set = [](TrainConfig& c, const nlohmann::json& v, const std::string& where) {
-    if (!v.is_object()) model::impl::wrong_type(where, "an object", v);
-    c.model_config = v;
-  };
-  return f;
-}
-
 }  // namespace
 
 const model::FieldTable<TrainConfig>& train_config_fields() {
@@ -48,7 +35,7 @@ const model::FieldTable<TrainConfig>& train_config_fields() {
       field("task", &C::task, one_of(&C::task, {"lm", "regression"})),
       field("model", &C::model, one_of(&C::model, {"moeut_lm", "moe_lm", "moe_stack"})),
       field("profile", &C::profile),
-      model_config_field(),
+      model::object_field("model_config", &C::model_config),
       field("data", &C::data, not_empty(&C::data)),
       field("inputs", &C::inputs, not_empty(&C::inputs)),
       field("targets", &C::targets, not_empty(&C::targets)),
