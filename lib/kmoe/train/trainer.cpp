@@ -103,11 +103,20 @@ double global_cross_entropy(const dist::Communicator& comm, const Tensor<float>&
 }
 
 // Entropy (nats) of the token frequencies of a split, read in blocks.
-double unigram_entropy(const io::TokenDataset& data) {
+// [first, first + count) of n items: rank r's contiguous share (the first n mod W ranks one more).
+std::pair<std::int64_t, std::int64_t> share_of(const dist::Communicator& comm, std::int64_t n) {
+  const std::int64_t W = comm.size(), r = comm.rank(), base = n / W, extra = n % W;
+  return {r * base + std::min(r, extra), base + (r < extra ? 1 : 0)};
+}
+
+// Entropy (nats) of the token frequencies of a split: each rank counts its share, in blocks.
+double unigram_entropy(const dist::Communicator& comm, const io::TokenDataset& data) {
   std::vector<double> counts(static_cast<std::size_t>(data.vocabulary()), 0);
+  const auto [first, count] = share_of(comm, data.size());
   const std::int64_t block = std::int64_t(1) << 20;
-  for (std::int64_t at = 0; at < data.size(); at += block)
-    for (const int t : data.read(at, std::min(block, data.size() - at))) counts[static_cast<std::size_t>(t)] += 1;
+  for (std::int64_t at = first; at < first + count; at += block)
+    for (const int t : data.read(at, std::min(block, first + count - at))) counts[static_cast<std::size_t>(t)] += 1;
+  comm.all_reduce_sum(counts.data(), counts.size());
   double h = 0;
   for (const double n : counts)
     if (n > 0) h -= n / static_cast<double>(data.size()) * std::log(n / static_cast<double>(data.size()));
@@ -179,7 +188,7 @@ class LanguageModelling final : public Task {
     return r;
   }
   std::int64_t units_per_row() const override { return c_.seq_len; }
-  double baseline_loss() const override { return unigram_entropy(train_); }
+  double baseline_loss() const override { return unigram_entropy(comm_, train_); }
 
  private:
   const TrainConfig& c_;
@@ -239,15 +248,18 @@ class Regression final : public Task {
   }
   std::int64_t units_per_row() const override { return 1; }
   double baseline_loss() const override {
-    // The targets' variance over the training rows: the MSE of predicting their mean.
-    const std::int64_t train_rows = inputs_.rows() - eval_rows_;
-    const std::vector<double> all = targets_.read_rows(0, train_rows);
-    double total = 0;
-    for (const double v : all) total += v;
-    const double mean = total / static_cast<double>(all.size());
-    double var = 0;
-    for (const double v : all) var += (v - mean) * (v - mean);
-    return var / static_cast<double>(all.size());
+    // The targets' variance over the training rows (the MSE of predicting their mean): each rank
+    // sums its share of the rows.
+    const auto [first, count] = share_of(comm_, inputs_.rows() - eval_rows_);
+    const std::vector<double> mine = targets_.read_rows(first, count);
+    double sums[3] = {0, 0, static_cast<double>(mine.size())};
+    for (const double v : mine) {
+      sums[0] += v;
+      sums[1] += v * v;
+    }
+    comm_.all_reduce_sum(sums, 3);
+    const double mean = sums[0] / sums[2];
+    return sums[1] / sums[2] - mean * mean;
   }
 
  private:
