@@ -84,6 +84,7 @@ JSON
     }
     regression_config learn 300 > learn.json
     "$bin/kmoe-train" learn.json > learn.txt
+    grep -q "| load [0-9.]* |" learn.txt || { echo "moe_stack: no expert load in the progress lines"; exit 1; }
     awk -F, 'END { if (!($3 < 0.02)) { print "eval MSE " $3 " is not below 0.02"; exit 1 } }' learn/metrics.csv
     echo "learned: eval MSE $(tail -n 1 learn/metrics.csv | cut -d, -f3) after 300 steps"
     regression_config a 40 > a.json
@@ -115,6 +116,7 @@ JSON
 JSON
       done
       mpirun 2 "$bin/kmoe-train" $kind-u.json > $kind-u.txt
+      grep -q "| load [0-9.]* |" $kind-u.txt || { echo "moe_lm $kind: no expert load in the progress lines"; exit 1; }
       mpirun 2 "$bin/kmoe-train" $kind-r.json --stop-after 6 > /dev/null
       mpirun 2 "$bin/kmoe-train" $kind-r.json --resume > /dev/null
       [[ "$(last_row $kind-u)" == "$(last_row $kind-r)" ]] || { echo "moe_lm $kind resumed differently"; exit 1; }

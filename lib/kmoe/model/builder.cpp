@@ -161,6 +161,13 @@ const nlohmann::json& required_key(const nlohmann::json& config, const char* key
 
 // ---- the type-erased layers --------------------------------------------------------------
 
+// A wrapper's forward with the MoE routing counts of its calls filled in.
+template <class T>
+LayerForward<T> with_counts(LayerForward<T> f, std::vector<std::int64_t> counts) {
+  f.expert_counts = std::move(counts);
+  return f;
+}
+
 template <class T>
 void require_input(const Tensor<T>& x, const std::string& kind) {
   require(!x.empty(), Status::invalid_argument, kind, ": the input x is missing");
@@ -229,7 +236,8 @@ class SigmaMoELayer final : public Wrapped<layers::SigmaMoE<T>> {
     auto f = this->layer_.forward(in.x, training, rng);
     const Tensor<T> out = f.y;
     const T reg = f.reg_loss;
-    return this->result(std::move(f), out, training, reg, {{"reg_loss", reg}});
+    auto counts = count_experts(f.expert_index, this->layer_.config().n_experts);
+    return with_counts(this->result(std::move(f), out, training, reg, {{"reg_loss", reg}}), std::move(counts));
   }
   Tensor<T> backward(const LayerForward<T>& forward, const Tensor<T>& dout, T aux_weight) override {
     return this->layer_.backward(this->template state<layers::SigmaMoEForward<T>>(forward), dout, aux_weight);
@@ -251,6 +259,26 @@ std::map<std::string, double> st_moe_losses(const F& f) {
   return {{"total_aux_loss", f.total_aux_loss}, {"balance_loss", f.balance_loss}, {"router_z_loss", f.router_z_loss}};
 }
 
+// The kept choices of ST-MoE's (outer) gate over its num_experts (the config's, or its moe's).
+template <class T>
+std::vector<std::int64_t> st_moe_counts(const layers::StMoEForward<T>& f, const nlohmann::json& config) {
+  const nlohmann::json& moe = config.contains("moe") ? config["moe"] : config;
+  const nlohmann::json& n = moe.at("num_experts");
+  return count_experts(f.gate.routing.expert_index, (n.is_array() ? n[0] : n).get<index_t>());
+}
+template <class T>
+std::vector<std::int64_t> st_moe_counts(const layers::SparseMoEBlockForward<T>& f, const nlohmann::json& config) {
+  return st_moe_counts(f.moe, config);
+}
+
+// MoEUT's σ-MoE feed-forward calls, over its ff_n_experts.
+template <class T>
+std::vector<std::int64_t> moeut_counts(const layers::MoEUTForward<T>& f, const layers::MoEUTConfig& config) {
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(config.ff_n_experts), 0);
+  for (const auto& call : f.calls) add_counts(counts, count_experts(call.ffn.expert_index, config.ff_n_experts));
+  return counts;
+}
+
 // StMoE and SparseMoEBlock (L), whose forward results (F) carry the same losses.
 template <class L, class F>
 class StMoEFamilyLayer final : public Wrapped<L> {
@@ -262,7 +290,8 @@ class StMoEFamilyLayer final : public Wrapped<L> {
     const Tensor<T> out = f.out;
     const T aux = f.total_aux_loss;
     auto losses = st_moe_losses<T>(f);
-    return this->result(std::move(f), out, training, aux, std::move(losses));
+    auto counts = st_moe_counts(f, this->config_);
+    return with_counts(this->result(std::move(f), out, training, aux, std::move(losses)), std::move(counts));
   }
   Tensor<T> backward(const LayerForward<T>& forward, const Tensor<T>& dout, T aux_weight) override {
     return this->layer_.backward(this->template state<F>(forward), dout, aux_weight);
@@ -320,9 +349,10 @@ class MoEUTLayer final : public Wrapped<layers::MoEUT<T>> {
     require_input(in.x, this->kind_);
     refuse(!in.mask.empty(), this->kind_, "token mask (use attention_mask)");
     auto f = this->layer_.forward(in.x, in.attention_mask.value_or(ops::AttentionMask{}), training, rng);
+    auto counts = moeut_counts(f, this->layer_.config());
     const Tensor<T> out = f.out;
     const T reg = f.reg_loss;
-    return this->result(std::move(f), out, training, reg, {{"reg_loss", reg}});
+    return with_counts(this->result(std::move(f), out, training, reg, {{"reg_loss", reg}}), std::move(counts));
   }
   Tensor<T> backward(const LayerForward<T>& forward, const Tensor<T>& dout, T aux_weight) override {
     return this->layer_.backward(this->template state<layers::MoEUTForward<T>>(forward), dout, aux_weight);
@@ -337,9 +367,10 @@ class MoEUTLMLayer final : public Wrapped<layers::MoEUTLM<T>> {
     require(!in.tokens.empty(), Status::invalid_argument, this->kind_, ": the input tokens are missing");
     refuse(!in.x.empty(), this->kind_, "float input x (it reads token ids)");
     auto f = this->layer_.forward(in.tokens, in.attention_mask, training, rng);
+    auto counts = moeut_counts(f.body, this->layer_.config());
     const Tensor<T> out = f.logits;
     const T reg = f.reg_loss;
-    return this->result(std::move(f), out, training, reg, {{"reg_loss", reg}});
+    return with_counts(this->result(std::move(f), out, training, reg, {{"reg_loss", reg}}), std::move(counts));
   }
   Tensor<T> backward(const LayerForward<T>& forward, const Tensor<T>& dout, T aux_weight) override {
     this->layer_.backward(this->template state<layers::MoEUTLMForward<T>>(forward), dout, aux_weight);
@@ -456,6 +487,20 @@ const std::map<std::string, Factory<T>>& factories() {
 }
 
 }  // namespace
+
+std::vector<std::int64_t> count_experts(const Tensor<int>& expert_index, index_t n) {
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(std::max<index_t>(n, 0)), 0);
+  if (expert_index.size() == 0) return counts;
+  for (const int e : expert_index.to_host())
+    if (e >= 0 && e < n) ++counts[static_cast<std::size_t>(e)];
+  return counts;
+}
+
+void add_counts(std::vector<std::int64_t>& a, const std::vector<std::int64_t>& b) {
+  if (a.empty()) a.assign(b.size(), 0);
+  require(a.size() == b.size(), Status::internal, "add_counts: ", a.size(), " and ", b.size(), " experts");
+  for (std::size_t i = 0; i < a.size(); ++i) a[i] += b[i];
+}
 
 const std::vector<std::string>& layer_kinds() {
   static const std::vector<std::string> kinds = [] {

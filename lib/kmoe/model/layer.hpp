@@ -17,8 +17,14 @@
 #include <optional>
 #include <string>
 #include <typeinfo>
+#include <vector>
 
 namespace kmoe::model {
+
+// The histogram of expert ids (−1 ignored) over n experts: LayerForward::expert_counts of one call.
+std::vector<std::int64_t> count_experts(const Tensor<int>& expert_index, index_t n);
+// a += b, element by element (a empty: a = b).
+void add_counts(std::vector<std::int64_t>& a, const std::vector<std::int64_t>& b);
 
 enum class Dtype { float32, float64 };
 const char* dtype_name(Dtype dtype);  // "float32", "float64"
@@ -54,6 +60,10 @@ struct LayerForward {
   // Soft MoE.
   T aux_loss = T(0);
   bool training = false;
+  // (token, expert) pairs of this rank's tokens routed to each global expert, summed over the
+  // layer's MoE calls (σ-MoE's, ST-MoE's kept choices of its gate); empty for families that
+  // route no tokens (Soft MoE, SwitchHead alone). Drivers report the load balance from it.
+  std::vector<std::int64_t> expert_counts;
   std::shared_ptr<const void> state;  // the family's forward struct
 
   // The family's forward struct (layers::SigmaMoEForward<T>, ...); F must be the layer's own.

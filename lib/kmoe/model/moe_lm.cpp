@@ -202,6 +202,7 @@ class MoELM final : public Layer<T> {
           KOKKOS_LAMBDA(const index_t n, const index_t d) { hv(n, d) += pos(n % Tn, d); });
     }
     std::map<std::string, double> losses;
+    std::vector<std::int64_t> counts;  // summed over the blocks' MoE layers
     T aux = T(0);
     const T scale = static_cast<T>(1 / std::sqrt(static_cast<double>(Dh)));
     ops::AttentionMask causal;
@@ -237,6 +238,7 @@ class MoELM final : public Layer<T> {
       moe_in.x = bf.ln2.y.reshape({B, Tn, D});
       bf.moe = block->moe->forward(moe_in, training, rng);
       aux += bf.moe.aux_loss;
+      add_counts(counts, bf.moe.expert_counts);
       for (const auto& [name, value] : bf.moe.losses) losses[name] += value;
       h = bf.mid.clone("moe_lm::h");
       if (N > 0) KokkosBlas::axpy(T(1), bf.moe.out.flat(), h.flat());
@@ -253,6 +255,7 @@ class MoELM final : public Layer<T> {
     out.training = training;
     out.aux_loss = aux;
     out.losses = losses;
+    out.expert_counts = counts;
     out.state = std::make_shared<const Forward>(std::move(f));
     return out;
   }

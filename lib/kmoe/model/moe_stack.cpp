@@ -122,6 +122,7 @@ class MoEStack final : public Layer<T> {
     Tensor<T> h = Tensor<T>::uninitialized("moe_stack::h", {N, D});
     if (N > 0) ops::linear_forward<T>(in.x.as_matrix(), w_in_.as_matrix(), b_in_.flat(), h.as_matrix());
     std::map<std::string, double> losses;
+    std::vector<std::int64_t> counts;  // summed over the blocks' MoE layers
     T aux = T(0);
     for (const Block& block : blocks_) {
       BlockForward bf;
@@ -136,6 +137,7 @@ class MoEStack final : public Layer<T> {
       moe_in.x = sequences() ? bf.normed.reshape({N, 1, D}) : bf.normed;
       bf.moe = block.moe->forward(moe_in, training, rng);
       aux += bf.moe.aux_loss;
+      add_counts(counts, bf.moe.expert_counts);
       for (const auto& [name, value] : bf.moe.losses) losses[name] += value;
       Tensor<T> next = h.clone("moe_stack::h");
       if (N > 0) KokkosBlas::axpy(T(1), bf.moe.out.flat(), next.flat());
@@ -150,6 +152,7 @@ class MoEStack final : public Layer<T> {
     out.training = training;
     out.aux_loss = aux;
     out.losses = losses;
+    out.expert_counts = counts;
     out.state = std::make_shared<const Forward>(std::move(f));
     return out;
   }

@@ -123,23 +123,18 @@ double unigram_entropy(const dist::Communicator& comm, const io::TokenDataset& d
   return h;
 }
 
-// The σ-MoE FFN experts' load of a MoEUTLM forward: max over the experts of the (token, expert)
-// pairs routed to each, over their mean, summed over every layer and rank (1 = perfectly even).
-double expert_load_imbalance(const dist::Communicator& comm, const model::LayerForward<float>& forward,
-                             index_t n_experts) {
-  std::vector<std::int64_t> counts(static_cast<std::size_t>(n_experts), 0);
-  for (const auto& call : forward.state_as<layers::MoEUTLMForward<float>>().body.calls) {
-    if (call.ffn.expert_index.size() == 0) continue;
-    for (const int e : call.ffn.expert_index.to_host())
-      if (e >= 0 && e < n_experts) ++counts[static_cast<std::size_t>(e)];
-  }
+// The experts' load of a forward (LayerForward::expert_counts): max over the experts of the
+// (token, expert) pairs routed to each, over their mean, summed over every rank (1 = even; 0 for
+// a model that routes no tokens).
+double expert_load_imbalance(const dist::Communicator& comm, const model::LayerForward<float>& forward) {
+  std::vector<std::int64_t> counts = forward.expert_counts;
   comm.all_reduce_sum(counts.data(), counts.size());
   std::int64_t total = 0, most = 0;
   for (const std::int64_t c : counts) {
     total += c;
     most = std::max(most, c);
   }
-  return total > 0 ? static_cast<double>(most) * static_cast<double>(n_experts) / static_cast<double>(total) : 0;
+  return total > 0 ? static_cast<double>(most) * static_cast<double>(counts.size()) / static_cast<double>(total) : 0;
 }
 
 // What differs between the tasks: the data, the model's config fitted to it, and a batch's loss.
@@ -440,7 +435,6 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
   const auto seconds_since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
   std::int64_t interval_tokens = 0, run_tokens = 0;
   double last_eval = NAN, reg = 0, norm = 0, loss = 0, load = 0;
-  const index_t ff_experts = layer->config().value("ff_n_experts", index_t(1));
   bool have_initial = false;
   while (step < c.steps) {
     ++step;
@@ -453,8 +447,7 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
       const Task::Result r = task->run(*layer, false, step, true, rng, true);
       loss = r.loss;
       reg = r.forward.losses.count("reg_loss") > 0 ? r.forward.losses.at("reg_loss") : r.forward.aux_loss;
-      if (c.model == "moeut_lm" && (step % c.log_every == 0 || step == c.steps))
-        load = expert_load_imbalance(comm, r.forward, ff_experts);
+      if (step % c.log_every == 0 || step == c.steps) load = expert_load_imbalance(comm, r.forward);
       require(std::isfinite(loss) && std::isfinite(reg), Status::non_finite, "the loss is ", loss, " (aux loss ", reg,
               ")");
       (void)layer->backward(r.forward, r.dout, static_cast<float>(c.aux_weight));
@@ -490,7 +483,7 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
            << " | eval " << (std::isfinite(last_eval) ? std::to_string(last_eval).substr(0, 6) : std::string("-"))
            << " | reg " << std::setprecision(4) << reg << " | lr " << std::scientific << std::setprecision(2) << lr
            << " | |g| " << std::fixed << std::setprecision(3) << norm;
-      if (c.model == "moeut_lm") line << " | load " << std::setprecision(2) << load;
+      if (load > 0) line << " | load " << std::setprecision(2) << load;
       line << " | " << std::setprecision(0) << tps
            << (c.task == "lm" ? " tok/s | " : " rows/s | ") << comm.size() << " rank" << (comm.size() > 1 ? "s" : "") << " | "
            << format_seconds(now) << " elapsed, ETA " << format_seconds(per_step * static_cast<double>(c.steps - step));
