@@ -7,6 +7,7 @@
 #include "options.hpp"
 
 #include "kmoe/io/checkpoint.hpp"
+#include "kmoe/dist/placement.hpp"
 #include "kmoe/io/matrix_dataset.hpp"
 #include "kmoe/model/builder.hpp"
 

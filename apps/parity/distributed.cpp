@@ -2,6 +2,7 @@
 
 #include "kmoe/dist/gradients.hpp"
 #include "kmoe/dist/parameter_blocks.hpp"
+#include "kmoe/dist/placement.hpp"
 #include "kmoe/model/builder.hpp"
 
 namespace kmoe::parity {
@@ -18,8 +19,7 @@ Shape with_rows(const Shape& shape, index_t rows) {
 // This rank's rows of a [B, T] mask (a fresh View: the split may leave a rank none).
 Kokkos::View<const bool**, Layout, MemSpace> mask_rows(const dist::Communicator& ranks,
                                                        const Kokkos::View<const bool**, Layout, MemSpace>& mask) {
-  const index_t rows = mask.extent(0), base = rows / ranks.size(), extra = rows % ranks.size(), r = ranks.rank();
-  const index_t first = r * base + std::min(r, extra), count = base + (r < extra ? 1 : 0);
+  const auto [first, count] = dist::piece(static_cast<index_t>(mask.extent(0)), ranks.size(), ranks.rank());
   Kokkos::View<bool**, Layout, MemSpace> mine("parity::mask_rows", count, mask.extent(1));
   if (count > 0) Kokkos::deep_copy(mine, Kokkos::subview(mask, Kokkos::make_pair(first, first + count), Kokkos::ALL));
   return mine;

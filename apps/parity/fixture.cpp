@@ -1,5 +1,7 @@
 #include "fixture.hpp"
 
+#include "kmoe/dist/placement.hpp"
+
 #include "kmoe/core/error.hpp"
 #include "kmoe/io/checkpoint.hpp"
 #include "kmoe/model/builder.hpp"
@@ -189,14 +191,6 @@ template std::unique_ptr<model::Layer<double>> build_fixture_layer<double>(const
 template void load_fixture_parameters<float>(const Fixture&, model::Layer<float>&);
 template void load_fixture_parameters<double>(const Fixture&, model::Layer<double>&);
 
-namespace {
-// Rows [first, first + count) of `rows` split over `ranks`.
-std::pair<index_t, index_t> share_of(index_t rows, int ranks, int rank) {
-  const index_t base = rows / ranks, extra = rows % ranks;
-  return {rank * base + std::min<index_t>(rank, extra), base + (rank < extra ? 1 : 0)};
-}
-}  // namespace
-
 template <class T>
 Tensor<T> my_share(const dist::Communicator& ranks, const Tensor<T>& whole, int axis) {
   std::vector<index_t> dims = whole.shape().dims();
@@ -204,7 +198,7 @@ Tensor<T> my_share(const dist::Communicator& ranks, const Tensor<T>& whole, int 
   index_t outer = 1, width = 1;
   for (int a = 0; a < axis; ++a) outer *= dims[static_cast<std::size_t>(a)];
   for (std::size_t a = static_cast<std::size_t>(axis) + 1; a < dims.size(); ++a) width *= dims[a];
-  const auto [first, count] = share_of(rows, ranks.size(), ranks.rank());
+  const auto [first, count] = dist::piece(rows, ranks.size(), ranks.rank());
   const std::vector<T> all = whole.to_host();
   std::vector<T> mine;
   for (index_t o = 0; o < outer; ++o) {

@@ -6,14 +6,10 @@
 
 namespace kmoe::dist {
 
-namespace {
-// Where piece i of `total` split into `parts` contiguous pieces starts; the first total mod parts
-// pieces are one larger.
 index_t piece_begin(index_t total, index_t parts, index_t i) {
   const index_t base = total / parts, extra = total % parts;
   return i * base + (i < extra ? i : extra);
 }
-}  // namespace
 
 Placement::Placement(int n_experts, int world, index_t hidden) : n_experts_(n_experts), world_(world), hidden_(hidden) {
   require(n_experts >= 1, Status::invalid_argument, "Placement: n_experts = ", n_experts, " must be at least 1");

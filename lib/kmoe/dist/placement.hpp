@@ -11,9 +11,20 @@
 #include "kmoe/core/config.hpp"
 
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace kmoe::dist {
+
+// Where piece i of `total` items split into `parts` contiguous pieces starts; the first
+// total mod parts pieces are one larger. Experts over ranks, hidden units over shards, and a
+// batch's rows over ranks (kmoe-parity --distributed, kmoe-train, kmoe-infer) split this way.
+index_t piece_begin(index_t total, index_t parts, index_t i);
+// Piece i as [first, first + count).
+inline std::pair<index_t, index_t> piece(index_t total, index_t parts, index_t i) {
+  const index_t first = piece_begin(total, parts, i);
+  return {first, piece_begin(total, parts, i + 1) - first};
+}
 
 class Placement {
  public:

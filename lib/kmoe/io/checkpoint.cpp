@@ -165,6 +165,13 @@ std::string utc_now() {
   return text;
 }
 
+// Selects the block `slab` of the dataspace (H5Sselect_hyperslab); false when HDF5 refuses it.
+bool select_block(hid_t space, const dist::Hyperslab& slab) {
+  const std::vector<hsize_t> start(slab.start.begin(), slab.start.end()), stride(slab.stride.begin(), slab.stride.end()),
+      count(slab.count.begin(), slab.count.end()), block(slab.block.begin(), slab.block.end());
+  return H5Sselect_hyperslab(space, H5S_SELECT_SET, start.data(), stride.data(), count.data(), block.data()) >= 0;
+}
+
 // ---- writing ------------------------------------------------------------------------------
 
 // Writes a checkpoint's objects. Over several ranks (a file opened with HDF5's MPI-IO driver)
@@ -296,12 +303,8 @@ class Writer {
     const hsize_t n = std::max<hsize_t>(values.size(), 1);
     H5Object memory(H5Screate_simple(1, &n, nullptr), H5Sclose);
     if (slab != nullptr && !values.empty()) {
-      const std::vector<hsize_t> start(slab->start.begin(), slab->start.end()),
-          stride(slab->stride.begin(), slab->stride.end()), count(slab->count.begin(), slab->count.end()),
-          block(slab->block.begin(), slab->block.end());
-      check(H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start.data(), stride.data(), count.data(),
-                                block.data()),
-            "the block of dataset " + name);
+      require(select_block(file_space.get(), *slab), Status::io_error, target_, ": writing the block of dataset ", name,
+              " failed (disk full or unwritable?)");
       require(H5Sget_select_npoints(file_space.get()) == static_cast<hssize_t>(values.size()), Status::internal,
               target_, ": the block of ", name, " selects ", H5Sget_select_npoints(file_space.get()), " values, not ",
               values.size());
@@ -714,12 +717,7 @@ void read_values(hid_t ds, hid_t space, V* values, const std::string& path, cons
   std::optional<H5Object> selection, memory;
   if (slab != nullptr) {
     selection.emplace(H5Scopy(space), H5Sclose);
-    const std::vector<hsize_t> start(slab->start.begin(), slab->start.end()),
-        stride(slab->stride.begin(), slab->stride.end()), count(slab->count.begin(), slab->count.end()),
-        block(slab->block.begin(), slab->block.end());
-    require(H5Sselect_hyperslab(selection->get(), H5S_SELECT_SET, start.data(), stride.data(), count.data(),
-                                block.data()) >= 0 &&
-                H5Sselect_valid(selection->get()) > 0,
+    require(select_block(selection->get(), *slab) && H5Sselect_valid(selection->get()) > 0,
             Status::shape_mismatch, file_path, ": dataset ", path, " does not hold the block wanted");
     const hsize_t n = static_cast<hsize_t>(H5Sget_select_npoints(selection->get()));
     if (n == 0) return;

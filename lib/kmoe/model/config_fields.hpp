@@ -105,6 +105,20 @@ const char* type_name() {
 // ---- checks --------------------------------------------------------------------------------
 // Each returns a check for Field::check on the member; messages name the field and the value.
 
+// The string member must be one of `allowed`; the message names `who` and lists them.
+template <class C>
+std::function<void(const C&, const std::string&)> one_of(std::string C::*member, std::vector<std::string> allowed,
+                                                         std::string who) {
+  return [member, allowed = std::move(allowed), who = std::move(who)](const C& c, const std::string& where) {
+    std::string names;
+    for (const std::string& a : allowed) {
+      if (c.*member == a) return;
+      names += (names.empty() ? "" : ", ") + a;
+    }
+    fail(Status::invalid_argument, where, " = '", c.*member, "'; ", who, " takes: ", names);
+  };
+}
+
 template <class C, class V>
 std::function<void(const C&, const std::string&)> at_least(V C::*member, V minimum) {
   return [member, minimum](const C& c, const std::string& where) {

@@ -31,11 +31,7 @@ const FieldTable<C>& moe_lm_fields() {
                 require(c.n_heads >= 1 && c.d_model % c.n_heads == 0, Status::invalid_argument, where, " = ",
                         c.n_heads, " must divide d_model = ", c.d_model);
               })),
-        field("moe_kind", &C::moe_kind,
-              std::function<void(const C&, const std::string&)>([](const C& c, const std::string& where) {
-                require(c.moe_kind == "sigma_moe" || c.moe_kind == "st_moe", Status::invalid_argument, where, " = '",
-                        c.moe_kind, "'; moe_lm takes sigma_moe or st_moe");
-              })),
+        field("moe_kind", &C::moe_kind, one_of(&C::moe_kind, {"sigma_moe", "st_moe"}, "moe_lm")),
         field("norm_eps", &C::norm_eps, finite_positive(&C::norm_eps)),
     };
     t.push_back(object_field("moe", &C::moe));

@@ -23,12 +23,7 @@ const FieldTable<C>& moe_stack_fields() {
         required_field("d_out", &C::d_out, at_least(&C::d_out, index_t(1))),
         required_field("d_model", &C::d_model, at_least(&C::d_model, index_t(1))),
         field("n_blocks", &C::n_blocks, at_least(&C::n_blocks, 1)),
-        field("moe_kind", &C::moe_kind,
-              std::function<void(const C&, const std::string&)>([](const C& c, const std::string& where) {
-                require(c.moe_kind == "sigma_moe" || c.moe_kind == "st_moe" || c.moe_kind == "soft_moe_lite",
-                        Status::invalid_argument, where, " = '", c.moe_kind,
-                        "'; moe_stack takes sigma_moe, st_moe or soft_moe_lite");
-              })),
+        field("moe_kind", &C::moe_kind, one_of(&C::moe_kind, {"sigma_moe", "st_moe", "soft_moe_lite"}, "moe_stack")),
         field("norm_eps", &C::norm_eps, finite_positive(&C::norm_eps)),
     };
     t.push_back(object_field("moe", &C::moe));

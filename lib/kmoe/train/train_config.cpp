@@ -8,18 +8,7 @@ namespace {
 
 using model::at_least;
 using model::field;
-
-std::function<void(const TrainConfig&, const std::string&)> one_of(std::string TrainConfig::*member,
-                                                                    std::vector<std::string> allowed) {
-  return [member, allowed](const TrainConfig& c, const std::string& where) {
-    std::string names;
-    for (const std::string& a : allowed) {
-      if (c.*member == a) return;
-      names += (names.empty() ? "" : ", ") + a;
-    }
-    fail(Status::invalid_argument, where, " = '", c.*member, "'; kmoe-train knows: ", names);
-  };
-}
+using model::one_of;
 
 std::function<void(const TrainConfig&, const std::string&)> not_empty(std::string TrainConfig::*member) {
   return [member](const TrainConfig& c, const std::string& where) {
@@ -32,8 +21,8 @@ std::function<void(const TrainConfig&, const std::string&)> not_empty(std::strin
 const model::FieldTable<TrainConfig>& train_config_fields() {
   using C = TrainConfig;
   static const model::FieldTable<C> table = {
-      field("task", &C::task, one_of(&C::task, {"lm", "regression"})),
-      field("model", &C::model, one_of(&C::model, {"moeut_lm", "moe_lm", "moe_stack"})),
+      field("task", &C::task, one_of(&C::task, {"lm", "regression"}, "kmoe-train")),
+      field("model", &C::model, one_of(&C::model, {"moeut_lm", "moe_lm", "moe_stack"}, "kmoe-train")),
       field("profile", &C::profile),
       model::object_field("model_config", &C::model_config),
       field("data", &C::data, not_empty(&C::data)),

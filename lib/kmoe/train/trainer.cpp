@@ -3,6 +3,7 @@
 #include "kmoe/core/random.hpp"
 #include "kmoe/dist/gradients.hpp"
 #include "kmoe/dist/parameter_blocks.hpp"
+#include "kmoe/dist/placement.hpp"
 #include "kmoe/io/checkpoint.hpp"
 #include "kmoe/io/matrix_dataset.hpp"
 #include "kmoe/io/token_dataset.hpp"
@@ -103,10 +104,9 @@ double global_cross_entropy(const dist::Communicator& comm, const Tensor<float>&
 }
 
 // Entropy (nats) of the token frequencies of a split, read in blocks.
-// [first, first + count) of n items: rank r's contiguous share (the first n mod W ranks one more).
-std::pair<std::int64_t, std::int64_t> share_of(const dist::Communicator& comm, std::int64_t n) {
-  const std::int64_t W = comm.size(), r = comm.rank(), base = n / W, extra = n % W;
-  return {r * base + std::min(r, extra), base + (r < extra ? 1 : 0)};
+// [first, first + count) of n items: this rank's contiguous share.
+std::pair<index_t, index_t> share_of(const dist::Communicator& comm, index_t n) {
+  return dist::piece(n, comm.size(), comm.rank());
 }
 
 // Entropy (nats) of the token frequencies of a split: each rank counts its share, in blocks.
@@ -327,16 +327,26 @@ class Metrics {
 
 void request_stop() { stop_flag = 1; }
 
-std::string newest_checkpoint(const std::string& out_dir) {
-  std::string newest;
-  if (!fs::is_directory(out_dir)) return newest;
+namespace {
+
+// A run's checkpoints (checkpoint-<step>.h5 in out_dir), oldest first (the zero-padded step
+// sorts by name).
+std::vector<std::string> checkpoints_in(const std::string& out_dir) {
+  std::vector<std::string> all;
+  if (!fs::is_directory(out_dir)) return all;
   for (const auto& entry : fs::directory_iterator(out_dir)) {
     const std::string name = entry.path().filename().string();
-    if (name.rfind("checkpoint-", 0) == 0 && name.size() > 3 && name.substr(name.size() - 3) == ".h5" &&
-        (newest.empty() || entry.path().string() > newest))
-      newest = entry.path().string();
+    if (name.rfind("checkpoint-", 0) == 0 && entry.path().extension() == ".h5") all.push_back(entry.path().string());
   }
-  return newest;
+  std::sort(all.begin(), all.end());
+  return all;
+}
+
+}  // namespace
+
+std::string newest_checkpoint(const std::string& out_dir) {
+  const std::vector<std::string> all = checkpoints_in(out_dir);
+  return all.empty() ? std::string() : all.back();
 }
 
 TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, const TrainOptions& options) {
@@ -409,6 +419,8 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
     }
     return total / static_cast<double>(c.eval_batches);
   };
+  // The newest checkpoint on disk, named when a step fails (a resumed run's until it writes one).
+  std::string last_good = newest_checkpoint(c.out_dir);
   const auto save = [&](std::int64_t at) {
     io::CheckpointExtras<float> extras;
     extras.optimizer = &optimizer;
@@ -417,14 +429,9 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
     extras.train = {{"config", model::write_fields(train_config_fields(), c)}, {"world", comm.size()}};
     const std::string path = checkpoint_path(c.out_dir, at);
     io::save_checkpoint(path, *layer, extras);
-    summary.last_checkpoint = path;
+    summary.last_checkpoint = last_good = path;
     if (!root) return;
-    std::vector<std::string> all;
-    for (const auto& entry : fs::directory_iterator(c.out_dir)) {
-      const std::string name = entry.path().filename().string();
-      if (name.rfind("checkpoint-", 0) == 0 && entry.path().extension() == ".h5") all.push_back(entry.path().string());
-    }
-    std::sort(all.begin(), all.end());
+    const std::vector<std::string> all = checkpoints_in(c.out_dir);
     for (std::size_t i = 0; i + static_cast<std::size_t>(c.keep_checkpoints) < all.size(); ++i) fs::remove(all[i]);
   };
 
@@ -442,7 +449,6 @@ TrainSummary run_training(const TrainConfig& c, const dist::Communicator& comm, 
     optimizer.set_learning_rate(lr);
     auto mark = Clock::now();
     layer->zero_grad();
-    const std::string last_good = summary.last_checkpoint.empty() ? newest_checkpoint(c.out_dir) : summary.last_checkpoint;
     try {
       const Task::Result r = task->run(*layer, false, step, true, rng, true);
       loss = r.loss;
