@@ -4,6 +4,7 @@
 #include <Kokkos_Core.hpp>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace kmoe {
 
@@ -24,6 +25,35 @@ template <class T>
 using View3 = Kokkos::View<T***, Layout, MemSpace>;
 template <class T>
 using View4 = Kokkos::View<T****, Layout, MemSpace>;
+
+// Two- and three-dimensional index ranges over LayoutRight data. Kokkos 3.4's CUDA MDRange puts
+// threadIdx.x on the first index whatever the iteration order, with default tiles of 2 × 16: a
+// warp then walks down a column of row-major data, one sector per thread. md_range gives the
+// last index a tile of up to 256 (rank 3: 64, CUDA's block-z limit) threads and the first index a
+// tile of 1, so a warp reads consecutive elements of one row; narrow rows stack a few rows into
+// the block. The host keeps Kokkos' tiling (the last index's whole extent per tile).
+template <int R>
+using MDRange = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<R, Kokkos::Iterate::Right, Kokkos::Iterate::Right>>;
+
+template <int R>
+MDRange<R> md_range(const typename MDRange<R>::point_type& lower, const typename MDRange<R>::point_type& upper) {
+  static_assert(R == 2 || R == 3, "md_range: ranks 2 and 3");
+#if defined(KOKKOS_ENABLE_CUDA)
+  if constexpr (std::is_same_v<ExecSpace, Kokkos::Cuda>) {
+    typename MDRange<R>::tile_type tile;
+    for (int d = 0; d < R; ++d) tile[d] = 1;
+    constexpr index_t block = 256, last_limit = R == 3 ? 64 : 256;
+    index_t width = 1;
+    while (width < upper[R - 1] - lower[R - 1] && width < last_limit) width *= 2;
+    index_t rows = 1;
+    while (rows * width < block && rows < upper[R - 2] - lower[R - 2]) rows *= 2;
+    tile[R - 1] = width;
+    tile[R - 2] = rows;
+    return MDRange<R>(lower, upper, tile);
+  }
+#endif
+  return MDRange<R>(lower, upper);
+}
 
 // A View of any rank R (1..4) in kmoe's layout and memory space.
 template <class T, int R>

@@ -24,6 +24,17 @@ ExpertExchange::ExpertExchange(const Communicator& comm, const Placement& placem
     require(v == 0 || v == k, Status::invalid_argument, "ExpertExchange: the ranks route with different k (", v,
             " and ", k, ")");
   k_ = k;
+  if (world == 1) {
+    in_place_ = true;
+    received_rows_ = tokens_;
+    if (tokens_ > 0 && k_ > 0) received_experts_ = expert_index;
+    View1<std::int64_t> global("exchange::received_tokens", static_cast<std::size_t>(tokens_));
+    Kokkos::parallel_for(
+        "kmoe::exchange::received_tokens", Kokkos::RangePolicy<ExecSpace>(0, tokens_),
+        KOKKOS_LAMBDA(const index_t t) { global(t) = first_token + t; });
+    received_tokens_ = global;
+    return;
+  }
 
   // Per destination: the tokens with a pair it holds, and their records [global token, k experts
   // (global id where the destination holds it, else −1)].
@@ -71,11 +82,12 @@ ExpertExchange::ExpertExchange(const Communicator& comm, const Placement& placem
   }
   std::vector<std::int64_t> all(total * record);
   if (!all.empty()) std::memcpy(all.data(), got.data(), all.size() * sizeof(std::int64_t));
-  received_tokens_.resize(total);
+  received_rows_ = static_cast<index_t>(total);
+  std::vector<std::int64_t> received_tokens(total);
   std::vector<int> experts(total * static_cast<std::size_t>(k_));
   const int first = placement.first_expert(rank);
   for (std::size_t i = 0; i < total; ++i) {
-    received_tokens_[i] = all[i * record];
+    received_tokens[i] = all[i * record];
     for (int j = 0; j < k_; ++j) {
       const std::int64_t e = all[i * record + 1 + static_cast<std::size_t>(j)];
       experts[i * static_cast<std::size_t>(k_) + j] = e < 0 ? -1 : static_cast<int>(e - first);
@@ -83,6 +95,10 @@ ExpertExchange::ExpertExchange(const Communicator& comm, const Placement& placem
   }
   if (total > 0 && k_ > 0)
     received_experts_ = Tensor<int>::from_host("exchange::received_experts", {static_cast<index_t>(total), k_}, experts);
+  View1<std::int64_t> global("exchange::received_tokens", total);
+  Kokkos::deep_copy(global, Kokkos::View<const std::int64_t*, HostSpace, Kokkos::MemoryUnmanaged>(
+                                received_tokens.data(), received_tokens.size()));
+  received_tokens_ = global;
 }
 
 template <class T>
@@ -91,6 +107,7 @@ Tensor<T> ExpertExchange::dispatch(const Tensor<T>& per_token) const {
   require(per_token.empty() ? tokens_ == 0 : per_token.rank() == 2 && per_token.dim(0) == tokens_,
           Status::shape_mismatch, "ExpertExchange::dispatch: rows are ", per_token.shape().str(), ", expected [",
           tokens_, ", width]");
+  if (in_place_) return per_token.empty() ? Tensor<T>() : per_token.clone("exchange::dispatched");
   // A rank without tokens learns the width from the others.
   const index_t width = per_token.empty() ? 0 : per_token.dim(1);
   const std::vector<std::int64_t> widths = comm_.all_gather(static_cast<std::int64_t>(width));
@@ -125,6 +142,7 @@ Tensor<T> ExpertExchange::combine(const Tensor<T>& per_row) const {
   require(per_row.empty() ? received == 0 : per_row.rank() == 2 && per_row.dim(0) == received,
           Status::shape_mismatch, "ExpertExchange::combine: rows are ", per_row.shape().str(), ", expected [",
           received, ", width]");
+  if (in_place_) return per_row.empty() ? Tensor<T>("exchange::combined", {0, 0}) : per_row.clone("exchange::combined");
   const index_t width = per_row.empty() ? 0 : per_row.dim(1);
   const std::vector<std::int64_t> widths = comm_.all_gather(static_cast<std::int64_t>(width));
   index_t common = 0;

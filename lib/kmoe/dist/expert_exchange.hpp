@@ -11,8 +11,10 @@
 // gradient, combine the input gradient (and the per-pair gate gradients, which are rows of
 // width k).
 //
-// With one rank everything stays in place: dispatch and combine copy, and the numbers are the
-// local computation's.
+// With one rank everything stays in place on the device: every token is "received" (a token
+// whose pairs are all dropped gives zero rows, as a token sent nowhere does), dispatch and combine
+// are device copies, and nothing waits for the host. Across ranks the records and rows travel
+// through host buffers.
 #pragma once
 
 #include "kmoe/core/tensor.hpp"
@@ -33,12 +35,12 @@ class ExpertExchange {
 
   index_t tokens() const { return tokens_; }
   int k() const { return k_; }
-  index_t received_rows() const { return static_cast<index_t>(received_tokens_.size()); }
+  index_t received_rows() const { return received_rows_; }
   // [R, k] the local expert of each received pair (global id − placement.first_expert(rank)), −1
   // where this rank holds none of it.
   const Tensor<int>& received_experts() const { return received_experts_; }
   // [R] the global position of each received token (its draws are keyed by it).
-  const std::vector<std::int64_t>& received_tokens() const { return received_tokens_; }
+  const View1<const std::int64_t>& received_tokens() const { return received_tokens_; }
   // Rows this rank sends to other ranks per dispatch (its own excluded).
   std::uint64_t rows_sent() const { return rows_sent_; }
 
@@ -56,8 +58,10 @@ class ExpertExchange {
   int k_ = 0;
   std::vector<std::vector<index_t>> send_tokens_;  // per destination rank: local tokens, ascending
   std::vector<std::size_t> recv_rows_;              // per source rank: rows received
+  bool in_place_ = false;  // one rank: nothing crosses ranks
+  index_t received_rows_ = 0;
   Tensor<int> received_experts_;
-  std::vector<std::int64_t> received_tokens_;
+  View1<const std::int64_t> received_tokens_;
   std::uint64_t rows_sent_ = 0;
 };
 

@@ -23,7 +23,6 @@ index_t geglu_hidden_size(index_t dim, double hidden_mult) {
 
 namespace geglu_impl {
 
-using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
 constexpr double rms_norm_eps = 1e-12;  // F.normalize's eps
 
 // out[i] = U(−bound, bound), from the next counters of rng.

@@ -65,7 +65,6 @@ void SigmaMoEConfig::validate() const {
 
 namespace impl {
 
-using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
 
 inline Shape with_last_dim(const Shape& shape, index_t last) {
   auto dims = shape.dims();
@@ -115,7 +114,7 @@ Tensor<T> sinkhorn_unnorm(const Tensor<T>& z, index_t rows_per_group, int n_iter
   const View2<T> row_lse_v = row_lse.as_matrix(), column_lse_v = column_lse.as_matrix();
   const T log_rows = static_cast<T>(std::log(static_cast<double>(A)));
   const T log_experts = static_cast<T>(std::log(static_cast<double>(experts)));
-  const Range2 all({0, 0}, {rows, experts});
+  const auto all = md_range<2>({0, 0}, {rows, experts});
   for (int iter = 0; iter < n_iters; ++iter) {
     // b = log A − LSE_e(z − a)
     Kokkos::parallel_for(
@@ -131,7 +130,7 @@ Tensor<T> sinkhorn_unnorm(const Tensor<T>& z, index_t rows_per_group, int n_iter
         KOKKOS_LAMBDA(const index_t n, const index_t e) { sv(n, e) = zv(n, e) - bv(n, 0); });
     ops::logsumexp_forward<T>(shifted.reshape({groups, A, experts}).template view<3>(), column_lse_v);
     Kokkos::parallel_for(
-        "kmoe::sigma_moe::sinkhorn_a", Range2({0, 0}, {groups, experts}),
+        "kmoe::sigma_moe::sinkhorn_a", md_range<2>({0, 0}, {groups, experts}),
         KOKKOS_LAMBDA(const index_t g, const index_t e) { av(g, e) = log_experts - column_lse_v(g, e); });
   }
   const Tensor<T> scores("sigma_moe::sinkhorn_scores", {rows, experts});
@@ -150,7 +149,7 @@ Tensor<T> gather_selected(const Tensor<T>& z, const Tensor<int>& index) {
   const View2<T> zv = z.as_matrix(), ov = out.as_matrix();
   const View2<int> iv = index.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::sigma_moe::gather_selected", Range2({0, 0}, {index.dim(0), index.dim(1)}),
+      "kmoe::sigma_moe::gather_selected", md_range<2>({0, 0}, {index.dim(0), index.dim(1)}),
       KOKKOS_LAMBDA(const index_t t, const index_t j) { ov(t, j) = zv(t, iv(t, j)); });
   return out;
 }
@@ -160,7 +159,7 @@ template <class T>
 void add_bias_to_rows(const View2<T>& rows, const View1<const T>& bias) {
   Kokkos::parallel_for(
       "kmoe::sigma_moe::add_bias",
-      Range2({0, 0}, {static_cast<index_t>(rows.extent(0)), static_cast<index_t>(rows.extent(1))}),
+      md_range<2>({0, 0}, {static_cast<index_t>(rows.extent(0)), static_cast<index_t>(rows.extent(1))}),
       KOKKOS_LAMBDA(const index_t r, const index_t c) { rows(r, c) += bias(c); });
 }
 
@@ -175,12 +174,9 @@ inline moe::PairRows hidden_order(const moe::DispatchPlan& plan) {
 // is pair (t·k + j) of the global batch, t = received_tokens[r], and its unit u draws
 // ((t·k + j)·expert_size + hidden_begin + u).
 inline View1<std::int64_t> hidden_dropout_keys(const moe::DispatchPlan& plan, moe::PairRows order,
-                                               const std::vector<std::int64_t>& received_tokens, int k,
+                                               const View1<const std::int64_t>& tokens, int k,
                                                index_t expert_size, index_t hidden_begin) {
   const index_t pairs = plan.n_pairs();
-  View1<std::int64_t> tokens("sigma_moe::received_tokens", received_tokens.size());
-  Kokkos::deep_copy(tokens, Kokkos::View<const std::int64_t*, Kokkos::HostSpace, Kokkos::MemoryUnmanaged>(
-                                received_tokens.data(), received_tokens.size()));
   View1<std::int64_t> keys("sigma_moe::dropout_keys", static_cast<std::size_t>(pairs));
   const View1<int> sorted = plan.sorted_pair();
   const bool by_sorted = order == moe::PairRows::sorted;

@@ -99,8 +99,6 @@ std::vector<Tensor<T>*> SoftMoEParams<T>::all() {
 
 namespace impl::soft_moe {
 
-using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
-using Range3 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<3>>;
 
 // dst[b, c, a] = src[b, a, c]: images [B, dim, H·W] ↔ token rows [B, H·W, dim].
 template <class T>
@@ -109,7 +107,7 @@ Tensor<T> swap_last_two(const Tensor<T>& src, const char* label) {
   const auto dst = Tensor<T>::uninitialized(label, {B, C, A});
   const View3<T> s = src.template view<3>(), d = dst.template view<3>();
   Kokkos::parallel_for(
-      "kmoe::soft_moe::swap_last_two", Range3({0, 0, 0}, {B, C, A}),
+      "kmoe::soft_moe::swap_last_two", md_range<3>({0, 0, 0}, {B, C, A}),
       KOKKOS_LAMBDA(const index_t b, const index_t c, const index_t a) { d(b, c, a) = s(b, a, c); });
   return dst;
 }
@@ -193,7 +191,7 @@ void add_gumbel_noise(const Tensor<T>& logits, const RngStream& stream, T mult) 
 template <class T>
 void fill_masked_rows(const View2<T>& rows, const View1<const int>& mask, T value) {
   Kokkos::parallel_for(
-      "kmoe::soft_moe::fill_masked_rows", Range2({0, 0}, {rows.extent(0), rows.extent(1)}),
+      "kmoe::soft_moe::fill_masked_rows", md_range<2>({0, 0}, {rows.extent(0), rows.extent(1)}),
       KOKKOS_LAMBDA(const index_t t, const index_t z) {
         if (mask(t) == 0) rows(t, z) = value;
       });
@@ -227,7 +225,7 @@ void sum_logit_gradients(const View2<T>& dlogits, const View2<const T>& other, c
   const bool masked = mask.data() != nullptr;
   const T smallest = std::numeric_limits<T>::min();
   Kokkos::parallel_for(
-      "kmoe::soft_moe::logit_gradient", Range2({0, 0}, {dlogits.extent(0), dlogits.extent(1)}),
+      "kmoe::soft_moe::logit_gradient", md_range<2>({0, 0}, {dlogits.extent(0), dlogits.extent(1)}),
       KOKKOS_LAMBDA(const index_t t, const index_t z) {
         dlogits(t, z) = masked && mask(t) == 0 ? T(0) : flush_denormal(dlogits(t, z) + other(t, z), smallest);
       });

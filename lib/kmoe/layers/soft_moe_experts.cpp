@@ -41,9 +41,8 @@ std::vector<Tensor<T>*> SlotExpertParams<T>::all() {
 
 namespace impl::slot_experts {
 
-using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
 
-inline Range2 all_of(index_t rows, index_t cols) { return Range2({0, 0}, {rows, cols}); }
+inline MDRange<2> all_of(index_t rows, index_t cols) { return md_range<2>({0, 0}, {rows, cols}); }
 
 // stacked [E, in, out] = gain · (per expert) the transpose of torch.nn.init.orthogonal_ of an
 // [out, in] weight: a normal matrix of the taller orientation, orthonormalised column by column
@@ -242,12 +241,14 @@ Tensor<T> maybe_expert_layer_norm_backward(bool enabled, const moe::DispatchPlan
 
 // The dropout counter of each row's hidden unit 0: (global row) · hidden_total + hidden_begin.
 inline View1<std::int64_t> dropout_keys(index_t rows, index_t hidden_total, const SlotExpertShare& share) {
-  std::vector<std::int64_t> keys(static_cast<std::size_t>(rows));
-  for (index_t r = 0; r < rows; ++r)
-    keys[r] = (share.global_rows.empty() ? r : share.global_rows[r]) * hidden_total + share.hidden_begin;
   View1<std::int64_t> out("kmoe::soft_moe_experts::dropout_keys", rows);
-  const Kokkos::View<const std::int64_t*, HostSpace, Kokkos::MemoryTraits<Kokkos::Unmanaged>> host(keys.data(), keys.size());
-  Kokkos::deep_copy(out, host);
+  const View1<const std::int64_t> global = share.global_rows;
+  const bool given = global.size() > 0;
+  const index_t hidden_begin = share.hidden_begin;
+  Kokkos::parallel_for(
+      "kmoe::soft_moe_experts::dropout_keys", Kokkos::RangePolicy<ExecSpace>(0, rows), KOKKOS_LAMBDA(const index_t r) {
+        out(r) = (given ? global(r) : r) * hidden_total + hidden_begin;
+      });
   return out;
 }
 
@@ -360,7 +361,7 @@ SlotExpertForward<T> slot_experts_forward(const SlotExpertConfig& c, const SlotE
   require(!sharded || (!c.output_layer_norm && c.output_activation == ops::Activation::identity && !c.residual),
           Status::unsupported, op, ": experts with an output LayerNorm, an output activation or a residual cannot be "
           "split into hidden-unit shards (more ranks than experts); use at most as many ranks as experts");
-  require(share.global_rows.empty() || static_cast<index_t>(share.global_rows.size()) == u.dim(0), Status::internal, op,
+  require(share.global_rows.size() == 0 || static_cast<index_t>(share.global_rows.size()) == u.dim(0), Status::internal, op,
           ": ", share.global_rows.size(), " global rows for ", u.dim(0), " rows");
   const T eps = static_cast<T>(c.layer_norm_eps);
   const index_t first_width_total = c.glu ? 2 * hidden_total : hidden_total;

@@ -101,7 +101,7 @@ struct SlotExpertShare {
   dist::Communicator shards;
   // The global row of each row (empty: row r is global row r) and the whole batch's row count
   // (0: the rows given).
-  std::vector<std::int64_t> global_rows;
+  View1<const std::int64_t> global_rows;
   std::int64_t total_rows = 0;
 
   bool output_bias() const { return hidden_begin == 0; }

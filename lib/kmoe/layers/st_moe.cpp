@@ -119,7 +119,6 @@ StMoEConfig StMoEV0014Config::to_config() const {
 
 namespace st_moe_impl {
 
-using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
 using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
 
 // The routing levels all move rows through one index structure: rows(t, j) is the row, in the
@@ -147,7 +146,7 @@ void combine_rows(const View2<const T>& gate, const View2<const int>& rows, cons
   const int k = static_cast<int>(rows.extent(1));
   Kokkos::parallel_for(
       "kmoe::st_moe::combine_rows",
-      Range2({0, 0}, {static_cast<index_t>(out.extent(0)), static_cast<index_t>(out.extent(1))}),
+      md_range<2>({0, 0}, {static_cast<index_t>(out.extent(0)), static_cast<index_t>(out.extent(1))}),
       KOKKOS_LAMBDA(const index_t t, const index_t c) {
         T sum = 0;
         for (int j = 0; j < k; ++j) {
@@ -220,7 +219,7 @@ inline Tensor<int> plan_index(const Tensor<int>& expert_index, int k_plan, index
   const auto index = Tensor<int>::uninitialized("st_moe::plan_index", {R, k_plan});
   const View2<int> in = expert_index.as_matrix(), out = index.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::st_moe::plan_index", Range2({0, 0}, {R, static_cast<index_t>(k_plan)}),
+      "kmoe::st_moe::plan_index", md_range<2>({0, 0}, {R, static_cast<index_t>(k_plan)}),
       KOKKOS_LAMBDA(const index_t r, const index_t j) {
         const int e = j < k ? in(r, j) : -1;
         out(r, j) = e < 0 ? -1 : e + static_cast<int>(r / rows_per_block) * experts_per_block;
@@ -236,7 +235,7 @@ inline Tensor<int> pair_rows(const moe::DispatchPlan& plan, int k) {
   const View2<int> out = rows.as_matrix();
   const View1<int> expert_of_pair = plan.expert_of_pair(), pair_position = plan.pair_position();
   Kokkos::parallel_for(
-      "kmoe::st_moe::pair_rows", Range2({0, 0}, {R, static_cast<index_t>(k)}),
+      "kmoe::st_moe::pair_rows", md_range<2>({0, 0}, {R, static_cast<index_t>(k)}),
       KOKKOS_LAMBDA(const index_t r, const index_t j) {
         const index_t p = r * k_plan + j;
         out(r, j) = expert_of_pair(p) < 0 ? -1 : pair_position(p);
@@ -253,7 +252,7 @@ Tensor<int> slot_rows(const moe::TopNRouting<T>& routing, index_t batch) {
   const View2<int> out = rows.as_matrix(), expert = routing.expert_index.as_matrix(),
                    position = routing.position.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::st_moe::slot_rows", Range2({0, 0}, {tokens, static_cast<index_t>(k)}),
+      "kmoe::st_moe::slot_rows", md_range<2>({0, 0}, {tokens, static_cast<index_t>(k)}),
       KOKKOS_LAMBDA(const index_t t, const index_t j) {
         const int o = expert(t, j);
         out(t, j) = o < 0 ? -1 : static_cast<int>((o * batch + t / n) * C + position(t, j));
@@ -270,7 +269,7 @@ Tensor<T> slot_importance(const moe::TopNRouting<T>& routing, const Tensor<int>&
   const View2<int> r = rows.as_matrix();
   const View2<T> gate = routing.gate.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::st_moe::slot_importance", Range2({0, 0}, {rows.dim(0), rows.dim(1)}),
+      "kmoe::st_moe::slot_importance", md_range<2>({0, 0}, {rows.dim(0), rows.dim(1)}),
       KOKKOS_LAMBDA(const index_t t, const index_t j) {
         const int row = r(t, j);
         if (row < 0) return;
@@ -297,7 +296,7 @@ Tensor<T> route_uniforms(const RngStream& stream, int k, index_t blocks, index_t
   const auto uniforms = Tensor<T>::uninitialized("st_moe::route_uniform", {k, blocks * local_block});
   const View2<T> out = uniforms.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::st_moe::route_uniforms", Range2({0, 0}, {static_cast<index_t>(k), blocks * local_block}),
+      "kmoe::st_moe::route_uniforms", md_range<2>({0, 0}, {static_cast<index_t>(k), blocks * local_block}),
       KOKKOS_LAMBDA(const index_t i, const index_t row) {
         const index_t o = row / local_block, j = row % local_block;
         out(i, row) = stream.uniform<T>(static_cast<std::uint64_t>((i * blocks + o) * global_block + first + j));

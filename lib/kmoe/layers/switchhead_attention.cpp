@@ -55,7 +55,6 @@ void SwitchHeadConfig::validate() const {
 
 namespace switchhead_impl {
 
-using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
 
 // heads [B, H, T, P] = factor · rows [B·T, H·P] regrouped by head.
 template <class T>
@@ -65,7 +64,7 @@ Tensor<T> rows_to_heads(const Tensor<T>& rows, index_t batch, index_t length, in
   const View2<T> r = rows.as_matrix();
   const View4<T> o = out.template view<4>();
   Kokkos::parallel_for(
-      "kmoe::switchhead::rows_to_heads", Range2({0, 0}, {batch * length, heads * d_head}),
+      "kmoe::switchhead::rows_to_heads", md_range<2>({0, 0}, {batch * length, heads * d_head}),
       KOKKOS_LAMBDA(const index_t n, const index_t c) {
         o(n / length, c / d_head, n % length, c % d_head) = factor * r(n, c);
       });
@@ -81,7 +80,7 @@ Tensor<T> heads_to_rows(const Tensor<T>& heads_view, T factor, const char* label
   const View4<T> h = heads_view.template view<4>();
   const View2<T> o = out.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::switchhead::heads_to_rows", Range2({0, 0}, {batch * length, heads * d_head}),
+      "kmoe::switchhead::heads_to_rows", md_range<2>({0, 0}, {batch * length, heads * d_head}),
       KOKKOS_LAMBDA(const index_t n, const index_t c) {
         o(n, c) = factor * h(n / length, c / d_head, n % length, c % d_head);
       });
@@ -96,7 +95,7 @@ Tensor<T> concat_time(const Tensor<T>& cached, const Tensor<T>& fresh, const cha
   auto out = Tensor<T>::uninitialized(label, {batch, heads, total, d_head});
   const View4<T> c = cached.template view<4>(), f = fresh.template view<4>(), o = out.template view<4>();
   Kokkos::parallel_for(
-      "kmoe::switchhead::concat_time", Range2({0, 0}, {batch * heads * total, d_head}),
+      "kmoe::switchhead::concat_time", md_range<2>({0, 0}, {batch * heads * total, d_head}),
       KOKKOS_LAMBDA(const index_t row, const index_t p) {
         const index_t t = row % total, h = (row / total) % heads, b = row / (total * heads);
         o(b, h, t, p) = t < old_len ? c(b, h, t, p) : f(b, h, t - old_len, p);
@@ -139,7 +138,7 @@ Selection<T> select_experts(const Tensor<T>& z, int heads, int experts, int k, b
   const View1<T> gv = s.gates.flat();
   const View1<int> ev = s.global.flat();
   Kokkos::parallel_for(
-      "kmoe::switchhead::gather_gates", Range2({0, 0}, {lines, k}), KOKKOS_LAMBDA(const index_t line, const index_t j) {
+      "kmoe::switchhead::gather_gates", md_range<2>({0, 0}, {lines, k}), KOKKOS_LAMBDA(const index_t line, const index_t j) {
         const int e = lv(line, j);
         gv(line * k + j) = pv(line, e);
         ev(line * k + j) = static_cast<int>(line % heads) * experts + e;
@@ -180,7 +179,7 @@ Tensor<T> mix_pairs(const Tensor<T>& pairs, const Tensor<T>& gates, index_t head
   auto rows = Tensor<T>::uninitialized("switchhead::v_rows", {tokens, heads * d_head});
   const View2<T> pv = pairs.as_matrix(), gv = gates.as_matrix(), rv = rows.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::switchhead::mix_pairs", Range2({0, 0}, {tokens, heads * d_head}),
+      "kmoe::switchhead::mix_pairs", md_range<2>({0, 0}, {tokens, heads * d_head}),
       KOKKOS_LAMBDA(const index_t t, const index_t col) {
         const index_t h = col / d_head, c = col % d_head - c0;
         T sum = 0;
@@ -199,7 +198,7 @@ void mix_pairs_backward(const Tensor<T>& pairs, const Tensor<T>& gates, const Te
   const View2<T> pv = pairs.as_matrix(), gv = gates.as_matrix(), dr = drows.as_matrix();
   const View2<T> dp = dpairs.as_matrix(), dg = dgates.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::switchhead::mix_pairs_backward", Range2({0, 0}, {tokens, heads * k}),
+      "kmoe::switchhead::mix_pairs_backward", md_range<2>({0, 0}, {tokens, heads * k}),
       KOKKOS_LAMBDA(const index_t t, const index_t slot) {
         const index_t h = slot / k, p = t * heads * k + slot;
         const T g = gv(t, slot);
@@ -221,7 +220,7 @@ Tensor<T> replicate_heads(const Tensor<T>& attended, index_t heads, index_t k, i
   auto out = Tensor<T>::uninitialized("switchhead::o_input", {tokens * heads * k, share});
   const View2<T> a = attended.as_matrix(), o = out.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::switchhead::replicate_heads", Range2({0, 0}, {tokens * heads * k, share}),
+      "kmoe::switchhead::replicate_heads", md_range<2>({0, 0}, {tokens * heads * k, share}),
       KOKKOS_LAMBDA(const index_t p, const index_t c) {
         o(p, c) = a(p / (heads * k), (p / k) % heads * d_head + c0 + c);
       });
@@ -236,7 +235,7 @@ Tensor<T> sum_replicas(const Tensor<T>& dpairs, index_t tokens, index_t heads, i
   auto out = Tensor<T>::uninitialized("switchhead::dattended", {tokens, heads * d_head});
   const View2<T> dp = dpairs.as_matrix(), o = out.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::switchhead::sum_replicas", Range2({0, 0}, {tokens, heads * d_head}),
+      "kmoe::switchhead::sum_replicas", md_range<2>({0, 0}, {tokens, heads * d_head}),
       KOKKOS_LAMBDA(const index_t t, const index_t col) {
         const index_t h = col / d_head, c = col % d_head - c0;
         T sum = 0;
@@ -253,7 +252,7 @@ Tensor<T> apply_head_gate(const Tensor<T>& attended, const Tensor<T>& gate, inde
   auto out = Tensor<T>::uninitialized("switchhead::gated", attended.shape());
   const View2<T> a = attended.as_matrix(), g = gate.as_matrix(), o = out.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::switchhead::apply_head_gate", Range2({0, 0}, {attended.dim(0), attended.dim(1)}),
+      "kmoe::switchhead::apply_head_gate", md_range<2>({0, 0}, {attended.dim(0), attended.dim(1)}),
       KOKKOS_LAMBDA(const index_t t, const index_t col) { o(t, col) = a(t, col) * g(t, col / d_head); });
   return out;
 }
@@ -265,7 +264,7 @@ void apply_head_gate_backward(const Tensor<T>& attended, const Tensor<T>& gate, 
   const View2<T> a = attended.as_matrix(), g = gate.as_matrix(), dg = dgated.as_matrix();
   const View2<T> da = dattended.as_matrix(), dzv = dz.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::switchhead::apply_head_gate_backward", Range2({0, 0}, {gate.dim(0), gate.dim(1)}),
+      "kmoe::switchhead::apply_head_gate_backward", md_range<2>({0, 0}, {gate.dim(0), gate.dim(1)}),
       KOKKOS_LAMBDA(const index_t t, const index_t h) {
         const T gate_value = g(t, h);
         T sum = 0;

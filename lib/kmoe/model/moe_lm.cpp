@@ -194,7 +194,7 @@ class MoELM final : public Layer<T> {
       const View2<T> hv = h.as_matrix();
       const View2<const T> pos = position_.as_matrix();
       Kokkos::parallel_for(
-          "kmoe::moe_lm::position", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {N, D}),
+          "kmoe::moe_lm::position", md_range<2>({0, 0}, {N, D}),
           KOKKOS_LAMBDA(const index_t n, const index_t d) { hv(n, d) += pos(n % Tn, d); });
     }
     std::map<std::string, double> losses;
@@ -304,7 +304,7 @@ class MoELM final : public Layer<T> {
       const View2<const T> d = dh.as_matrix();
       const View2<T> dpos = position_grad_.as_matrix();
       Kokkos::parallel_for(
-          "kmoe::moe_lm::position_grad", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {Tn, D}),
+          "kmoe::moe_lm::position_grad", md_range<2>({0, 0}, {Tn, D}),
           KOKKOS_LAMBDA(const index_t t, const index_t j) {
             T sum = T(0);
             for (index_t bb = 0; bb < B; ++bb) sum += d(bb * Tn + t, j);

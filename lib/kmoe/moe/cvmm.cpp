@@ -138,7 +138,7 @@ void unsort_pairs(const DispatchPlan& plan, const View2<const T>& sorted, const 
   const View1<int> pair_position = plan.pair_position(), expert_of_pair = plan.expert_of_pair();
   Kokkos::parallel_for(
       "kmoe::cvmm::unsort_pairs",
-      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0},
+      md_range<2>({0, 0},
                                                        {plan.n_pairs(), static_cast<index_t>(pairs.extent(1))}),
       KOKKOS_LAMBDA(const index_t p, const index_t c) {
         pairs(p, c) = expert_of_pair(p) < 0 ? T(0) : sorted(pair_position(p), c);
@@ -324,7 +324,7 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
         const bool sorted = x_source == impl::RowSource::sorted;
         const View1<int> pair_position = plan.pair_position();
         Kokkos::parallel_for(
-            "kmoe::cvmm::gated_dx", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {pairs, K}),
+            "kmoe::cvmm::gated_dx", md_range<2>({0, 0}, {pairs, K}),
             KOKKOS_LAMBDA(const index_t r, const index_t c) {
               // Row r of dx is pair r (pair order) or sorted position r; dropped pairs get 0.
               const index_t p = sorted ? sorted_pair(r) : r;

@@ -18,7 +18,7 @@ void stack_call(const View3<const T>& call, const View3<T>& stacked, index_t r) 
   const index_t length = call.extent(1), width = call.extent(2), offset = r * length;
   Kokkos::parallel_for(
       "kmoe::entropy_reg::stack_call",
-      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {static_cast<index_t>(call.extent(0)) * length, width}),
+      md_range<2>({0, 0}, {static_cast<index_t>(call.extent(0)) * length, width}),
       KOKKOS_LAMBDA(const index_t row, const index_t w) {
         const index_t b = row / length, t = row % length;
         stacked(b, offset + t, w) = call(b, t, w);
@@ -116,7 +116,7 @@ void entropy_reg_backward_add(const EntropyRegForward<T>& f, T coef, const std::
   const T log_rows = static_cast<T>(std::log(static_cast<double>(rows)));
   const T scale = coef / static_cast<T>(f.total_batch * f.groups);
   Kokkos::parallel_for(
-      "kmoe::entropy_reg::dlog_mean", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {f.batch, width}),
+      "kmoe::entropy_reg::dlog_mean", md_range<2>({0, 0}, {f.batch, width}),
       KOKKOS_LAMBDA(const index_t b, const index_t w) {
         const T log_mean = lse(b, w) - log_rows;
         dl(b, w) = scale * Kokkos::Experimental::exp(log_mean) * (log_mean + T(1));

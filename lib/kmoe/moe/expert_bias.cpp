@@ -24,7 +24,7 @@ void add_expert_bias(const DispatchPlan& plan, PairRows pair_rows, const View2<T
   const View1<int> sorted_pair = plan.sorted_pair(), expert_of_pair = plan.expert_of_pair();
   const bool sorted = pair_rows == PairRows::sorted;
   Kokkos::parallel_for(
-      "kmoe::add_expert_bias", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {n, cols}),
+      "kmoe::add_expert_bias", md_range<2>({0, 0}, {n, cols}),
       KOKKOS_LAMBDA(const index_t r, const index_t c) {
         const int e = expert_of_pair(sorted ? sorted_pair(r) : r);
         if (e >= 0) rows(r, c) += bias(e, c);
@@ -45,7 +45,7 @@ void accumulate_expert_bias_gradient(const DispatchPlan& plan, PairRows pair_row
   // One thread per (expert, column), the expert's rows in sorted order = ascending pair id.
   Kokkos::parallel_for(
       "kmoe::expert_bias_gradient",
-      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {static_cast<index_t>(plan.n_experts()), cols}),
+      md_range<2>({0, 0}, {static_cast<index_t>(plan.n_experts()), cols}),
       KOKKOS_LAMBDA(const index_t e, const index_t c) {
         T sum = 0;
         for (index_t s = offsets(e); s < offsets(e + 1); ++s) sum += drows(sorted ? s : sorted_pair(s), c);

@@ -35,7 +35,6 @@ index_t TopNGatingOptions::capacity(index_t group_size) const {
 
 namespace gating_impl {
 
-using Range2 = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>;
 
 // Per-token choices: importance adjustments, normalised gates, routing decisions. routed [tokens, k]
 // gets the expert of each routed choice (−1 otherwise); expert_index and position start at −1.
@@ -103,7 +102,7 @@ void assign_slots(const TopNGatingOptions& options, const TopNRouting<T>& r, con
   const bool before_capacity = options.balance_density == BalanceDensity::before_capacity;
   const bool losses = options.compute_losses;
   Kokkos::parallel_for(
-      "kmoe::gating::assign_slots", Range2({0, 0}, {r.groups, static_cast<index_t>(E)}),
+      "kmoe::gating::assign_slots", md_range<2>({0, 0}, {r.groups, static_cast<index_t>(E)}),
       KOKKOS_LAMBDA(const index_t g, const index_t e) {
         index_t count = 0, first_routed = 0, first_kept = 0;
         for (int i = 0; i < k; ++i) {
@@ -141,7 +140,7 @@ void kept_gates(const TopNRouting<T>& r) {
   const View2<int> expert_index = r.expert_index.as_matrix();
   const View2<T> normalised = r.normalised_gate.as_matrix(), gate = r.gate.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::gating::kept_gates", Range2({0, 0}, {r.gate.dim(0), r.gate.dim(1)}),
+      "kmoe::gating::kept_gates", md_range<2>({0, 0}, {r.gate.dim(0), r.gate.dim(1)}),
       KOKKOS_LAMBDA(const index_t t, const index_t i) {
         gate(t, i) = expert_index(t, i) >= 0 ? normalised(t, i) : T(0);
       });

@@ -61,7 +61,7 @@ void masked_softmax(const View4<T>& probs, const AttentionMask& mask) {
   if (any_mask) {
     const T minus_inf = -std::numeric_limits<T>::infinity();
     Kokkos::parallel_for(
-        "kmoe::attention::apply_mask", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {rows, k_len}),
+        "kmoe::attention::apply_mask", md_range<2>({0, 0}, {rows, k_len}),
         KOKKOS_LAMBDA(const index_t row, const index_t j) {
           const index_t i = row % q_len, b = row / (q_len * heads);
           if (is_masked(src, pos, causal, b, i, j, q_len, k_len)) lines(row, j, 0) = minus_inf;

@@ -81,7 +81,7 @@ void cross_entropy_backward(const View2<const T>& logits, const View1<const int>
   const index_t valid = impl::count_valid_targets(targets, ignore_index);
   const T row_weight = valid > 0 ? dloss / static_cast<T>(valid) : T(0);
   Kokkos::parallel_for(
-      op, Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {rows, classes}),
+      op, md_range<2>({0, 0}, {rows, classes}),
       KOKKOS_LAMBDA(const index_t row, const index_t c) {
         const int t = targets(row);
         const T probability = Kokkos::Experimental::exp(logits(row, c) - row_logsumexp(row));

@@ -46,7 +46,7 @@ void dropout_rows(const View2<const T>& x, T p, const RngStream& rng, const View
   const RngStream stream = rng;
   Kokkos::parallel_for(
       "kmoe::dropout_rows",
-      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {static_cast<index_t>(x.extent(0)),
+      md_range<2>({0, 0}, {static_cast<index_t>(x.extent(0)),
                                                                   static_cast<index_t>(x.extent(1))}),
       KOKKOS_LAMBDA(const index_t r, const index_t c) {
         const bool keep = stream.uniform<T>(static_cast<std::uint64_t>(row_keys(r) + c)) >= p;

@@ -24,7 +24,7 @@ void gather_rows(const View2<const T>& src, const View1<const int>& index, const
   require_keys_in_range(index, impl::indexed_rows("gather_rows", "src", src.extent(0)), "gather_rows: index");
   const index_t rows = out.extent(0), cols = out.extent(1);
   Kokkos::parallel_for(
-      "kmoe::gather_rows", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {rows, cols}),
+      "kmoe::gather_rows", md_range<2>({0, 0}, {rows, cols}),
       KOKKOS_LAMBDA(const index_t i, const index_t c) { out(i, c) = src(index(i), c); });
 }
 
@@ -40,7 +40,7 @@ void scatter_add_rows(const View2<const T>& src, const View1<const int>& index, 
   const View1<int> order = groups.order, offsets = groups.offsets;
   const index_t rows = out.extent(0), cols = out.extent(1);
   Kokkos::parallel_for(
-      "kmoe::scatter_add_rows", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {rows, cols}),
+      "kmoe::scatter_add_rows", md_range<2>({0, 0}, {rows, cols}),
       KOKKOS_LAMBDA(const index_t row, const index_t c) {
         const int begin = offsets(row), end = offsets(row + 1);
         if (begin == end) return;

@@ -235,7 +235,7 @@ void gemm(bool transpose_a, bool transpose_b, T alpha, const View2<const T>& a, 
       Kokkos::deep_copy(c, T(0));
     } else if (beta != T(1)) {
       Kokkos::parallel_for(
-          "kmoe::gemm_scale", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {m, n}),
+          "kmoe::gemm_scale", md_range<2>({0, 0}, {m, n}),
           KOKKOS_LAMBDA(const index_t i, const index_t j) { c(i, j) *= beta; });
     }
     return;

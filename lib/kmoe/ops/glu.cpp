@@ -27,7 +27,7 @@ void glu_forward(Activation activation, const View2<const T>& in, const View1<co
   const index_t h = out.extent(1);
   const bool has_mult = mult.data() != nullptr;
   Kokkos::parallel_for(
-      "kmoe::glu_forward", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {static_cast<index_t>(out.extent(0)), static_cast<index_t>(out.extent(1))}),
+      "kmoe::glu_forward", md_range<2>({0, 0}, {static_cast<index_t>(out.extent(0)), static_cast<index_t>(out.extent(1))}),
       KOKKOS_LAMBDA(const index_t r, const index_t j) {
         const T gated = activation_value(activation, in(r, h + j)) * in(r, j);
         out(r, j) = has_mult ? gated * mult(j) : gated;
@@ -48,7 +48,7 @@ void glu_backward(Activation activation, const View2<const T>& in, const View1<c
   const index_t h = dout.extent(1);
   const bool has_mult = mult.data() != nullptr;
   Kokkos::parallel_for(
-      "kmoe::glu_backward", Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {static_cast<index_t>(dout.extent(0)), h}),
+      "kmoe::glu_backward", md_range<2>({0, 0}, {static_cast<index_t>(dout.extent(0)), h}),
       KOKKOS_LAMBDA(const index_t r, const index_t j) {
         const T g = has_mult ? dout(r, j) * mult(j) : dout(r, j);
         const T gate = in(r, h + j);

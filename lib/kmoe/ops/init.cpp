@@ -17,7 +17,7 @@ void fill_normal_block(const View3<T>& out, const RngStream& stream, T mean, T s
   if (!stream.draws) return;
   Kokkos::parallel_for(
       "kmoe::fill_normal_block",
-      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<3>>({0, 0, 0}, {static_cast<index_t>(out.extent(0)),
+      md_range<3>({0, 0, 0}, {static_cast<index_t>(out.extent(0)),
                                                                      static_cast<index_t>(out.extent(1)),
                                                                      static_cast<index_t>(out.extent(2))}),
       KOKKOS_LAMBDA(const index_t a, const index_t b, const index_t c) {

@@ -19,7 +19,7 @@ void linear_forward(const View2<const T>& x, const View2<const T>& weight, const
   if (has_bias) {  // y = bias broadcast over rows, then the GEMM accumulates x · Wᵀ onto it
     Kokkos::parallel_for(
         "kmoe::linear_bias",
-        Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {static_cast<index_t>(n), static_cast<index_t>(out)}),
+        md_range<2>({0, 0}, {static_cast<index_t>(n), static_cast<index_t>(out)}),
         KOKKOS_LAMBDA(const index_t i, const index_t j) { y(i, j) = bias(j); });
   }
   gemm<T>(false, true, T(1), x, weight, has_bias ? T(1) : T(0), y);

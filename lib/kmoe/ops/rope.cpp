@@ -46,7 +46,7 @@ void rotate(const char* op, const View4<const T>& x, int rot_dims, double base, 
   if (rows == 0 || work_per_row == 0) return;
   const T base_t = static_cast<T>(base);
   Kokkos::parallel_for(
-      op, Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<2>>({0, 0}, {rows, work_per_row}),
+      op, md_range<2>({0, 0}, {rows, work_per_row}),
       KOKKOS_LAMBDA(const index_t row, const index_t w) {
         const index_t t = row % length, h = (row / length) % heads, b = row / (length * heads);
         if (w >= half) {  // pass-through channel

@@ -164,7 +164,7 @@ void logsumexp_backward(const View3<const T>& x, const View2<const T>& y, const 
   impl::require_same_extents(op, "dx", dx, x);
   Kokkos::parallel_for(
       op,
-      Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<3>>(
+      md_range<3>(
           {0, 0, 0},
           {static_cast<index_t>(x.extent(0)), static_cast<index_t>(x.extent(1)), static_cast<index_t>(x.extent(2))}),
       KOKKOS_LAMBDA(const index_t o, const index_t k, const index_t i) {
