@@ -6,6 +6,17 @@
 
 namespace kmoe::dist {
 
+namespace impl {
+// [tokens] first, first + 1, …: the global positions of a rank's own tokens.
+View1<const std::int64_t> consecutive_tokens(index_t tokens, std::int64_t first) {
+  View1<std::int64_t> global("exchange::received_tokens", static_cast<std::size_t>(tokens));
+  Kokkos::parallel_for(
+      "kmoe::exchange::received_tokens", Kokkos::RangePolicy<ExecSpace>(0, tokens),
+      KOKKOS_LAMBDA(const index_t t) { global(t) = first + t; });
+  return global;
+}
+}  // namespace impl
+
 ExpertExchange::ExpertExchange(const Communicator& comm, const Placement& placement, const Tensor<int>& expert_index,
                                std::int64_t first_token)
     : comm_(comm) {
@@ -28,11 +39,7 @@ ExpertExchange::ExpertExchange(const Communicator& comm, const Placement& placem
     in_place_ = true;
     received_rows_ = tokens_;
     if (tokens_ > 0 && k_ > 0) received_experts_ = expert_index;
-    View1<std::int64_t> global("exchange::received_tokens", static_cast<std::size_t>(tokens_));
-    Kokkos::parallel_for(
-        "kmoe::exchange::received_tokens", Kokkos::RangePolicy<ExecSpace>(0, tokens_),
-        KOKKOS_LAMBDA(const index_t t) { global(t) = first_token + t; });
-    received_tokens_ = global;
+    received_tokens_ = impl::consecutive_tokens(tokens_, first_token);
     return;
   }
 
