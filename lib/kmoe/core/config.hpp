@@ -35,9 +35,14 @@ using View4 = Kokkos::View<T****, Layout, MemSpace>;
 template <int R>
 using MDRange = Kokkos::MDRangePolicy<ExecSpace, Kokkos::Rank<R, Kokkos::Iterate::Right, Kokkos::Iterate::Right>>;
 
-template <int R>
-MDRange<R> md_range(const typename MDRange<R>::point_type& lower, const typename MDRange<R>::point_type& upper) {
+template <int R, class L, class U>
+MDRange<R> md_range(const L (&lower_bounds)[R], const U (&upper_bounds)[R]) {
   static_assert(R == 2 || R == 3, "md_range: ranks 2 and 3");
+  typename MDRange<R>::point_type lower, upper;
+  for (int d = 0; d < R; ++d) {
+    lower[d] = static_cast<index_t>(lower_bounds[d]);
+    upper[d] = static_cast<index_t>(upper_bounds[d]);
+  }
 #if defined(KOKKOS_ENABLE_CUDA)
   if constexpr (std::is_same_v<ExecSpace, Kokkos::Cuda>) {
     typename MDRange<R>::tile_type tile;

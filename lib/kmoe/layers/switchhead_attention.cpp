@@ -138,7 +138,7 @@ Selection<T> select_experts(const Tensor<T>& z, int heads, int experts, int k, b
   const View1<T> gv = s.gates.flat();
   const View1<int> ev = s.global.flat();
   Kokkos::parallel_for(
-      "kmoe::switchhead::gather_gates", md_range<2>({0, 0}, {lines, k}), KOKKOS_LAMBDA(const index_t line, const index_t j) {
+      "kmoe::switchhead::gather_gates", md_range<2>({0, 0}, {lines, static_cast<index_t>(k)}), KOKKOS_LAMBDA(const index_t line, const index_t j) {
         const int e = lv(line, j);
         gv(line * k + j) = pv(line, e);
         ev(line * k + j) = static_cast<int>(line % heads) * experts + e;
