@@ -1,6 +1,7 @@
 // The σ-MoE expert MLP as the demo and the benchmark run it, built only from kmoe's shared
 // pieces: top-k routing → DispatchPlan → CVMM up-projection → ReLU → CVMM down-projection
-// reduced with the gates, and the matching backward.
+// reduced with the gates, and the matching backward. W is the GEMMs' operand type (T, or bfloat16
+// for mixed precision: the expert weights rounded once, everything else in T).
 #pragma once
 
 #include "options.hpp"
@@ -14,6 +15,7 @@
 
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace kmoe::apps {
@@ -60,10 +62,11 @@ std::vector<T> random_vector(std::size_t n, std::mt19937_64& gen, double scale) 
   return v;
 }
 
-template <class T>
+template <class T, class W = T>
 struct ExpertMlp {
   ExpertMlpShape shape;
   Tensor<T> x, keys, values, gates, scores, dy;           // inputs and parameters
+  Tensor<W> key_operands, value_operands;                 // keys and values as the GEMMs read them
   Tensor<int> expert_index;
   Tensor<T> h_pre, h, y;                                   // forward results kept for backward
   Tensor<T> dx, dkeys, dvalues, dgates, dh;                // gradients
@@ -90,6 +93,13 @@ struct ExpertMlp {
     dvalues = Tensor<T>("dvalues", values.shape());
     dgates = Tensor<T>("dgates", {s.tokens, s.k});
     dh = Tensor<T>("dh", {pairs, s.expert_size});
+    if constexpr (std::is_same_v<T, W>) {
+      key_operands = keys;
+      value_operands = values;
+    } else {
+      key_operands = convert_tensor<W>(keys, "keys_operand");
+      value_operands = convert_tensor<W>(values, "values_operand");
+    }
   }
 
   // Routing: top-k of the scores gives the experts and (sigmoid-free, for simplicity) the gates.
@@ -100,19 +110,19 @@ struct ExpertMlp {
   }
 
   void forward() {
-    moe::cvmm_forward<T>(plan, x.template view<2>(), keys.template view<3>(), h_pre.template view<2>());
+    moe::cvmm_forward<T, W>(plan, x.template view<2>(), key_operands.template view<3>(), h_pre.template view<2>());
     ops::activation_forward<T>(ops::Activation::relu, h_pre.flat(), h.flat());
-    moe::cvmm_forward_reduced<T>(plan, h.template view<2>(), values.template view<3>(), gates.template view<2>(),
-                                 y.template view<2>());
+    moe::cvmm_forward_reduced<T, W>(plan, h.template view<2>(), value_operands.template view<3>(),
+                                    gates.template view<2>(), y.template view<2>());
   }
 
   void backward() {
-    moe::cvmm_backward_reduced<T>(plan, h.template view<2>(), values.template view<3>(), gates.template view<2>(),
-                                  dy.template view<2>(), dh.template view<2>(),
-                                  dvalues.template view<3>(), dgates.template view<2>());
+    moe::cvmm_backward_reduced<T, W>(plan, h.template view<2>(), value_operands.template view<3>(),
+                                     gates.template view<2>(), dy.template view<2>(), dh.template view<2>(),
+                                     dvalues.template view<3>(), dgates.template view<2>());
     ops::activation_backward<T>(ops::Activation::relu, h_pre.flat(), dh.flat(), dh.flat());
-    moe::cvmm_backward<T>(plan, x.template view<2>(), keys.template view<3>(), dh.template view<2>(),
-                          dx.template view<2>(), dkeys.template view<3>());
+    moe::cvmm_backward<T, W>(plan, x.template view<2>(), key_operands.template view<3>(), dh.template view<2>(),
+                             dx.template view<2>(), dkeys.template view<3>());
   }
 };
 

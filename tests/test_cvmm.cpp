@@ -2,9 +2,11 @@
 #include "kmoe/moe/cvmm.hpp"
 #include "test_util.hpp"
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
+#include <tuple>
 
 using namespace kmoe;
 using namespace kmoe::test;
@@ -96,7 +98,7 @@ moe::DispatchPlan make_plan(const Problem& p) {
   return moe::DispatchPlan::build(index.as_matrix(), p.experts);
 }
 
-// The library's results for a problem, in T, read back as double.
+// The library's results for a problem, in T (GEMM operands of type W), read back as double.
 struct Results {
   std::vector<double> y_pairs, y, dx, dw, dgates;
 };
@@ -104,12 +106,14 @@ struct Results {
 // Runs forward and backward; reduced uses gates and dy [tokens, M], else dy is dy_pairs. dw starts
 // at dw_start (accumulation); dx and dgates start at garbage (overwritten). Outputs named in
 // `skip` ("dx", "dw", "dgates") are passed as empty Views.
-template <class T>
+template <class T, class W = T>
 Results run_cvmm(const Problem& p, bool reduced, const std::vector<double>& dy, const std::vector<double>& dw_start,
                  const std::string& skip = "") {
   const auto plan = make_plan(p);
   auto x = make_tensor<T>({p.x_rows(), p.K}, p.x);
-  auto w = make_tensor<T>({p.experts, p.K, p.M}, p.w);
+  Tensor<W> w;
+  if constexpr (std::is_same_v<T, W>) w = make_tensor<T>({p.experts, p.K, p.M}, p.w);
+  else w = convert_tensor<W>(make_tensor<T>({p.experts, p.K, p.M}, p.w), "w_operand");
   auto gates = make_tensor<T>({p.tokens, p.k}, p.gates);
   Tensor<T> y_pairs("y_pairs", {p.pairs(), p.M}), y("y", {p.tokens, p.M});
   Tensor<T> dx("dx", {p.x_rows(), p.K}), dgates("dgates", {p.tokens, p.k});
@@ -122,15 +126,15 @@ Results run_cvmm(const Problem& p, bool reduced, const std::vector<double>& dy, 
   const View2<T> dgates_view = skip.find("dgates") == std::string::npos ? dgates.as_matrix() : View2<T>();
   Results r;
   if (reduced) {
-    moe::cvmm_forward<T>(plan, x.as_matrix(), w.template view<3>(), y_pairs.as_matrix());
-    moe::cvmm_forward_reduced<T>(plan, x.as_matrix(), w.template view<3>(), gates.as_matrix(), y.as_matrix());
-    moe::cvmm_backward_reduced<T>(plan, x.as_matrix(), w.template view<3>(), gates.as_matrix(), dy_t.as_matrix(),
-                                  dx_view, dw_view, dgates_view);
+    moe::cvmm_forward<T, W>(plan, x.as_matrix(), w.template view<3>(), y_pairs.as_matrix());
+    moe::cvmm_forward_reduced<T, W>(plan, x.as_matrix(), w.template view<3>(), gates.as_matrix(), y.as_matrix());
+    moe::cvmm_backward_reduced<T, W>(plan, x.as_matrix(), w.template view<3>(), gates.as_matrix(), dy_t.as_matrix(),
+                                     dx_view, dw_view, dgates_view);
     r.y = to_double(y);
     r.dgates = to_double(dgates);
   } else {
-    moe::cvmm_forward<T>(plan, x.as_matrix(), w.template view<3>(), y_pairs.as_matrix());
-    moe::cvmm_backward<T>(plan, x.as_matrix(), w.template view<3>(), dy_t.as_matrix(), dx_view, dw_view);
+    moe::cvmm_forward<T, W>(plan, x.as_matrix(), w.template view<3>(), y_pairs.as_matrix());
+    moe::cvmm_backward<T, W>(plan, x.as_matrix(), w.template view<3>(), dy_t.as_matrix(), dx_view, dw_view);
   }
   r.y_pairs = to_double(y_pairs);
   r.dx = to_double(dx);
@@ -185,15 +189,6 @@ void expect_matches_reference(const Problem& p, double tolerance) {
   EXPECT_LT(max_rel_error(reduced.dgates, expected_reduced.dgates), tolerance) << label;
 }
 
-double relative_l2_error(const std::vector<double>& actual, const std::vector<double>& expected) {
-  double diff = 0, norm = 0;
-  for (std::size_t i = 0; i < expected.size(); ++i) {
-    diff += (actual[i] - expected[i]) * (actual[i] - expected[i]);
-    norm += expected[i] * expected[i];
-  }
-  return std::sqrt(diff / norm);
-}
-
 void expect_shape_mismatch(const std::function<void()>& fn, const std::string& needle) {
   try {
     fn();
@@ -238,6 +233,62 @@ TEST(Cvmm, BackwardMatchesFiniteDifferences) {
     EXPECT_LT(finite_difference_error(p.gates, [&](const auto& g) { return loss(p.x, p.w, g); }, reduced.dgates),
               fd_tolerance)
         << label;
+  }
+}
+
+// bfloat16 operands: each operand element is rounded once (relative error ≤ u = 2⁻⁹), each GEMM
+// output once more, and the float accumulation adds nothing visible; with random signs the errors
+// do not line up, so a result's relative L2 error stays near 2u. The bound, 4u ≈ 0.0078, leaves
+// room for the two roundings of a chained product (dgates, the reduced dx) and small sums; a
+// float32 path would be far below it (1e-6), so the lower bound shows that bf16 really ran.
+TEST(Cvmm, Bfloat16OperandsStayWithinRoundingOfFloat) {
+  const double u = std::ldexp(1.0, -9), bound = 4 * u;
+  double worst = 0;
+  for (const auto& p : problems()) {
+    const auto label = describe(p) + " bf16";
+    const auto zero_dw = std::vector<double>(p.w.size(), 0.0);
+    const auto dy_pairs = random_values(p.pairs() * p.M, 6);
+    const auto plain = run_cvmm<float, bfloat16>(p, false, dy_pairs, zero_dw);
+    const auto expected = reference_backward(p, dy_pairs);
+    const auto dy = random_values(p.tokens * p.M, 7);
+    const auto reduced = run_cvmm<float, bfloat16>(p, true, dy, zero_dw);
+    const auto expected_reduced = reference_backward_reduced(p, dy);
+    const auto y_pairs = reference_y_pairs(p, p.x, p.w);
+    const std::vector<std::tuple<const char*, std::vector<double>, std::vector<double>>> outputs = {
+        {"y_pairs", plain.y_pairs, y_pairs},
+        {"dx", plain.dx, expected.dx},
+        {"dw", plain.dw, expected.dw},
+        {"y", reduced.y, reference_reduce(p, y_pairs, p.gates)},
+        {"reduced dx", reduced.dx, expected_reduced.dx},
+        {"reduced dw", reduced.dw, expected_reduced.dw},
+        {"dgates", reduced.dgates, expected_reduced.dgates}};
+    for (const auto& [name, actual, reference] : outputs) {
+      const double error = relative_l2_error(actual, reference);
+      worst = std::max(worst, error / u);
+      EXPECT_LT(error, bound) << label << " " << name;
+      EXPECT_GT(error, u / 64) << label << " " << name << ": no bfloat16 rounding seen";
+    }
+  }
+  std::printf("bf16 CVMM: worst relative L2 error %.2f u\n", worst);
+}
+
+// An expert without rows gets exactly zero weight gradient on the bfloat16 path too (no GEMM
+// writes its block; some cuBLAS grouped GEMM versions get empty groups wrong).
+TEST(Cvmm, Bfloat16EmptyExpertsGetExactlyZeroGradient) {
+  for (bool per_token : {true, false}) {
+    const auto p = make_problem(37, 4, 16, 17, 7, per_token, 10, 12);  // experts 12..15 receive nothing
+    const auto dw_start = random_values(p.w.size(), 5);
+    const auto expert_block = [&](const std::vector<double>& dw, int e) {
+      return std::vector<double>(dw.begin() + e * p.K * p.M, dw.begin() + (e + 1) * p.K * p.M);
+    };
+    // dw_start rounded to float, as run_cvmm stores it.
+    const auto start = to_double(make_tensor<float>({p.experts, p.K, p.M}, dw_start));
+    for (bool reduced : {false, true}) {
+      const auto dy = random_values((reduced ? p.tokens : p.pairs()) * p.M, 6);
+      const auto r = run_cvmm<float, bfloat16>(p, reduced, dy, dw_start);
+      for (int e = 12; e < 16; ++e) EXPECT_EQ(expert_block(r.dw, e), expert_block(start, e)) << e << " " << reduced;
+      EXPECT_NE(expert_block(r.dw, 0), expert_block(start, 0));
+    }
   }
 }
 

@@ -195,16 +195,6 @@ std::string describe(const SigmaMoEConfig& c, const Shape& x_shape, bool trainin
 // ---------------------------------------------------------------------------------------------
 // Golden fixtures.
 
-double relative_l2_error(const std::vector<double>& actual, const std::vector<double>& expected) {
-  EXPECT_EQ(actual.size(), expected.size());
-  double diff = 0, norm = 0;
-  for (std::size_t i = 0; i < std::min(actual.size(), expected.size()); ++i) {
-    diff += (actual[i] - expected[i]) * (actual[i] - expected[i]);
-    norm += expected[i] * expected[i];
-  }
-  return std::sqrt(diff / std::max(norm, 1e-300));
-}
-
 // The value of "key" in the fixture's flat JSON config ("null" for None), quotes stripped.
 std::string json_field(const std::string& json, const std::string& key) {
   const auto at = json.find("\"" + key + "\":");
@@ -840,4 +830,63 @@ TEST(SigmaMoEBackward, SeparateRouterInputAndRouterLogitGradient) {
   for (std::size_t i = 0; i < joint.size(); ++i) EXPECT_NEAR(dx[i] + ds[i], joint[i], 1e-12);
   expect_status([&] { layer.forward(x, make_tensor<double>({tokens, D + 1}, random_values(tokens * (D + 1), 95)), false, rng); },
                 Status::shape_mismatch, "sel_input");
+}
+
+// Precision::bfloat16 against the float32 layer on the same parameters and input: routing is
+// float32 in both, so logits, selected experts, gates and the regulariser are bit-identical; the
+// expert outputs and every gradient differ by bfloat16 rounding of the GEMM operands and outputs.
+// Two chained GEMMs of rounded operands (relative error ≤ u = 2⁻⁹ each, random signs) give a
+// relative L2 error near 2u–3u; 6u ≈ 0.012 bounds it with room for the backward's third and
+// fourth GEMM (d keys reads the rounded dh). A float32 path would be ~1e-6: the lower bound
+// shows the bfloat16 path ran.
+TEST(SigmaMoEPrecision, Bfloat16TracksFloat32WithTheSameRouting) {
+  SigmaMoEConfig c;
+  c.dmodel = 48;
+  c.n_experts = 12;
+  c.expert_size = 16;
+  c.k = 3;
+  c.bias = true;
+  c.dropout = 0.1;
+  c.selection_mode = SelectionMode::softmax;
+  c.activation = ops::Activation::gelu;
+  SigmaMoE<float> native(c, 7);
+  c.precision = Precision::bfloat16;
+  SigmaMoE<float> mixed(c, 7);
+  const auto x = make_tensor<float>({4, 25, c.dmodel}, random_values(4 * 25 * c.dmodel, 61));
+  const auto dy = make_tensor<float>({4, 25, c.dmodel}, random_values(4 * 25 * c.dmodel, 62));
+  Generator rng_native(3), rng_mixed(3);
+  const auto fn = native.forward(x, true, rng_native);
+  const auto fm = mixed.forward(x, true, rng_mixed);
+  EXPECT_EQ(fm.router_logits.to_host(), fn.router_logits.to_host());
+  EXPECT_EQ(fm.expert_index.to_host(), fn.expert_index.to_host());
+  EXPECT_EQ(fm.gates.to_host(), fn.gates.to_host());
+  EXPECT_EQ(fm.reg_loss, fn.reg_loss);
+  const auto dxn = to_double(native.backward(fn, dy, 0.1f)), dxm = to_double(mixed.backward(fm, dy, 0.1f));
+
+  const double u = std::ldexp(1.0, -9);
+  const auto expect_close = [&](const std::vector<double>& m, const std::vector<double>& n, const char* what) {
+    const double error = relative_l2_error(m, n);
+    std::printf("bf16 vs float32, %s: relative L2 %.2e (u = %.2e)\n", what, error, u);
+    EXPECT_LT(error, 6 * u) << what;
+    EXPECT_GT(error, u / 64) << what << ": no bfloat16 rounding seen";
+  };
+  expect_close(to_double(fm.y), to_double(fn.y), "y");
+  expect_close(dxm, dxn, "dx");
+  expect_close(to_double(mixed.grads().keys), to_double(native.grads().keys), "d keys");
+  expect_close(to_double(mixed.grads().values), to_double(native.grads().values), "d values");
+  expect_close(to_double(mixed.grads().expert_sel), to_double(native.grads().expert_sel), "d expert_sel");
+  expect_close(to_double(mixed.grads().bias), to_double(native.grads().bias), "d bias");
+  // d o_bias sums dy alone: no expert GEMM reaches it.
+  EXPECT_EQ(mixed.grads().o_bias.to_host(), native.grads().o_bias.to_host());
+  // The master weights stay float32: the layer's parameters are the native layer's.
+  EXPECT_EQ(mixed.params().keys.to_host(), native.params().keys.to_host());
+}
+
+TEST(SigmaMoEPrecision, NamesAndFloat64AreChecked) {
+  for (auto p : {Precision::native, Precision::bfloat16}) EXPECT_EQ(parse_precision(precision_name(p)), p);
+  expect_status([] { parse_precision("bf16"); }, Status::invalid_argument, "'bf16'");
+  SigmaMoEConfig c = tiny_config(SelectionMode::sigmoid);
+  c.precision = Precision::bfloat16;
+  expect_status([&] { SigmaMoE<double>(c, 0); }, Status::unsupported, "needs a float32 layer");
+  EXPECT_NO_THROW(SigmaMoE<float>(c, 0));
 }

@@ -2,7 +2,9 @@
 #include "test_util.hpp"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <random>
 
 using namespace kmoe;
 using namespace kmoe::test;
@@ -150,4 +152,33 @@ TEST(Tensor, RequireFiniteFindsNanAndInf) {
       EXPECT_NE(std::string(e.what()).find("input x"), std::string::npos);
     }
   }
+}
+
+// The kernels' bfloat16 conversions (CUDA's __float2bfloat16_rn on a device, kmoe's own on the
+// host) round exactly as the host reference float_to_bfloat16_bits: ties to even, carries into
+// the exponent, overflow to infinity, subnormals; widening back is exact.
+TEST(TensorConvert, Bfloat16RoundTripMatchesTheHostRounding) {
+  std::vector<float> values = {1.0f, -2.0f, 3.14159265f, 1e-3f, -65504.0f, 3.0e38f,
+                               std::numeric_limits<float>::max(), std::numeric_limits<float>::infinity(),
+                               -std::numeric_limits<float>::infinity(), 0.0f, -0.0f};
+  for (std::uint32_t bits : {0x3F808000u, 0x3F818000u, 0x3F808001u, 0x3F807FFFu, 0x3FFFFFFFu, 0x7F7F8000u,
+                             0x7F7F7FFFu, 0x00008000u, 0x00018000u, 0x00000001u}) {
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    values.push_back(v);
+  }
+  std::mt19937_64 gen(5);
+  std::uniform_real_distribution<double> exponent(-40, 40);
+  for (int i = 0; i < 2000; ++i) values.push_back(static_cast<float>((i % 2 ? 1 : -1) * std::exp(exponent(gen))));
+  const auto source = Tensor<float>::from_host("source", {static_cast<index_t>(values.size())}, values);
+  const auto rounded = convert_tensor<float>(convert_tensor<bfloat16>(source, "bf16"), "back").to_host();
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    const float expected = round_to_bfloat16(values[i]);
+    std::uint32_t want, got;
+    std::memcpy(&want, &expected, sizeof want);
+    std::memcpy(&got, &rounded[i], sizeof got);
+    EXPECT_EQ(got, want) << "value " << values[i];
+  }
+  const auto nan = Tensor<float>::from_host("nan", {1}, {std::numeric_limits<float>::quiet_NaN()});
+  EXPECT_TRUE(std::isnan(convert_tensor<float>(convert_tensor<bfloat16>(nan, "bf16"), "back").to_host()[0]));
 }

@@ -77,6 +77,17 @@ inline void expect_status(const std::function<void()>& call, Status status, cons
 
 // max_i |actual_i − expected_i| / max(max_i |expected_i|, floor): a relative error that stays
 // meaningful when individual entries are near zero.
+// ‖actual − expected‖₂ / ‖expected‖₂.
+inline double relative_l2_error(const std::vector<double>& actual, const std::vector<double>& expected) {
+  EXPECT_EQ(actual.size(), expected.size());
+  double diff = 0, norm = 0;
+  for (std::size_t i = 0; i < std::min(actual.size(), expected.size()); ++i) {
+    diff += (actual[i] - expected[i]) * (actual[i] - expected[i]);
+    norm += expected[i] * expected[i];
+  }
+  return std::sqrt(diff / std::max(norm, 1e-300));
+}
+
 inline double max_rel_error(const std::vector<double>& actual, const std::vector<double>& expected,
                             double floor = 1e-12) {
   EXPECT_EQ(actual.size(), expected.size());

@@ -1,6 +1,7 @@
 #include "report.hpp"
 
 #include "kmoe/core/memory_pool.hpp"
+#include "kmoe/ops/gemm.hpp"
 
 #include <KokkosBlas3_gemm.hpp>
 
@@ -92,6 +93,77 @@ BenchRow dense_gemm_row(const std::string& name, index_t m, index_t k, index_t n
   const auto gemm = [&] { KokkosBlas::gemm("N", "N", 1.f, a.view<2>(), b.view<2>(), 0.f, c.view<2>()); };
   gemm();
   return {name, median_seconds(repeats, gemm), 2.0 * m * k * n, std::nullopt};
+}
+
+bool native_bfloat16_gemm() { return !Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible; }
+
+namespace {
+
+// The dense GEMMs of one chain, in the operand type V (float, or bfloat16 on a device).
+template <class V>
+struct DenseGemm {
+  static void run(bool ta, bool tb, const Tensor<V>& a, const Tensor<V>& b, const Tensor<V>& c) {
+    if constexpr (std::is_same_v<V, bfloat16>) {
+      ops::gemm_bf16(ta, tb, 1.f, a.template view<2>(), b.template view<2>(), 0.f, c.template view<2>());
+    } else {
+      KokkosBlas::gemm(ta ? "T" : "N", tb ? "T" : "N", 1.f, a.template view<2>(), b.template view<2>(), 0.f,
+                       c.template view<2>());
+    }
+  }
+  static Tensor<V> filled(const char* label, const Shape& shape, float value) {
+    Tensor<float> t(label, shape);
+    t.fill(value);
+    if constexpr (std::is_same_v<V, bfloat16>) return convert_tensor<bfloat16>(t, label);
+    else return t;
+  }
+};
+
+template <class V>
+DenseChainRows chain_rows(index_t m, index_t d, index_t h, int repeats, const std::string& what) {
+  using G = DenseGemm<V>;
+  const Tensor<V> x = G::filled("x", {m, d}, 0.5f), w1 = G::filled("w1", {d, h}, 0.25f),
+                  w2 = G::filled("w2", {h, d}, 0.25f), dy = G::filled("dy", {m, d}, 0.5f);
+  const Tensor<V> hidden = G::filled("h", {m, h}, 0.f), y = G::filled("y", {m, d}, 0.f),
+                  dh = G::filled("dh", {m, h}, 0.f), dx = G::filled("dx", {m, d}, 0.f),
+                  dw1 = G::filled("dw1", {d, h}, 0.f), dw2 = G::filled("dw2", {h, d}, 0.f);
+  const auto forward = [&] {
+    G::run(false, false, x, w1, hidden);
+    G::run(false, false, hidden, w2, y);
+  };
+  const auto forward_backward = [&] {
+    forward();
+    G::run(false, true, dy, w2, dh);
+    G::run(true, false, hidden, dy, dw2);
+    G::run(false, true, dh, w1, dx);
+    G::run(true, false, x, dh, dw1);
+  };
+  forward_backward();
+  const double flops = 2.0 * m * d * h;
+  return {{"dense " + what + " GEMM chain forward", median_seconds(repeats, forward), 2 * flops, std::nullopt},
+          {"dense " + what + " GEMM chain forward+backward (baseline)", median_seconds(repeats, forward_backward),
+           6 * flops, std::nullopt}};
+}
+
+template <class V>
+BenchRow square_row(index_t n, int repeats, const std::string& what) {
+  using G = DenseGemm<V>;
+  const Tensor<V> a = G::filled("a", {n, n}, 0.5f), b = G::filled("b", {n, n}, 0.25f), c = G::filled("c", {n, n}, 0.f);
+  const auto gemm = [&] { G::run(false, false, a, b, c); };
+  gemm();
+  return {"dense " + what + " square GEMM " + std::to_string(n) + "^3 (peak reference)", median_seconds(repeats, gemm),
+          2.0 * n * n * n, std::nullopt};
+}
+
+}  // namespace
+
+DenseChainRows dense_chain_rows(index_t m, index_t d, index_t h, Precision precision, int repeats) {
+  if (precision == Precision::bfloat16 && native_bfloat16_gemm()) return chain_rows<bfloat16>(m, d, h, repeats, "bf16");
+  return chain_rows<float>(m, d, h, repeats, precision == Precision::bfloat16 ? "fp32 (no bf16 BLAS)" : "fp32");
+}
+
+BenchRow square_gemm_row(index_t n, Precision precision, int repeats) {
+  if (precision == Precision::bfloat16 && native_bfloat16_gemm()) return square_row<bfloat16>(n, repeats, "bf16");
+  return square_row<float>(n, repeats, "fp32");
 }
 
 }  // namespace kmoe::apps

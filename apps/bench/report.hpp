@@ -4,6 +4,7 @@
 
 #include "timing.hpp"
 
+#include "kmoe/core/precision.hpp"
 #include "kmoe/core/tensor.hpp"
 
 #include <Kokkos_Core.hpp>
@@ -60,5 +61,22 @@ BenchRow timed_row(std::string name, double flops, int repeats, PeakMemory& memo
 // The baseline of most sections: one straight KokkosBlas::gemm [m, k] · [k, n] in float (no
 // thread-count-independent blocking: the library's best rate), median of `repeats`, with 2·m·k·n FLOPs.
 BenchRow dense_gemm_row(const std::string& name, index_t m, index_t k, index_t n, int repeats);
+
+// The dense counterpart of a two-projection expert MLP on m rows: [m, d]·[d, h] then ·[h, d]
+// (forward) and the four GEMMs of its backward (dH, dW2, dX, dW1), each one unblocked call of the
+// machine's fastest dense GEMM: the threaded host BLAS or cuBLAS in float32; cuBLAS on tensor
+// cores (float accumulation) in bfloat16. A host has no bfloat16 BLAS, so there bfloat16 falls
+// back to float32 (said in the row's name).
+struct DenseChainRows {
+  BenchRow forward, forward_backward;
+};
+DenseChainRows dense_chain_rows(index_t m, index_t d, index_t h, Precision precision, int repeats);
+
+// One n × n × n GEMM in the same precision: the machine's peak reference, printed beside a
+// baseline so that a reader can see how close to peak the baseline itself runs.
+BenchRow square_gemm_row(index_t n, Precision precision, int repeats);
+
+// True where bfloat16 GEMMs run natively (a CUDA build); else bfloat16 is emulated in float.
+bool native_bfloat16_gemm();
 
 }  // namespace kmoe::apps

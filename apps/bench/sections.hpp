@@ -36,7 +36,7 @@ double moeut_forward_flops(const layers::MoEUTConfig& c, index_t batch, index_t 
 
 inline const std::vector<BenchSection>& bench_sections() {
   static const std::vector<BenchSection> sections = {
-      {"sigma_moe", "--tokens --dmodel --experts --expert-size --k", bench_sigma_moe},
+      {"sigma_moe", "--tokens --dmodel --experts --expert-size --k --precision", bench_sigma_moe},
       {"moeut", "--batch --seq", bench_moeut},
       {"soft_moe", "--batch --seq --dim --experts --slots", bench_soft_moe},
       {"st_moe", "--batch --seq --dim --experts --top-n", bench_st_moe},

@@ -22,7 +22,7 @@ struct Entry {
 };
 std::map<std::string, Entry> entries;
 std::vector<std::pair<std::string, Clock::time_point>> open_kernels;
-Clock::time_point start, last_end;
+Clock::time_point start;
 double inside = 0;
 
 void begin(const char* name, std::uint64_t* id) {
@@ -50,8 +50,6 @@ void kokkosp_begin_parallel_reduce(const char* name, std::uint32_t, std::uint64_
 void kokkosp_end_parallel_reduce(std::uint64_t id) { end(id); }
 void kokkosp_begin_parallel_scan(const char* name, std::uint32_t, std::uint64_t* id) { begin(name, id); }
 void kokkosp_end_parallel_scan(std::uint64_t id) { end(id); }
-void kokkosp_begin_deep_copy(void*, const char* dst, const void*, void*, const char* src, const void*,
-                             std::uint64_t) {}
 void kokkosp_finalize_library() {
   const double total = std::chrono::duration<double>(Clock::now() - start).count();
   std::vector<std::pair<std::string, Entry>> sorted(entries.begin(), entries.end());

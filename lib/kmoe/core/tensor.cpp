@@ -56,7 +56,7 @@ Tensor<T>::Tensor(const std::string& label, const Shape& shape, bool zero_initia
   bool zeroed = false;
   block_ = pool_allocate(static_cast<std::size_t>(shape.size()) * sizeof(T), label, &data, &zeroed);
   storage_ = View1<T>(static_cast<T*>(data), static_cast<size_t>(shape.size()));
-  if (zero_initialise && !zeroed) Kokkos::deep_copy(storage_, T(0));
+  if (zero_initialise && !zeroed) Kokkos::deep_copy(storage_, T{});  // T{}: zero for every element type
 }
 
 template <class T>
@@ -156,6 +156,18 @@ void Tensor<T>::require_shape(const Shape& expected, const std::string& what) co
           shape_.str());
 }
 
+template <class To, class From>
+Tensor<To> convert_tensor(const Tensor<From>& tensor, const std::string& label) {
+  if (tensor.empty()) return Tensor<To>();
+  const auto out = Tensor<To>::uninitialized(label, tensor.shape());
+  const View1<const From> src = tensor.flat();
+  const View1<To> dst = out.flat();
+  Kokkos::parallel_for(
+      "kmoe::convert_tensor", Kokkos::RangePolicy<ExecSpace>(0, tensor.size()),
+      KOKKOS_LAMBDA(const index_t i) { dst(i) = convert<To>(src(i)); });
+  return out;
+}
+
 template <class T>
 bool all_finite(const View1<const T>& values) {
   index_t bad = 0;
@@ -179,6 +191,9 @@ template class Tensor<float>;
 template class Tensor<double>;
 template class Tensor<int>;
 template class Tensor<std::int64_t>;
+template class Tensor<bfloat16>;
+template Tensor<bfloat16> convert_tensor<bfloat16, float>(const Tensor<float>&, const std::string&);
+template Tensor<float> convert_tensor<float, bfloat16>(const Tensor<bfloat16>&, const std::string&);
 template bool all_finite<float>(const View1<const float>&);
 template bool all_finite<double>(const View1<const double>&);
 template void require_finite<float>(const Tensor<float>&, const std::string&);

@@ -11,6 +11,7 @@
 // a 0 dimension ([0, 5]) is not empty: it owns a block and holds 0 elements.
 #pragma once
 
+#include "kmoe/core/bfloat16.hpp"
 #include "kmoe/core/config.hpp"
 #include "kmoe/core/error.hpp"
 
@@ -121,6 +122,10 @@ class Tensor {
   View1<T> storage_;             // an unmanaged view of the block
 };
 
+// A new tensor of the same shape with every element converted (bfloat16 rounds to nearest even).
+template <class To, class From>
+Tensor<To> convert_tensor(const Tensor<From>& tensor, const std::string& label);
+
 // True when every element is finite (no NaN, no Inf).
 template <class T>
 bool all_finite(const View1<const T>& values);
@@ -133,5 +138,6 @@ extern template class Tensor<float>;
 extern template class Tensor<double>;
 extern template class Tensor<int>;
 extern template class Tensor<std::int64_t>;
+extern template class Tensor<bfloat16>;
 
 }  // namespace kmoe

@@ -51,6 +51,7 @@ const model::FieldTable<SigmaMoEConfig>& sigma_moe_fields() {
       model::field("sinkhorn_n_iters", &C::sinkhorn_n_iters, model::at_least(&C::sinkhorn_n_iters, 0)),
       model::field("expert_dropout", &C::expert_dropout, model::probability(&C::expert_dropout)),
       model::field("weight_std_scale", &C::weight_std_scale, model::finite_positive(&C::weight_std_scale)),
+      model::enum_field("precision", &C::precision, parse_precision, precision_name),
   };
   return table;
 }
@@ -274,6 +275,20 @@ Tensor<T> router_gradient(const SigmaMoEConfig& config, const SigmaMoEForward<T>
   return dz;
 }
 
+// Calls run(keys, values) with the expert weights as the GEMM operands of forward f: its bfloat16
+// copies under Precision::bfloat16, else the parameters themselves.
+template <class T, class Run>
+void with_expert_operands(const SigmaMoEParams<T>& params, const SigmaMoEForward<T>& f, const Run& run) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!f.keys_operand.empty()) return run(f.keys_operand.template view<3>(), f.values_operand.template view<3>());
+  }
+  run(params.keys.template view<3>(), params.values.template view<3>());
+}
+
+// The operand type W of a weight View passed by with_expert_operands.
+template <class V>
+using OperandType = typename std::decay_t<V>::non_const_value_type;
+
 }  // namespace impl
 
 template <class T>
@@ -281,6 +296,8 @@ SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed, Paramete
                       const dist::Communicator& comm)
     : config_(config), comm_(comm) {
   config_.validate();
+  require(config_.precision == Precision::native || std::is_same_v<T, float>, Status::unsupported,
+          "SigmaMoE: precision 'bfloat16' needs a float32 layer (its master weights are float32)");
   comm_.require_same(dist::text_hash(model::write_fields(sigma_moe_fields(), config_).dump()) ^ seed,
                      "the SigmaMoE config or seed");
   const index_t E = config_.n_experts, D = config_.dmodel, es = config_.expert_size, Dv = config_.value_dim();
@@ -416,12 +433,20 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   Tensor<T> y_received;
   if (received > 0) {
   f.plan = moe::DispatchPlan::build_with_drops(f.exchange.received_experts().as_matrix(), local_experts);
+  if constexpr (std::is_same_v<T, float>) {
+    if (c.precision == Precision::bfloat16) {
+      f.keys_operand = convert_tensor<bfloat16>(params_.keys, "sigma_moe::keys_bf16");
+      f.values_operand = convert_tensor<bfloat16>(params_.values, "sigma_moe::values_bf16");
+    }
+  }
 
   // Up-projection: u = x · keys[e] (+ bias[e]), h = dropout(activation(u)).
   const index_t pairs = f.plan.n_pairs();
   f.pre_activation = Tensor<T>::uninitialized("sigma_moe::pre_activation", {pairs, es_local});
-  moe::cvmm_forward<T>(f.plan, f.x_received.as_matrix(), params_.keys.template view<3>(), f.pre_activation.as_matrix(),
-                       impl::hidden_order(f.plan));
+  impl::with_expert_operands(params_, f, [&](const auto& keys, const auto&) {
+    moe::cvmm_forward<T, impl::OperandType<decltype(keys)>>(f.plan, f.x_received.as_matrix(), keys,
+                                                            f.pre_activation.as_matrix(), impl::hidden_order(f.plan));
+  });
   if (c.bias) {
     moe::add_expert_bias<T>(f.plan, impl::hidden_order(f.plan), f.pre_activation.as_matrix(),
                             params_.bias.as_matrix());
@@ -439,8 +464,11 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   // Down-projection reduced with the gates: y_t = Σ_j g_tj · h_tj · values[e_tj] (+ o_bias), the
   // rows summed over the ranks that computed parts of them.
   y_received = Tensor<T>::uninitialized("sigma_moe::y_received", {received, Dv});
-  moe::cvmm_forward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(),
-                               f.gates_received.as_matrix(), y_received.as_matrix(), impl::hidden_order(f.plan));
+  impl::with_expert_operands(params_, f, [&](const auto&, const auto& values) {
+    moe::cvmm_forward_reduced<T, impl::OperandType<decltype(values)>>(f.plan, f.hidden.as_matrix(), values,
+                                                                      f.gates_received.as_matrix(),
+                                                                      y_received.as_matrix(), impl::hidden_order(f.plan));
+  });
   }
   const Tensor<T> y = f.exchange.combine(y_received);
   if (c.bias) impl::add_bias_to_rows<T>(y.as_matrix(), params_.o_bias.flat());
@@ -483,10 +511,11 @@ SigmaMoEInputGrads<T> SigmaMoE<T>::backward_with_router(const SigmaMoEForward<T>
   // Down-projection: dgates, d values, dh.
   const auto du = Tensor<T>::uninitialized("sigma_moe::du", {pairs, es_local});
   dgates_received = Tensor<T>::uninitialized("sigma_moe::dgates", {received, c.k});
-  moe::cvmm_backward_reduced<T>(f.plan, f.hidden.as_matrix(), params_.values.template view<3>(),
-                                f.gates_received.as_matrix(), dy_received.as_matrix(), du.as_matrix(),
-                                grads_.values.template view<3>(), dgates_received.as_matrix(),
-                                impl::hidden_order(f.plan));
+  impl::with_expert_operands(params_, f, [&](const auto&, const auto& values) {
+    moe::cvmm_backward_reduced<T, impl::OperandType<decltype(values)>>(
+        f.plan, f.hidden.as_matrix(), values, f.gates_received.as_matrix(), dy_received.as_matrix(), du.as_matrix(),
+        grads_.values.template view<3>(), dgates_received.as_matrix(), impl::hidden_order(f.plan));
+  });
   // Up-projection: replay the dropout mask, then activation', bias and keys.
   if (f.training && c.dropout > 0)
     ops::dropout_rows<T>(du.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys, du.as_matrix());
@@ -496,8 +525,11 @@ SigmaMoEInputGrads<T> SigmaMoE<T>::backward_with_router(const SigmaMoEForward<T>
                                             grads_.bias.as_matrix());
   }
   dx_received = Tensor<T>::uninitialized("sigma_moe::dx_received", {received, D});
-  moe::cvmm_backward<T>(f.plan, f.x_received.as_matrix(), params_.keys.template view<3>(), du.as_matrix(),
-                        dx_received.as_matrix(), grads_.keys.template view<3>(), impl::hidden_order(f.plan));
+  impl::with_expert_operands(params_, f, [&](const auto& keys, const auto&) {
+    moe::cvmm_backward<T, impl::OperandType<decltype(keys)>>(f.plan, f.x_received.as_matrix(), keys, du.as_matrix(),
+                                                             dx_received.as_matrix(), grads_.keys.template view<3>(),
+                                                             impl::hidden_order(f.plan));
+  });
   }
   const Tensor<T> dx = f.exchange.combine(dx_received);
   const Tensor<T> dgates = f.exchange.combine(dgates_received);

@@ -7,6 +7,7 @@
 // Backward: input gradient and accumulated parameter gradients for every option.
 #pragma once
 
+#include "kmoe/core/precision.hpp"
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/dist/communicator.hpp"
@@ -48,6 +49,9 @@ struct SigmaMoEConfig {
   int sinkhorn_n_iters = 3;
   double expert_dropout = 0.0;
   double weight_std_scale = 1.0;
+  // kmoe's own option (core/precision.hpp): bfloat16 runs the four expert GEMMs of forward and
+  // backward on bfloat16 operands (a float32 layer only); routing stays float32.
+  Precision precision = Precision::native;
 
   index_t value_dim() const { return v_dim > 0 ? v_dim : dmodel; }
   // Throws Status::invalid_argument naming the field: dmodel, n_experts, expert_size < 1;
@@ -97,6 +101,9 @@ struct SigmaMoEForward {
   // experts' rows stay contiguous between the two projections; in pair order when k = 1.
   Tensor<T> pre_activation;   // [R·k, local expert_size] u = x · keys[e] (+ bias)
   Tensor<T> hidden;           // [R·k, local expert_size] h = dropout(activation(u))
+  // Precision::bfloat16: keys and values rounded once per forward, the GEMMs' operands (empty
+  // otherwise: the GEMMs read the parameters).
+  Tensor<bfloat16> keys_operand, values_operand;
   RngStream dropout_stream;   // the hidden dropout's draws (replayed by backward)
   View1<std::int64_t> dropout_keys;  // [R·k] the counter of each hidden row's unit 0
 };

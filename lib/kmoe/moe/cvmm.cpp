@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace kmoe::moe {
@@ -27,8 +28,8 @@ void require_matrix(const char* op, const char* name, const V& v, index_t rows, 
 
 // Checks W against the plan and x, and reports whether x has one row per token (true) or one
 // per pair (false); with k = 1 the two readings coincide and per-token is taken.
-template <class T>
-bool x_is_per_token(const char* op, const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w) {
+template <class T, class W>
+bool x_is_per_token(const char* op, const DispatchPlan& plan, const View2<const T>& x, const View3<const W>& w) {
   const index_t rows = x.extent(0);
   require(rows == plan.n_tokens() || rows == plan.n_pairs(), Status::shape_mismatch, op, ": x is ", extents(x),
           ", but the plan has ", plan.n_tokens(), " tokens and ", plan.n_pairs(),
@@ -61,11 +62,28 @@ void zero_dropped_rows(const DispatchPlan& plan, const View2<T>& sorted) {
 // pair order (p), or one per pair already in sorted order (s, nothing to gather).
 enum class RowSource { token, pair, sorted };
 
+// The row of src that sorted position s (pair p) reads.
+KOKKOS_INLINE_FUNCTION index_t source_row(RowSource source, index_t s, index_t p, index_t k) {
+  return source == RowSource::token ? p / k : source == RowSource::pair ? p : s;
+}
+
+// C = op(A) · op(B) + beta · C on the GEMM operand type W: ops::gemm for float and double,
+// ops::gemm_bf16 (float accumulation) for bfloat16.
+template <class W>
+void operand_gemm(bool transpose_a, bool transpose_b, const View2<const W>& a, const View2<const W>& b, float beta,
+                  const View2<W>& c) {
+  if constexpr (std::is_same_v<W, bfloat16>) {
+    ops::gemm_bf16(transpose_a, transpose_b, 1.0f, a, b, beta, c);
+  } else {
+    ops::gemm<W>(transpose_a, transpose_b, W(1), a, b, static_cast<W>(beta), c);
+  }
+}
+
 // Checks x against the plan and W and says where its rows are. With k = 1 a per-token and a
 // per-pair x have the same shape; in pair order they are also the same rows, but in sorted order
 // they are not, so PairRows::sorted needs k > 1 (a k = 1 caller keeps pair order).
-template <class T>
-RowSource x_row_source(const char* op, const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+template <class T, class W>
+RowSource x_row_source(const char* op, const DispatchPlan& plan, const View2<const T>& x, const View3<const W>& w,
                        PairRows pair_rows) {
   require(pair_rows == PairRows::pair_order || plan.k() > 1, Status::invalid_argument, op,
           ": PairRows::sorted needs k > 1 (with k = 1 a per-token x and a per-pair x look alike); use pair order");
@@ -73,11 +91,11 @@ RowSource x_row_source(const char* op, const DispatchPlan& plan, const View2<con
   return pair_rows == PairRows::sorted ? RowSource::sorted : RowSource::pair;
 }
 
-// dst(s, :) = [gate of pair p ·] src(row of pair p = sorted_pair(s), :); no gates means weight 1.
-// One team per row: a contiguous copy on CPUs, coalesced on GPUs.
-template <class T>
+// dst(s, :) = [gate of pair p ·] src(row of pair p = sorted_pair(s), :), converted to Dst; no
+// gates means weight 1. One team per row: a contiguous copy on CPUs, coalesced on GPUs.
+template <class T, class Dst>
 void gather_sorted(const DispatchPlan& plan, RowSource source, const View2<const T>& src, const View2<const T>& gates,
-                   const View2<T>& dst) {
+                   const View2<Dst>& dst) {
   using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
   const View1<int> sorted_pair = plan.sorted_pair();
   const index_t k = plan.k();
@@ -88,69 +106,101 @@ void gather_sorted(const DispatchPlan& plan, RowSource source, const View2<const
       KOKKOS_LAMBDA(const Member& team) {
         const index_t s = team.league_rank();
         const index_t p = sorted_pair(s);
-        const index_t row = source == RowSource::token ? p / k : source == RowSource::pair ? p : s;
+        const index_t row = source_row(source, s, p, k);
         const T gate = gated ? gates(p / k, p % k) : T(1);
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) {
-          dst(s, c) = gated ? gate * src(row, c) : src(row, c);
+          dst(s, c) = convert<Dst>(gated ? gate * src(row, c) : src(row, c));
         });
       });
 }
 
 // Calls f(e, rows, a) for every expert with rows, a [rows, cols] holding the expert's rows of src
-// in sorted order. Sorted sources are passed through. Otherwise, on the host each expert's rows
-// are copied into the running thread's own buffer right before f, so its GEMMs read them from
-// cache rather than after a round trip through memory; on a device all rows are gathered into the
-// temporary `name` first (a block of the caching allocator, core/memory_pool.hpp).
-template <class T, class F>
+// in sorted order as the GEMM operand type W. Sorted sources already of type W are passed
+// through. Otherwise, on the host each expert's rows are copied into the running thread's own
+// buffer right before f, so its GEMMs read them from cache rather than after a round trip through
+// memory; on a device all rows are gathered into the temporary `name` first (a block of the
+// caching allocator, core/memory_pool.hpp).
+template <class W, class T, class F>
 void for_each_expert_gathered(const DispatchPlan& plan, RowSource source, const View2<const T>& src, const char* name,
                               const F& f) {
   const index_t cols = src.extent(1);
-  if (source == RowSource::sorted) {
-    for_each_expert_block(plan, [&](int e, auto rows) { f(e, rows, Kokkos::subview(src, rows, Kokkos::ALL)); });
-    return;
+  if constexpr (std::is_same_v<T, W>) {
+    if (source == RowSource::sorted) {
+      for_each_expert_block(plan, [&](int e, auto rows) { f(e, rows, Kokkos::subview(src, rows, Kokkos::ALL)); });
+      return;
+    }
   }
   if constexpr (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible) {
     const View1<int> sorted_pair = plan.sorted_pair();
     const index_t k = plan.k();
-    const bool per_token = source == RowSource::token;
     for_each_expert_block(plan, [&](int e, auto rows) {
-      thread_local std::vector<T> buffer;
+      thread_local std::vector<W> buffer;
       const index_t n = rows.second - rows.first;
       buffer.resize(static_cast<std::size_t>(n * cols));
       for (index_t r = 0; r < n; ++r) {
-        const index_t p = sorted_pair(rows.first + r);
-        const T* row = &src(per_token ? p / k : p, 0);
-        std::copy(row, row + cols, buffer.data() + r * cols);
+        const index_t s = rows.first + r;
+        const T* row = &src(source_row(source, s, sorted_pair(s), k), 0);
+        std::transform(row, row + cols, buffer.data() + r * cols, [](const T v) { return convert<W>(v); });
       }
-      f(e, rows, View2<const T>(buffer.data(), n, cols));
+      f(e, rows, View2<const W>(buffer.data(), n, cols));
     });
   } else {
-    const Tensor<T> sorted_storage = Tensor<T>::uninitialized(name, {plan.n_pairs(), static_cast<index_t>(cols)});
-    const View2<T> sorted = sorted_storage.as_matrix();
-    gather_sorted<T>(plan, source, src, View2<const T>(), sorted);
+    const Tensor<W> sorted_storage = Tensor<W>::uninitialized(name, {plan.n_pairs(), static_cast<index_t>(cols)});
+    const View2<W> sorted = sorted_storage.as_matrix();
+    gather_sorted<T, W>(plan, source, src, View2<const T>(), sorted);
     for_each_expert_block(plan, [&](int e, auto rows) { f(e, rows, Kokkos::subview(sorted, rows, Kokkos::ALL)); });
   }
 }
 
-// pairs(p, :) = sorted(pair_position(p), :), or 0 for a dropped pair (no expert computed it).
-template <class T>
-void unsort_pairs(const DispatchPlan& plan, const View2<const T>& sorted, const View2<T>& pairs) {
+// dw += the per-expert GEMM products that run(target, beta) issues into target[e] with that beta.
+// With W = T they accumulate into dw itself (beta = 1); otherwise into a zeroed W temporary (beta
+// = 0) that is added into dw afterwards, so an expert without rows adds exactly zero (no GEMM
+// touches its block: some cuBLAS grouped GEMMs get empty groups wrong).
+template <class T, class W, class Run>
+void accumulate_weight_gradient(const View3<T>& dw, const Run& run) {
+  if constexpr (std::is_same_v<T, W>) {
+    run(dw, 1.0f);
+  } else {
+    const Tensor<W> products("cvmm.dw_products", {static_cast<index_t>(dw.extent(0)),
+                                                  static_cast<index_t>(dw.extent(1)),
+                                                  static_cast<index_t>(dw.extent(2))});
+    const View3<W> p = products.template view<3>();
+    run(p, 0.0f);
+    const index_t rows = dw.extent(0) * dw.extent(1), cols = dw.extent(2);
+    const View2<T> dw_rows(dw.data(), rows, cols);
+    const View2<const W> p_rows(p.data(), rows, cols);
+    Kokkos::parallel_for(
+        "kmoe::cvmm::add_weight_gradient", md_range<2>({0, 0}, {rows, cols}),
+        KOKKOS_LAMBDA(const index_t i, const index_t j) { dw_rows(i, j) += convert<T>(p_rows(i, j)); });
+  }
+}
+
+// pairs(s, :) = src(s, :) converted for the routed sorted positions, 0 past them (dropped pairs).
+template <class Src, class T>
+void convert_sorted_rows(const DispatchPlan& plan, const View2<const Src>& src, const View2<T>& dst) {
+  const index_t routed = plan.n_routed_pairs();
+  Kokkos::parallel_for(
+      "kmoe::cvmm::convert_sorted_rows", md_range<2>({0, 0}, {dst.extent(0), dst.extent(1)}),
+      KOKKOS_LAMBDA(const index_t s, const index_t c) { dst(s, c) = s < routed ? convert<T>(src(s, c)) : T(0); });
+}
+
+// pairs(p, :) = sorted(pair_position(p), :) as T, or 0 for a dropped pair (no expert computed it).
+template <class Src, class T>
+void unsort_pairs(const DispatchPlan& plan, const View2<const Src>& sorted, const View2<T>& pairs) {
   const View1<int> pair_position = plan.pair_position(), expert_of_pair = plan.expert_of_pair();
   Kokkos::parallel_for(
-      "kmoe::cvmm::unsort_pairs",
-      md_range<2>({0, 0},
-                                                       {plan.n_pairs(), static_cast<index_t>(pairs.extent(1))}),
+      "kmoe::cvmm::unsort_pairs", md_range<2>({0, 0}, {plan.n_pairs(), static_cast<index_t>(pairs.extent(1))}),
       KOKKOS_LAMBDA(const index_t p, const index_t c) {
-        pairs(p, c) = expert_of_pair(p) < 0 ? T(0) : sorted(pair_position(p), c);
+        pairs(p, c) = expert_of_pair(p) < 0 ? T(0) : convert<T>(sorted(pair_position(p), c));
       });
 }
 
 // tokens(t, :) = Σ_slot gates(t, slot) · src(row of pair t · k + slot, :), slots in order, dropped
-// pairs left out. The row is pair_position(p) when src is in sorted order, else p; no gates means
-// weight 1. One team per token, slots outermost: each slot's row is one contiguous (vectorised,
-// coalesced) sweep.
-template <class T>
-void sum_slots(const DispatchPlan& plan, const View2<const T>& src, bool src_sorted, const View2<const T>& gates,
+// pairs left out, summed in T. The row is pair_position(p) when src is in sorted order, else p;
+// no gates means weight 1. One team per token, slots outermost: each slot's row is one contiguous
+// (vectorised, coalesced) sweep.
+template <class Src, class T>
+void sum_slots(const DispatchPlan& plan, const View2<const Src>& src, bool src_sorted, const View2<const T>& gates,
                const View2<T>& tokens) {
   using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
   const View1<int> pair_position = plan.pair_position(), expert_of_pair = plan.expert_of_pair();
@@ -168,9 +218,11 @@ void sum_slots(const DispatchPlan& plan, const View2<const T>& src, bool src_sor
           const index_t row = src_sorted ? pair_position(p) : p;
           const T gate = gated ? gates(t, slot) : T(1);
           if (first) {
-            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) { tokens(t, c) = gate * src(row, c); });
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols),
+                                 [&](const int c) { tokens(t, c) = gate * convert<T>(src(row, c)); });
           } else {
-            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) { tokens(t, c) += gate * src(row, c); });
+            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols),
+                                 [&](const int c) { tokens(t, c) += gate * convert<T>(src(row, c)); });
           }
           first = false;
         }
@@ -181,8 +233,8 @@ void sum_slots(const DispatchPlan& plan, const View2<const T>& src, bool src_sor
 }
 
 // The outputs of either backward, each checked when present (not empty).
-template <class T>
-void require_backward_outputs(const char* op, const View2<const T>& x, const View3<const T>& w, const View2<T>& dx,
+template <class T, class W>
+void require_backward_outputs(const char* op, const View2<const T>& x, const View3<const W>& w, const View2<T>& dx,
                               const View3<T>& dw) {
   if (dx.data() != nullptr) require_matrix(op, "dx", dx, x.extent(0), x.extent(1));
   if (dw.data() != nullptr) {
@@ -191,98 +243,119 @@ void require_backward_outputs(const char* op, const View2<const T>& x, const Vie
   }
 }
 
+// A [pairs, cols] temporary of the operand type W in sorted order.
+template <class W>
+Tensor<W> sorted_temporary(const char* name, const DispatchPlan& plan, index_t cols) {
+  return Tensor<W>::uninitialized(name, {plan.n_pairs(), cols});
+}
+
 // dx and dW from dy in sorted order: per expert, dXs = dYs · Wᵀ and dW += Xsᵀ · dYs.
-template <class T>
+template <class T, class W>
 void backward_from_sorted(const DispatchPlan& plan, RowSource x_source, const View2<const T>& x,
-                          const View3<const T>& w, const View2<const T>& dy_sorted, const View2<T>& dx,
+                          const View3<const W>& w, const View2<const W>& dy_sorted, const View2<T>& dx,
                           const View3<T>& dw) {
-  const index_t pairs = plan.n_pairs(), K = x.extent(1);
+  const index_t K = x.extent(1);
   if (dx.data() != nullptr) {
-    // Per-pair dx in sorted order is written in place; otherwise through a sorted temporary.
-    const Tensor<T> dx_sorted_storage =
-        x_source == RowSource::sorted ? Tensor<T>() : Tensor<T>::uninitialized("cvmm.dx_sorted", {pairs, K});
-    const View2<T> dx_sorted = x_source == RowSource::sorted ? dx : dx_sorted_storage.as_matrix();
+    // A per-pair dx of type W in sorted order is written in place; otherwise through a sorted
+    // temporary.
+    constexpr bool same = std::is_same_v<T, W>;
+    const bool in_place = same && x_source == RowSource::sorted;
+    const Tensor<W> dx_sorted_storage = in_place ? Tensor<W>() : sorted_temporary<W>("cvmm.dx_sorted", plan, K);
+    View2<W> dx_sorted;
+    if constexpr (same) dx_sorted = in_place ? dx : dx_sorted_storage.as_matrix();
+    else dx_sorted = dx_sorted_storage.as_matrix();
     for_each_expert_block(plan, [&](int e, auto rows) {
-      ops::gemm<T>(false, true, T(1), Kokkos::subview(dy_sorted, rows, Kokkos::ALL),
-                   Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
-                   Kokkos::subview(dx_sorted, rows, Kokkos::ALL));
+      operand_gemm<W>(false, true, Kokkos::subview(dy_sorted, rows, Kokkos::ALL),
+                      Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), 0.0f,
+                      Kokkos::subview(dx_sorted, rows, Kokkos::ALL));
     });
-    if (x_source == RowSource::token) sum_slots<T>(plan, dx_sorted, true, View2<const T>(), dx);
-    if (x_source == RowSource::pair) unsort_pairs<T>(plan, dx_sorted, dx);
-    if (x_source == RowSource::sorted) zero_dropped_rows<T>(plan, dx);
+    if (x_source == RowSource::token) sum_slots<W, T>(plan, dx_sorted, true, View2<const T>(), dx);
+    if (x_source == RowSource::pair) unsort_pairs<W, T>(plan, dx_sorted, dx);
+    if (x_source == RowSource::sorted) {
+      if (in_place) zero_dropped_rows<T>(plan, dx);
+      else convert_sorted_rows<W, T>(plan, dx_sorted, dx);
+    }
   }
   if (dw.data() != nullptr) {
-    // A segmented reduction in a fixed order: one GEMM over each expert's rows, accumulated into
-    // dW[e] (beta = 1); ops::gemm keeps its inner-dimension order independent of the thread count.
-    for_each_expert_gathered<T>(plan, x_source, x, "cvmm.x_sorted", [&](int e, auto rows, const View2<const T>& a) {
-      ops::gemm<T>(true, false, T(1), a, Kokkos::subview(dy_sorted, rows, Kokkos::ALL), T(1),
-                   Kokkos::subview(dw, e, Kokkos::ALL, Kokkos::ALL));
+    // A segmented reduction in a fixed order: one GEMM over each expert's rows; ops::gemm keeps its
+    // inner-dimension order independent of the thread count.
+    accumulate_weight_gradient<T, W>(dw, [&](const View3<W>& target, float beta) {
+      for_each_expert_gathered<W>(plan, x_source, x, "cvmm.x_sorted", [&](int e, auto rows, const View2<const W>& a) {
+        operand_gemm<W>(true, false, a, Kokkos::subview(dy_sorted, rows, Kokkos::ALL), beta,
+                        Kokkos::subview(target, e, Kokkos::ALL, Kokkos::ALL));
+      });
     });
   }
 }
 
 // y_sorted = the products x_row(p) · W[expert(p)] of every pair, in sorted order: one GEMM per
 // expert on its gathered rows.
-template <class T>
-void sorted_products(const DispatchPlan& plan, RowSource x_source, const View2<const T>& x, const View3<const T>& w,
-                     const View2<T>& y_sorted) {
-  for_each_expert_gathered<T>(plan, x_source, x, "cvmm.x_sorted", [&](int e, auto rows, const View2<const T>& a) {
-    ops::gemm<T>(false, false, T(1), a, Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
-                 Kokkos::subview(y_sorted, rows, Kokkos::ALL));
+template <class T, class W>
+void sorted_products(const DispatchPlan& plan, RowSource x_source, const View2<const T>& x, const View3<const W>& w,
+                     const View2<W>& y_sorted) {
+  for_each_expert_gathered<W>(plan, x_source, x, "cvmm.x_sorted", [&](int e, auto rows, const View2<const W>& a) {
+    operand_gemm<W>(false, false, a, Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), 0.0f,
+                    Kokkos::subview(y_sorted, rows, Kokkos::ALL));
   });
 }
 
 }  // namespace impl
 
-template <class T>
-void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+template <class T, class W>
+void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                   const View2<T>& y_pairs, PairRows pair_rows) {
   const char* op = "cvmm_forward";
-  const impl::RowSource x_source = impl::x_row_source<T>(op, plan, x, w, pair_rows);
+  const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows);
   impl::require_matrix(op, "y_pairs", y_pairs, plan.n_pairs(), w.extent(2));
-  if (pair_rows == PairRows::sorted) {
-    impl::sorted_products<T>(plan, x_source, x, w, y_pairs);
-    return impl::zero_dropped_rows<T>(plan, y_pairs);
+  if constexpr (std::is_same_v<T, W>) {
+    if (pair_rows == PairRows::sorted) {
+      impl::sorted_products<T, W>(plan, x_source, x, w, y_pairs);
+      return impl::zero_dropped_rows<T>(plan, y_pairs);
+    }
   }
-  const Tensor<T> y_sorted_storage = Tensor<T>::uninitialized("cvmm.y_sorted", {plan.n_pairs(), static_cast<index_t>(w.extent(2))});
-    const View2<T> y_sorted = y_sorted_storage.as_matrix();
-  impl::sorted_products<T>(plan, x_source, x, w, y_sorted);
-  impl::unsort_pairs<T>(plan, y_sorted, y_pairs);
+  const Tensor<W> y_sorted_storage = impl::sorted_temporary<W>("cvmm.y_sorted", plan, w.extent(2));
+  const View2<W> y_sorted = y_sorted_storage.as_matrix();
+  impl::sorted_products<T, W>(plan, x_source, x, w, y_sorted);
+  if (pair_rows == PairRows::sorted) return impl::convert_sorted_rows<W, T>(plan, y_sorted, y_pairs);
+  impl::unsort_pairs<W, T>(plan, y_sorted, y_pairs);
 }
 
-template <class T>
-void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+template <class T, class W>
+void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                           const View2<const T>& gates, const View2<T>& y, PairRows pair_rows) {
   const char* op = "cvmm_forward_reduced";
-  const impl::RowSource x_source = impl::x_row_source<T>(op, plan, x, w, pair_rows);
+  const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows);
   impl::require_matrix(op, "gates", gates, plan.n_tokens(), plan.k());
   impl::require_matrix(op, "y", y, plan.n_tokens(), w.extent(2));
-  const Tensor<T> y_sorted_storage = Tensor<T>::uninitialized("cvmm.y_sorted", {plan.n_pairs(), static_cast<index_t>(w.extent(2))});
-    const View2<T> y_sorted = y_sorted_storage.as_matrix();
-  impl::sorted_products<T>(plan, x_source, x, w, y_sorted);
-  impl::sum_slots<T>(plan, y_sorted, true, gates, y);
+  const Tensor<W> y_sorted_storage = impl::sorted_temporary<W>("cvmm.y_sorted", plan, w.extent(2));
+  const View2<W> y_sorted = y_sorted_storage.as_matrix();
+  impl::sorted_products<T, W>(plan, x_source, x, w, y_sorted);
+  impl::sum_slots<W, T>(plan, y_sorted, true, gates, y);
 }
 
-template <class T>
-void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+template <class T, class W>
+void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                    const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw, PairRows pair_rows) {
   const char* op = "cvmm_backward";
-  const impl::RowSource x_source = impl::x_row_source<T>(op, plan, x, w, pair_rows);
+  const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows);
   impl::require_matrix(op, "dy_pairs", dy_pairs, plan.n_pairs(), w.extent(2));
   impl::require_backward_outputs(op, x, w, dx, dw);
-  if (pair_rows == PairRows::sorted) return impl::backward_from_sorted<T>(plan, x_source, x, w, dy_pairs, dx, dw);
-  const Tensor<T> dy_sorted_storage = Tensor<T>::uninitialized("cvmm.dy_sorted", {plan.n_pairs(), static_cast<index_t>(w.extent(2))});
-    const View2<T> dy_sorted = dy_sorted_storage.as_matrix();
-  impl::gather_sorted<T>(plan, impl::RowSource::pair, dy_pairs, View2<const T>(), dy_sorted);
-  impl::backward_from_sorted<T>(plan, x_source, x, w, dy_sorted, dx, dw);
+  if constexpr (std::is_same_v<T, W>) {
+    if (pair_rows == PairRows::sorted) return impl::backward_from_sorted<T, W>(plan, x_source, x, w, dy_pairs, dx, dw);
+  }
+  const Tensor<W> dy_sorted_storage = impl::sorted_temporary<W>("cvmm.dy_sorted", plan, w.extent(2));
+  const View2<W> dy_sorted = dy_sorted_storage.as_matrix();
+  impl::gather_sorted<T, W>(plan, pair_rows == PairRows::sorted ? impl::RowSource::sorted : impl::RowSource::pair,
+                            dy_pairs, View2<const T>(), dy_sorted);
+  impl::backward_from_sorted<T, W>(plan, x_source, x, w, dy_sorted, dx, dw);
 }
 
-template <class T>
-void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+template <class T, class W>
+void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                            const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
                            const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows) {
   const char* op = "cvmm_backward_reduced";
-  const impl::RowSource x_source = impl::x_row_source<T>(op, plan, x, w, pair_rows);
+  const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows);
   const index_t tokens = plan.n_tokens(), pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
   const int k = plan.k();
   impl::require_matrix(op, "gates", gates, tokens, k);
@@ -297,29 +370,29 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
 
   if (want_dgates || want_dx) {
     // g_sorted = dy_e · W[e]ᵀ per expert: the unweighted input gradient of each pair.
-    const Tensor<T> g_sorted_storage = Tensor<T>::uninitialized("cvmm.g_sorted", {pairs, static_cast<index_t>(K)});
-    const View2<T> g_sorted = g_sorted_storage.as_matrix();
-    impl::for_each_expert_gathered<T>(plan, impl::RowSource::token, dy, "cvmm.dy_sorted",
-                                      [&](int e, auto rows, const View2<const T>& dy_e) {
-                                        ops::gemm<T>(false, true, T(1), dy_e,
-                                                     Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), T(0),
-                                                     Kokkos::subview(g_sorted, rows, Kokkos::ALL));
+    const Tensor<W> g_sorted_storage = impl::sorted_temporary<W>("cvmm.g_sorted", plan, K);
+    const View2<W> g_sorted = g_sorted_storage.as_matrix();
+    impl::for_each_expert_gathered<W>(plan, impl::RowSource::token, dy, "cvmm.dy_sorted",
+                                      [&](int e, auto rows, const View2<const W>& dy_e) {
+                                        impl::operand_gemm<W>(false, true, dy_e,
+                                                              Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), 0.0f,
+                                                              Kokkos::subview(g_sorted, rows, Kokkos::ALL));
                                       });
     if (want_dgates) {
       Kokkos::parallel_for(
           "kmoe::cvmm::dgates", Kokkos::RangePolicy<ExecSpace>(0, pairs), KOKKOS_LAMBDA(const index_t s) {
             const index_t p = sorted_pair(s);
-            const index_t row = x_source == impl::RowSource::token ? p / k : x_source == impl::RowSource::pair ? p : s;
+            const index_t row = impl::source_row(x_source, s, p, k);
             T sum = 0;
             if (s < routed) {  // a dropped pair's gate does not reach the output
-              for (index_t c = 0; c < K; ++c) sum += g_sorted(s, c) * x(row, c);
+              for (index_t c = 0; c < K; ++c) sum += convert<T>(g_sorted(s, c)) * x(row, c);
             }
             dgates(p / k, p % k) = sum;
           });
     }
     if (want_dx) {
       if (x_source == impl::RowSource::token) {
-        impl::sum_slots<T>(plan, g_sorted, true, gates, dx);
+        impl::sum_slots<W, T>(plan, g_sorted, true, gates, dx);
       } else {
         const bool sorted = x_source == impl::RowSource::sorted;
         const View1<int> pair_position = plan.pair_position();
@@ -329,36 +402,40 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
               // Row r of dx is pair r (pair order) or sorted position r; dropped pairs get 0.
               const index_t p = sorted ? sorted_pair(r) : r;
               const index_t position = sorted ? r : pair_position(p);
-              dx(r, c) = position < routed ? gates(p / k, p % k) * g_sorted(position, c) : T(0);
+              dx(r, c) = position < routed ? gates(p / k, p % k) * convert<T>(g_sorted(position, c)) : T(0);
             });
       }
     }
   }
   if (dw.data() != nullptr) {
     // dW[e] += (gates ⊙ x_sorted)ᵀ · dy_e: the gate scales the narrow x rows, not dy.
-    const Tensor<T> gated_x_storage = Tensor<T>::uninitialized("cvmm.gated_x_sorted", {pairs, static_cast<index_t>(K)});
-    const View2<T> gated_x = gated_x_storage.as_matrix();
-    impl::gather_sorted<T>(plan, x_source, x, gates, gated_x);
-    impl::for_each_expert_gathered<T>(plan, impl::RowSource::token, dy, "cvmm.dy_sorted",
-                                      [&](int e, auto rows, const View2<const T>& dy_e) {
-                                        ops::gemm<T>(true, false, T(1), Kokkos::subview(gated_x, rows, Kokkos::ALL),
-                                                     dy_e, T(1), Kokkos::subview(dw, e, Kokkos::ALL, Kokkos::ALL));
-                                      });
+    const Tensor<W> gated_x_storage = impl::sorted_temporary<W>("cvmm.gated_x_sorted", plan, K);
+    const View2<W> gated_x = gated_x_storage.as_matrix();
+    impl::gather_sorted<T, W>(plan, x_source, x, gates, gated_x);
+    impl::accumulate_weight_gradient<T, W>(dw, [&](const View3<W>& target, float beta) {
+      impl::for_each_expert_gathered<W>(plan, impl::RowSource::token, dy, "cvmm.dy_sorted",
+                                        [&](int e, auto rows, const View2<const W>& dy_e) {
+                                          impl::operand_gemm<W>(true, false,
+                                                                Kokkos::subview(gated_x, rows, Kokkos::ALL), dy_e,
+                                                                beta, Kokkos::subview(target, e, Kokkos::ALL, Kokkos::ALL));
+                                        });
+    });
   }
 }
 
-#define KMOE_INSTANTIATE(T)                                                                                        \
-  template void cvmm_forward<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,                \
-                                const View2<T>&, PairRows);                                                       \
-  template void cvmm_forward_reduced<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,        \
-                                        const View2<const T>&, const View2<T>&, PairRows);                        \
-  template void cvmm_backward<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,               \
-                                 const View2<const T>&, const View2<T>&, const View3<T>&, PairRows);              \
-  template void cvmm_backward_reduced<T>(const DispatchPlan&, const View2<const T>&, const View3<const T>&,       \
-                                         const View2<const T>&, const View2<const T>&, const View2<T>&,           \
-                                         const View3<T>&, const View2<T>&, PairRows);
-KMOE_INSTANTIATE(float)
-KMOE_INSTANTIATE(double)
+#define KMOE_INSTANTIATE(T, W)                                                                                     \
+  template void cvmm_forward<T, W>(const DispatchPlan&, const View2<const T>&, const View3<const W>&,             \
+                                   const View2<T>&, PairRows);                                                    \
+  template void cvmm_forward_reduced<T, W>(const DispatchPlan&, const View2<const T>&, const View3<const W>&,     \
+                                           const View2<const T>&, const View2<T>&, PairRows);                     \
+  template void cvmm_backward<T, W>(const DispatchPlan&, const View2<const T>&, const View3<const W>&,            \
+                                    const View2<const T>&, const View2<T>&, const View3<T>&, PairRows);           \
+  template void cvmm_backward_reduced<T, W>(const DispatchPlan&, const View2<const T>&, const View3<const W>&,    \
+                                            const View2<const T>&, const View2<const T>&, const View2<T>&,        \
+                                            const View3<T>&, const View2<T>&, PairRows);
+KMOE_INSTANTIATE(float, float)
+KMOE_INSTANTIATE(double, double)
+KMOE_INSTANTIATE(float, bfloat16)
 #undef KMOE_INSTANTIATE
 
 }  // namespace kmoe::moe

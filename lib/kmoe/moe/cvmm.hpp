@@ -14,8 +14,13 @@
 // Every reduction has a fixed order: slots of a token are summed in slot order and each expert's
 // weight gradient is one GEMM over that expert's rows (a segmented reduction, no atomics), so
 // results are bit-reproducible from run to run and across thread counts.
+//
+// W is the GEMM operand type: T itself (the parity path), or bfloat16 for a float T (mixed
+// precision: rows are rounded to bfloat16 as they are gathered, the GEMMs accumulate in float and
+// write bfloat16, and the slot sums, gates and gradients dx, dgates, dW stay in T).
 #pragma once
 
+#include "kmoe/core/bfloat16.hpp"
 #include "kmoe/core/config.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
 
@@ -23,21 +28,26 @@ namespace kmoe::moe {
 
 enum class PairRows { pair_order, sorted };
 
+// W, in a form that template argument deduction skips: callers name T (W defaults to it) and pass
+// non-const weight Views, which then convert.
+template <class W>
+using OperandOf = typename std::enable_if<true, W>::type;
+
 // y_pairs [pairs, M].
-template <class T>
-void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+template <class T, class W = T>
+void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                   const View2<T>& y_pairs, PairRows pair_rows = PairRows::pair_order);
 
 // y [tokens, M] = Σ_slot gates[t, slot] · y_pair. The per-pair products are not kept: backward
 // recomputes what it needs at the width of x (as the original's CVMM backward does).
-template <class T>
-void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+template <class T, class W = T>
+void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                           const View2<const T>& gates, const View2<T>& y, PairRows pair_rows = PairRows::pair_order);
 
 // From dy_pairs [pairs, M]: dx overwritten (per-token x: the sum over slots, in slot order),
 // dw accumulated (dw[e] += Σ_{p of e} x_row(p)ᵀ · dy_pair[p]); either is skipped when empty.
-template <class T>
-void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+template <class T, class W = T>
+void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                    const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw,
                    PairRows pair_rows = PairRows::pair_order);
 
@@ -45,8 +55,8 @@ void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View
 // unweighted input gradient of pair p): dgates[t, slot] = ⟨g_pair[p], x_row(p)⟩ (overwritten,
 // skipped when empty); dx overwritten with gates[p] · g_pair[p] (per-pair x) or its sum over
 // slots (per-token x); dw[e] += Σ_{p of e} gates[p] · x_row(p)ᵀ · dy[t] (accumulated).
-template <class T>
-void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const T>& w,
+template <class T, class W = T>
+void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                            const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
                            const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows = PairRows::pair_order);
 

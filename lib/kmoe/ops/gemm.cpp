@@ -18,6 +18,7 @@
 #if defined(KOKKOS_ENABLE_CUDA) && defined(KOKKOSKERNELS_ENABLE_TPL_CUBLAS)
 #include <KokkosBlas_tpl_spec.hpp>
 #include <cublas_v2.h>
+#include <cuda_runtime.h>
 // cublas<t>gemmGroupedBatched arrived in cuBLAS 12.5.
 #if CUBLAS_VERSION >= 120500
 #define KMOE_GROUPED_CUBLAS 1
@@ -104,6 +105,82 @@ void host_blas_gemm(bool transpose_a, bool transpose_b, index_t m, index_t n, in
 }
 #endif
 
+#if defined(KOKKOS_ENABLE_CUDA) && defined(KOKKOSKERNELS_ENABLE_TPL_CUBLAS)
+// Kokkos Kernels' cuBLAS handle, bound to the stream of kmoe's execution space before every use:
+// Kokkos Kernels 3.4 never sets a stream, so its calls and kmoe's kernels were ordered only
+// because both happened to use the default stream.
+cublasHandle_t bound_cublas_handle() {
+  cublasHandle_t handle = KokkosBlas::Impl::CudaBlasSingleton::singleton().handle;
+  const cublasStatus_t status = cublasSetStream(handle, ExecSpace().cuda_stream());
+  require(status == CUBLAS_STATUS_SUCCESS, Status::invalid_argument, "gemm: cublasSetStream failed with status ",
+          static_cast<int>(status));
+  return handle;
+}
+
+void require_cublas(cublasStatus_t status, const char* what, std::int64_t count) {
+  require(status == CUBLAS_STATUS_SUCCESS, Status::invalid_argument, "gemm: cuBLAS ", what, " of ", count,
+          " products failed with status ", static_cast<int>(status));
+}
+#endif
+
+#if defined(KMOE_GROUPED_CUBLAS)
+// Copies a grouped launch's operand pointers to the device without a fence: the host array goes
+// into one of a ring of pinned staging buffers and from there by cudaMemcpyAsync on kmoe's stream
+// into a block of the caching allocator, so the launch that reads it follows in stream order. A
+// staging buffer is reused only after the event of its previous copy (a ring of 64 launches back).
+class PointerUpload {
+ public:
+  static PointerUpload& instance() {
+    static PointerUpload upload;
+    return upload;
+  }
+  Tensor<std::int64_t> upload(const std::vector<std::int64_t>& pointers) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    Slot& slot = slots_[next_];
+    next_ = (next_ + 1) % slots_.size();
+    const std::size_t bytes = pointers.size() * sizeof(std::int64_t);
+    if (slot.event != nullptr) check(cudaEventSynchronize(slot.event), "cudaEventSynchronize");
+    if (slot.capacity < bytes) {
+      if (slot.host != nullptr) check(cudaFreeHost(slot.host), "cudaFreeHost");
+      slot.host = nullptr;
+      check(cudaMallocHost(&slot.host, bytes), "cudaMallocHost");
+      slot.capacity = bytes;
+    }
+    if (slot.event == nullptr) check(cudaEventCreateWithFlags(&slot.event, cudaEventDisableTiming), "cudaEventCreate");
+    std::memcpy(slot.host, pointers.data(), bytes);
+    auto device = Tensor<std::int64_t>::uninitialized("kmoe::gemm_group_pointers",
+                                                      {static_cast<index_t>(pointers.size())});
+    const cudaStream_t stream = ExecSpace().cuda_stream();
+    check(cudaMemcpyAsync(device.data(), slot.host, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+    check(cudaEventRecord(slot.event, stream), "cudaEventRecord");
+    return device;
+  }
+
+ private:
+  struct Slot {
+    void* host = nullptr;
+    std::size_t capacity = 0;
+    cudaEvent_t event = nullptr;
+  };
+  static void check(cudaError_t error, const char* what) {
+    require(error == cudaSuccess, Status::invalid_argument, "gemm: ", what, " failed: ", cudaGetErrorString(error));
+  }
+  // The buffers live as long as the process (the CUDA runtime may be gone at static destruction).
+  std::mutex mutex_;
+  std::vector<Slot> slots_ = std::vector<Slot>(64);
+  std::size_t next_ = 0;
+};
+#endif
+
+enum class GemmType { f32, f64, bf16 };
+
+template <class T>
+constexpr GemmType gemm_type_of() {
+  if constexpr (std::is_same_v<T, double>) return GemmType::f64;
+  else if constexpr (std::is_same_v<T, bfloat16>) return GemmType::bf16;
+  else return GemmType::f32;
+}
+
 // One GEMM recorded by a GroupedGemms, in cuBLAS's column-major terms: row-major C = op(A)·op(B)
 // is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, so the first operand is B.
 struct RecordedGemm {
@@ -114,7 +191,7 @@ struct RecordedGemm {
   const void* second;
   void* c;
   std::int64_t ld_first, ld_second, ld_c;
-  bool is_double;
+  GemmType type;
 };
 
 // The GEMMs recorded by the live GroupedGemms (device builds with cuBLAS only).
@@ -145,18 +222,20 @@ GroupedGemms::~GroupedGemms() {
 }
 
 #if defined(KMOE_GROUPED_CUBLAS)
-// Issues the recorded GEMMs of one scalar type as a single cublas<t>gemmGroupedBatched call, each
-// GEMM its own group of one. The operand pointer arrays live in device memory.
+// Issues the recorded GEMMs of one operand type as a single grouped batched cuBLAS call, each GEMM
+// its own group of one. The operand pointer arrays live in device memory. bfloat16 operands take
+// cublasGemmGroupedBatchedEx (float scales, float accumulation, bfloat16 C).
 template <class T>
 void run_grouped(const std::vector<RecordedGemm>& all) {
   std::vector<const RecordedGemm*> gemms;
   for (const RecordedGemm& g : all)
-    if (g.is_double == std::is_same_v<T, double>) gemms.push_back(&g);
+    if (g.type == gemm_type_of<T>()) gemms.push_back(&g);
   const std::int64_t count = static_cast<std::int64_t>(gemms.size());
   if (count == 0) return;
   std::vector<cublasOperation_t> op_first, op_second;
   std::vector<std::int64_t> m, n, k, ld_first, ld_second, ld_c, group_size(count, 1), pointers(3 * count);
-  std::vector<T> alpha, beta;
+  using Scale = std::conditional_t<std::is_same_v<T, bfloat16>, float, T>;
+  std::vector<Scale> alpha, beta;
   for (std::int64_t i = 0; i < count; ++i) {
     const RecordedGemm& g = *gemms[i];
     op_first.push_back(g.transpose_first ? CUBLAS_OP_T : CUBLAS_OP_N);
@@ -167,21 +246,27 @@ void run_grouped(const std::vector<RecordedGemm>& all) {
     ld_first.push_back(g.ld_first);
     ld_second.push_back(g.ld_second);
     ld_c.push_back(g.ld_c);
-    alpha.push_back(static_cast<T>(g.alpha));
-    beta.push_back(static_cast<T>(g.beta));
+    alpha.push_back(static_cast<Scale>(g.alpha));
+    beta.push_back(static_cast<Scale>(g.beta));
     pointers[i] = reinterpret_cast<std::int64_t>(g.first);
     pointers[count + i] = reinterpret_cast<std::int64_t>(g.second);
     pointers[2 * count + i] = reinterpret_cast<std::int64_t>(g.c);
   }
   // From the caching allocator: a later kernel that reuses the block runs after this call in
   // stream order.
-  const auto device_pointers = Tensor<std::int64_t>::from_host("kmoe::gemm_group_pointers", {3 * count}, pointers);
+  const auto device_pointers = PointerUpload::instance().upload(pointers);
   const auto* first = reinterpret_cast<const T* const*>(device_pointers.data());
   const auto* second = reinterpret_cast<const T* const*>(device_pointers.data() + count);
   auto* const* c = reinterpret_cast<T* const*>(device_pointers.data() + 2 * count);
-  cublasHandle_t handle = KokkosBlas::Impl::CudaBlasSingleton::singleton().handle;
+  cublasHandle_t handle = bound_cublas_handle();
   cublasStatus_t status;
-  if constexpr (std::is_same_v<T, double>) {
+  if constexpr (std::is_same_v<T, bfloat16>) {
+    status = cublasGemmGroupedBatchedEx_64(
+        handle, op_first.data(), op_second.data(), m.data(), n.data(), k.data(), alpha.data(),
+        reinterpret_cast<const void* const*>(first), CUDA_R_16BF, ld_first.data(),
+        reinterpret_cast<const void* const*>(second), CUDA_R_16BF, ld_second.data(), beta.data(),
+        reinterpret_cast<void* const*>(c), CUDA_R_16BF, ld_c.data(), count, group_size.data(), CUBLAS_COMPUTE_32F);
+  } else if constexpr (std::is_same_v<T, double>) {
     status = cublasDgemmGroupedBatched_64(handle, op_first.data(), op_second.data(), m.data(), n.data(), k.data(),
                                           alpha.data(), first, ld_first.data(), second, ld_second.data(), beta.data(),
                                           c, ld_c.data(), count, group_size.data());
@@ -190,8 +275,7 @@ void run_grouped(const std::vector<RecordedGemm>& all) {
                                           alpha.data(), first, ld_first.data(), second, ld_second.data(), beta.data(),
                                           c, ld_c.data(), count, group_size.data());
   }
-  require(status == CUBLAS_STATUS_SUCCESS, Status::invalid_argument, "gemm: cuBLAS grouped GEMM of ", count,
-          " products failed with status ", static_cast<int>(status));
+  require_cublas(status, "grouped GEMM", count);
 }
 #endif
 
@@ -201,20 +285,46 @@ void GroupedGemms::run() {
   r.active = false;  // the GEMMs below are launched, not recorded
   run_grouped<float>(r.gemms);
   run_grouped<double>(r.gemms);
+  run_grouped<bfloat16>(r.gemms);
   r.gemms.clear();
 #endif
 }
 
 // Records the GEMM when a GroupedGemms is live (device builds with cuBLAS); false otherwise.
 template <class T>
-bool record_gemm(bool transpose_a, bool transpose_b, index_t m, index_t n, index_t k, T alpha,
-                 const View2<const T>& a, const View2<const T>& b, T beta, const View2<T>& c) {
+bool record_gemm(bool transpose_a, bool transpose_b, index_t m, index_t n, index_t k, double alpha,
+                 const View2<const T>& a, const View2<const T>& b, double beta, const View2<T>& c) {
   if (!recording().active) return false;
   recording().gemms.push_back({transpose_b, transpose_a, n, m, k, static_cast<double>(alpha),
                                static_cast<double>(beta), b.data(), a.data(), c.data(),
                                static_cast<std::int64_t>(b.stride(0)), static_cast<std::int64_t>(a.stride(0)),
-                               static_cast<std::int64_t>(c.stride(0)), std::is_same_v<T, double>});
+                               static_cast<std::int64_t>(c.stride(0)), gemm_type_of<T>()});
   return true;
+}
+
+// m, n, k of C = op(A) · op(B), checked against C (Status::shape_mismatch).
+template <class A, class B, class C>
+void product_extents(const char* op, bool transpose_a, bool transpose_b, const A& a, const B& b, const C& c,
+                     index_t& m, index_t& n, index_t& k) {
+  m = transpose_a ? a.extent(1) : a.extent(0);
+  k = transpose_a ? a.extent(0) : a.extent(1);
+  const index_t kb = transpose_b ? b.extent(1) : b.extent(0);
+  n = transpose_b ? b.extent(0) : b.extent(1);
+  require(k == kb && static_cast<index_t>(c.extent(0)) == m && static_cast<index_t>(c.extent(1)) == n,
+          Status::shape_mismatch, op, ": op(A) is ", m, "x", k, ", op(B) is ", kb, "x", n, ", C is ", c.extent(0),
+          "x", c.extent(1));
+}
+
+// C *= beta (0 overwrites): what a product with an empty inner dimension leaves.
+template <class T, class S>
+void scale_matrix(S beta, const View2<T>& c) {
+  if (beta == S(0)) {
+    Kokkos::deep_copy(c, convert<T>(S(0)));
+  } else if (beta != S(1)) {
+    Kokkos::parallel_for(
+        "kmoe::gemm_scale", md_range<2>({0, 0}, {c.extent(0), c.extent(1)}),
+        KOKKOS_LAMBDA(const index_t i, const index_t j) { c(i, j) = convert<T>(beta * convert<S>(c(i, j))); });
+  }
 }
 
 }  // namespace impl
@@ -222,24 +332,10 @@ bool record_gemm(bool transpose_a, bool transpose_b, index_t m, index_t n, index
 template <class T>
 void gemm(bool transpose_a, bool transpose_b, T alpha, const View2<const T>& a, const View2<const T>& b, T beta,
           const View2<T>& c) {
-  const index_t m = transpose_a ? a.extent(1) : a.extent(0);
-  const index_t k = transpose_a ? a.extent(0) : a.extent(1);
-  const index_t kb = transpose_b ? b.extent(1) : b.extent(0);
-  const index_t n = transpose_b ? b.extent(0) : b.extent(1);
-  require(k == kb && static_cast<index_t>(c.extent(0)) == m && static_cast<index_t>(c.extent(1)) == n,
-          Status::shape_mismatch, "gemm: op(A) is ", m, "x", k, ", op(B) is ", kb, "x", n, ", C is ", c.extent(0),
-          "x", c.extent(1));
+  index_t m, n, k;
+  impl::product_extents("gemm", transpose_a, transpose_b, a, b, c, m, n, k);
   if (m == 0 || n == 0) return;
-  if (k == 0) {  // BLAS leaves C untouched for k = 0 only when beta = 1; make it explicit
-    if (beta == T(0)) {
-      Kokkos::deep_copy(c, T(0));
-    } else if (beta != T(1)) {
-      Kokkos::parallel_for(
-          "kmoe::gemm_scale", md_range<2>({0, 0}, {m, n}),
-          KOKKOS_LAMBDA(const index_t i, const index_t j) { c(i, j) *= beta; });
-    }
-    return;
-  }
+  if (k == 0) return impl::scale_matrix<T>(beta, c);  // BLAS leaves C untouched for k = 0 only when beta = 1
 #if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
   if constexpr (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible) {
     require(m <= INT_MAX && n <= INT_MAX && a.stride(0) <= INT_MAX && b.stride(0) <= INT_MAX &&
@@ -250,7 +346,10 @@ void gemm(bool transpose_a, bool transpose_b, T alpha, const View2<const T>& a, 
   }
 #endif
   // cuBLAS (or Kokkos Kernels' own kernels where no BLAS TPL is enabled).
-  if (impl::record_gemm(transpose_a, transpose_b, m, n, k, alpha, a, b, beta, c)) return;
+  if (impl::record_gemm<T>(transpose_a, transpose_b, m, n, k, alpha, a, b, beta, c)) return;
+#if defined(KOKKOS_ENABLE_CUDA) && defined(KOKKOSKERNELS_ENABLE_TPL_CUBLAS)
+  impl::bound_cublas_handle();
+#endif
   KokkosBlas::gemm(transpose_a ? "T" : "N", transpose_b ? "T" : "N", alpha, a, b, beta, c);
 }
 
@@ -258,5 +357,41 @@ template void gemm<float>(bool, bool, float, const View2<const float>&, const Vi
                           const View2<float>&);
 template void gemm<double>(bool, bool, double, const View2<const double>&, const View2<const double>&, double,
                            const View2<double>&);
+
+void gemm_bf16(bool transpose_a, bool transpose_b, float alpha, const View2<const bfloat16>& a,
+               const View2<const bfloat16>& b, float beta, const View2<bfloat16>& c) {
+  index_t m, n, k;
+  impl::product_extents("gemm_bf16", transpose_a, transpose_b, a, b, c, m, n, k);
+  if (m == 0 || n == 0) return;
+  if (k == 0) return impl::scale_matrix<bfloat16>(beta, c);
+  if constexpr (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible) {
+    // Widen, multiply in float, round once. Plain loops: this may run inside a host-parallel
+    // for_each_independent_gemm body, each on its own thread's buffers.
+    thread_local std::vector<float> wide_a, wide_b, wide_c;
+    const auto widen = [](const auto& v, std::vector<float>& out) {
+      out.resize(v.extent(0) * v.extent(1));
+      for (std::size_t i = 0; i < v.extent(0); ++i)
+        for (std::size_t j = 0; j < v.extent(1); ++j) out[i * v.extent(1) + j] = to_float(v(i, j));
+      return View2<float>(out.data(), v.extent(0), v.extent(1));
+    };
+    const View2<float> fc = widen(c, wide_c);
+    gemm<float>(transpose_a, transpose_b, alpha, widen(a, wide_a), widen(b, wide_b), beta, fc);
+    for (std::size_t i = 0; i < c.extent(0); ++i)
+      for (std::size_t j = 0; j < c.extent(1); ++j) c(i, j) = to_bfloat16(fc(i, j));
+    return;
+  }
+#if defined(KOKKOS_ENABLE_CUDA) && defined(KOKKOSKERNELS_ENABLE_TPL_CUBLAS)
+  if (impl::record_gemm<bfloat16>(transpose_a, transpose_b, m, n, k, alpha, a, b, beta, c)) return;
+  // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, hence B before A.
+  const cublasStatus_t status = cublasGemmEx(
+      impl::bound_cublas_handle(), transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N, transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+      static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha, b.data(), CUDA_R_16BF,
+      static_cast<int>(b.stride(0)), a.data(), CUDA_R_16BF, static_cast<int>(a.stride(0)), &beta, c.data(),
+      CUDA_R_16BF, static_cast<int>(c.stride(0)), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  impl::require_cublas(status, "bf16 GEMM", 1);
+#else
+  require(false, Status::unsupported, "gemm_bf16: this build has neither a host BLAS nor cuBLAS");
+#endif
+}
 
 }  // namespace kmoe::ops

@@ -1,7 +1,9 @@
 // The one dense GEMM entry point of kmoe: KokkosBlas::gemm on LayoutRight Views, which Kokkos
-// Kernels hands to the BLAS (OpenMP flavour) or cuBLAS (CUDA flavour) TPL.
+// Kernels hands to the BLAS (OpenMP flavour) or cuBLAS (CUDA flavour) TPL, and its bfloat16 form
+// (cuBLAS tensor cores directly: Kokkos Kernels 3.4 has no bf16 GEMM).
 #pragma once
 
+#include "kmoe/core/bfloat16.hpp"
 #include "kmoe/core/config.hpp"
 
 namespace kmoe::ops {
@@ -12,6 +14,13 @@ namespace kmoe::ops {
 template <class T>
 void gemm(bool transpose_a, bool transpose_b, T alpha, const View2<const T>& a, const View2<const T>& b, T beta,
           const View2<T>& c);
+
+// The same product on bfloat16 operands with float accumulation and float alpha/beta, rounded to
+// bfloat16 once at the end (cuBLAS: CUBLAS_COMPUTE_32F on tensor cores). On the host it is
+// emulated: the operands are widened to float, the float BLAS accumulates and C is rounded, so
+// host and device agree up to the summation order (no speed gain on the host).
+void gemm_bf16(bool transpose_a, bool transpose_b, float alpha, const View2<const bfloat16>& a,
+               const View2<const bfloat16>& b, float beta, const View2<bfloat16>& c);
 
 namespace impl {
 // While alive, the host BLAS runs every call on the calling thread (OpenBLAS: one thread), so
