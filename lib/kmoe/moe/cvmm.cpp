@@ -114,43 +114,60 @@ void gather_sorted(const DispatchPlan& plan, RowSource source, const View2<const
       });
 }
 
-// Calls f(e, rows, a) for every expert with rows, a [rows, cols] holding the expert's rows of src
-// in sorted order as the GEMM operand type W. Sorted sources already of type W are passed
-// through. Otherwise, on the host each expert's rows are copied into the running thread's own
-// buffer right before f, so its GEMMs read them from cache rather than after a round trip through
-// memory; on a device all rows are gathered into the temporary `name` first (a block of the
-// caching allocator, core/memory_pool.hpp).
-template <class W, class T, class F>
-void for_each_expert_gathered(const DispatchPlan& plan, RowSource source, const View2<const T>& src, const char* name,
-                              const F& f) {
-  const index_t cols = src.extent(1);
-  if constexpr (std::is_same_v<T, W>) {
-    if (source == RowSource::sorted) {
-      for_each_expert_block(plan, [&](int e, auto rows) { f(e, rows, Kokkos::subview(src, rows, Kokkos::ALL)); });
-      return;
+// The rows of src in the plan's sorted order as the GEMM operand type W, a block per expert:
+// for_each(f) calls f(e, rows, a) for every expert with rows, a [rows, cols]. A sorted source
+// already of type W is used in place. Otherwise, on a device all rows are gathered once, at
+// construction, into the temporary `name` (a block of the caching allocator), so that several
+// GEMM passes share one gather; on the host each expert's rows are copied into the running
+// thread's own buffer right before f, so its GEMMs read them from cache rather than after a round
+// trip through memory.
+template <class W, class T>
+class ExpertRows {
+ public:
+  ExpertRows(const DispatchPlan& plan, RowSource source, const View2<const T>& src, const char* name)
+      : plan_(plan), source_(source), src_(src) {
+    if (in_place() || on_host) return;
+    storage_ = Tensor<W>::uninitialized(name, {plan.n_pairs(), static_cast<index_t>(src.extent(1))});
+    gather_sorted<T, W>(plan, source, src, View2<const T>(), storage_.as_matrix());
+  }
+
+  template <class F>
+  void for_each(const F& f) const {
+    if constexpr (std::is_same_v<T, W>) {
+      if (in_place()) {
+        for_each_expert_block(plan_, [&](int e, auto rows) { f(e, rows, Kokkos::subview(src_, rows, Kokkos::ALL)); });
+        return;
+      }
+    }
+    if constexpr (on_host) {
+      const View1<int> sorted_pair = plan_.sorted_pair();
+      const index_t k = plan_.k(), cols = src_.extent(1);
+      for_each_expert_block(plan_, [&](int e, auto rows) {
+        thread_local std::vector<W> buffer;
+        const index_t n = rows.second - rows.first;
+        buffer.resize(static_cast<std::size_t>(n * cols));
+        for (index_t r = 0; r < n; ++r) {
+          const index_t s = rows.first + r;
+          const T* row = &src_(source_row(source_, s, sorted_pair(s), k), 0);
+          std::transform(row, row + cols, buffer.data() + r * cols, [](const T v) { return convert<W>(v); });
+        }
+        f(e, rows, View2<const W>(buffer.data(), n, cols));
+      });
+    } else {
+      const View2<const W> sorted = storage_.as_matrix();
+      for_each_expert_block(plan_, [&](int e, auto rows) { f(e, rows, Kokkos::subview(sorted, rows, Kokkos::ALL)); });
     }
   }
-  if constexpr (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible) {
-    const View1<int> sorted_pair = plan.sorted_pair();
-    const index_t k = plan.k();
-    for_each_expert_block(plan, [&](int e, auto rows) {
-      thread_local std::vector<W> buffer;
-      const index_t n = rows.second - rows.first;
-      buffer.resize(static_cast<std::size_t>(n * cols));
-      for (index_t r = 0; r < n; ++r) {
-        const index_t s = rows.first + r;
-        const T* row = &src(source_row(source, s, sorted_pair(s), k), 0);
-        std::transform(row, row + cols, buffer.data() + r * cols, [](const T v) { return convert<W>(v); });
-      }
-      f(e, rows, View2<const W>(buffer.data(), n, cols));
-    });
-  } else {
-    const Tensor<W> sorted_storage = Tensor<W>::uninitialized(name, {plan.n_pairs(), static_cast<index_t>(cols)});
-    const View2<W> sorted = sorted_storage.as_matrix();
-    gather_sorted<T, W>(plan, source, src, View2<const T>(), sorted);
-    for_each_expert_block(plan, [&](int e, auto rows) { f(e, rows, Kokkos::subview(sorted, rows, Kokkos::ALL)); });
-  }
-}
+
+ private:
+  static constexpr bool on_host = Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible;
+  bool in_place() const { return std::is_same_v<T, W> && source_ == RowSource::sorted; }
+
+  const DispatchPlan& plan_;
+  RowSource source_;
+  View2<const T> src_;
+  Tensor<W> storage_;
+};
 
 // dw += the per-expert GEMM products that run(target, beta) issues into target[e] with that beta.
 // With W = T they accumulate into dw itself (beta = 1); otherwise into a zeroed W temporary (beta
@@ -280,7 +297,7 @@ void backward_from_sorted(const DispatchPlan& plan, RowSource x_source, const Vi
     // A segmented reduction in a fixed order: one GEMM over each expert's rows; ops::gemm keeps its
     // inner-dimension order independent of the thread count.
     accumulate_weight_gradient<T, W>(dw, [&](const View3<W>& target, float beta) {
-      for_each_expert_gathered<W>(plan, x_source, x, "cvmm.x_sorted", [&](int e, auto rows, const View2<const W>& a) {
+      ExpertRows<W, T>(plan, x_source, x, "cvmm.x_sorted").for_each([&](int e, auto rows, const View2<const W>& a) {
         operand_gemm<W>(true, false, a, Kokkos::subview(dy_sorted, rows, Kokkos::ALL), beta,
                         Kokkos::subview(target, e, Kokkos::ALL, Kokkos::ALL));
       });
@@ -293,7 +310,7 @@ void backward_from_sorted(const DispatchPlan& plan, RowSource x_source, const Vi
 template <class T, class W>
 void sorted_products(const DispatchPlan& plan, RowSource x_source, const View2<const T>& x, const View3<const W>& w,
                      const View2<W>& y_sorted) {
-  for_each_expert_gathered<W>(plan, x_source, x, "cvmm.x_sorted", [&](int e, auto rows, const View2<const W>& a) {
+  ExpertRows<W, T>(plan, x_source, x, "cvmm.x_sorted").for_each([&](int e, auto rows, const View2<const W>& a) {
     operand_gemm<W>(false, false, a, Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), 0.0f,
                     Kokkos::subview(y_sorted, rows, Kokkos::ALL));
   });
@@ -365,19 +382,18 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
   impl::require_backward_outputs(op, x, w, dx, dw);
   const View1<int> sorted_pair = plan.sorted_pair();
   const index_t routed = plan.n_routed_pairs();  // sorted positions past it are dropped pairs
-  // Each pair's upstream gradient is dy of its token, unweighted: the dy rows are gathered per
-  // expert (for_each_expert_gathered) as the GEMMs need them.
+  // Each pair's upstream gradient is dy of its token, unweighted: its rows in sorted order, shared
+  // by the dx and the dW GEMMs.
+  const impl::ExpertRows<W, T> dy_rows(plan, impl::RowSource::token, dy, "cvmm.dy_sorted");
 
   if (want_dgates || want_dx) {
     // g_sorted = dy_e · W[e]ᵀ per expert: the unweighted input gradient of each pair.
     const Tensor<W> g_sorted_storage = impl::sorted_temporary<W>("cvmm.g_sorted", plan, K);
     const View2<W> g_sorted = g_sorted_storage.as_matrix();
-    impl::for_each_expert_gathered<W>(plan, impl::RowSource::token, dy, "cvmm.dy_sorted",
-                                      [&](int e, auto rows, const View2<const W>& dy_e) {
-                                        impl::operand_gemm<W>(false, true, dy_e,
-                                                              Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), 0.0f,
-                                                              Kokkos::subview(g_sorted, rows, Kokkos::ALL));
-                                      });
+    dy_rows.for_each([&](int e, auto rows, const View2<const W>& dy_e) {
+      impl::operand_gemm<W>(false, true, dy_e, Kokkos::subview(w, e, Kokkos::ALL, Kokkos::ALL), 0.0f,
+                            Kokkos::subview(g_sorted, rows, Kokkos::ALL));
+    });
     if (want_dgates) {
       Kokkos::parallel_for(
           "kmoe::cvmm::dgates", Kokkos::RangePolicy<ExecSpace>(0, pairs), KOKKOS_LAMBDA(const index_t s) {
@@ -413,12 +429,10 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
     const View2<W> gated_x = gated_x_storage.as_matrix();
     impl::gather_sorted<T, W>(plan, x_source, x, gates, gated_x);
     impl::accumulate_weight_gradient<T, W>(dw, [&](const View3<W>& target, float beta) {
-      impl::for_each_expert_gathered<W>(plan, impl::RowSource::token, dy, "cvmm.dy_sorted",
-                                        [&](int e, auto rows, const View2<const W>& dy_e) {
-                                          impl::operand_gemm<W>(true, false,
-                                                                Kokkos::subview(gated_x, rows, Kokkos::ALL), dy_e,
-                                                                beta, Kokkos::subview(target, e, Kokkos::ALL, Kokkos::ALL));
-                                        });
+      dy_rows.for_each([&](int e, auto rows, const View2<const W>& dy_e) {
+        impl::operand_gemm<W>(true, false, Kokkos::subview(gated_x, rows, Kokkos::ALL), dy_e, beta,
+                              Kokkos::subview(target, e, Kokkos::ALL, Kokkos::ALL));
+      });
     });
   }
 }

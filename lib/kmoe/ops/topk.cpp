@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 namespace kmoe::ops {
 
@@ -17,6 +18,39 @@ KOKKOS_INLINE_FUNCTION bool ranks_above(T a, int a_col, T b, int b_col) {
   if (!a_nan && a != b) return a > b;
   return a_col < b_col;
 }
+
+// A Kokkos reducer for the best (value, column) of a team under ranks_above; column −1 is empty.
+template <class T>
+struct BestEntry {
+  struct value_type {
+    T value;
+    int col;
+  };
+  using reducer = BestEntry;
+  using result_view_type = Kokkos::View<value_type, Kokkos::HostSpace, Kokkos::MemoryUnmanaged>;
+  value_type& result;
+
+  KOKKOS_INLINE_FUNCTION explicit BestEntry(value_type& r) : result(r) {}
+  KOKKOS_INLINE_FUNCTION static bool better(T v, int col, T than_v, int than_col) {
+    return col >= 0 && (than_col < 0 || ranks_above(v, col, than_v, than_col));
+  }
+  KOKKOS_INLINE_FUNCTION void join(value_type& dest, const value_type& src) const {
+    if (better(src.value, src.col, dest.value, dest.col)) dest = src;
+  }
+  KOKKOS_INLINE_FUNCTION void join(volatile value_type& dest, const volatile value_type& src) const {
+    if (better(src.value, src.col, dest.value, dest.col)) {
+      dest.value = src.value;
+      dest.col = src.col;
+    }
+  }
+  KOKKOS_INLINE_FUNCTION void init(value_type& v) const {
+    v.value = T(0);
+    v.col = -1;
+  }
+  KOKKOS_INLINE_FUNCTION value_type& reference() const { return result; }
+  KOKKOS_INLINE_FUNCTION result_view_type view() const { return result_view_type(&result); }
+  KOKKOS_INLINE_FUNCTION bool references_scalar() const { return true; }
+};
 }  // namespace impl
 
 template <class T>
@@ -31,13 +65,24 @@ void topk_forward(const View2<const T>& x, int k, TopkOrder order, const View2<T
           " needs values and indices [", rows, ", ", k, "], got values [", values.extent(0), ", ", values.extent(1),
           "], indices [", indices.extent(0), ", ", indices.extent(1), "]");
   const bool by_index = order == TopkOrder::by_index;
+  // A team per row: thread t keeps the best k of columns t, t + team, ... in registers, then k
+  // team-wide rounds take the best head among the threads. The order is strict (ties go to the
+  // lower column), so the result does not depend on the team size: one thread on the host (the
+  // plain serial scan), a warp on a GPU.
+  using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
+  const int team_size = std::is_same_v<ExecSpace, Kokkos::DefaultHostExecutionSpace> ? 1 : 32;
   Kokkos::parallel_for(
-      "kmoe::topk_forward", Kokkos::RangePolicy<ExecSpace>(0, rows), KOKKOS_LAMBDA(const index_t r) {
-        // The best `kept` entries so far, best first; columns arrive in ascending order.
+      "kmoe::topk_forward",
+      Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(rows), team_size)
+          .set_scratch_size(0, Kokkos::PerTeam(sizeof(typename impl::BestEntry<T>::value_type) * team_size)),
+      KOKKOS_LAMBDA(const Member& team) {
+        const index_t r = team.league_rank();
+        const int lane = team.team_rank(), lanes = team.team_size();
+        // This thread's best `kept` entries, best first; its columns arrive in ascending order.
         T best[topk_max_k];
         int best_col[topk_max_k];
         int kept = 0;
-        for (int c = 0; c < static_cast<int>(cols); ++c) {
+        for (int c = lane; c < static_cast<int>(cols); c += lanes) {
           const T v = x(r, c);
           // Later columns lose ties, so once k are kept only a larger value or a NaN gets in.
           if (kept == k && !(v > best[k - 1]) && !Kokkos::Experimental::isnan(v)) continue;
@@ -50,22 +95,42 @@ void topk_forward(const View2<const T>& x, int k, TopkOrder order, const View2<T
           best[pos] = v;
           best_col[pos] = c;
         }
-        if (by_index) {  // insertion sort of the k winners by column
-          for (int i = 1; i < k; ++i) {
-            const T v = best[i];
-            const int col = best_col[i];
-            int pos = i;
-            for (; pos > 0 && best_col[pos - 1] > col; --pos) {
-              best[pos] = best[pos - 1];
-              best_col[pos] = best_col[pos - 1];
-            }
-            best[pos] = v;
-            best_col[pos] = col;
-          }
-        }
+        // Each round every thread posts its head (column −1: none left) and the team takes the best.
+        using Entry = typename impl::BestEntry<T>::value_type;
+        Entry* const heads = static_cast<Entry*>(team.team_shmem().get_shmem(sizeof(Entry) * lanes));
+        int head = 0;  // this thread's next candidate
         for (int j = 0; j < k; ++j) {
-          values(r, j) = best[j];
-          indices(r, j) = best_col[j];
+          heads[lane] = head < kept ? Entry{best[head], best_col[head]} : Entry{T(0), -1};
+          team.team_barrier();
+          Entry winner;
+          Kokkos::parallel_reduce(
+              Kokkos::TeamThreadRange(team, lanes),
+              [&](const int t, Entry& acc) {
+                if (impl::BestEntry<T>::better(heads[t].value, heads[t].col, acc.value, acc.col)) acc = heads[t];
+              },
+              impl::BestEntry<T>(winner));
+          team.team_barrier();  // heads and the reduction's shared memory are reused next round
+          if (head < kept && best_col[head] == winner.col) ++head;
+          Kokkos::single(Kokkos::PerTeam(team), [&] {
+            values(r, j) = winner.value;
+            indices(r, j) = winner.col;
+          });
+        }
+        if (by_index) {  // insertion sort of the k winners by column, in place
+          team.team_barrier();
+          Kokkos::single(Kokkos::PerTeam(team), [&] {
+            for (int i = 1; i < k; ++i) {
+              const T v = values(r, i);
+              const int col = indices(r, i);
+              int pos = i;
+              for (; pos > 0 && indices(r, pos - 1) > col; --pos) {
+                values(r, pos) = values(r, pos - 1);
+                indices(r, pos) = indices(r, pos - 1);
+              }
+              values(r, pos) = v;
+              indices(r, pos) = col;
+            }
+          });
         }
       });
 }
