@@ -310,7 +310,8 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
       // x = x + σ-MoE(x, router ← LN2(x))
       lf.sel_input = moeut_impl::layer_norm(lf.mid, norms.ln2_weight, norms.ln2_bias, lf.ln2_mean, lf.ln2_rstd,
                                             "moeut::sel_input");
-      lf.ffn = ffn_[i]->forward(lf.mid, lf.sel_input, training, rng);
+      // MoEUT regularises the router logits itself (over time × repeats, below).
+      lf.ffn = ffn_[i]->forward(lf.mid, lf.sel_input, training, rng, /*batch_regulariser=*/false);
       h = moeut_impl::add(lf.mid, lf.ffn.y, "moeut::layer_out");
       f.calls.push_back(std::move(lf));
     }

@@ -363,7 +363,7 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Gener
 
 template <class T>
 SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel_input, bool training,
-                                        Generator& rng) const {
+                                        Generator& rng, bool batch_regulariser) const {
   const SigmaMoEConfig& c = config_;
   const index_t D = c.dmodel, E = c.n_experts, es = c.expert_size, Dv = c.value_dim();
   const int K = c.k;
@@ -389,9 +389,12 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
                            View1<const T>(), f.router_logits.as_matrix());
   }
   // The regulariser pools all tokens of the batch, every rank's: one sequence, one call, one group.
-  f.regulariser =
-      moe::entropy_reg_forward(std::vector<Tensor<T>>{f.router_logits.reshape({1, tokens, 1, E})}, &comm_);
-  f.reg_loss = f.regulariser.value;
+  if (batch_regulariser) {
+    f.regulariser =
+        moe::entropy_reg_forward(std::vector<Tensor<T>>{f.router_logits.reshape({1, tokens, 1, E})}, &comm_);
+    f.reg_loss = f.regulariser.value;
+    f.has_regulariser = true;
+  }
   // Draws are keyed by the token's position in the global batch (ranks in order), so every world
   // size draws what one rank draws.
   const std::int64_t first_token = comm_.exclusive_prefix_sum(tokens);
@@ -497,6 +500,8 @@ SigmaMoEInputGrads<T> SigmaMoE<T>::backward_with_router(const SigmaMoEForward<T>
             ") does not come from a layer with dmodel = ", D, ", n_experts = ", E, ", k = ", c.k,
             ", expert_size = ", es, ", v_dim = ", Dv);
     dy.require_shape(f.y.shape(), "SigmaMoE::backward: dy");
+    require(reg_coef == T(0) || f.has_regulariser, Status::invalid_argument, "SigmaMoE::backward: reg_coef = ",
+            reg_coef, ", but the forward skipped the batch regulariser");
   });
   const index_t tokens = f.x.dim(0);
   const Tensor<T> dy_rows = dy.reshape({tokens, Dv});

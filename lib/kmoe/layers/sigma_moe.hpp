@@ -87,7 +87,8 @@ struct SigmaMoEForward {
   Tensor<T> x;                // [tokens, dmodel] (a view of the caller's input)
   Tensor<T> sel_input;        // [tokens, dmodel] the router's own input (MoEUT), empty when it reads x
   Tensor<T> router_logits;    // [tokens, n_experts] z = (sel_input or x) · expert_selᵀ
-  moe::EntropyRegForward<T> regulariser;  // over all tokens of the batch
+  moe::EntropyRegForward<T> regulariser;  // over all tokens of the batch (unset when skipped)
+  bool has_regulariser = false;
   Tensor<int> expert_index;   // [tokens, k] selected experts (descending selection score)
   Tensor<T> gates;            // [tokens, k] reduction weights
   // The experts' side (dist/expert_exchange.hpp): the R token rows this rank's experts received
@@ -147,8 +148,11 @@ class SigmaMoE {
 
   // MoEUT's SigmaMoE: the experts read x, the router reads sel_input (same shape as x, e.g.
   // LN2(x)); otherwise as forward(x, training, rng). sel_input of another shape throws
-  // Status::shape_mismatch.
-  SigmaMoEForward<T> forward(const Tensor<T>& x, const Tensor<T>& sel_input, bool training, Generator& rng) const;
+  // Status::shape_mismatch. batch_regulariser = false skips the entropy regulariser (reg_loss 0;
+  // backward then needs reg_coef 0) for an owner that regularises the router logits itself, as
+  // MoEUT does over time and repeats: it costs a host synchronisation and an [N, E] tensor.
+  SigmaMoEForward<T> forward(const Tensor<T>& x, const Tensor<T>& sel_input, bool training, Generator& rng,
+                             bool batch_regulariser = true) const;
 
   // dy [..., v_dim]; reg_coef multiplies reg_loss in the differentiated loss. Returns dx
   // [..., dmodel] and accumulates every parameter gradient into grads(). After a forward with a
