@@ -2,6 +2,7 @@
 #pragma once
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/precision.hpp"
 
 #include <cstdio>
 #include <cstdlib>
@@ -52,6 +53,12 @@ inline long positive_option(const Options& options, const std::string& key, long
   require(*end == '\0' && value > 0, Status::invalid_argument, app, ": ", key, " needs a positive integer, got '",
           it->second, "'");
   return value;
+}
+
+// The precision under --precision (native, bfloat16), or native when absent.
+inline Precision precision_option(const Options& options) {
+  const auto it = options.find("--precision");
+  return it == options.end() ? Precision::native : parse_precision(it->second);
 }
 
 }  // namespace kmoe::apps

@@ -1,5 +1,7 @@
 #include "report.hpp"
 
+#include "expert_mlp.hpp"
+
 #include "kmoe/core/memory_pool.hpp"
 #include "kmoe/ops/gemm.hpp"
 
@@ -7,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <random>
 
 namespace kmoe::apps {
 
@@ -86,15 +89,6 @@ void BenchTable::print() const {
   std::printf("\n\n");
 }
 
-BenchRow dense_gemm_row(const std::string& name, index_t m, index_t k, index_t n, int repeats) {
-  Tensor<float> a("a", {m, k}), b("b", {k, n}), c("c", {m, n});
-  a.fill(0.5f);
-  b.fill(0.25f);
-  const auto gemm = [&] { KokkosBlas::gemm("N", "N", 1.f, a.view<2>(), b.view<2>(), 0.f, c.view<2>()); };
-  gemm();
-  return {name, median_seconds(repeats, gemm), 2.0 * m * k * n, std::nullopt};
-}
-
 bool native_bfloat16_gemm() { return !Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible; }
 
 namespace {
@@ -110,22 +104,38 @@ struct DenseGemm {
                        c.template view<2>());
     }
   }
-  static Tensor<V> filled(const char* label, const Shape& shape, float value) {
-    Tensor<float> t(label, shape);
-    t.fill(value);
+  // Random operands (N(0, 1)): constant or zero data runs faster on tensor cores than real data.
+  static Tensor<V> random(const char* label, const Shape& shape, std::uint64_t seed) {
+    std::mt19937_64 gen(seed);
+    const Tensor<float> t = Tensor<float>::from_host(label, shape, random_vector<float>(shape.size(), gen, 1.0));
     if constexpr (std::is_same_v<V, bfloat16>) return convert_tensor<bfloat16>(t, label);
     else return t;
   }
 };
 
 template <class V>
+BenchRow gemm_row(const std::string& name, index_t m, index_t k, index_t n, int repeats) {
+  using G = DenseGemm<V>;
+  const Tensor<V> a = G::random("a", {m, k}, 1), b = G::random("b", {k, n}, 2), c = G::random("c", {m, n}, 3);
+  const auto gemm = [&] { G::run(false, false, a, b, c); };
+  gemm();
+  return {name, median_seconds(repeats, gemm), 2.0 * m * k * n, std::nullopt};
+}
+
+// The operand type of a precision's dense baseline: bfloat16 where it runs natively, else float.
+template <class Fn>
+auto with_operand_type(Precision precision, const Fn& fn) {
+  if (precision == Precision::bfloat16 && native_bfloat16_gemm()) return fn(bfloat16{}, "bf16");
+  return fn(float{}, precision == Precision::bfloat16 ? "fp32 (no bf16 BLAS)" : "fp32");
+}
+
+template <class V>
 DenseChainRows chain_rows(index_t m, index_t d, index_t h, int repeats, const std::string& what) {
   using G = DenseGemm<V>;
-  const Tensor<V> x = G::filled("x", {m, d}, 0.5f), w1 = G::filled("w1", {d, h}, 0.25f),
-                  w2 = G::filled("w2", {h, d}, 0.25f), dy = G::filled("dy", {m, d}, 0.5f);
-  const Tensor<V> hidden = G::filled("h", {m, h}, 0.f), y = G::filled("y", {m, d}, 0.f),
-                  dh = G::filled("dh", {m, h}, 0.f), dx = G::filled("dx", {m, d}, 0.f),
-                  dw1 = G::filled("dw1", {d, h}, 0.f), dw2 = G::filled("dw2", {h, d}, 0.f);
+  const Tensor<V> x = G::random("x", {m, d}, 1), w1 = G::random("w1", {d, h}, 2), w2 = G::random("w2", {h, d}, 3),
+                  dy = G::random("dy", {m, d}, 4);
+  const Tensor<V> hidden = G::random("h", {m, h}, 5), y = G::random("y", {m, d}, 6), dh = G::random("dh", {m, h}, 7),
+                  dx = G::random("dx", {m, d}, 8), dw1 = G::random("dw1", {d, h}, 9), dw2 = G::random("dw2", {h, d}, 10);
   const auto forward = [&] {
     G::run(false, false, x, w1, hidden);
     G::run(false, false, hidden, w2, y);
@@ -144,26 +154,22 @@ DenseChainRows chain_rows(index_t m, index_t d, index_t h, int repeats, const st
            6 * flops, std::nullopt}};
 }
 
-template <class V>
-BenchRow square_row(index_t n, int repeats, const std::string& what) {
-  using G = DenseGemm<V>;
-  const Tensor<V> a = G::filled("a", {n, n}, 0.5f), b = G::filled("b", {n, n}, 0.25f), c = G::filled("c", {n, n}, 0.f);
-  const auto gemm = [&] { G::run(false, false, a, b, c); };
-  gemm();
-  return {"dense " + what + " square GEMM " + std::to_string(n) + "^3 (peak reference)", median_seconds(repeats, gemm),
-          2.0 * n * n * n, std::nullopt};
-}
-
 }  // namespace
 
+BenchRow dense_gemm_row(const std::string& name, index_t m, index_t k, index_t n, int repeats, Precision precision) {
+  return with_operand_type(precision, [&](auto operand, const char* what) {
+    return gemm_row<decltype(operand)>("dense " + std::string(what) + " " + name, m, k, n, repeats);
+  });
+}
+
 DenseChainRows dense_chain_rows(index_t m, index_t d, index_t h, Precision precision, int repeats) {
-  if (precision == Precision::bfloat16 && native_bfloat16_gemm()) return chain_rows<bfloat16>(m, d, h, repeats, "bf16");
-  return chain_rows<float>(m, d, h, repeats, precision == Precision::bfloat16 ? "fp32 (no bf16 BLAS)" : "fp32");
+  return with_operand_type(precision, [&](auto operand, const char* what) {
+    return chain_rows<decltype(operand)>(m, d, h, repeats, what);
+  });
 }
 
 BenchRow square_gemm_row(index_t n, Precision precision, int repeats) {
-  if (precision == Precision::bfloat16 && native_bfloat16_gemm()) return square_row<bfloat16>(n, repeats, "bf16");
-  return square_row<float>(n, repeats, "fp32");
+  return dense_gemm_row("square GEMM " + std::to_string(n) + "^3 (peak reference)", n, n, n, repeats, precision);
 }
 
 }  // namespace kmoe::apps

@@ -58,9 +58,12 @@ BenchRow timed_row(std::string name, double flops, int repeats, PeakMemory& memo
   return row;
 }
 
-// The baseline of most sections: one straight KokkosBlas::gemm [m, k] · [k, n] in float (no
-// thread-count-independent blocking: the library's best rate), median of `repeats`, with 2·m·k·n FLOPs.
-BenchRow dense_gemm_row(const std::string& name, index_t m, index_t k, index_t n, int repeats);
+// The baseline of most sections: one unblocked GEMM [m, k] · [k, n] of the machine's fastest dense
+// GEMM on random operands (the threaded host BLAS or cuBLAS in float32; cuBLAS on tensor cores in
+// bfloat16 where the precision asks for it and the build has it), median of `repeats`, with
+// 2·m·k·n FLOPs. The row's name is prefixed with what ran ("dense fp32 …", "dense bf16 …").
+BenchRow dense_gemm_row(const std::string& name, index_t m, index_t k, index_t n, int repeats,
+                        Precision precision = Precision::native);
 
 // The dense counterpart of a two-projection expert MLP on m rows: [m, d]·[d, h] then ·[h, d]
 // (forward) and the four GEMMs of its backward (dH, dW2, dX, dW1), each one unblocked call of the
@@ -78,5 +81,10 @@ BenchRow square_gemm_row(index_t n, Precision precision, int repeats);
 
 // True where bfloat16 GEMMs run natively (a CUDA build); else bfloat16 is emulated in float.
 bool native_bfloat16_gemm();
+
+// "float32" or "bfloat16 mixed precision", for section titles.
+inline const char* precision_title(Precision precision) {
+  return precision == Precision::bfloat16 ? "bfloat16 mixed precision" : "float32";
+}
 
 }  // namespace kmoe::apps

@@ -37,9 +37,9 @@ double moeut_forward_flops(const layers::MoEUTConfig& c, index_t batch, index_t 
 inline const std::vector<BenchSection>& bench_sections() {
   static const std::vector<BenchSection> sections = {
       {"sigma_moe", "--tokens --dmodel --experts --expert-size --k --precision", bench_sigma_moe},
-      {"moeut", "--batch --seq", bench_moeut},
-      {"soft_moe", "--batch --seq --dim --experts --slots", bench_soft_moe},
-      {"st_moe", "--batch --seq --dim --experts --top-n", bench_st_moe},
+      {"moeut", "--profile --vocab --batch --seq --precision", bench_moeut},
+      {"soft_moe", "--batch --seq --dim --experts --slots --precision", bench_soft_moe},
+      {"st_moe", "--batch --seq --dim --experts --top-n --precision", bench_st_moe},
       {"checkpoint", "--profile --vocab --dir", bench_checkpoint},
       {"dist", "--tokens --dmodel --experts --expert-size --k", bench_dist},
       {"dist-moeut", "--batch --seq", bench_dist_moeut},

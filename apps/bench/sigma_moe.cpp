@@ -1,6 +1,6 @@
 // kmoe-bench section "sigma_moe": the expert MLP (CVMM) and the whole σ-MoE layer at the
 // MoEUT-244M feed-forward shape by default (dmodel 1024, 387 experts, expert_size 128, k 16;
-// 8192 tokens), forward and forward+backward, in float32 or (--precision bfloat16) mixed
+// 16384 tokens), forward and forward+backward, in float32 or (--precision bfloat16) mixed
 // precision. Rates count only the active experts' FLOPs. The baseline is the dense GEMM chain of
 // the same FLOPs ([tokens·k, dmodel]·[dmodel, expert_size]·[expert_size, dmodel], forward and
 // backward) on the machine's fastest GEMM, with a large square GEMM beside it so that the
@@ -21,7 +21,7 @@ namespace {
 // RobertCsordas/moeut@87f04973d3db3ad7cb4ca67a0750241e40210d3c profiles.py), 8192 tokens.
 ExpertMlpShape moeut_244m_ffn() {
   ExpertMlpShape s;
-  s.tokens = 8192;
+  s.tokens = 16384;
   s.dmodel = 1024;
   s.experts = 387;
   s.expert_size = 128;
@@ -46,16 +46,14 @@ void expert_mlp_rows(const ExpertMlpShape& s, int repeats, PeakMemory& memory, B
 }  // namespace
 
 BenchTable bench_sigma_moe(const Options& options, int repeats) {
+  const Precision precision = precision_option(options);
   Options shape_options = options;
-  const auto precision_option = shape_options.find("--precision");
-  const Precision precision =
-      precision_option == shape_options.end() ? Precision::native : parse_precision(precision_option->second);
-  if (precision_option != shape_options.end()) shape_options.erase(precision_option);
+  shape_options.erase("--precision");
   const ExpertMlpShape s = shape_from_options(shape_options, moeut_244m_ffn(), "kmoe-bench sigma_moe");
   const bool bf16 = precision == Precision::bfloat16;
-  std::fprintf(stderr, "[kmoe-bench] sigma_moe (%s): dense baselines ...\n", bf16 ? "bfloat16" : "float32");
+  std::fprintf(stderr, "[kmoe-bench] sigma_moe (%s): dense baselines ...\n", precision_title(precision));
   BenchTable table;
-  table.title = "sigma-MoE (" + s.str() + "), " + (bf16 ? "bfloat16 mixed precision" : "float32");
+  table.title = "sigma-MoE (" + s.str() + "), " + precision_title(precision);
   const DenseChainRows chain = dense_chain_rows(s.tokens * s.k, s.dmodel, s.expert_size, precision, repeats);
   table.baseline = chain.forward_backward;
   table.rows.push_back(chain.forward);

@@ -40,22 +40,24 @@ BenchTable bench_soft_moe(const Options& options, int repeats) {
   s.dim = positive_option(options, "--dim", s.dim, app);
   s.experts = static_cast<int>(positive_option(options, "--experts", s.experts, app));
   s.slots = positive_option(options, "--slots", s.slots, app);
+  const Precision precision = precision_option(options);
 
   BenchTable table;
   char title[256];
   std::snprintf(title, sizeof title,
                 "Soft MoE, lucidrains (batch %lld x %lld tokens, dim %lld, %d experts x %lld slots, hidden %lld), "
-                "float32, training",
+                "%s, training",
                 static_cast<long long>(s.batch), static_cast<long long>(s.seq), static_cast<long long>(s.dim),
-                s.experts, static_cast<long long>(s.slots), static_cast<long long>(s.hidden()));
+                s.experts, static_cast<long long>(s.slots), static_cast<long long>(s.hidden()), precision_title(precision));
   table.title = title;
   const index_t baseline_n = static_cast<index_t>(s.forward_flops() / (2.0 * s.tokens() * s.dim) + 0.5);
-  table.baseline = dense_gemm_row("dense gemm, forward FLOPs (baseline)", s.tokens(), s.dim, baseline_n, repeats);
+  table.baseline = dense_gemm_row("GEMM, forward FLOPs (baseline)", s.tokens(), s.dim, baseline_n, repeats, precision);
 
   layers::LucidrainsSoftMoEOptions o;
   o.num_experts = s.experts;
   o.num_slots = s.slots;
-  const layers::SoftMoEConfig config = layers::SoftMoEConfig::lucidrains(s.dim, o);
+  layers::SoftMoEConfig config = layers::SoftMoEConfig::lucidrains(s.dim, o);
+  config.experts.precision = precision;
   layers::SoftMoE<float> layer(config, 5);
   std::mt19937_64 gen(11);
   const index_t n = s.tokens() * s.dim;

@@ -22,6 +22,7 @@ BenchTable bench_st_moe(const Options& options, int repeats) {
   config.dim = positive_option(options, "--dim", 512, app);
   config.num_experts = static_cast<int>(positive_option(options, "--experts", 16, app));
   config.gating_top_n = static_cast<int>(positive_option(options, "--top-n", 2, app));
+  config.precision = precision_option(options);
   const index_t D = config.dim, h = config.expert_hidden(), tokens = batch * seq;
 
   layers::StMoE<float> layer(config, 5);
@@ -43,11 +44,13 @@ BenchTable bench_st_moe(const Options& options, int repeats) {
   char title[256];
   std::snprintf(title, sizeof title,
                 "ST-MoE (batch %lld x %lld tokens, dim %lld, %d experts, top-%d, GEGLU hidden %lld, capacity factor "
-                "%.2f), float32, training",
+                "%.2f), %s, training",
                 static_cast<long long>(batch), static_cast<long long>(seq), static_cast<long long>(D),
-                config.num_experts, config.gating_top_n, static_cast<long long>(h), config.capacity_factor_train);
+                config.num_experts, config.gating_top_n, static_cast<long long>(h), config.capacity_factor_train,
+                precision_title(config.precision));
   table.title = title;
-  table.baseline = dense_gemm_row("dense gemm, routed pairs' expert FLOPs (baseline)", pairs, D, 3 * h, repeats);
+  table.baseline =
+      dense_gemm_row("GEMM, routed pairs' expert FLOPs (baseline)", pairs, D, 3 * h, repeats, config.precision);
   PeakMemory memory;
   table.rows.push_back(timed_row("ST-MoE forward (training)", forward_flops, repeats, memory,
                                  [&] { layer.forward(x, true, rng); }));

@@ -401,6 +401,45 @@ static void test_float64(void) {
   kmoe_layer_destroy(layer);
 }
 
+/* Mixed precision through the config: "precision": "bfloat16" runs the expert GEMMs on bfloat16
+ * operands (the output stays within bfloat16 rounding of the float32 layer's, yet differs from it),
+ * is reported back in the config, and needs a KMOE_FLOAT32 layer. */
+static void test_precision(void) {
+  static const char* mixed_config =
+      "{\"dmodel\": 8, \"n_experts\": 4, \"expert_size\": 6, \"k\": 2, \"dropout\": 0.0, \"precision\": \"bfloat16\"}";
+  kmoe_layer_options options;
+  EXPECT(kmoe_layer_options_init(&options), KMOE_OK, NULL);
+  options.seed = 3;
+  kmoe_layer* mixed = NULL;
+  EXPECT(kmoe_layer_create("sigma_moe", mixed_config, &options, &mixed), KMOE_OK, NULL);
+  char config[1024];
+  size_t length = 0;
+  EXPECT(kmoe_layer_config(mixed, config, sizeof config, &length), KMOE_OK, NULL);
+  CHECK(strstr(config, "\"precision\":\"bfloat16\"") != NULL);
+  float x[N], native_out[N], mixed_out[N], native_dx[N], native_dkeys[4 * 8 * 6];
+  fill(x, N, 1.0f);
+  const int64_t shape[3] = {B, T, D};
+  kmoe_tensor in = described(x, KMOE_FLOAT32, 3, shape), o = described(mixed_out, KMOE_FLOAT32, 3, shape);
+  run_step(&in, native_out, native_dx, native_dkeys);
+  kmoe_forward* f = NULL;
+  EXPECT(kmoe_layer_forward(mixed, &in, 1, &f), KMOE_OK, NULL);
+  EXPECT(kmoe_forward_output(f, &o), KMOE_OK, NULL);
+  double diff = 0, norm = 0;
+  for (int i = 0; i < N; ++i) {
+    diff += (mixed_out[i] - native_out[i]) * (mixed_out[i] - native_out[i]);
+    norm += native_out[i] * native_out[i];
+  }
+  const double u = 1.0 / 512; /* bfloat16's unit roundoff */
+  CHECK(diff > 0 && sqrt(diff / norm) < 6 * u);
+  kmoe_forward_destroy(f);
+  kmoe_layer_destroy(mixed);
+  options.dtype = KMOE_FLOAT64;
+  EXPECT(kmoe_layer_create("sigma_moe", mixed_config, &options, &mixed), KMOE_UNSUPPORTED, "needs a float32 layer");
+  EXPECT(kmoe_layer_create("sigma_moe", "{\"dmodel\": 8, \"n_experts\": 4, \"expert_size\": 6, \"k\": 2, \"precision\": \"fp8\"}",
+                           NULL, &mixed),
+         KMOE_INVALID_ARGUMENT, "'fp8'");
+}
+
 /* Each thread makes its own error; each reads back its own message. */
 struct thread_result {
   const char* kind;
@@ -439,6 +478,7 @@ int main(void) {
   test_layouts();
   test_optimizer_and_checkpoints();
   test_float64();
+  test_precision();
   test_threads();
   EXPECT(kmoe_finalize(), KMOE_OK, NULL);
   if (failures > 0) {

@@ -18,4 +18,9 @@ const char* precision_name(Precision precision) {
   return "unknown";
 }
 
+void require_precision_supported(Precision precision, bool float32_layer, const char* who) {
+  require(precision == Precision::native || float32_layer, Status::unsupported, who, ": precision '",
+          precision_name(precision), "' needs a float32 layer (its master weights are float32)");
+}
+
 }  // namespace kmoe

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <string>
+#include <type_traits>
 
 namespace kmoe {
 
@@ -14,5 +15,13 @@ enum class Precision { native, bfloat16 };
 // "native", "bfloat16"; anything else throws Status::invalid_argument naming both.
 Precision parse_precision(const std::string& name);
 const char* precision_name(Precision precision);
+
+// Throws Status::unsupported naming `who` when a layer of value type T cannot run `precision`
+// (bfloat16 keeps float32 master weights, so it needs T = float).
+void require_precision_supported(Precision precision, bool float32_layer, const char* who);
+template <class T>
+void require_precision_supported(Precision precision, const char* who) {
+  require_precision_supported(precision, std::is_same_v<T, float>, who);
+}
 
 }  // namespace kmoe

@@ -211,12 +211,15 @@ void require_experts_args(const char* op, const GegluExpertsParams<T>& params, c
 
 template <class T>
 GegluExpertsSaved<T> geglu_experts_forward(const GegluExpertsParams<T>& params, const moe::DispatchPlan& plan,
-                                           const Tensor<T>& x_sorted, const Tensor<T>& y_sorted, bool output_bias) {
+                                           const Tensor<T>& x_sorted, const Tensor<T>& y_sorted, bool output_bias,
+                                           Precision precision) {
   geglu_impl::require_experts_args("geglu_experts_forward", params, plan, x_sorted, "x_sorted", y_sorted, "y_sorted");
   const index_t pairs = plan.n_pairs(), h = params.mult_bias.dim(1);
   GegluExpertsSaved<T> saved;
+  saved.w_in = moe::ExpertOperand<T>(params.w_in, precision, "geglu_experts::w_in_operand");
+  saved.w_out = moe::ExpertOperand<T>(params.w_out, precision, "geglu_experts::w_out_operand");
   saved.pre = Tensor<T>::uninitialized("experts::pre", {pairs, 2 * h});
-  moe::cvmm_forward<T>(plan, x_sorted.as_matrix(), params.w_in.template view<3>(), saved.pre.as_matrix(),
+  moe::cvmm_forward<T>(plan, x_sorted.as_matrix(), saved.w_in, saved.pre.as_matrix(),
                        moe::PairRows::sorted);
   moe::add_expert_bias<T>(plan, moe::PairRows::sorted, saved.pre.as_matrix(), params.b_in.as_matrix());
   saved.hidden = Tensor<T>::uninitialized("experts::hidden", {pairs, h});
@@ -228,7 +231,7 @@ GegluExpertsSaved<T> geglu_experts_forward(const GegluExpertsParams<T>& params, 
                         geglu_impl::expert_row(params.mult_bias, e),
                         Kokkos::subview(saved.hidden.as_matrix(), rows, Kokkos::ALL));
   }
-  moe::cvmm_forward<T>(plan, saved.hidden.as_matrix(), params.w_out.template view<3>(), y_sorted.as_matrix(),
+  moe::cvmm_forward<T>(plan, saved.hidden.as_matrix(), saved.w_out, y_sorted.as_matrix(),
                        moe::PairRows::sorted);
   if (output_bias) moe::add_expert_bias<T>(plan, moe::PairRows::sorted, y_sorted.as_matrix(), params.b_out.as_matrix());
   return saved;
@@ -248,7 +251,7 @@ void geglu_experts_backward(const GegluExpertsParams<T>& params, GegluExpertsPar
   if (output_bias)
     moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::sorted, dy_sorted.as_matrix(), grads.b_out.as_matrix());
   const auto dhidden = Tensor<T>::uninitialized("experts::dhidden", {pairs, h});
-  moe::cvmm_backward<T>(plan, saved.hidden.as_matrix(), params.w_out.template view<3>(), dy_sorted.as_matrix(),
+  moe::cvmm_backward<T>(plan, saved.hidden.as_matrix(), saved.w_out, dy_sorted.as_matrix(),
                         dhidden.as_matrix(), grads.w_out.template view<3>(), moe::PairRows::sorted);
   const auto dpre = Tensor<T>::uninitialized("experts::dpre", {pairs, 2 * h});
   const auto& offsets = plan.expert_offsets_host();
@@ -261,7 +264,7 @@ void geglu_experts_backward(const GegluExpertsParams<T>& params, GegluExpertsPar
                          Kokkos::subview(dpre.as_matrix(), rows, Kokkos::ALL), geglu_impl::expert_row(grads.mult_bias, e));
   }
   moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::sorted, dpre.as_matrix(), grads.b_in.as_matrix());
-  moe::cvmm_backward<T>(plan, x_sorted.as_matrix(), params.w_in.template view<3>(), dpre.as_matrix(),
+  moe::cvmm_backward<T>(plan, x_sorted.as_matrix(), saved.w_in, dpre.as_matrix(),
                         dx_sorted.as_matrix(), grads.w_in.template view<3>(), moe::PairRows::sorted);
 }
 
@@ -272,7 +275,7 @@ template class GegluExpert<double>;
   template GegluExpertsParams<T> make_geglu_experts<T>(int, index_t, index_t, Generator&, bool,                  \
                                                        const GegluExpertsShare&);                                 \
   template GegluExpertsSaved<T> geglu_experts_forward<T>(const GegluExpertsParams<T>&, const moe::DispatchPlan&, \
-                                                         const Tensor<T>&, const Tensor<T>&, bool);               \
+                                                         const Tensor<T>&, const Tensor<T>&, bool, Precision);    \
   template void geglu_experts_backward<T>(const GegluExpertsParams<T>&, GegluExpertsParams<T>&,                   \
                                           const moe::DispatchPlan&, const Tensor<T>&, const GegluExpertsSaved<T>&, \
                                           const Tensor<T>&, const Tensor<T>&, bool);

@@ -15,6 +15,7 @@
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/model/parameter.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
+#include "kmoe/moe/expert_operand.hpp"
 
 namespace kmoe::layers {
 
@@ -111,17 +112,19 @@ template <class T>
 struct GegluExpertsSaved {
   Tensor<T> pre;         // [pairs, 2h]
   Tensor<T> hidden;      // [pairs, h]
+  moe::ExpertOperand<T> w_in, w_out;  // the weights as the expert GEMMs read them
 };
 
 // x_sorted [pairs, dim] (row s = input of pair sorted_pair(s)) → y_sorted [pairs, dim]; rows at or
 // beyond plan.n_routed_pairs() are neither read nor written. The plan must have k ≥ 2 (CVMM reads a
 // matrix with one row per token as per-token input). Throws Status::shape_mismatch on wrong extents.
 // Without output_bias (a shard past an expert's first) b_out is left out: the shards' partial
-// outputs add up to the expert's.
+// outputs add up to the expert's. Precision::bfloat16 runs both projections' GEMMs (and backward's)
+// on bfloat16 operands (T = float only).
 template <class T>
 GegluExpertsSaved<T> geglu_experts_forward(const GegluExpertsParams<T>& params, const moe::DispatchPlan& plan,
                                            const Tensor<T>& x_sorted, const Tensor<T>& y_sorted,
-                                           bool output_bias = true);
+                                           bool output_bias = true, Precision precision = Precision::native);
 
 // dy_sorted [pairs, dim] → dx_sorted [pairs, dim] (routed rows overwritten); gradients accumulated
 // (b_out's only with output_bias).

@@ -31,6 +31,7 @@ SwitchHeadConfig MoEUTConfig::attention_config() const {
   c.rotate_fraction = rotate_fraction;
   c.rope_base = rope_base;
   c.init_scale = init_scale();
+  c.precision = precision;
   return c;
 }
 
@@ -42,6 +43,7 @@ SigmaMoEConfig MoEUTConfig::ffn_config() const {
   c.k = ff_k;
   c.expert_dropout = ff_expert_dropout;
   c.weight_std_scale = init_scale();  // MoEUT's SigmaMoE init = moe_layer's with wss = √(2/n_layers)
+  c.precision = precision;
   return c;
 }
 
@@ -71,6 +73,7 @@ const model::FieldTable<MoEUTConfig>& moeut_fields(bool lm) {
                                           "kmoe implements SwitchHeadRope attention only"));
     table.push_back(model::field("rotate_fraction", &C::rotate_fraction));
     table.push_back(model::field("rope_base", &C::rope_base));
+    table.push_back(model::enum_field("precision", &C::precision, parse_precision, precision_name));
     return table;
   };
   static const model::FieldTable<C> lm_table = make(true), plain_table = make(false);

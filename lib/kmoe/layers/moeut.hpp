@@ -21,6 +21,7 @@
 // (the original silently drops the rest).
 #pragma once
 
+#include "kmoe/core/precision.hpp"
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/layers/sigma_moe.hpp"
@@ -64,6 +65,9 @@ struct MoEUTConfig {
   double att_entropy_reg = 0.001;
   double rotate_fraction = 0.5;
   double rope_base = 10000;
+  // kmoe's own option (core/precision.hpp), passed to every layer's σ-MoE and SwitchHead experts:
+  // bfloat16 runs their expert GEMMs on bfloat16 operands (a float32 model only).
+  Precision precision = Precision::native;
 
   int n_repeats() const { return n_layers / group_size; }
   index_t head_dim() const { return d_head > 0 ? d_head : d_model / n_heads; }

@@ -11,6 +11,7 @@
 #include "kmoe/ops/init.hpp"
 #include "kmoe/ops/linear.hpp"
 #include "kmoe/ops/softmax.hpp"
+#include "kmoe/ops/impl/column_reduce.hpp"
 #include "kmoe/ops/topk.hpp"
 
 #include <cmath>
@@ -190,17 +191,13 @@ inline View1<std::int64_t> hidden_dropout_keys(const moe::DispatchPlan& plan, mo
   return keys;
 }
 
-// sums[c] += Σ_r src[r, c], rows in order (one thread per column: reproducible, no atomics).
+// sums[c] += Σ_r src[r, c] (a deterministic column reduction: reproducible, no atomics).
 template <class T>
 void accumulate_column_sums(const View2<const T>& src, const View1<T>& sums) {
-  const index_t rows = src.extent(0);
-  Kokkos::parallel_for(
-      "kmoe::sigma_moe::column_sums", Kokkos::RangePolicy<ExecSpace>(0, src.extent(1)),
-      KOKKOS_LAMBDA(const index_t c) {
-        T sum = 0;
-        for (index_t r = 0; r < rows; ++r) sum += src(r, c);
-        sums(c) += sum;
-      });
+  ops::impl::column_reduce<T, 1>(
+      "kmoe::sigma_moe::column_sums", src.extent(0), src.extent(1),
+      KOKKOS_LAMBDA(const index_t r, const index_t c) { return Kokkos::Array<T, 1>{src(r, c)}; },
+      KOKKOS_LAMBDA(const index_t c, const Kokkos::Array<T, 1>& sum) { sums(c) += sum[0]; });
 }
 
 // dst += src elementwise.
@@ -275,20 +272,6 @@ Tensor<T> router_gradient(const SigmaMoEConfig& config, const SigmaMoEForward<T>
   return dz;
 }
 
-// Calls run(keys, values) with the expert weights as the GEMM operands of forward f: its bfloat16
-// copies under Precision::bfloat16, else the parameters themselves.
-template <class T, class Run>
-void with_expert_operands(const SigmaMoEParams<T>& params, const SigmaMoEForward<T>& f, const Run& run) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (!f.keys_operand.empty()) return run(f.keys_operand.template view<3>(), f.values_operand.template view<3>());
-  }
-  run(params.keys.template view<3>(), params.values.template view<3>());
-}
-
-// The operand type W of a weight View passed by with_expert_operands.
-template <class V>
-using OperandType = typename std::decay_t<V>::non_const_value_type;
-
 }  // namespace impl
 
 template <class T>
@@ -296,8 +279,7 @@ SigmaMoE<T>::SigmaMoE(const SigmaMoEConfig& config, std::uint64_t seed, Paramete
                       const dist::Communicator& comm)
     : config_(config), comm_(comm) {
   config_.validate();
-  require(config_.precision == Precision::native || std::is_same_v<T, float>, Status::unsupported,
-          "SigmaMoE: precision 'bfloat16' needs a float32 layer (its master weights are float32)");
+  require_precision_supported<T>(config_.precision, "SigmaMoE");
   comm_.require_same(dist::text_hash(model::write_fields(sigma_moe_fields(), config_).dump()) ^ seed,
                      "the SigmaMoE config or seed");
   const index_t E = config_.n_experts, D = config_.dmodel, es = config_.expert_size, Dv = config_.value_dim();
@@ -436,20 +418,14 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   Tensor<T> y_received;
   if (received > 0) {
   f.plan = moe::DispatchPlan::build_with_drops(f.exchange.received_experts().as_matrix(), local_experts);
-  if constexpr (std::is_same_v<T, float>) {
-    if (c.precision == Precision::bfloat16) {
-      f.keys_operand = convert_tensor<bfloat16>(params_.keys, "sigma_moe::keys_bf16");
-      f.values_operand = convert_tensor<bfloat16>(params_.values, "sigma_moe::values_bf16");
-    }
-  }
+  f.keys_operand = moe::ExpertOperand<T>(params_.keys, c.precision, "sigma_moe::keys_operand");
+  f.values_operand = moe::ExpertOperand<T>(params_.values, c.precision, "sigma_moe::values_operand");
 
   // Up-projection: u = x · keys[e] (+ bias[e]), h = dropout(activation(u)).
   const index_t pairs = f.plan.n_pairs();
   f.pre_activation = Tensor<T>::uninitialized("sigma_moe::pre_activation", {pairs, es_local});
-  impl::with_expert_operands(params_, f, [&](const auto& keys, const auto&) {
-    moe::cvmm_forward<T, impl::OperandType<decltype(keys)>>(f.plan, f.x_received.as_matrix(), keys,
-                                                            f.pre_activation.as_matrix(), impl::hidden_order(f.plan));
-  });
+  moe::cvmm_forward<T>(f.plan, f.x_received.as_matrix(), f.keys_operand, f.pre_activation.as_matrix(),
+                       impl::hidden_order(f.plan));
   if (c.bias) {
     moe::add_expert_bias<T>(f.plan, impl::hidden_order(f.plan), f.pre_activation.as_matrix(),
                             params_.bias.as_matrix());
@@ -467,11 +443,8 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   // Down-projection reduced with the gates: y_t = Σ_j g_tj · h_tj · values[e_tj] (+ o_bias), the
   // rows summed over the ranks that computed parts of them.
   y_received = Tensor<T>::uninitialized("sigma_moe::y_received", {received, Dv});
-  impl::with_expert_operands(params_, f, [&](const auto&, const auto& values) {
-    moe::cvmm_forward_reduced<T, impl::OperandType<decltype(values)>>(f.plan, f.hidden.as_matrix(), values,
-                                                                      f.gates_received.as_matrix(),
-                                                                      y_received.as_matrix(), impl::hidden_order(f.plan));
-  });
+  moe::cvmm_forward_reduced<T>(f.plan, f.hidden.as_matrix(), f.values_operand, f.gates_received.as_matrix(),
+                               y_received.as_matrix(), impl::hidden_order(f.plan));
   }
   const Tensor<T> y = f.exchange.combine(y_received);
   if (c.bias) impl::add_bias_to_rows<T>(y.as_matrix(), params_.o_bias.flat());
@@ -516,11 +489,9 @@ SigmaMoEInputGrads<T> SigmaMoE<T>::backward_with_router(const SigmaMoEForward<T>
   // Down-projection: dgates, d values, dh.
   const auto du = Tensor<T>::uninitialized("sigma_moe::du", {pairs, es_local});
   dgates_received = Tensor<T>::uninitialized("sigma_moe::dgates", {received, c.k});
-  impl::with_expert_operands(params_, f, [&](const auto&, const auto& values) {
-    moe::cvmm_backward_reduced<T, impl::OperandType<decltype(values)>>(
-        f.plan, f.hidden.as_matrix(), values, f.gates_received.as_matrix(), dy_received.as_matrix(), du.as_matrix(),
-        grads_.values.template view<3>(), dgates_received.as_matrix(), impl::hidden_order(f.plan));
-  });
+  moe::cvmm_backward_reduced<T>(f.plan, f.hidden.as_matrix(), f.values_operand, f.gates_received.as_matrix(),
+                                dy_received.as_matrix(), du.as_matrix(), grads_.values.template view<3>(),
+                                dgates_received.as_matrix(), impl::hidden_order(f.plan));
   // Up-projection: replay the dropout mask, then activation', bias and keys.
   if (f.training && c.dropout > 0)
     ops::dropout_rows<T>(du.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys, du.as_matrix());
@@ -530,11 +501,8 @@ SigmaMoEInputGrads<T> SigmaMoE<T>::backward_with_router(const SigmaMoEForward<T>
                                             grads_.bias.as_matrix());
   }
   dx_received = Tensor<T>::uninitialized("sigma_moe::dx_received", {received, D});
-  impl::with_expert_operands(params_, f, [&](const auto& keys, const auto&) {
-    moe::cvmm_backward<T, impl::OperandType<decltype(keys)>>(f.plan, f.x_received.as_matrix(), keys, du.as_matrix(),
-                                                             dx_received.as_matrix(), grads_.keys.template view<3>(),
-                                                             impl::hidden_order(f.plan));
-  });
+  moe::cvmm_backward<T>(f.plan, f.x_received.as_matrix(), f.keys_operand, du.as_matrix(), dx_received.as_matrix(),
+                        grads_.keys.template view<3>(), impl::hidden_order(f.plan));
   }
   const Tensor<T> dx = f.exchange.combine(dx_received);
   const Tensor<T> dgates = f.exchange.combine(dgates_received);

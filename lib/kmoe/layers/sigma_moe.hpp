@@ -16,6 +16,7 @@
 #include "kmoe/model/parameter.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
 #include "kmoe/moe/entropy_regulariser.hpp"
+#include "kmoe/moe/expert_operand.hpp"
 #include "kmoe/ops/activations.hpp"
 
 #include <cstdint>
@@ -102,9 +103,9 @@ struct SigmaMoEForward {
   // experts' rows stay contiguous between the two projections; in pair order when k = 1.
   Tensor<T> pre_activation;   // [R·k, local expert_size] u = x · keys[e] (+ bias)
   Tensor<T> hidden;           // [R·k, local expert_size] h = dropout(activation(u))
-  // Precision::bfloat16: keys and values rounded once per forward, the GEMMs' operands (empty
-  // otherwise: the GEMMs read the parameters).
-  Tensor<bfloat16> keys_operand, values_operand;
+  // keys and values as the expert GEMMs read them (rounded once per forward under
+  // Precision::bfloat16, else the parameters).
+  moe::ExpertOperand<T> keys_operand, values_operand;
   RngStream dropout_stream;   // the hidden dropout's draws (replayed by backward)
   View1<std::int64_t> dropout_keys;  // [R·k] the counter of each hidden row's unit 0
 };

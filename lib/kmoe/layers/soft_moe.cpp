@@ -256,7 +256,7 @@ inline std::string config_text(const SoftMoEConfig& c) {
        << static_cast<int>(c.masked_output) << " | " << e.hidden << ' ' << static_cast<int>(e.activation) << ' '
        << e.glu << ' ' << e.hidden_layer_norm << ' ' << e.output_layer_norm << ' '
        << static_cast<int>(e.output_activation) << ' ' << e.residual << ' ' << e.dropout << ' ' << e.layer_norm_eps
-       << ' ' << static_cast<int>(e.init);
+       << ' ' << static_cast<int>(e.init) << ' ' << static_cast<int>(e.precision);
   return text.str();
 }
 
@@ -266,6 +266,7 @@ template <class T>
 SoftMoE<T>::SoftMoE(const SoftMoEConfig& config, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm)
     : config_(config), comm_(comm) {
   config_.validate();
+  require_precision_supported<T>(config_.experts.precision, "SoftMoE");
   comm_.require_same(dist::text_hash(impl::soft_moe::config_text(config_)) ^ seed, "the SoftMoE config or seed");
   const index_t D = config_.dim, E = config_.num_experts, S = config_.slots_per_expert(), H = config_.experts.hidden;
   placement_ = dist::Placement(static_cast<int>(E), comm_.size(), H);

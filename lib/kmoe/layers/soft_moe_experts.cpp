@@ -125,10 +125,10 @@ void accumulate_expert_gain_gradient(const moe::DispatchPlan& plan, const View2<
 
 // Linear (CVMM) + per-expert bias: out = x · W[e] + b[e].
 template <class T>
-Tensor<T> expert_linear(const moe::DispatchPlan& plan, const Tensor<T>& x, const Tensor<T>& w, const Tensor<T>& b,
-                        const char* label) {
-  const auto out = Tensor<T>::uninitialized(label, {x.dim(0), w.dim(2)});
-  moe::cvmm_forward<T>(plan, x.as_matrix(), w.template view<3>(), out.as_matrix());
+Tensor<T> expert_linear(const moe::DispatchPlan& plan, const Tensor<T>& x, const moe::ExpertOperand<T>& w,
+                        index_t out_width, const Tensor<T>& b, const char* label) {
+  const auto out = Tensor<T>::uninitialized(label, {x.dim(0), out_width});
+  moe::cvmm_forward<T>(plan, x.as_matrix(), w, out.as_matrix());
   moe::add_expert_bias<T>(plan, moe::PairRows::pair_order, out.as_matrix(), b.as_matrix());
   return out;
 }
@@ -369,7 +369,9 @@ SlotExpertForward<T> slot_experts_forward(const SlotExpertConfig& c, const SlotE
   SlotExpertForward<T> f;
   f.u = u;
   f.share = share;
-  f.first = impl::slot_experts::expert_linear(plan, u, p.w1, p.b1, "soft_moe_experts::first");
+  f.w1 = moe::ExpertOperand<T>(p.w1, c.precision, "soft_moe_experts::w1_operand");
+  f.w2 = moe::ExpertOperand<T>(p.w2, c.precision, "soft_moe_experts::w2_operand");
+  f.first = impl::slot_experts::expert_linear(plan, u, f.w1, p.w1.dim(2), p.b1, "soft_moe_experts::first");
   f.activation_in = impl::slot_experts::maybe_expert_layer_norm(
       c.hidden_layer_norm, plan, f.first, p.hidden_norm_weight, p.hidden_norm_bias, eps, f.hidden_mean, f.hidden_rstd,
       "soft_moe_experts::hidden_norm", first_width_total, share.shards);
@@ -390,7 +392,7 @@ SlotExpertForward<T> slot_experts_forward(const SlotExpertConfig& c, const SlotE
   if (c.has_residual()) KokkosBlas::axpy(T(1), u.flat(), f.h.flat());
 
   f.second = Tensor<T>::uninitialized("soft_moe_experts::second", {u.dim(0), c.dim});
-  moe::cvmm_forward<T>(plan, f.h.as_matrix(), p.w2.template view<3>(), f.second.as_matrix());
+  moe::cvmm_forward<T>(plan, f.h.as_matrix(), f.w2, f.second.as_matrix());
   if (share.output_bias())
     moe::add_expert_bias<T>(plan, moe::PairRows::pair_order, f.second.as_matrix(), p.b2.as_matrix());
   f.output_in = impl::slot_experts::maybe_expert_layer_norm(c.output_layer_norm, plan, f.second, p.output_norm_weight,
@@ -425,7 +427,7 @@ Tensor<T> slot_experts_backward(const SlotExpertConfig& c, const SlotExpertParam
   if (f.share.output_bias())
     moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::pair_order, dsecond.as_matrix(), g.b2.as_matrix());
   const auto dh = Tensor<T>::uninitialized("soft_moe_experts::dh", f.h.shape());
-  moe::cvmm_backward<T>(plan, f.h.as_matrix(), p.w2.template view<3>(), dsecond.as_matrix(), dh.as_matrix(),
+  moe::cvmm_backward<T>(plan, f.h.as_matrix(), f.w2, dsecond.as_matrix(), dh.as_matrix(),
                         g.w2.template view<3>());
   if (c.has_residual()) KokkosBlas::axpy(T(1), dy.flat(), dh.flat());  // y = h + out_act(q)
 
@@ -450,7 +452,7 @@ Tensor<T> slot_experts_backward(const SlotExpertConfig& c, const SlotExpertParam
       f.share.shards);
   moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::pair_order, dfirst.as_matrix(), g.b1.as_matrix());
   const auto du = Tensor<T>::uninitialized("soft_moe_experts::du", f.u.shape());
-  moe::cvmm_backward<T>(plan, f.u.as_matrix(), p.w1.template view<3>(), dfirst.as_matrix(), du.as_matrix(),
+  moe::cvmm_backward<T>(plan, f.u.as_matrix(), f.w1, dfirst.as_matrix(), du.as_matrix(),
                         g.w1.template view<3>());
   if (c.has_residual()) KokkosBlas::axpy(T(1), dh.flat(), du.flat());  // h = u + a
   return du;

@@ -25,10 +25,12 @@
 
 #include <vector>
 
+#include "kmoe/core/precision.hpp"
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/dist/communicator.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
+#include "kmoe/moe/expert_operand.hpp"
 #include "kmoe/ops/activations.hpp"
 
 namespace kmoe::layers {
@@ -51,6 +53,8 @@ struct SlotExpertConfig {
   double dropout = 0.0;   // on a, in training only
   double layer_norm_eps = 1e-5;
   ExpertInit init = ExpertInit::torch_default;
+  // bfloat16: both Linears' GEMMs on bfloat16 operands (core/precision.hpp; T = float only).
+  Precision precision = Precision::native;
 
   index_t first_width() const { return glu ? 2 * hidden : hidden; }
   bool has_residual() const { return residual && hidden == dim; }
@@ -114,6 +118,7 @@ struct SlotExpertForward {
 
   // Saved for backward.
   Tensor<T> u;            // [rows, dim] the input rows (the caller's tensor)
+  moe::ExpertOperand<T> w1, w2;  // the weights as the expert GEMMs read them
   Tensor<T> first;        // [rows, first_width] u · W1 + b1 (before the hidden LayerNorm)
   Tensor<T> hidden_mean;  // [rows] hidden LayerNorm statistics (empty without it)
   Tensor<T> hidden_rstd;

@@ -69,6 +69,7 @@ const model::FieldTable<StMoEConfig>& st_moe_fields() {
       model::field("balance_loss_coef", &C::balance_loss_coef, model::finite(&C::balance_loss_coef)),
       model::field("router_z_loss_coef", &C::router_z_loss_coef, model::finite(&C::router_z_loss_coef)),
       model::field("straight_through_dispatch_tensor", &C::straight_through_dispatch_tensor),
+      model::enum_field("precision", &C::precision, parse_precision, precision_name),
       model::fixed_field<C>("experts", [](const nlohmann::json& v) { return v.is_null(); }, "custom expert modules"),
       model::fixed_field<C>("differentiable_topk", [](const nlohmann::json& v) { return v == false; },
                             "the coordinate-descent top-k is not implemented"),
@@ -114,6 +115,7 @@ StMoEConfig StMoEV0014Config::to_config() const {
   c.gate_normalisation = moe::GateNormalisation::sum_plus_eps;
   c.router_init = RouterInit::standard_normal;
   c.generation = StMoEGeneration::v0_0_14;
+  c.precision = precision;
   return c;
 }
 
@@ -312,7 +314,7 @@ inline std::string config_text(const StMoEConfig& c) {
        << c.capacity_factor_train << ' ' << c.capacity_factor_eval << ' ' << c.gating_top_n << ' '
        << c.balance_loss_coef << ' ' << c.router_z_loss_coef << ' ' << c.straight_through_dispatch_tensor << ' '
        << static_cast<int>(c.balance_density) << ' ' << static_cast<int>(c.gate_normalisation) << ' '
-       << static_cast<int>(c.router_init) << ' ' << static_cast<int>(c.generation);
+       << static_cast<int>(c.router_init) << ' ' << static_cast<int>(c.generation) << ' ' << static_cast<int>(c.precision);
   for (const double t : c.threshold_train) text << " t" << t;
   for (const double t : c.threshold_eval) text << " e" << t;
   return text.str();
@@ -333,6 +335,7 @@ template <class T>
 StMoE<T>::StMoE(const StMoEConfig& config, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm)
     : config_(config), comm_(comm) {
   config_.validate();
+  require_precision_supported<T>(config_.precision, "StMoE");
   comm_.require_same(dist::text_hash(st_moe_impl::config_text(config_)) ^ seed, "the StMoE config or seed");
   const index_t D = config_.dim, E = config_.num_experts, I = config_.num_experts_inner;
   placement_ = dist::Placement(config_.total_experts(), comm_.size(), config_.expert_hidden());
@@ -432,8 +435,8 @@ namespace st_moe_impl {
 // the owners' shares summed. Collective.
 template <class T>
 Tensor<T> run_experts(const StMoEParams<T>& params, const dist::Communicator& comm, const dist::Placement& placement,
-                      const GegluExpertsShare& share, const Tensor<T>& inputs, const Tensor<int>& experts,
-                      const Tensor<T>& gate, StMoEExpertStage<T>& s) {
+                      const GegluExpertsShare& share, Precision precision, const Tensor<T>& inputs,
+                      const Tensor<int>& experts, const Tensor<T>& gate, StMoEExpertStage<T>& s) {
   // ST-MoE's experts draw nothing, so the rows' global positions are not needed.
   s.exchange = dist::ExpertExchange(comm, placement, experts, 0);
   s.x_received = s.exchange.dispatch(inputs);
@@ -450,7 +453,8 @@ Tensor<T> run_experts(const StMoEParams<T>& params, const dist::Communicator& co
     s.expert_input = Tensor<T>::uninitialized("st_moe::expert_input", {pairs, D});
     dispatch_rows<T>(s.x_received.as_matrix(), s.rows.as_matrix(), s.expert_input.as_matrix());
     s.expert_output = Tensor<T>::uninitialized("st_moe::expert_output", {pairs, D});
-    s.experts = geglu_experts_forward(params.experts, s.plan, s.expert_input, s.expert_output, share.output_bias());
+    s.experts = geglu_experts_forward(params.experts, s.plan, s.expert_input, s.expert_output, share.output_bias(),
+                                      precision);
     combined = Tensor<T>::uninitialized("st_moe::combined", {R, D});
     combine_rows<T>(s.gate_received.as_matrix(), s.rows.as_matrix(), s.expert_output.as_matrix(),
                     combined.as_matrix());
@@ -543,7 +547,7 @@ StMoEForward<T> StMoE<T>::forward(const Tensor<T>& x, bool training, Generator& 
 
   Tensor<T> out;
   if (!c.hierarchical()) {
-    out = st_moe_impl::run_experts(params_, comm_, placement_, share_, f.x,
+    out = st_moe_impl::run_experts(params_, comm_, placement_, share_, c.precision, f.x,
                                    tokens > 0 ? f.gate.routing.expert_index : no_choices,
                                    tokens > 0 ? f.gate.routing.gate : no_gates, f.stage);
   } else {
@@ -577,7 +581,7 @@ StMoEForward<T> StMoE<T>::forward(const Tensor<T>& x, bool training, Generator& 
     const Tensor<int> experts =
         tokens > 0 ? st_moe_impl::plan_index(f.gate_inner.routing.expert_index, 2, block, static_cast<int>(I))
                    : no_choices;
-    f.slot_output = st_moe_impl::run_experts(params_, comm_, placement_, share_, f.slot_input, experts,
+    f.slot_output = st_moe_impl::run_experts(params_, comm_, placement_, share_, c.precision, f.slot_input, experts,
                                              tokens > 0 ? f.gate_inner.routing.gate : no_gates, f.stage);
     out = Tensor<T>::uninitialized("st_moe::out", {tokens, D});
     if (tokens > 0)

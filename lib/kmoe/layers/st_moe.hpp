@@ -18,6 +18,7 @@
 // (the original's dispatch + combine − combine.detach()).
 #pragma once
 
+#include "kmoe/core/precision.hpp"
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/dist/communicator.hpp"
@@ -65,6 +66,9 @@ struct StMoEConfig {
   moe::GateNormalisation gate_normalisation = moe::GateNormalisation::clamped_sum;  // v0.0.14: sum_plus_eps
   RouterInit router_init = RouterInit::linear_default;  // v0.0.14: standard_normal
   StMoEGeneration generation = StMoEGeneration::v0_1_8;  // v0.0.14: its state_dict names, no threshold buffers
+  // kmoe's own option (core/precision.hpp): bfloat16 runs the GEGLU experts' GEMMs on bfloat16
+  // operands (a float32 layer only); the gates, losses and combine stay float32.
+  Precision precision = Precision::native;
 
   bool hierarchical() const { return num_experts_inner > 0; }
   int total_experts() const { return hierarchical() ? num_experts * num_experts_inner : num_experts; }
@@ -101,6 +105,7 @@ struct StMoEV0014Config {
   // Top-2 gating with density before capacity, gates v/(Σv + eps), N(0,1) router init. The
   // second choices' slot offset is the count of kept first choices (upstream's fix of v0.0.16; the
   // literal v0.0.14 used their mean, which makes choices collide in slots).
+  Precision precision = Precision::native;  // kmoe's own option, as StMoEConfig::precision
   StMoEConfig to_config() const;
 };
 

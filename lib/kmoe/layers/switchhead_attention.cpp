@@ -39,6 +39,7 @@ const model::FieldTable<SwitchHeadConfig>& switchhead_fields() {
       model::field("rotate_fraction", &C::rotate_fraction, rotate_fraction_range),
       model::field("rope_base", &C::rope_base, model::finite_positive(&C::rope_base)),
       model::field("init_scale", &C::init_scale, model::finite_positive(&C::init_scale)),
+      model::enum_field("precision", &C::precision, parse_precision, precision_name),
   };
   return table;
 }
@@ -316,11 +317,12 @@ Tensor<T> value_experts_forward(const Tensor<T>& v, const dist::Communicator& co
                                 const SwitchHeadConfig& c, const Tensor<T>& v_src, const Tensor<int>& experts,
                                 const Tensor<T>& gates, std::int64_t first_token, SwitchHeadForward<T>& f) {
   const index_t H = c.n_heads, P = c.d_head(), ka = c.moe_k, c0 = placement.hidden_begin(comm.rank());
+  f.v_operand = moe::ExpertOperand<T>(v, c.precision, "switchhead::v_operand");
   Tensor<T> rows;
   if (send_to_experts(comm, placement, experts, v_src, gates, first_token, f.v_exchange, f.v_src_received,
                       f.v_gates_received, f.v_plan)) {
     f.v_pairs = Tensor<T>::uninitialized("switchhead::v_pairs", {f.v_plan.n_pairs(), v.dim(2)});
-    moe::cvmm_forward<T>(f.v_plan, f.v_src_received.as_matrix(), v.template view<3>(), f.v_pairs.as_matrix());
+    moe::cvmm_forward<T>(f.v_plan, f.v_src_received.as_matrix(), f.v_operand, f.v_pairs.as_matrix());
     rows = mix_pairs(f.v_pairs, f.v_gates_received, H, ka, P, c0);
   }
   return f.v_exchange.combine(rows);
@@ -328,7 +330,7 @@ Tensor<T> value_experts_forward(const Tensor<T>& v, const dist::Communicator& co
 
 // Its backward from dv_rows [N, H·P]: accumulates dV, returns dv_src [N, D] and dgates [N, H·ka].
 template <class T>
-std::pair<Tensor<T>, Tensor<T>> value_experts_backward(const Tensor<T>& v, const Tensor<T>& dv_weights,
+std::pair<Tensor<T>, Tensor<T>> value_experts_backward(const Tensor<T>& dv_weights,
                                                        const dist::Communicator& comm,
                                                        const dist::Placement& placement, const SwitchHeadConfig& c,
                                                        const SwitchHeadForward<T>& f, const Tensor<T>& dv_rows) {
@@ -340,7 +342,7 @@ std::pair<Tensor<T>, Tensor<T>> value_experts_backward(const Tensor<T>& v, const
     dgates = Tensor<T>::uninitialized("switchhead::dv_gates", f.v_gates_received.shape());
     mix_pairs_backward(f.v_pairs, f.v_gates_received, dreceived, H, ka, P, c0, dpairs, dgates);
     dx = Tensor<T>::uninitialized("switchhead::dv_src_received", f.v_src_received.shape());
-    moe::cvmm_backward<T>(f.v_plan, f.v_src_received.as_matrix(), v.template view<3>(), dpairs.as_matrix(),
+    moe::cvmm_backward<T>(f.v_plan, f.v_src_received.as_matrix(), f.v_operand, dpairs.as_matrix(),
                           dx.as_matrix(), dv_weights.template view<3>());
   }
   return {f.v_exchange.combine(dx), f.v_exchange.combine(dgates)};
@@ -353,13 +355,14 @@ Tensor<T> output_experts_forward(const Tensor<T>& o, const dist::Communicator& c
                                  const SwitchHeadConfig& c, const Tensor<T>& attended, const Tensor<int>& experts,
                                  const Tensor<T>& gates, std::int64_t first_token, SwitchHeadForward<T>& f) {
   const index_t H = c.n_heads, P = c.d_head(), ka = c.moe_k, c0 = placement.hidden_begin(comm.rank());
+  f.o_operand = moe::ExpertOperand<T>(o, c.precision, "switchhead::o_operand");
   Tensor<T> y;
   if (send_to_experts(comm, placement, experts, attended, gates, first_token, f.o_exchange, f.attended_received,
                       f.o_gates_received, f.o_plan)) {
     const index_t R = f.o_exchange.received_rows();
     const Tensor<T> input = replicate_heads(f.attended_received, H, ka, P, c0, o.dim(1));
     y = Tensor<T>::uninitialized("switchhead::y_received", {R, c.state_size});
-    moe::cvmm_forward_reduced<T>(f.o_plan, input.as_matrix(), o.template view<3>(), f.o_gates_received.as_matrix(),
+    moe::cvmm_forward_reduced<T>(f.o_plan, input.as_matrix(), f.o_operand, f.o_gates_received.as_matrix(),
                                  y.as_matrix());
   }
   return f.o_exchange.combine(y);
@@ -379,7 +382,7 @@ std::pair<Tensor<T>, Tensor<T>> output_experts_backward(const Tensor<T>& o, cons
     const Tensor<T> input = replicate_heads(f.attended_received, H, ka, P, c0, o.dim(1));
     const auto dinput = Tensor<T>::uninitialized("switchhead::do_input", input.shape());
     dgates = Tensor<T>::uninitialized("switchhead::do_gates", f.o_gates_received.shape());
-    moe::cvmm_backward_reduced<T>(f.o_plan, input.as_matrix(), o.template view<3>(), f.o_gates_received.as_matrix(),
+    moe::cvmm_backward_reduced<T>(f.o_plan, input.as_matrix(), f.o_operand, f.o_gates_received.as_matrix(),
                                   dreceived.as_matrix(), dinput.as_matrix(), do_weights.template view<3>(),
                                   dgates.as_matrix());
     dattended = sum_replicas(dinput, R, H, ka, P, c0);
@@ -394,6 +397,7 @@ SwitchHeadAttention<T>::SwitchHeadAttention(const SwitchHeadConfig& config, std:
                                             const dist::Communicator& comm)
     : config_(config), comm_(comm) {
   config_.validate();
+  require_precision_supported<T>(config_.precision, "SwitchHeadAttention");
   comm_.require_same(dist::text_hash(model::write_fields(switchhead_fields(), config_).dump()) ^ seed,
                      "the SwitchHead config or seed");
   const index_t D = config_.state_size, H = config_.n_heads, P = config_.d_head(), Ea = config_.n_experts;
@@ -601,7 +605,7 @@ typename SwitchHeadAttention<T>::InputGrads SwitchHeadAttention<T>::backward(con
     dy.require_shape(f.y.shape(), "SwitchHeadAttention::backward: dy");
     if (Ea > 1) {
       (void)si::output_experts_backward(params_.o, grads_.o, comm_, placement_, c, f, Tensor<T>("switchhead::dy", {0, D}));
-      (void)si::value_experts_backward(params_.v, grads_.v, comm_, placement_, c, f,
+      (void)si::value_experts_backward(grads_.v, comm_, placement_, c, f,
                                        Tensor<T>("switchhead::dv_rows", {0, H * P}));
     }
     return {Tensor<T>("switchhead::dqk_src", f.y.shape()), Tensor<T>("switchhead::dv_src", f.y.shape())};
@@ -664,7 +668,7 @@ typename SwitchHeadAttention<T>::InputGrads SwitchHeadAttention<T>::backward(con
   const Tensor<T> dv_rows = si::heads_to_rows(dv, T(1), "switchhead::dv_rows");
   if (Ea > 1) {
     Tensor<T> dgates;
-    std::tie(grads.dv_src, dgates) = si::value_experts_backward(params_.v, grads_.v, comm_, placement_, c, f, dv_rows);
+    std::tie(grads.dv_src, dgates) = si::value_experts_backward(grads_.v, comm_, placement_, c, f, dv_rows);
     const Tensor<T> dz_v = si::selection_backward(f.v_local_index, f.v_gates, dgates, c.n_heads, c.n_experts,
                                                   dsel_v_logits.empty() ? Tensor<T>() : dsel_v_logits.reshape({N, H * Ea}));
     si::linear_backward_accumulate(f.qk_src, params_.sel_v, dz_v, grads.dqk_src, grads_.sel_v);

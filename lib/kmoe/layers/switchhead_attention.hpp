@@ -17,6 +17,7 @@
 // position offset before prepending the cache, so the offset is always 0).
 #pragma once
 
+#include "kmoe/core/precision.hpp"
 #include "kmoe/core/random.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/dist/communicator.hpp"
@@ -24,6 +25,7 @@
 #include "kmoe/dist/placement.hpp"
 #include "kmoe/model/parameter.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
+#include "kmoe/moe/expert_operand.hpp"
 #include "kmoe/ops/attention.hpp"
 
 #include <cstdint>
@@ -49,6 +51,10 @@ struct SwitchHeadConfig {
   double rotate_fraction = 0.5;
   double rope_base = 10000;
   double init_scale = 1.0;  // MoEUT's √(2 / n_layers): multiplies every init std
+  // kmoe's own option (core/precision.hpp): bfloat16 runs the value and output experts' GEMMs on
+  // bfloat16 operands (a float32 layer with n_experts > 1); routing, attention and the dense
+  // projections stay float32.
+  Precision precision = Precision::native;
 
   index_t d_head() const { return projection_size > 0 ? projection_size : state_size / n_heads; }
   // The rotated channels per head, 2·⌊rotate_fraction·d_head / 2⌋ (even; see ops::rope_rotary_dims).
@@ -104,6 +110,7 @@ struct SwitchHeadForward {
   Tensor<T> v_src_received, v_gates_received;      // [Rv, D], [Rv, H·ka]
   Tensor<T> attended_received, o_gates_received;   // [Ro, H·P], [Ro, H·ka]
   moe::DispatchPlan v_plan, o_plan;
+  moe::ExpertOperand<T> v_operand, o_operand;  // V and O as the expert GEMMs read them
   Tensor<T> v_pairs;                        // [Rv·H·ka, local P] x_t · V[e] per pair
   Tensor<T> o_gate;                         // [N, H] σ(q_src · sel_oᵀ) (Ea = 1)
   Tensor<T> q_rot, k_rot, v_heads, probs;   // [B,H,T,P], [B,H,Tk,P], [B,H,Tk,P], [B,H,T,Tk]

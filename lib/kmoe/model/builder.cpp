@@ -68,7 +68,8 @@ const FieldTable<StMoEV0014Config>& v0014_fields(bool hierarchical) {
                        field("router_z_loss_coef", &C::router_z_loss_coef),
                        field("detached_dispatch_tensor", &C::detached_dispatch_tensor),
                        fixed_field<C>("experts", [](const nlohmann::json& v) { return v.is_null(); },
-                                      "custom expert modules")})
+                                      "custom expert modules"),
+                       enum_field("precision", &C::precision, parse_precision, precision_name)})
       table.push_back(f);
     return table;
   };
@@ -86,19 +87,22 @@ struct LiteArgs {
   index_t d_model = 0;
   int num_experts = 0;
   index_t num_slots = 0;
+  Precision precision = Precision::native;  // the experts' GEMMs (SlotExpertConfig::precision)
 };
 
 const FieldTable<LiteArgs>& lite_fields() {
   using C = LiteArgs;
   static const FieldTable<C> table = {required_field("d_model", &C::d_model),
                                       required_field("num_experts", &C::num_experts),
-                                      required_field("num_slots", &C::num_slots)};
+                                      required_field("num_slots", &C::num_slots),
+                                      enum_field("precision", &C::precision, parse_precision, precision_name)};
   return table;
 }
 
 struct LucidrainsArgs {
   index_t dim = 0;
   LucidrainsSoftMoEOptions options;
+  Precision precision = Precision::native;  // the experts' GEMMs (SlotExpertConfig::precision)
 };
 
 // A member of LucidrainsArgs::options.
@@ -130,6 +134,7 @@ const FieldTable<LucidrainsArgs>& lucidrains_fields() {
       option_field("use_layernorm", &O::use_layernorm, false),
       fixed_field<C>("is_distributed", any, "placement does not change the values"),
       fixed_field<C>("offload_unused_experts_to_cpu", any, "placement does not change the values"),
+      enum_field("precision", &C::precision, parse_precision, precision_name),
   };
   return table;
 }
@@ -457,15 +462,16 @@ const std::map<std::string, Factory<T>>& factories() {
       {"soft_moe_lite",
        [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
          const auto a = read_fields(lite_fields(), json, kind + " config");
-         return std::make_unique<SoftMoELayer<T>>(kind, write_fields(lite_fields(), a),
-                                                  layers::SoftMoEConfig::lite(a.d_model, a.num_experts, a.num_slots),
-                                                  seed, init, comm);
+         layers::SoftMoEConfig c = layers::SoftMoEConfig::lite(a.d_model, a.num_experts, a.num_slots);
+         c.experts.precision = a.precision;
+         return std::make_unique<SoftMoELayer<T>>(kind, write_fields(lite_fields(), a), c, seed, init, comm);
        }},
       {"soft_moe_lucidrains",
        [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {
          const auto a = read_fields(lucidrains_fields(), json, kind + " config");
-         return std::make_unique<SoftMoELayer<T>>(kind, write_fields(lucidrains_fields(), a),
-                                                  layers::SoftMoEConfig::lucidrains(a.dim, a.options), seed, init, comm);
+         layers::SoftMoEConfig c = layers::SoftMoEConfig::lucidrains(a.dim, a.options);
+         c.experts.precision = a.precision;
+         return std::make_unique<SoftMoELayer<T>>(kind, write_fields(lucidrains_fields(), a), c, seed, init, comm);
        }},
       {"switchhead",
        [](const std::string& kind, const nlohmann::json& json, std::uint64_t seed, ParameterInit init, const dist::Communicator& comm) -> std::unique_ptr<Layer<T>> {

@@ -3,6 +3,7 @@
 #include "kmoe/core/error.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/ops/gemm.hpp"
+#include "kmoe/ops/impl/team_reduce.hpp"
 
 #include <algorithm>
 #include <string>
@@ -395,15 +396,20 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
                             Kokkos::subview(g_sorted, rows, Kokkos::ALL));
     });
     if (want_dgates) {
+      // One team per pair: a warp reads the pair's two rows coalesced and reduces in a fixed order.
+      using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
+      const int cols = static_cast<int>(K);
       Kokkos::parallel_for(
-          "kmoe::cvmm::dgates", Kokkos::RangePolicy<ExecSpace>(0, pairs), KOKKOS_LAMBDA(const index_t s) {
+          "kmoe::cvmm::dgates", Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(pairs), Kokkos::AUTO),
+          KOKKOS_LAMBDA(const Member& team) {
+            const index_t s = team.league_rank();
             const index_t p = sorted_pair(s);
             const index_t row = impl::source_row(x_source, s, p, k);
-            T sum = 0;
-            if (s < routed) {  // a dropped pair's gate does not reach the output
-              for (index_t c = 0; c < K; ++c) sum += convert<T>(g_sorted(s, c)) * x(row, c);
-            }
-            dgates(p / k, p % k) = sum;
+            // A dropped pair's gate does not reach the output.
+            const T sum = s < routed ? ops::impl::team_sum<T>(team, cols,
+                                                               [&](const int c) { return convert<T>(g_sorted(s, c)) * x(row, c); })
+                                     : T(0);
+            Kokkos::single(Kokkos::PerTeam(team), [&]() { dgates(p / k, p % k) = sum; });
           });
     }
     if (want_dx) {

@@ -23,6 +23,7 @@
 #include "kmoe/core/bfloat16.hpp"
 #include "kmoe/core/config.hpp"
 #include "kmoe/moe/dispatch_plan.hpp"
+#include "kmoe/moe/expert_operand.hpp"
 
 namespace kmoe::moe {
 
@@ -59,5 +60,32 @@ template <class T, class W = T>
 void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                            const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
                            const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows = PairRows::pair_order);
+
+// The same four on a layer's ExpertOperand: W is the operand's type (T, or bfloat16 when the
+// layer runs in mixed precision).
+template <class T>
+void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const ExpertOperand<T>& w, const View2<T>& y_pairs,
+                  PairRows pair_rows = PairRows::pair_order) {
+  w.visit([&](const auto& v) { cvmm_forward<T, OperandType<decltype(v)>>(plan, x, v, y_pairs, pair_rows); });
+}
+template <class T>
+void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const ExpertOperand<T>& w,
+                          const View2<const T>& gates, const View2<T>& y, PairRows pair_rows = PairRows::pair_order) {
+  w.visit([&](const auto& v) { cvmm_forward_reduced<T, OperandType<decltype(v)>>(plan, x, v, gates, y, pair_rows); });
+}
+template <class T>
+void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const ExpertOperand<T>& w,
+                   const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw,
+                   PairRows pair_rows = PairRows::pair_order) {
+  w.visit([&](const auto& v) { cvmm_backward<T, OperandType<decltype(v)>>(plan, x, v, dy_pairs, dx, dw, pair_rows); });
+}
+template <class T>
+void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const ExpertOperand<T>& w,
+                           const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
+                           const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows = PairRows::pair_order) {
+  w.visit([&](const auto& v) {
+    cvmm_backward_reduced<T, OperandType<decltype(v)>>(plan, x, v, gates, dy, dx, dw, dgates, pair_rows);
+  });
+}
 
 }  // namespace kmoe::moe

@@ -1,6 +1,7 @@
 #include "kmoe/ops/glu.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/ops/impl/column_reduce.hpp"
 
 namespace kmoe::ops {
 
@@ -56,14 +57,13 @@ void glu_backward(Activation activation, const View2<const T>& in, const View1<c
         din(r, h + j) = g * in(r, j) * activation_derivative(activation, gate);
       });
   if (dmult.data() == nullptr) return;
-  const index_t rows = dout.extent(0);
-  // One column per thread, rows in order: the sum does not depend on the thread count.
-  Kokkos::parallel_for(
-      "kmoe::glu_backward_mult", Kokkos::RangePolicy<ExecSpace>(0, h), KOKKOS_LAMBDA(const index_t j) {
-        T sum = T(0);
-        for (index_t r = 0; r < rows; ++r) sum += dout(r, j) * activation_value(activation, in(r, h + j)) * in(r, j);
-        dmult(j) += sum;
-      });
+  // A deterministic column reduction: the sum does not depend on the thread count.
+  impl::column_reduce<T, 1>(
+      "kmoe::glu_backward_mult", dout.extent(0), h,
+      KOKKOS_LAMBDA(const index_t r, const index_t j) {
+        return Kokkos::Array<T, 1>{dout(r, j) * activation_value(activation, in(r, h + j)) * in(r, j)};
+      },
+      KOKKOS_LAMBDA(const index_t j, const Kokkos::Array<T, 1>& sum) { dmult(j) += sum[0]; });
 }
 
 #define KMOE_INSTANTIATE(T)                                                                                 \

@@ -2,6 +2,7 @@
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/ops/gemm.hpp"
+#include "kmoe/ops/impl/column_reduce.hpp"
 
 namespace kmoe::ops {
 
@@ -44,14 +45,10 @@ void linear_backward(const View2<const T>& x, const View2<const T>& weight, cons
 
   if (has_dx) gemm<T>(false, false, T(1), dy, weight, T(0), dx);
   gemm<T>(true, false, T(1), dy, x, T(1), dweight);
-  if (has_dbias) {  // one thread per column summing rows in order: reproducible, no atomics
-    const index_t rows = n;
-    Kokkos::parallel_for(
-        "kmoe::linear_dbias", Kokkos::RangePolicy<ExecSpace>(0, out), KOKKOS_LAMBDA(const index_t j) {
-          T sum = T(0);
-          for (index_t i = 0; i < rows; ++i) sum += dy(i, j);
-          dbias(j) += sum;
-        });
+  if (has_dbias) {  // a deterministic column reduction: reproducible, no atomics
+    impl::column_reduce<T, 1>(
+        "kmoe::linear_dbias", n, out, KOKKOS_LAMBDA(const index_t i, const index_t j) { return Kokkos::Array<T, 1>{dy(i, j)}; },
+        KOKKOS_LAMBDA(const index_t j, const Kokkos::Array<T, 1>& sum) { dbias(j) += sum[0]; });
   }
 }
 

@@ -1,6 +1,7 @@
 #include "kmoe/ops/norms.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/ops/impl/column_reduce.hpp"
 #include "kmoe/ops/impl/team_reduce.hpp"
 
 #include <climits>
@@ -86,23 +87,21 @@ inline void require_rms_mode(const char* op, RmsNormMode mode) {
 }
 
 // dgamma[j] += Σ_r dy(r,j)·(x(r,j) − center[r])·scale[r] (center absent: 0) and dbeta[j] +=
-// Σ_r dy(r,j), each skipped when absent. Columns in parallel, rows in order: deterministic.
+// Σ_r dy(r,j), each skipped when absent; a deterministic column reduction (impl/column_reduce.hpp).
 template <class T>
 void accumulate_affine_gradients(const char* op, const View2<const T>& x, const View1<const T>& center,
                                  const View1<const T>& scale, const View2<const T>& dy, const View1<T>& dgamma,
                                  const View1<T>& dbeta) {
   const bool has_dgamma = present(dgamma), has_dbeta = present(dbeta), has_center = present(center);
   if (!has_dgamma && !has_dbeta) return;
-  const index_t rows = x.extent(0);
-  Kokkos::parallel_for(
-      op, Kokkos::RangePolicy<ExecSpace>(0, x.extent(1)), KOKKOS_LAMBDA(const index_t j) {
-        T gamma_sum = 0, beta_sum = 0;
-        for (index_t r = 0; r < rows; ++r) {
-          gamma_sum += dy(r, j) * (x(r, j) - (has_center ? center(r) : T(0))) * scale(r);
-          beta_sum += dy(r, j);
-        }
-        if (has_dgamma) dgamma(j) += gamma_sum;
-        if (has_dbeta) dbeta(j) += beta_sum;
+  column_reduce<T, 2>(
+      op, x.extent(0), x.extent(1),
+      KOKKOS_LAMBDA(const index_t r, const index_t j) {
+        return Kokkos::Array<T, 2>{dy(r, j) * (x(r, j) - (has_center ? center(r) : T(0))) * scale(r), dy(r, j)};
+      },
+      KOKKOS_LAMBDA(const index_t j, const Kokkos::Array<T, 2>& sums) {
+        if (has_dgamma) dgamma(j) += sums[0];
+        if (has_dbeta) dbeta(j) += sums[1];
       });
 }
 

@@ -1,0 +1,62 @@
+// Deterministic column reductions for parameter gradients (LayerNorm γ/β, a Linear's bias, GLU's
+// mult_bias): sums[c] = Σ_r term(r, c) over many rows and few columns.
+//
+// One thread per column looping over every row leaves a GPU nearly idle (a d_model of 1024 is 32
+// warps for the whole chip, each walking thousands of rows). Here the rows are cut into blocks of
+// column_block_rows: one pass sums each (block, column) with rows in order, a second adds the
+// blocks in order. The order is fixed by the shape alone, so results repeat bitwise and do not
+// depend on the thread count or the backend's scheduling (no atomics).
+#pragma once
+
+#include "kmoe/core/config.hpp"
+#include "kmoe/core/tensor.hpp"
+
+#include <Kokkos_Core.hpp>
+
+namespace kmoe::ops::impl {
+
+constexpr index_t column_block_rows = 64;
+
+// For every column c: apply(c, s) with s[n] = Σ_r term(r, c)[n] (term returns Kokkos::Array<T, N>:
+// N sums from one pass over the rows).
+template <class T, int N, class Term, class Apply>
+void column_reduce(const char* op, index_t rows, index_t cols, const Term& term, const Apply& apply) {
+  using Sums = Kokkos::Array<T, N>;
+  const index_t blocks = (rows + column_block_rows - 1) / column_block_rows;
+  if (blocks <= 1) {
+    Kokkos::parallel_for(
+        op, Kokkos::RangePolicy<ExecSpace>(0, cols), KOKKOS_LAMBDA(const index_t c) {
+          Sums s;
+          for (int n = 0; n < N; ++n) s[n] = T(0);
+          for (index_t r = 0; r < rows; ++r) {
+            const Sums t = term(r, c);
+            for (int n = 0; n < N; ++n) s[n] += t[n];
+          }
+          apply(c, s);
+        });
+    return;
+  }
+  const Tensor<T> partial_storage = Tensor<T>::uninitialized("kmoe::column_reduce::partial", {blocks * N, cols});
+  const View2<T> partial = partial_storage.as_matrix();
+  Kokkos::parallel_for(
+      op, md_range<2>({0, 0}, {blocks, cols}), KOKKOS_LAMBDA(const index_t b, const index_t c) {
+        Sums s;
+        for (int n = 0; n < N; ++n) s[n] = T(0);
+        const index_t end = (b + 1) * column_block_rows < rows ? (b + 1) * column_block_rows : rows;
+        for (index_t r = b * column_block_rows; r < end; ++r) {
+          const Sums t = term(r, c);
+          for (int n = 0; n < N; ++n) s[n] += t[n];
+        }
+        for (int n = 0; n < N; ++n) partial(b * N + n, c) = s[n];
+      });
+  Kokkos::parallel_for(
+      op, Kokkos::RangePolicy<ExecSpace>(0, cols), KOKKOS_LAMBDA(const index_t c) {
+        Sums s;
+        for (int n = 0; n < N; ++n) s[n] = T(0);
+        for (index_t b = 0; b < blocks; ++b)
+          for (int n = 0; n < N; ++n) s[n] += partial(b * N + n, c);
+        apply(c, s);
+      });
+}
+
+}  // namespace kmoe::ops::impl
