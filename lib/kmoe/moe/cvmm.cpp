@@ -170,6 +170,18 @@ class ExpertRows {
   Tensor<W> storage_;
 };
 
+// dw += products, element by element (products in the GEMMs' operand type). Not inside
+// accumulate_weight_gradient: nvcc refuses a device lambda in a function templated on a lambda type.
+template <class T, class W>
+void add_weight_products(const View3<T>& dw, const View3<const W>& products) {
+  const index_t rows = dw.extent(0) * dw.extent(1), cols = dw.extent(2);
+  const View2<T> dw_rows(dw.data(), rows, cols);
+  const View2<const W> p_rows(products.data(), rows, cols);
+  Kokkos::parallel_for(
+      "kmoe::cvmm::add_weight_gradient", md_range<2>({0, 0}, {rows, cols}),
+      KOKKOS_LAMBDA(const index_t i, const index_t j) { dw_rows(i, j) += convert<T>(p_rows(i, j)); });
+}
+
 // dw += the per-expert GEMM products that run(target, beta) issues into target[e] with that beta.
 // With W = T they accumulate into dw itself (beta = 1); otherwise into a zeroed W temporary (beta
 // = 0) that is added into dw afterwards, so an expert without rows adds exactly zero (no GEMM
@@ -184,12 +196,7 @@ void accumulate_weight_gradient(const View3<T>& dw, const Run& run) {
                                                   static_cast<index_t>(dw.extent(2))});
     const View3<W> p = products.template view<3>();
     run(p, 0.0f);
-    const index_t rows = dw.extent(0) * dw.extent(1), cols = dw.extent(2);
-    const View2<T> dw_rows(dw.data(), rows, cols);
-    const View2<const W> p_rows(p.data(), rows, cols);
-    Kokkos::parallel_for(
-        "kmoe::cvmm::add_weight_gradient", md_range<2>({0, 0}, {rows, cols}),
-        KOKKOS_LAMBDA(const index_t i, const index_t j) { dw_rows(i, j) += convert<T>(p_rows(i, j)); });
+    add_weight_products<T, W>(dw, p);
   }
 }
 
