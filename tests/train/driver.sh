@@ -125,6 +125,26 @@ JSON
     done
     echo "regression: learns, resumes bitwise, infers alike on 1 and 3 ranks, refuses the wrong task"
     ;;
+  bf16)
+    # Mixed precision ("precision": "bfloat16" in model_config) trains like float32: 60 steps of the
+    # same model, data and seed; every logged training loss within 1% of the float32 run's, the
+    # eval loss at the end within 1%, and both runs learn (final loss well below the first).
+    config f32 2 ', "steps": 60, "log_every": 5, "eval_every": 60' | sed 's/"steps": 12, //' > f32.json
+    sed 's/"out_dir": "f32"/"out_dir": "b16"/; s/"group_size": 1}/"group_size": 1, "precision": "bfloat16"}/' f32.json > b16.json
+    grep -q '"precision": "bfloat16"' b16.json
+    "$bin/kmoe-train" f32.json > f32.txt
+    "$bin/kmoe-train" b16.json > b16.txt
+    paste -d, <(tail -n +2 f32/metrics.csv | cut -d, -f1-3) <(tail -n +2 b16/metrics.csv | cut -d, -f1-3) | awk -F, '
+      { if ($1 != $4) { print "step " $1 " vs " $4; bad = 1 }
+        d = $5 - $2; if (d < 0) d = -d; if (d > 0.01 * $2) { print "step " $1 ": bf16 loss " $5 " vs float32 " $2; bad = 1 }
+        if ($3 != "") { e = $6 - $3; if (e < 0) e = -e; if (e > 0.01 * $3) { print "step " $1 ": bf16 eval " $6 " vs " $3; bad = 1 } }
+        if ($5 == $2) same++
+        if (NR == 1) first = $2; last = $2; rows = NR; diff += d / $2 }
+      END { if (same == rows) { print "bf16 losses equal float32 bitwise: the bf16 path did not run"; bad = 1 }
+            if (last > 0.9 * first) { print "no learning: " first " -> " last; bad = 1 }
+            printf "bf16 tracks float32 over %d logged steps: mean relative difference %.2e, loss %.4f -> %.4f\n", rows, diff / rows, first, last
+            exit bad }'
+    ;;
   bad_input)
     config a 2 > good.json
     sed 's/"seed": 5/"seed": 5, "colour": 1/' good.json > unknown.json
