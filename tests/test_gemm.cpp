@@ -157,3 +157,78 @@ TEST(GemmPolicy, OverlappingSingleThreadedSectionsRestoreTheProgramsThreadCount)
   EXPECT_EQ(openblas_get_num_threads(), 2);
   openblas_set_num_threads(before);
 }
+
+// Many bfloat16 products of different shapes and every transposition issued together
+// (ops::for_each_independent_gemm: one grouped launch on a GPU, kmoe's tensor-core kernel), against
+// a double loop over the same bfloat16 inputs: float accumulation then one bfloat16 rounding of C
+// keep each entry within 2⁻⁸ of the exact value relative to the row's scale. Shapes straddle the
+// kernel's 128 × 128 × 32 tiles (1, 17, 130, 257), include an empty inner dimension (C = beta·C)
+// and leading dimensions wider than the matrices (row ranges of a bigger one).
+TEST(Gemm, GroupedBfloat16ProductsMatchADoubleLoop) {
+  struct Case {
+    bool ta, tb;
+    index_t m, n, k;
+    float alpha, beta;
+  };
+  const std::vector<Case> cases = {{false, false, 130, 17, 257, 1.f, 0.f}, {false, true, 1, 130, 40, 1.f, 0.f},
+                                   {true, false, 257, 129, 33, 0.5f, 1.f}, {true, true, 17, 1, 130, 1.f, 0.f},
+                                   {false, false, 5, 9, 0, 1.f, 0.5f},      {true, false, 128, 128, 64, 1.f, 0.f}};
+  const index_t pad = 3;  // extra columns: every leading dimension exceeds its matrix's width
+  struct Operands {
+    Tensor<bfloat16> a, b, c;
+    std::vector<double> a_values, b_values, c_values;
+  };
+  const auto rounded = [](std::vector<double> v) {
+    for (double& x : v) x = round_to_bfloat16(static_cast<float>(x));
+    return v;
+  };
+  std::vector<Operands> operands;
+  std::uint64_t seed = 70;
+  for (const Case& c : cases) {
+    Operands o;
+    const index_t a_rows = c.ta ? c.k : c.m, a_cols = (c.ta ? c.m : c.k) + pad;
+    const index_t b_rows = c.tb ? c.n : c.k, b_cols = (c.tb ? c.k : c.n) + pad;
+    o.a_values = rounded(random_values(a_rows * a_cols, ++seed));
+    o.b_values = rounded(random_values(b_rows * b_cols, ++seed));
+    o.c_values = rounded(random_values(c.m * (c.n + pad), ++seed));
+    o.a = convert_tensor<bfloat16>(make_tensor<float>({a_rows, a_cols}, o.a_values), "a");
+    o.b = convert_tensor<bfloat16>(make_tensor<float>({b_rows, b_cols}, o.b_values), "b");
+    o.c = convert_tensor<bfloat16>(make_tensor<float>({c.m, c.n + pad}, o.c_values), "c");
+    operands.push_back(std::move(o));
+  }
+  const auto narrow = [](const Tensor<bfloat16>& t, index_t cols) {
+    return Kokkos::subview(t.template view<2>(), Kokkos::ALL, Kokkos::make_pair(index_t(0), cols));
+  };
+  ops::for_each_independent_gemm(static_cast<int>(cases.size()), [&](int i) {
+    const Case& c = cases[i];
+    const Operands& o = operands[i];
+    ops::gemm_bf16(c.ta, c.tb, c.alpha, narrow(o.a, c.ta ? c.m : c.k), narrow(o.b, c.tb ? c.k : c.n), c.beta,
+                   narrow(o.c, c.n));
+  });
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    const Case& c = cases[i];
+    const Operands& o = operands[i];
+    const index_t lda = (c.ta ? c.m : c.k) + pad, ldb = (c.tb ? c.k : c.n) + pad, ldc = c.n + pad;
+    std::vector<double> got;
+    for (const bfloat16 v : o.c.to_host()) got.push_back(to_float(v));
+    for (index_t r = 0; r < c.m; ++r) {
+      std::vector<double> want(c.n);
+      double scale = 1e-30;
+      for (index_t j = 0; j < c.n; ++j) {
+        double sum = 0, magnitude = 0;
+        for (index_t kk = 0; kk < c.k; ++kk) {
+          const double a = c.ta ? o.a_values[kk * lda + r] : o.a_values[r * lda + kk];
+          const double b = c.tb ? o.b_values[j * ldb + kk] : o.b_values[kk * ldb + j];
+          sum += a * b;
+          magnitude += std::abs(a * b);
+        }
+        want[j] = c.alpha * sum + c.beta * o.c_values[r * ldc + j];
+        scale = std::max(scale, c.alpha * magnitude + std::abs(c.beta * o.c_values[r * ldc + j]));
+      }
+      for (index_t j = 0; j < c.n; ++j)
+        EXPECT_NEAR(got[r * ldc + j], want[j], std::ldexp(scale, -8)) << "case " << i << " at (" << r << ", " << j << ")";
+      for (index_t j = c.n; j < ldc; ++j)  // the padding columns are not C's: untouched
+        EXPECT_EQ(got[r * ldc + j], o.c_values[r * ldc + j]) << "case " << i << " padding at (" << r << ", " << j << ")";
+    }
+  }
+}

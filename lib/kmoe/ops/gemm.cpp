@@ -2,6 +2,7 @@
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/ops/impl/grouped_gemm_bf16.hpp"
 
 #include <KokkosBlas3_gemm.hpp>
 #if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
@@ -279,13 +280,30 @@ void run_grouped(const std::vector<RecordedGemm>& all) {
 }
 #endif
 
+#if defined(KMOE_GROUPED_CUBLAS)
+// The recorded bfloat16 GEMMs through kmoe's own grouped tensor-core kernel (impl/grouped_gemm_bf16.hpp),
+// back in row-major terms.
+void run_grouped_kmoe_bf16(const std::vector<RecordedGemm>& all) {
+  std::vector<GroupedProblem> problems;
+  for (const RecordedGemm& g : all) {
+    if (g.type != GemmType::bf16) continue;
+    problems.push_back({g.transpose_second, g.transpose_first, g.n, g.m, g.k, static_cast<float>(g.alpha),
+                        static_cast<float>(g.beta), static_cast<const bfloat16*>(g.second),
+                        static_cast<const bfloat16*>(g.first), static_cast<bfloat16*>(g.c), g.ld_second, g.ld_first,
+                        g.ld_c});
+  }
+  grouped_gemm_bf16(problems);
+}
+#endif
+
 void GroupedGemms::run() {
 #if defined(KMOE_GROUPED_CUBLAS)
   GemmRecording& r = recording();
   r.active = false;  // the GEMMs below are launched, not recorded
   run_grouped<float>(r.gemms);
   run_grouped<double>(r.gemms);
-  run_grouped<bfloat16>(r.gemms);
+  if (use_kmoe_grouped_gemm()) run_grouped_kmoe_bf16(r.gemms);
+  else run_grouped<bfloat16>(r.gemms);
   r.gemms.clear();
 #endif
 }
