@@ -294,6 +294,14 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
   f.cached = cache != nullptr;
   const int G = c.group_size, R = c.n_repeats();
   Tensor<T> h = x.reshape({N, D});
+  // Each distinct layer's expert GEMM operands once for all its repeats (under bfloat16: one
+  // rounding of its weights per forward, not one per repeat).
+  std::vector<SwitchHeadOperands<T>> attention_operands;
+  std::vector<SigmaMoEOperands<T>> ffn_operands;
+  for (int i = 0; i < G; ++i) {
+    attention_operands.push_back(attention_[i]->expert_operands());
+    ffn_operands.push_back(ffn_[i]->expert_operands());
+  }
   for (int r = 0; r < R; ++r) {
     for (int i = 0; i < G; ++i) {
       const MoEUTNorms<T>& norms = norms_[i];
@@ -301,7 +309,8 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
       // x̂ = LN1(x); x = x + Dropout(SwitchHead(x̂, x̂, x))
       lf.x_hat = moeut_impl::layer_norm(h, norms.ln1_weight, norms.ln1_bias, lf.ln1_mean, lf.ln1_rstd, "moeut::x_hat");
       lf.attention = attention_[i]->forward(lf.x_hat.reshape({B, T_len, D}), h.reshape({B, T_len, D}), mask, training,
-                                            rng, cache != nullptr ? &cache->layers[r * G + i] : nullptr);
+                                            rng, cache != nullptr ? &cache->layers[r * G + i] : nullptr,
+                                            &attention_operands[i]);
       Tensor<T> attended = lf.attention.y.reshape({N, D});
       if (training && c.dropout > 0) {
         lf.dropout_stream = dist::take_global(comm_, rng, static_cast<std::uint64_t>(N * D));
@@ -314,7 +323,7 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
       lf.sel_input = moeut_impl::layer_norm(lf.mid, norms.ln2_weight, norms.ln2_bias, lf.ln2_mean, lf.ln2_rstd,
                                             "moeut::sel_input");
       // MoEUT regularises the router logits itself (over time × repeats, below).
-      lf.ffn = ffn_[i]->forward(lf.mid, lf.sel_input, training, rng, /*batch_regulariser=*/false);
+      lf.ffn = ffn_[i]->forward(lf.mid, lf.sel_input, training, rng, /*batch_regulariser=*/false, &ffn_operands[i]);
       h = moeut_impl::add(lf.mid, lf.ffn.y, "moeut::layer_out");
       f.calls.push_back(std::move(lf));
     }

@@ -344,8 +344,15 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, bool training, Gener
 }
 
 template <class T>
+SigmaMoEOperands<T> SigmaMoE<T>::expert_operands() const {
+  return {moe::ExpertOperand<T>(params_.keys, config_.precision, "sigma_moe::keys_operand"),
+          moe::ExpertOperand<T>(params_.values, config_.precision, "sigma_moe::values_operand")};
+}
+
+template <class T>
 SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel_input, bool training,
-                                        Generator& rng, bool batch_regulariser) const {
+                                        Generator& rng, bool batch_regulariser,
+                                        const SigmaMoEOperands<T>* operands) const {
   const SigmaMoEConfig& c = config_;
   const index_t D = c.dmodel, E = c.n_experts, es = c.expert_size, Dv = c.value_dim();
   const int K = c.k;
@@ -418,8 +425,11 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
   Tensor<T> y_received;
   if (received > 0) {
   f.plan = moe::DispatchPlan::build_with_drops(f.exchange.received_experts().as_matrix(), local_experts);
-  f.keys_operand = moe::ExpertOperand<T>(params_.keys, c.precision, "sigma_moe::keys_operand");
-  f.values_operand = moe::ExpertOperand<T>(params_.values, c.precision, "sigma_moe::values_operand");
+  {
+    const SigmaMoEOperands<T> own = operands != nullptr ? *operands : expert_operands();
+    f.keys_operand = own.keys;
+    f.values_operand = own.values;
+  }
 
   // Up-projection: u = x · keys[e] (+ bias[e]), h = dropout(activation(u)).
   const index_t pairs = f.plan.n_pairs();

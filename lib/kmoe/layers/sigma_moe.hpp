@@ -110,6 +110,12 @@ struct SigmaMoEForward {
   View1<std::int64_t> dropout_keys;  // [R·k] the counter of each hidden row's unit 0
 };
 
+// The expert weights as the GEMMs read them (moe/expert_operand.hpp).
+template <class T>
+struct SigmaMoEOperands {
+  moe::ExpertOperand<T> keys, values;
+};
+
 // What backward_with_router returns.
 template <class T>
 struct SigmaMoEInputGrads {
@@ -152,8 +158,14 @@ class SigmaMoE {
   // Status::shape_mismatch. batch_regulariser = false skips the entropy regulariser (reg_loss 0;
   // backward then needs reg_coef 0) for an owner that regularises the router logits itself, as
   // MoEUT does over time and repeats: it costs a host synchronisation and an [N, E] tensor.
+  // operands: the experts' GEMM operands from expert_operands() of this layer (null: made here),
+  // for an owner that applies the layer several times with the same weights.
   SigmaMoEForward<T> forward(const Tensor<T>& x, const Tensor<T>& sel_input, bool training, Generator& rng,
-                             bool batch_regulariser = true) const;
+                             bool batch_regulariser = true, const SigmaMoEOperands<T>* operands = nullptr) const;
+
+  // keys and values as the expert GEMMs read them now (rounded once under Precision::bfloat16;
+  // valid until the parameters change). MoEUT makes them once per forward for all repeats.
+  SigmaMoEOperands<T> expert_operands() const;
 
   // dy [..., v_dim]; reg_coef multiplies reg_loss in the differentiated loss. Returns dx
   // [..., dmodel] and accumulates every parameter gradient into grads(). After a forward with a

@@ -312,12 +312,12 @@ bool send_to_experts(const dist::Communicator& comm, const dist::Placement& plac
 // The value experts: each token's v_src row to the owners of its selected experts, which return
 // their share of Σ_j g_j · x · V[e_j] per head; v_rows [N, H·P] is the owners' rows summed.
 // Collective (every rank, also one without tokens).
+// f.v_operand holds V as the GEMMs read it.
 template <class T>
 Tensor<T> value_experts_forward(const Tensor<T>& v, const dist::Communicator& comm, const dist::Placement& placement,
                                 const SwitchHeadConfig& c, const Tensor<T>& v_src, const Tensor<int>& experts,
                                 const Tensor<T>& gates, std::int64_t first_token, SwitchHeadForward<T>& f) {
   const index_t H = c.n_heads, P = c.d_head(), ka = c.moe_k, c0 = placement.hidden_begin(comm.rank());
-  f.v_operand = moe::ExpertOperand<T>(v, c.precision, "switchhead::v_operand");
   Tensor<T> rows;
   if (send_to_experts(comm, placement, experts, v_src, gates, first_token, f.v_exchange, f.v_src_received,
                       f.v_gates_received, f.v_plan)) {
@@ -349,13 +349,13 @@ std::pair<Tensor<T>, Tensor<T>> value_experts_backward(const Tensor<T>& dv_weigh
 }
 
 // The output experts: each token's attended row [H·P] to the owners of its selected experts,
-// which return their share of Σ_j g_j · attended_h · O[e_j]; y [N, D] summed. Collective.
+// which return their share of Σ_j g_j · attended_h · O[e_j]; y [N, D] summed. Collective;
+// f.o_operand holds O as the GEMMs read it.
 template <class T>
 Tensor<T> output_experts_forward(const Tensor<T>& o, const dist::Communicator& comm, const dist::Placement& placement,
                                  const SwitchHeadConfig& c, const Tensor<T>& attended, const Tensor<int>& experts,
                                  const Tensor<T>& gates, std::int64_t first_token, SwitchHeadForward<T>& f) {
   const index_t H = c.n_heads, P = c.d_head(), ka = c.moe_k, c0 = placement.hidden_begin(comm.rank());
-  f.o_operand = moe::ExpertOperand<T>(o, c.precision, "switchhead::o_operand");
   Tensor<T> y;
   if (send_to_experts(comm, placement, experts, attended, gates, first_token, f.o_exchange, f.attended_received,
                       f.o_gates_received, f.o_plan)) {
@@ -472,9 +472,17 @@ void SwitchHeadAttention<T>::zero_grad() {
 }
 
 template <class T>
+SwitchHeadOperands<T> SwitchHeadAttention<T>::expert_operands() const {
+  if (config_.n_experts <= 1) return {};
+  return {moe::ExpertOperand<T>(params_.v, config_.precision, "switchhead::v_operand"),
+          moe::ExpertOperand<T>(params_.o, config_.precision, "switchhead::o_operand")};
+}
+
+template <class T>
 SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, const Tensor<T>& v_src,
                                                      const ops::AttentionMask& mask, bool training, Generator& rng,
-                                                     SwitchHeadCache<T>* cache) const {
+                                                     SwitchHeadCache<T>* cache,
+                                                     const SwitchHeadOperands<T>* operands) const {
   namespace si = switchhead_impl;
   const SwitchHeadConfig& c = config_;
   const index_t D = c.state_size, H = c.n_heads, P = c.d_head(), Ea = c.n_experts, ka = c.moe_k;
@@ -495,6 +503,9 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
     none.v_src = v_src.reshape({0, D});
     none.y = Tensor<T>("switchhead::y", {B, Tq, D});
     if (Ea > 1) {
+      const SwitchHeadOperands<T> own = operands != nullptr ? *operands : expert_operands();
+      none.v_operand = own.v;
+      none.o_operand = own.o;
       if (training && c.expert_dropout > 0) {
         (void)dist::take_global(comm_, rng, 0);
         (void)dist::take_global(comm_, rng, 0);
@@ -526,6 +537,11 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
   SwitchHeadForward<T> f;
   f.training = training;
   f.cached = cache != nullptr;
+  if (Ea > 1) {
+    const SwitchHeadOperands<T> own = operands != nullptr ? *operands : expert_operands();
+    f.v_operand = own.v;
+    f.o_operand = own.o;
+  }
   f.qk_src = qk_src.reshape({N, D});
   f.v_src = v_src.reshape({N, D});
   const T qk_scale = static_cast<T>(std::pow(static_cast<double>(P), -0.25));

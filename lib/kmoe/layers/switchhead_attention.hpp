@@ -117,6 +117,12 @@ struct SwitchHeadForward {
   Tensor<T> attended;                       // [N, H·P] attention output in token-major rows
 };
 
+// The V/O expert weights as the GEMMs read them (moe/expert_operand.hpp).
+template <class T>
+struct SwitchHeadOperands {
+  moe::ExpertOperand<T> v, o;
+};
+
 template <class T>
 class SwitchHeadAttention {
  public:
@@ -147,8 +153,15 @@ class SwitchHeadAttention {
   // Tc + T with a cache). training enables expert dropout (draws from rng). cache: null, or the
   // state to extend in place (then the queries sit at positions Tc …). Throws
   // Status::shape_mismatch for inputs, masks or a cache of the wrong shape.
+  // operands: the V/O experts' GEMM operands from expert_operands() of this layer (null: made
+  // here), for an owner that applies the layer several times with the same weights.
   SwitchHeadForward<T> forward(const Tensor<T>& qk_src, const Tensor<T>& v_src, const ops::AttentionMask& mask,
-                               bool training, Generator& rng, SwitchHeadCache<T>* cache = nullptr) const;
+                               bool training, Generator& rng, SwitchHeadCache<T>* cache = nullptr,
+                               const SwitchHeadOperands<T>* operands = nullptr) const;
+
+  // V and O as the expert GEMMs read them now (n_experts > 1; rounded once under
+  // Precision::bfloat16; valid until the parameters change).
+  SwitchHeadOperands<T> expert_operands() const;
 
   // Gradients of the inputs (overwritten): dqk_src, dv_src [B, T, D].
   struct InputGrads {
