@@ -124,54 +124,6 @@ void require_cublas(cublasStatus_t status, const char* what, std::int64_t count)
 }
 #endif
 
-#if defined(KMOE_GROUPED_CUBLAS)
-// Copies a grouped launch's operand pointers to the device without a fence: the host array goes
-// into one of a ring of pinned staging buffers and from there by cudaMemcpyAsync on kmoe's stream
-// into a block of the caching allocator, so the launch that reads it follows in stream order. A
-// staging buffer is reused only after the event of its previous copy (a ring of 64 launches back).
-class PointerUpload {
- public:
-  static PointerUpload& instance() {
-    static PointerUpload upload;
-    return upload;
-  }
-  Tensor<std::int64_t> upload(const std::vector<std::int64_t>& pointers) {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    Slot& slot = slots_[next_];
-    next_ = (next_ + 1) % slots_.size();
-    const std::size_t bytes = pointers.size() * sizeof(std::int64_t);
-    if (slot.event != nullptr) check(cudaEventSynchronize(slot.event), "cudaEventSynchronize");
-    if (slot.capacity < bytes) {
-      if (slot.host != nullptr) check(cudaFreeHost(slot.host), "cudaFreeHost");
-      slot.host = nullptr;
-      check(cudaMallocHost(&slot.host, bytes), "cudaMallocHost");
-      slot.capacity = bytes;
-    }
-    if (slot.event == nullptr) check(cudaEventCreateWithFlags(&slot.event, cudaEventDisableTiming), "cudaEventCreate");
-    std::memcpy(slot.host, pointers.data(), bytes);
-    auto device = Tensor<std::int64_t>::uninitialized("kmoe::gemm_group_pointers",
-                                                      {static_cast<index_t>(pointers.size())});
-    const cudaStream_t stream = ExecSpace().cuda_stream();
-    check(cudaMemcpyAsync(device.data(), slot.host, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
-    check(cudaEventRecord(slot.event, stream), "cudaEventRecord");
-    return device;
-  }
-
- private:
-  struct Slot {
-    void* host = nullptr;
-    std::size_t capacity = 0;
-    cudaEvent_t event = nullptr;
-  };
-  static void check(cudaError_t error, const char* what) {
-    require(error == cudaSuccess, Status::invalid_argument, "gemm: ", what, " failed: ", cudaGetErrorString(error));
-  }
-  // The buffers live as long as the process (the CUDA runtime may be gone at static destruction).
-  std::mutex mutex_;
-  std::vector<Slot> slots_ = std::vector<Slot>(64);
-  std::size_t next_ = 0;
-};
-#endif
 
 enum class GemmType { f32, f64, bf16 };
 
@@ -255,7 +207,7 @@ void run_grouped(const std::vector<RecordedGemm>& all) {
   }
   // From the caching allocator: a later kernel that reuses the block runs after this call in
   // stream order.
-  const auto device_pointers = PointerUpload::instance().upload(pointers);
+  const auto device_pointers = upload_words(pointers);
   const auto* first = reinterpret_cast<const T* const*>(device_pointers.data());
   const auto* second = reinterpret_cast<const T* const*>(device_pointers.data() + count);
   auto* const* c = reinterpret_cast<T* const*>(device_pointers.data() + 2 * count);

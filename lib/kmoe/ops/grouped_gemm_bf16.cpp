@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 
 #include "kmoe/core/error.hpp"
@@ -16,7 +17,7 @@ namespace kmoe::ops::impl {
 
 bool use_kmoe_grouped_gemm() {
   static const bool kmoe = [] {
-    const char *choice = std::getenv("KMOE_GROUPED_GEMM");
+    const char* choice = std::getenv("KMOE_GROUPED_GEMM");
     return choice == nullptr || std::string(choice) != "cublas";
   }();
   return kmoe;
@@ -36,9 +37,9 @@ constexpr int loads_per_thread = tile_m * tile_k / threads;  // 16, the same for
 // launch).
 struct DeviceProblem {
   std::int64_t m, n, k, lda, ldb, ldc;
-  const __nv_bfloat16 *a;
-  const __nv_bfloat16 *b;
-  __nv_bfloat16 *c;
+  const __nv_bfloat16* a;
+  const __nv_bfloat16* b;
+  __nv_bfloat16* c;
   float alpha, beta;
   std::int32_t transpose_a, transpose_b;
   std::int64_t tile_begin;  // the first block of this problem in the grid
@@ -55,14 +56,14 @@ struct DeviceProblem {
 // by 2.
 template <bool contiguous_is_k>
 struct TileLoader {
-  const __nv_bfloat16 *ptr;  // the thread's first element of the current slice
+  const __nv_bfloat16* ptr;  // the thread's first element of the current slice
   std::int64_t ld;
   int fixed;                // its position along the tile's 128 (contiguous_is_k: along k)
   std::int64_t outer_left;  // rows (128-direction) left in the matrix from the
                             // thread's first
   std::int64_t k_left;      // k values left from the slice's start
 
-  __device__ void init(const __nv_bfloat16 *base, std::int64_t ld_, std::int64_t outer0, std::int64_t outer_size,
+  __device__ void init(const __nv_bfloat16* base, std::int64_t ld_, std::int64_t outer0, std::int64_t outer_size,
                        std::int64_t k_size) {
     const int t = threadIdx.x;
     ld = ld_;
@@ -82,7 +83,7 @@ struct TileLoader {
 #pragma unroll
     for (int e = 0; e < loads_per_thread; ++e) {
       bool inside;
-      const __nv_bfloat16 *q;
+      const __nv_bfloat16* q;
       if (contiguous_is_k) {  // row t / 32 + 8e, k t % 32
         inside = 8 * e < outer_left && fixed < k_left;
         q = ptr + 8 * e * ld;
@@ -110,7 +111,7 @@ struct TileLoader {
 // Every output tile of every problem in one grid; op(A) is A (TA false) or Aᵀ,
 // op(B) likewise.
 template <bool TA, bool TB>
-__global__ void __launch_bounds__(threads, 2) grouped_gemm_kernel(const DeviceProblem *problems, int count) {
+__global__ void __launch_bounds__(threads, 2) grouped_gemm_kernel(const DeviceProblem* problems, int count) {
   using namespace nvcuda;
   __shared__ __align__(128) __nv_bfloat16 a_tile[tile_m * a_ld];  // [m 128][k 32 + pad]
   __shared__ __align__(128) __nv_bfloat16 b_tile[tile_k * b_ld];  // [k 32][n 128 + pad]
@@ -126,12 +127,12 @@ __global__ void __launch_bounds__(threads, 2) grouped_gemm_kernel(const DevicePr
     else
       hi = mid - 1;
   }
-  const DeviceProblem &p = problems[lo];
+  const DeviceProblem& p = problems[lo];
   const std::int64_t local = block - p.tile_begin;
   const std::int64_t row0 = (local / p.tiles_n) * tile_m, col0 = (local % p.tiles_n) * tile_n;
   const std::int64_t m = p.m, n = p.n, k = p.k, ldc = p.ldc;
   const float alpha = p.alpha, beta = p.beta;
-  __nv_bfloat16 *const c = p.c;
+  __nv_bfloat16* const c = p.c;
 
   TileLoader<!TA> a_loader;  // A stored [m][k] has its rows along k
   TileLoader<TB> b_loader;   // B stored [n][k] (transposed) has its rows along k
@@ -192,7 +193,7 @@ __global__ void __launch_bounds__(threads, 2) grouped_gemm_kernel(const DevicePr
 
   // Epilogue, a fragment at a time through the warp's staging block: C = alpha
   // · acc + beta · C.
-  float *stage = staging[warp];
+  float* stage = staging[warp];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -202,7 +203,7 @@ __global__ void __launch_bounds__(threads, 2) grouped_gemm_kernel(const DevicePr
       for (int e = lane; e < 256; e += 32) {
         const std::int64_t row = row0 + warp_row + 16 * i + e / 16, col = col0 + warp_col + 16 * j + e % 16;
         if (row < m && col < n) {
-          __nv_bfloat16 *out = c + row * ldc + col;
+          __nv_bfloat16* out = c + row * ldc + col;
           const float previous = beta != 0.f ? __bfloat162float(*out) : 0.f;
           *out = __float2bfloat16(alpha * stage[e] + beta * previous);
         }
@@ -211,13 +212,46 @@ __global__ void __launch_bounds__(threads, 2) grouped_gemm_kernel(const DevicePr
     }
 }
 
-void check(cudaError_t error, const char *what) {
+void check(cudaError_t error, const char* what) {
   require(error == cudaSuccess, Status::internal, "grouped_gemm_bf16: ", what, ": ", cudaGetErrorString(error));
 }
 
 }  // namespace
 
-void grouped_gemm_bf16(const std::vector<GroupedProblem> &problems) {
+Tensor<std::int64_t> upload_words(const std::vector<std::int64_t>& words) {
+  // A ring of pinned staging buffers; one is reused only after the event of its previous copy
+  // (32 uploads back) has passed.
+  struct Slot {
+    void* host = nullptr;
+    std::size_t capacity = 0;
+    cudaEvent_t done = nullptr;
+  };
+  static std::mutex mutex;
+  static Slot ring[32];  // live as long as the process (the CUDA runtime may be gone at exit)
+  static int next = 0;
+  const std::lock_guard<std::mutex> lock(mutex);
+  Slot& slot = ring[next];
+  next = (next + 1) % 32;
+  const std::size_t bytes = words.size() * sizeof(std::int64_t);
+  if (slot.done != nullptr) check(cudaEventSynchronize(slot.done), "cudaEventSynchronize");
+  if (slot.capacity < bytes) {
+    if (slot.host != nullptr) check(cudaFreeHost(slot.host), "cudaFreeHost");
+    slot.host = nullptr;
+    check(cudaMallocHost(&slot.host, bytes), "cudaMallocHost");
+    slot.capacity = bytes;
+  }
+  if (slot.done == nullptr) check(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming), "cudaEventCreate");
+  std::memcpy(slot.host, words.data(), bytes);
+  // A block of the caching allocator: released into the pool, not cudaFree'd, so no sync; a later
+  // kernel that reuses it runs after the launch that read it, in stream order.
+  auto device = Tensor<std::int64_t>::uninitialized("kmoe::uploaded_words", {static_cast<index_t>(words.size())});
+  const cudaStream_t stream = ExecSpace().cuda_stream();
+  check(cudaMemcpyAsync(device.data(), slot.host, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+  check(cudaEventRecord(slot.done, stream), "cudaEventRecord");
+  return device;
+}
+
+void grouped_gemm_bf16(const std::vector<GroupedProblem>& problems) {
   // One launch per transposition (its problems consecutive in the table, tiles
   // counted from 0).
   struct Launch {
@@ -230,11 +264,11 @@ void grouped_gemm_bf16(const std::vector<GroupedProblem> &problems) {
     for (const bool tb : {false, true}) launches.push_back({ta, tb});
   std::vector<DeviceProblem> table;
   std::int64_t all_tiles = 0;
-  for (Launch &l : launches) {
+  for (Launch& l : launches) {
     l.first = static_cast<int>(table.size());
-    for (const GroupedProblem &g : problems) {
+    for (const GroupedProblem& g : problems) {
       if (g.m == 0 || g.n == 0 || g.transpose_a != l.transpose_a || g.transpose_b != l.transpose_b) continue;
-      std::int64_t &tiles = l.tiles;
+      std::int64_t& tiles = l.tiles;
       DeviceProblem d;
       d.m = g.m;
       d.n = g.n;
@@ -242,9 +276,9 @@ void grouped_gemm_bf16(const std::vector<GroupedProblem> &problems) {
       d.lda = g.lda;
       d.ldb = g.ldb;
       d.ldc = g.ldc;
-      d.a = reinterpret_cast<const __nv_bfloat16 *>(g.a);
-      d.b = reinterpret_cast<const __nv_bfloat16 *>(g.b);
-      d.c = reinterpret_cast<__nv_bfloat16 *>(g.c);
+      d.a = reinterpret_cast<const __nv_bfloat16*>(g.a);
+      d.b = reinterpret_cast<const __nv_bfloat16*>(g.b);
+      d.c = reinterpret_cast<__nv_bfloat16*>(g.c);
       d.alpha = g.alpha;
       d.beta = g.beta;
       d.transpose_a = g.transpose_a;
@@ -260,41 +294,16 @@ void grouped_gemm_bf16(const std::vector<GroupedProblem> &problems) {
     all_tiles += l.tiles;
   }
   if (all_tiles == 0) return;
-  // The table through pinned memory on kmoe's stream, so the launch that reads
-  // it follows in stream order without a fence; a staging buffer is reused once
-  // its copy's event has passed.
-  struct Staging {
-    void *host = nullptr;
-    std::size_t capacity = 0;
-    cudaEvent_t done = nullptr;
-  };
-  static Staging ring[32];
-  static int next = 0;
-  Staging &slot = ring[next];
-  next = (next + 1) % 32;
-  const std::size_t bytes = table.size() * sizeof(DeviceProblem);
-  if (slot.done != nullptr) check(cudaEventSynchronize(slot.done), "cudaEventSynchronize");
-  if (slot.capacity < bytes) {
-    if (slot.host != nullptr) check(cudaFreeHost(slot.host), "cudaFreeHost");
-    check(cudaMallocHost(&slot.host, bytes), "cudaMallocHost");
-    slot.capacity = bytes;
-  }
-  if (slot.done == nullptr) check(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming), "cudaEventCreate");
-  std::memcpy(slot.host, table.data(), bytes);
-  const cudaStream_t stream = ExecSpace().cuda_stream();
-  // The device copy of the table: a block of the caching allocator, released
-  // after the launch in stream order (a later kernel that reuses it runs after
-  // this one), without a cudaFree's sync.
   static_assert(sizeof(DeviceProblem) % sizeof(std::int64_t) == 0, "the table is copied as 64-bit words");
-  const auto device_table = Tensor<std::int64_t>::uninitialized("kmoe::grouped_gemm_table",
-                                                                {static_cast<index_t>(bytes / sizeof(std::int64_t))});
-  check(cudaMemcpyAsync(device_table.data(), slot.host, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
-  check(cudaEventRecord(slot.done, stream), "cudaEventRecord");
-  const auto *device_problems = reinterpret_cast<const DeviceProblem *>(device_table.data());
-  for (const Launch &l : launches) {
+  std::vector<std::int64_t> words(table.size() * sizeof(DeviceProblem) / sizeof(std::int64_t));
+  std::memcpy(words.data(), table.data(), words.size() * sizeof(std::int64_t));
+  const Tensor<std::int64_t> device_table = upload_words(words);
+  const cudaStream_t stream = ExecSpace().cuda_stream();
+  const auto* device_problems = reinterpret_cast<const DeviceProblem*>(device_table.data());
+  for (const Launch& l : launches) {
     if (l.tiles == 0) continue;
     const dim3 grid(static_cast<unsigned>(l.tiles));
-    const DeviceProblem *first = device_problems + l.first;
+    const DeviceProblem* first = device_problems + l.first;
     if (!l.transpose_a && !l.transpose_b)
       grouped_gemm_kernel<false, false><<<grid, threads, 0, stream>>>(first, l.count);
     if (!l.transpose_a && l.transpose_b) grouped_gemm_kernel<false, true><<<grid, threads, 0, stream>>>(first, l.count);

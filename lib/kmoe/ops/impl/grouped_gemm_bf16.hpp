@@ -14,6 +14,7 @@
 
 #include "kmoe/core/bfloat16.hpp"
 #include "kmoe/core/config.hpp"
+#include "kmoe/core/tensor.hpp"
 
 #include <cstdint>
 #include <vector>
@@ -34,8 +35,12 @@ struct GroupedProblem {
 bool use_kmoe_grouped_gemm();
 
 #if defined(KOKKOS_ENABLE_CUDA)
-// Launches every problem as one grid on kmoe's stream (no fence).
+// Launches the problems as one grid per transposition on kmoe's stream (no fence).
 void grouped_gemm_bf16(const std::vector<GroupedProblem>& problems);
+
+// words copied to the device without a fence (pinned staging, cudaMemcpyAsync on kmoe's stream),
+// for the launch that follows in stream order: grouped launches' pointer arrays and problem tables.
+Tensor<std::int64_t> upload_words(const std::vector<std::int64_t>& words);
 #endif
 
 }  // namespace kmoe::ops::impl
