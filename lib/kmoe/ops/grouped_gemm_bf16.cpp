@@ -18,7 +18,7 @@ namespace kmoe::ops::impl {
 bool use_kmoe_grouped_gemm() {
   static const bool kmoe = [] {
     const char* choice = std::getenv("KMOE_GROUPED_GEMM");
-    return choice == nullptr || std::string(choice) != "cublas";
+    return choice != nullptr && std::string(choice) == "kmoe";
   }();
   return kmoe;
 }
