@@ -434,8 +434,10 @@ TEST(Cvmm, BadShapesAreErrors) {
 // PairRows::sorted: per-pair matrices given and returned in the plan's sorted order hold the
 // same numbers as in pair order, row s being pair sorted_pair(s).
 TEST(Cvmm, SortedPairRowsArePairOrderPermuted) {
+  for (const int k : {3, 1})  // k = 1: x's rows named (a per-token and a sorted per-pair x look alike)
   for (bool per_token : {true, false}) {
-    const auto p = make_problem(203, 3, 11, 40, 24, per_token, 70, 9);
+    const auto p = make_problem(203, k, 11, 40, 24, per_token, 70, 9);
+    const moe::XRows named = per_token ? moe::XRows::per_token : moe::XRows::per_pair;
     const auto plan = make_plan(p);
     const std::vector<int> sorted_pair = host_ints(plan.sorted_pair());
     // rows of a [pairs, cols] pair-order matrix in sorted order
@@ -457,19 +459,20 @@ TEST(Cvmm, SortedPairRowsArePairOrderPermuted) {
 
     Tensor<double> y_pairs("y_pairs", {p.pairs(), p.M}), y_sorted("y_sorted", {p.pairs(), p.M});
     moe::cvmm_forward<double>(plan, x.as_matrix(), w.view<3>(), y_pairs.as_matrix());
-    moe::cvmm_forward<double>(plan, xs.as_matrix(), w.view<3>(), y_sorted.as_matrix(), sorted);
+    moe::cvmm_forward<double>(plan, xs.as_matrix(), w.view<3>(), y_sorted.as_matrix(), sorted, named);
     EXPECT_EQ(to_double(y_sorted), to_sorted(to_double(y_pairs), p.M)) << per_token;
 
     Tensor<double> y("y", {p.tokens, p.M}), y2("y2", {p.tokens, p.M});
     moe::cvmm_forward_reduced<double>(plan, x.as_matrix(), w.view<3>(), gates.as_matrix(), y.as_matrix());
-    moe::cvmm_forward_reduced<double>(plan, xs.as_matrix(), w.view<3>(), gates.as_matrix(), y2.as_matrix(), sorted);
+    moe::cvmm_forward_reduced<double>(plan, xs.as_matrix(), w.view<3>(), gates.as_matrix(), y2.as_matrix(), sorted,
+                                      named);
     EXPECT_EQ(to_double(y2), to_double(y)) << per_token;
 
     const auto x_rows_in = [&](const Tensor<double>& t) { return per_token ? to_double(t) : to_sorted(to_double(t), p.K); };
     Tensor<double> dx("dx", x.shape()), dx2("dx2", x.shape()), dw("dw", w.shape()), dw2("dw2", w.shape());
     moe::cvmm_backward<double>(plan, x.as_matrix(), w.view<3>(), dy_pairs.as_matrix(), dx.as_matrix(), dw.view<3>());
     moe::cvmm_backward<double>(plan, xs.as_matrix(), w.view<3>(), dy_pairs_sorted.as_matrix(), dx2.as_matrix(),
-                               dw2.view<3>(), sorted);
+                               dw2.view<3>(), sorted, named);
     EXPECT_EQ(to_double(dx2), x_rows_in(dx)) << per_token;
     EXPECT_EQ(to_double(dw2), to_double(dw)) << per_token;
 
@@ -477,22 +480,30 @@ TEST(Cvmm, SortedPairRowsArePairOrderPermuted) {
     moe::cvmm_backward_reduced<double>(plan, x.as_matrix(), w.view<3>(), gates.as_matrix(), dy.as_matrix(), dx.as_matrix(),
                                        dw3.view<3>(), dg.as_matrix());
     moe::cvmm_backward_reduced<double>(plan, xs.as_matrix(), w.view<3>(), gates.as_matrix(), dy.as_matrix(),
-                                       dx2.as_matrix(), dw4.view<3>(), dg2.as_matrix(), sorted);
+                                       dx2.as_matrix(), dw4.view<3>(), dg2.as_matrix(), sorted, named);
     EXPECT_EQ(to_double(dx2), x_rows_in(dx)) << per_token;
     EXPECT_EQ(to_double(dw4), to_double(dw3)) << per_token;
     EXPECT_EQ(to_double(dg2), to_double(dg)) << per_token;
   }
 }
 
-// With k = 1 a per-token and a per-pair x look alike, so sorted pair rows are refused.
-TEST(Cvmm, SortedPairRowsNeedKAboveOne) {
+// With k = 1 a per-token and a sorted per-pair x look alike: x's rows must be named, and a named
+// kind must match x's row count.
+TEST(Cvmm, KOneSortedRowsNeedTheRowKindNamed) {
   const auto p = make_problem(9, 1, 4, 6, 5, true, 80);
   const auto plan = make_plan(p);
   const auto x = make_tensor<float>({p.tokens, p.K}, p.x);
   const auto w = make_tensor<float>({p.experts, p.K, p.M}, p.w);
   Tensor<float> y("y", {p.pairs(), p.M});
   expect_status([&] { moe::cvmm_forward<float>(plan, x.as_matrix(), w.view<3>(), y.as_matrix(), moe::PairRows::sorted); },
-                Status::invalid_argument, "needs k > 1");
+                Status::invalid_argument, "XRows::per_pair");
+  const auto p3 = make_problem(9, 3, 4, 6, 5, true, 81);
+  const auto plan3 = make_plan(p3);
+  const auto x3 = make_tensor<float>({p3.tokens, p3.K}, p3.x);
+  Tensor<float> y3("y3", {p3.pairs(), p3.M});
+  expect_status([&] { moe::cvmm_forward<float>(plan3, x3.as_matrix(), w.view<3>(), y3.as_matrix(), moe::PairRows::pair_order,
+                                               moe::XRows::per_pair); },
+                Status::shape_mismatch, "one row per pair");
 }
 
 // Dropped pairs (expert −1, capacity-limited routers): every path leaves them out of its sums and

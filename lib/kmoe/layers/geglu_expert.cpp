@@ -201,8 +201,6 @@ void require_experts_args(const char* op, const GegluExpertsParams<T>& params, c
   const index_t E = params.w_in.dim(0), dim = params.w_in.dim(1);
   require(plan.n_experts() == E, Status::shape_mismatch, op, ": the plan has ", plan.n_experts(),
           " experts, the parameters ", E);
-  require(plan.k() >= 2, Status::invalid_argument, op, ": the plan has k = ", plan.k(),
-          "; per-pair rows need k >= 2 (pad with dropped pairs)");
   a.require_shape({plan.n_pairs(), dim}, std::string(op) + ": " + a_name);
   b.require_shape({plan.n_pairs(), dim}, std::string(op) + ": " + b_name);
 }
@@ -219,8 +217,8 @@ GegluExpertsSaved<T> geglu_experts_forward(const GegluExpertsParams<T>& params, 
   saved.w_in = moe::ExpertOperand<T>(params.w_in, precision, "geglu_experts::w_in_operand");
   saved.w_out = moe::ExpertOperand<T>(params.w_out, precision, "geglu_experts::w_out_operand");
   saved.pre = Tensor<T>::uninitialized("experts::pre", {pairs, 2 * h});
-  moe::cvmm_forward<T>(plan, x_sorted.as_matrix(), saved.w_in, saved.pre.as_matrix(),
-                       moe::PairRows::sorted);
+  moe::cvmm_forward<T>(plan, x_sorted.as_matrix(), saved.w_in, saved.pre.as_matrix(), moe::PairRows::sorted,
+                       moe::XRows::per_pair);
   moe::add_expert_bias<T>(plan, moe::PairRows::sorted, saved.pre.as_matrix(), params.b_in.as_matrix());
   saved.hidden = Tensor<T>::uninitialized("experts::hidden", {pairs, h});
   const auto& offsets = plan.expert_offsets_host();
@@ -231,8 +229,8 @@ GegluExpertsSaved<T> geglu_experts_forward(const GegluExpertsParams<T>& params, 
                         geglu_impl::expert_row(params.mult_bias, e),
                         Kokkos::subview(saved.hidden.as_matrix(), rows, Kokkos::ALL));
   }
-  moe::cvmm_forward<T>(plan, saved.hidden.as_matrix(), saved.w_out, y_sorted.as_matrix(),
-                       moe::PairRows::sorted);
+  moe::cvmm_forward<T>(plan, saved.hidden.as_matrix(), saved.w_out, y_sorted.as_matrix(), moe::PairRows::sorted,
+                       moe::XRows::per_pair);
   if (output_bias) moe::add_expert_bias<T>(plan, moe::PairRows::sorted, y_sorted.as_matrix(), params.b_out.as_matrix());
   return saved;
 }
@@ -252,7 +250,7 @@ void geglu_experts_backward(const GegluExpertsParams<T>& params, GegluExpertsPar
     moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::sorted, dy_sorted.as_matrix(), grads.b_out.as_matrix());
   const auto dhidden = Tensor<T>::uninitialized("experts::dhidden", {pairs, h});
   moe::cvmm_backward<T>(plan, saved.hidden.as_matrix(), saved.w_out, dy_sorted.as_matrix(),
-                        dhidden.as_matrix(), grads.w_out.template view<3>(), moe::PairRows::sorted);
+                        dhidden.as_matrix(), grads.w_out.template view<3>(), moe::PairRows::sorted, moe::XRows::per_pair);
   const auto dpre = Tensor<T>::uninitialized("experts::dpre", {pairs, 2 * h});
   const auto& offsets = plan.expert_offsets_host();
   for (int e = 0; e < plan.n_experts(); ++e) {
@@ -265,7 +263,7 @@ void geglu_experts_backward(const GegluExpertsParams<T>& params, GegluExpertsPar
   }
   moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::sorted, dpre.as_matrix(), grads.b_in.as_matrix());
   moe::cvmm_backward<T>(plan, x_sorted.as_matrix(), saved.w_in, dpre.as_matrix(),
-                        dx_sorted.as_matrix(), grads.w_in.template view<3>(), moe::PairRows::sorted);
+                        dx_sorted.as_matrix(), grads.w_in.template view<3>(), moe::PairRows::sorted, moe::XRows::per_pair);
 }
 
 template class GegluExpert<float>;

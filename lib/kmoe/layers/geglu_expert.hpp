@@ -116,8 +116,8 @@ struct GegluExpertsSaved {
 };
 
 // x_sorted [pairs, dim] (row s = input of pair sorted_pair(s)) → y_sorted [pairs, dim]; rows at or
-// beyond plan.n_routed_pairs() are neither read nor written. The plan must have k ≥ 2 (CVMM reads a
-// matrix with one row per token as per-token input). Throws Status::shape_mismatch on wrong extents.
+// beyond plan.n_routed_pairs() are neither read nor written. Any k (x's rows are named per pair to
+// CVMM). Throws Status::shape_mismatch on wrong extents.
 // Without output_bias (a shard past an expert's first) b_out is left out: the shards' partial
 // outputs add up to the expert's. Precision::bfloat16 runs both projections' GEMMs (and backward's)
 // on bfloat16 operands (T = float only).

@@ -211,35 +211,31 @@ void level_backward(const View2<const int>& rows, const View2<const T>& dout, co
       });
 }
 
-// [rows, k_plan] experts of the kept choices for a DispatchPlan: expert_index + (row / rows_per_block)
-// · experts_per_block (the inner gates' experts are numbered group by group), −1 for choices not
-// kept and for the padding columns j ≥ k.
-inline Tensor<int> plan_index(const Tensor<int>& expert_index, int k_plan, index_t rows_per_block,
-                              int experts_per_block) {
-  const index_t R = expert_index.dim(0);
-  const int k = static_cast<int>(expert_index.dim(1));
-  const auto index = Tensor<int>::uninitialized("st_moe::plan_index", {R, k_plan});
+// [rows, k] experts of the kept choices for a DispatchPlan: expert_index + (row / rows_per_block) ·
+// experts_per_block (the inner gates' experts are numbered group by group), −1 for choices not kept.
+inline Tensor<int> plan_index(const Tensor<int>& expert_index, index_t rows_per_block, int experts_per_block) {
+  const index_t R = expert_index.dim(0), k = expert_index.dim(1);
+  const auto index = Tensor<int>::uninitialized("st_moe::plan_index", {R, k});
   const View2<int> in = expert_index.as_matrix(), out = index.as_matrix();
   Kokkos::parallel_for(
-      "kmoe::st_moe::plan_index", md_range<2>({0, 0}, {R, static_cast<index_t>(k_plan)}),
-      KOKKOS_LAMBDA(const index_t r, const index_t j) {
-        const int e = j < k ? in(r, j) : -1;
+      "kmoe::st_moe::plan_index", md_range<2>({0, 0}, {R, k}), KOKKOS_LAMBDA(const index_t r, const index_t j) {
+        const int e = in(r, j);
         out(r, j) = e < 0 ? -1 : e + static_cast<int>(r / rows_per_block) * experts_per_block;
       });
   return index;
 }
 
-// rows(t, j) = the plan's sorted position of pair t · k_plan + j, −1 for a dropped pair.
-inline Tensor<int> pair_rows(const moe::DispatchPlan& plan, int k) {
+// rows(t, j) = the plan's sorted position of pair t · k + j, −1 for a dropped pair.
+inline Tensor<int> pair_rows(const moe::DispatchPlan& plan) {
   const index_t R = plan.n_tokens();
-  const int k_plan = plan.k();
+  const int k = plan.k();
   const auto rows = Tensor<int>::uninitialized("st_moe::pair_rows", {R, k});
   const View2<int> out = rows.as_matrix();
   const View1<int> expert_of_pair = plan.expert_of_pair(), pair_position = plan.pair_position();
   Kokkos::parallel_for(
       "kmoe::st_moe::pair_rows", md_range<2>({0, 0}, {R, static_cast<index_t>(k)}),
       KOKKOS_LAMBDA(const index_t r, const index_t j) {
-        const index_t p = r * k_plan + j;
+        const index_t p = r * k + j;
         out(r, j) = expert_of_pair(p) < 0 ? -1 : pair_position(p);
       });
   return rows;
@@ -444,11 +440,9 @@ Tensor<T> run_experts(const StMoEParams<T>& params, const dist::Communicator& co
   const index_t R = s.exchange.received_rows();
   Tensor<T> combined;
   if (R > 0) {
-    const int k = s.exchange.k();
-    // At least two slots per row, so CVMM never reads a per-pair matrix as a per-token one (k = 1).
-    const Tensor<int> index = plan_index(s.exchange.received_experts(), std::max(k, 2), R, 0);
+    const Tensor<int> index = plan_index(s.exchange.received_experts(), R, 0);
     s.plan = moe::DispatchPlan::build_with_drops(index.as_matrix(), share.experts);
-    s.rows = pair_rows(s.plan, k);
+    s.rows = pair_rows(s.plan);
     const index_t D = s.x_received.dim(1), pairs = s.plan.n_pairs();
     s.expert_input = Tensor<T>::uninitialized("st_moe::expert_input", {pairs, D});
     dispatch_rows<T>(s.x_received.as_matrix(), s.rows.as_matrix(), s.expert_input.as_matrix());
@@ -579,7 +573,7 @@ StMoEForward<T> StMoE<T>::forward(const Tensor<T>& x, bool training, Generator& 
                                                         comm_);
     // The inner gates number their experts group by group: global expert o · I + i.
     const Tensor<int> experts =
-        tokens > 0 ? st_moe_impl::plan_index(f.gate_inner.routing.expert_index, 2, block, static_cast<int>(I))
+        tokens > 0 ? st_moe_impl::plan_index(f.gate_inner.routing.expert_index, block, static_cast<int>(I))
                    : no_choices;
     f.slot_output = st_moe_impl::run_experts(params_, comm_, placement_, share_, c.precision, f.slot_input, experts,
                                              tokens > 0 ? f.gate_inner.routing.gate : no_gates, f.stage);

@@ -27,20 +27,6 @@ void require_matrix(const char* op, const char* name, const V& v, index_t rows, 
           Status::shape_mismatch, op, ": ", name, " is ", extents(v), ", expected [", rows, ", ", cols, "]");
 }
 
-// Checks W against the plan and x, and reports whether x has one row per token (true) or one
-// per pair (false); with k = 1 the two readings coincide and per-token is taken.
-template <class T, class W>
-bool x_is_per_token(const char* op, const DispatchPlan& plan, const View2<const T>& x, const View3<const W>& w) {
-  const index_t rows = x.extent(0);
-  require(rows == plan.n_tokens() || rows == plan.n_pairs(), Status::shape_mismatch, op, ": x is ", extents(x),
-          ", but the plan has ", plan.n_tokens(), " tokens and ", plan.n_pairs(),
-          " pairs: x needs one row per token or one per pair");
-  require(static_cast<index_t>(w.extent(0)) == plan.n_experts() && w.extent(1) == x.extent(1), Status::shape_mismatch,
-          op, ": w is ", extents(w), ", expected [experts = ", plan.n_experts(), ", x columns = ", x.extent(1),
-          ", M]");
-  return rows == plan.n_tokens();
-}
-
 // Calls f(e, rows) for every expert with rows, rows being its range of sorted positions. Each
 // call runs GEMMs on that expert's block alone, so experts may run concurrently.
 template <class F>
@@ -80,15 +66,30 @@ void operand_gemm(bool transpose_a, bool transpose_b, const View2<const W>& a, c
   }
 }
 
-// Checks x against the plan and W and says where its rows are. With k = 1 a per-token and a
-// per-pair x have the same shape; in pair order they are also the same rows, but in sorted order
-// they are not, so PairRows::sorted needs k > 1 (a k = 1 caller keeps pair order).
+// Checks x against the plan and W and says where its rows are: as x_rows names them, or (from_shape)
+// by x's row count. With k = 1 a per-token and a per-pair x have the same shape; in pair order they
+// are also the same rows, but in sorted order they are not, so there the caller must name them.
 template <class T, class W>
 RowSource x_row_source(const char* op, const DispatchPlan& plan, const View2<const T>& x, const View3<const W>& w,
-                       PairRows pair_rows) {
-  require(pair_rows == PairRows::pair_order || plan.k() > 1, Status::invalid_argument, op,
-          ": PairRows::sorted needs k > 1 (with k = 1 a per-token x and a per-pair x look alike); use pair order");
-  if (x_is_per_token(op, plan, x, w)) return RowSource::token;
+                       PairRows pair_rows, XRows x_rows) {
+  const index_t rows = x.extent(0);
+  require(static_cast<index_t>(w.extent(0)) == plan.n_experts() && w.extent(1) == x.extent(1), Status::shape_mismatch,
+          op, ": w is ", extents(w), ", expected [experts = ", plan.n_experts(), ", x columns = ", x.extent(1),
+          ", M]");
+  if (x_rows == XRows::from_shape) {
+    require(rows == plan.n_tokens() || rows == plan.n_pairs(), Status::shape_mismatch, op, ": x is ", extents(x),
+            ", but the plan has ", plan.n_tokens(), " tokens and ", plan.n_pairs(),
+            " pairs: x needs one row per token or one per pair");
+    require(pair_rows == PairRows::pair_order || plan.k() > 1, Status::invalid_argument, op,
+            ": with k = 1 and PairRows::sorted a per-token x and a sorted per-pair x look alike; name x's rows "
+            "(XRows::per_token or XRows::per_pair)");
+    x_rows = rows == plan.n_tokens() ? XRows::per_token : XRows::per_pair;
+  }
+  const bool per_token = x_rows == XRows::per_token;
+  require(rows == (per_token ? plan.n_tokens() : plan.n_pairs()), Status::shape_mismatch, op, ": x is ", extents(x),
+          ", expected one row per ", per_token ? "token (" : "pair (", per_token ? plan.n_tokens() : plan.n_pairs(),
+          " rows)");
+  if (per_token) return RowSource::token;
   return pair_rows == PairRows::sorted ? RowSource::sorted : RowSource::pair;
 }
 
@@ -328,9 +329,9 @@ void sorted_products(const DispatchPlan& plan, RowSource x_source, const View2<c
 
 template <class T, class W>
 void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
-                  const View2<T>& y_pairs, PairRows pair_rows) {
+                  const View2<T>& y_pairs, PairRows pair_rows, XRows x_rows) {
   const char* op = "cvmm_forward";
-  const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows);
+  const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows, x_rows);
   impl::require_matrix(op, "y_pairs", y_pairs, plan.n_pairs(), w.extent(2));
   if constexpr (std::is_same_v<T, W>) {
     if (pair_rows == PairRows::sorted) {
@@ -347,9 +348,9 @@ void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3
 
 template <class T, class W>
 void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
-                          const View2<const T>& gates, const View2<T>& y, PairRows pair_rows) {
+                          const View2<const T>& gates, const View2<T>& y, PairRows pair_rows, XRows x_rows) {
   const char* op = "cvmm_forward_reduced";
-  const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows);
+  const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows, x_rows);
   impl::require_matrix(op, "gates", gates, plan.n_tokens(), plan.k());
   impl::require_matrix(op, "y", y, plan.n_tokens(), w.extent(2));
   const Tensor<W> y_sorted_storage = impl::sorted_temporary<W>("cvmm.y_sorted", plan, w.extent(2));
@@ -360,9 +361,10 @@ void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, con
 
 template <class T, class W>
 void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
-                   const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw, PairRows pair_rows) {
+                   const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw, PairRows pair_rows,
+                   XRows x_rows) {
   const char* op = "cvmm_backward";
-  const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows);
+  const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows, x_rows);
   impl::require_matrix(op, "dy_pairs", dy_pairs, plan.n_pairs(), w.extent(2));
   impl::require_backward_outputs(op, x, w, dx, dw);
   if constexpr (std::is_same_v<T, W>) {
@@ -378,9 +380,9 @@ void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View
 template <class T, class W>
 void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                            const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
-                           const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows) {
+                           const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows, XRows x_rows) {
   const char* op = "cvmm_backward_reduced";
-  const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows);
+  const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows, x_rows);
   const index_t tokens = plan.n_tokens(), pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
   const int k = plan.k();
   impl::require_matrix(op, "gates", gates, tokens, k);
@@ -452,14 +454,14 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
 
 #define KMOE_INSTANTIATE(T, W)                                                                                     \
   template void cvmm_forward<T, W>(const DispatchPlan&, const View2<const T>&, const View3<const W>&,             \
-                                   const View2<T>&, PairRows);                                                    \
+                                   const View2<T>&, PairRows, XRows);                                             \
   template void cvmm_forward_reduced<T, W>(const DispatchPlan&, const View2<const T>&, const View3<const W>&,     \
-                                           const View2<const T>&, const View2<T>&, PairRows);                     \
+                                           const View2<const T>&, const View2<T>&, PairRows, XRows);              \
   template void cvmm_backward<T, W>(const DispatchPlan&, const View2<const T>&, const View3<const W>&,            \
-                                    const View2<const T>&, const View2<T>&, const View3<T>&, PairRows);           \
+                                    const View2<const T>&, const View2<T>&, const View3<T>&, PairRows, XRows);    \
   template void cvmm_backward_reduced<T, W>(const DispatchPlan&, const View2<const T>&, const View3<const W>&,    \
                                             const View2<const T>&, const View2<const T>&, const View2<T>&,        \
-                                            const View3<T>&, const View2<T>&, PairRows);
+                                            const View3<T>&, const View2<T>&, PairRows, XRows);
 KMOE_INSTANTIATE(float, float)
 KMOE_INSTANTIATE(double, double)
 KMOE_INSTANTIATE(float, bfloat16)

@@ -29,6 +29,11 @@ namespace kmoe::moe {
 
 enum class PairRows { pair_order, sorted };
 
+// What x's rows are: one per token (row of pair p = p / k) or one per pair (in pair_rows' order).
+// from_shape reads it from x's row count, which is unambiguous except for k = 1 in sorted order
+// (a per-token x and a sorted per-pair x then have the same shape): there the caller names it.
+enum class XRows { from_shape, per_token, per_pair };
+
 // W, in a form that template argument deduction skips: callers name T (W defaults to it) and pass
 // non-const weight Views, which then convert.
 template <class W>
@@ -37,20 +42,22 @@ using OperandOf = typename std::enable_if<true, W>::type;
 // y_pairs [pairs, M].
 template <class T, class W = T>
 void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
-                  const View2<T>& y_pairs, PairRows pair_rows = PairRows::pair_order);
+                  const View2<T>& y_pairs, PairRows pair_rows = PairRows::pair_order,
+                  XRows x_rows = XRows::from_shape);
 
 // y [tokens, M] = Σ_slot gates[t, slot] · y_pair. The per-pair products are not kept: backward
 // recomputes what it needs at the width of x (as the original's CVMM backward does).
 template <class T, class W = T>
 void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
-                          const View2<const T>& gates, const View2<T>& y, PairRows pair_rows = PairRows::pair_order);
+                          const View2<const T>& gates, const View2<T>& y, PairRows pair_rows = PairRows::pair_order,
+                          XRows x_rows = XRows::from_shape);
 
 // From dy_pairs [pairs, M]: dx overwritten (per-token x: the sum over slots, in slot order),
 // dw accumulated (dw[e] += Σ_{p of e} x_row(p)ᵀ · dy_pair[p]); either is skipped when empty.
 template <class T, class W = T>
 void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                    const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw,
-                   PairRows pair_rows = PairRows::pair_order);
+                   PairRows pair_rows = PairRows::pair_order, XRows x_rows = XRows::from_shape);
 
 // Backward of cvmm_forward_reduced from dy [tokens, M]. With g_pair[p] = dy[t] · W[e]ᵀ (the
 // unweighted input gradient of pair p): dgates[t, slot] = ⟨g_pair[p], x_row(p)⟩ (overwritten,
@@ -59,32 +66,39 @@ void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View
 template <class T, class W = T>
 void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                            const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
-                           const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows = PairRows::pair_order);
+                           const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows = PairRows::pair_order,
+                           XRows x_rows = XRows::from_shape);
 
 // The same four on a layer's ExpertOperand: W is the operand's type (T, or bfloat16 when the
 // layer runs in mixed precision).
 template <class T>
 void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const ExpertOperand<T>& w, const View2<T>& y_pairs,
-                  PairRows pair_rows = PairRows::pair_order) {
-  w.visit([&](const auto& v) { cvmm_forward<T, OperandType<decltype(v)>>(plan, x, v, y_pairs, pair_rows); });
+                  PairRows pair_rows = PairRows::pair_order, XRows x_rows = XRows::from_shape) {
+  w.visit([&](const auto& v) { cvmm_forward<T, OperandType<decltype(v)>>(plan, x, v, y_pairs, pair_rows, x_rows); });
 }
 template <class T>
 void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const ExpertOperand<T>& w,
-                          const View2<const T>& gates, const View2<T>& y, PairRows pair_rows = PairRows::pair_order) {
-  w.visit([&](const auto& v) { cvmm_forward_reduced<T, OperandType<decltype(v)>>(plan, x, v, gates, y, pair_rows); });
+                          const View2<const T>& gates, const View2<T>& y, PairRows pair_rows = PairRows::pair_order,
+                          XRows x_rows = XRows::from_shape) {
+  w.visit([&](const auto& v) {
+    cvmm_forward_reduced<T, OperandType<decltype(v)>>(plan, x, v, gates, y, pair_rows, x_rows);
+  });
 }
 template <class T>
 void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const ExpertOperand<T>& w,
                    const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw,
-                   PairRows pair_rows = PairRows::pair_order) {
-  w.visit([&](const auto& v) { cvmm_backward<T, OperandType<decltype(v)>>(plan, x, v, dy_pairs, dx, dw, pair_rows); });
+                   PairRows pair_rows = PairRows::pair_order, XRows x_rows = XRows::from_shape) {
+  w.visit([&](const auto& v) {
+    cvmm_backward<T, OperandType<decltype(v)>>(plan, x, v, dy_pairs, dx, dw, pair_rows, x_rows);
+  });
 }
 template <class T>
 void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, const ExpertOperand<T>& w,
                            const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
-                           const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows = PairRows::pair_order) {
+                           const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows = PairRows::pair_order,
+                           XRows x_rows = XRows::from_shape) {
   w.visit([&](const auto& v) {
-    cvmm_backward_reduced<T, OperandType<decltype(v)>>(plan, x, v, gates, dy, dx, dw, dgates, pair_rows);
+    cvmm_backward_reduced<T, OperandType<decltype(v)>>(plan, x, v, gates, dy, dx, dw, dgates, pair_rows, x_rows);
   });
 }
 
