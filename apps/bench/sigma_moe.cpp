@@ -18,7 +18,7 @@ namespace kmoe::apps {
 namespace {
 
 // The MoEUT-244M feed-forward shape (profile MoEUT_244M of
-// RobertCsordas/moeut@87f04973d3db3ad7cb4ca67a0750241e40210d3c profiles.py), 8192 tokens.
+// RobertCsordas/moeut@87f04973d3db3ad7cb4ca67a0750241e40210d3c profiles.py), 16384 tokens.
 ExpertMlpShape moeut_244m_ffn() {
   ExpertMlpShape s;
   s.tokens = 16384;

@@ -440,8 +440,7 @@ Tensor<T> run_experts(const StMoEParams<T>& params, const dist::Communicator& co
   const index_t R = s.exchange.received_rows();
   Tensor<T> combined;
   if (R > 0) {
-    const Tensor<int> index = plan_index(s.exchange.received_experts(), R, 0);
-    s.plan = moe::DispatchPlan::build_with_drops(index.as_matrix(), share.experts);
+    s.plan = moe::DispatchPlan::build_with_drops(s.exchange.received_experts().as_matrix(), share.experts);
     s.rows = pair_rows(s.plan);
     const index_t D = s.x_received.dim(1), pairs = s.plan.n_pairs();
     s.expert_input = Tensor<T>::uninitialized("st_moe::expert_input", {pairs, D});

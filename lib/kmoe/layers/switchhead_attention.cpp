@@ -494,6 +494,7 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
           "SwitchHeadAttention::forward: qk_src ", qk_src.shape().str(), " has no tokens");
   // The experts' exchanges and the draws are keyed by the token's place in the global batch.
   const std::int64_t first_token = Ea > 1 ? comm_.exclusive_prefix_sum(N) : 0;
+  const SwitchHeadOperands<T> expert_weights = operands != nullptr ? *operands : expert_operands();
   if (N == 0) {
     // A rank without sequences computes nothing of its own, but takes part in the batch-wide
     // draws and serves its experts.
@@ -502,10 +503,9 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
     none.qk_src = qk_src.reshape({0, D});
     none.v_src = v_src.reshape({0, D});
     none.y = Tensor<T>("switchhead::y", {B, Tq, D});
+    none.v_operand = expert_weights.v;
+    none.o_operand = expert_weights.o;
     if (Ea > 1) {
-      const SwitchHeadOperands<T> own = operands != nullptr ? *operands : expert_operands();
-      none.v_operand = own.v;
-      none.o_operand = own.o;
       if (training && c.expert_dropout > 0) {
         (void)dist::take_global(comm_, rng, 0);
         (void)dist::take_global(comm_, rng, 0);
@@ -537,11 +537,8 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
   SwitchHeadForward<T> f;
   f.training = training;
   f.cached = cache != nullptr;
-  if (Ea > 1) {
-    const SwitchHeadOperands<T> own = operands != nullptr ? *operands : expert_operands();
-    f.v_operand = own.v;
-    f.o_operand = own.o;
-  }
+  f.v_operand = expert_weights.v;
+  f.o_operand = expert_weights.o;
   f.qk_src = qk_src.reshape({N, D});
   f.v_src = v_src.reshape({N, D});
   const T qk_scale = static_cast<T>(std::pow(static_cast<double>(P), -0.25));
