@@ -218,7 +218,9 @@ void Communicator::collectively(const std::function<void()>& step) const {
   std::string text(static_cast<std::size_t>(length), '\0');
   if (rank_ == root) text = message;
   check_mpi(MPI_Bcast(text.data(), static_cast<int>(length), MPI_CHAR, root, state_->comm), "MPI_Bcast");
-  throw Error(static_cast<Status>(*failed), "rank " + std::to_string(root) + ": " + text);
+  // A step of nested collective steps already names its rank once.
+  const std::string prefix = "rank " + std::to_string(root) + ": ";
+  throw Error(static_cast<Status>(*failed), text.compare(0, prefix.size(), prefix) == 0 ? text : prefix + text);
 }
 
 void Communicator::require_same(std::uint64_t value, const std::string& what) const {

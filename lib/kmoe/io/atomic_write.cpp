@@ -3,11 +3,13 @@
 #include "kmoe/core/error.hpp"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
@@ -32,14 +34,35 @@ std::string folder_of(const std::string& path) {
   return parent.empty() ? std::string(".") : parent.string();
 }
 
+// ".<name>.tmp-<host>-": the start of this host's temporary names for path.
+std::string temporary_prefix(const std::string& path) {
+  char host[256] = {};
+  if (::gethostname(host, sizeof(host) - 1) != 0) std::strcpy(host, "localhost");
+  return "." + std::filesystem::path(path).filename().string() + ".tmp-" + host + "-";
+}
+
+// Removes the temporary files of path that writers of this host left when they were killed (their
+// process no longer exists); a writer killed mid-save otherwise leaves a checkpoint-sized file
+// behind every time. Other hosts' temporaries are left alone: their processes cannot be asked.
+void remove_abandoned_temporaries(const std::string& path) {
+  const std::string prefix = temporary_prefix(path);
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(folder_of(path), error)) {
+    const std::string name = entry.path().filename().string();
+    if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    char* end = nullptr;
+    const long pid = std::strtol(name.c_str() + prefix.size(), &end, 10);
+    if (pid <= 0 || end == nullptr || *end != '-' || pid == ::getpid()) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) std::filesystem::remove(entry.path(), error);
+  }
+}
+
 }  // namespace
 
 std::string temporary_path_for(const std::string& path) {
   static std::atomic<unsigned> counter{0};
-  const std::filesystem::path target(path);
   return (std::filesystem::path(folder_of(path)) /
-          ("." + target.filename().string() + ".tmp-" + std::to_string(::getpid()) + "-" +
-           std::to_string(counter++)))
+          (temporary_prefix(path) + std::to_string(::getpid()) + "-" + std::to_string(counter++)))
       .string();
 }
 
@@ -53,6 +76,7 @@ void write_atomically(const std::string& path, const std::function<void(const st
     require(std::filesystem::is_directory(folder), Status::io_error, path, ": folder ", folder, " does not exist");
     require(::access(folder.c_str(), W_OK) == 0, Status::io_error, path, ": folder ", folder,
             " is not writable: ", errno_text());
+    remove_abandoned_temporaries(path);
     temporary = temporary_path_for(path);
   });
   temporary = comm.broadcast(temporary);

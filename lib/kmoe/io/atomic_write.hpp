@@ -1,8 +1,9 @@
 // Crash-safe file replacement, used by every kmoe writer (checkpoints, safetensors export): the
 // new contents go to a temporary file in the target's folder, which is flushed to disk (fsync),
 // renamed over the target (atomic on POSIX file systems) and the folder fsync-ed. A writer killed
-// at any moment leaves either the old file or the new one, never a mixture; a failed write (disk
-// full, unwritable folder) removes the temporary file and leaves the old one untouched.
+// at any moment leaves either the old file or the new one, never a mixture (and a temporary file,
+// which the next write removes); a failed write (disk full, unwritable folder) removes the
+// temporary file and leaves the old one untouched.
 #pragma once
 
 #include "kmoe/dist/communicator.hpp"
@@ -25,7 +26,9 @@ namespace kmoe::io {
 void write_atomically(const std::string& path, const std::function<void(const std::string& temporary_path)>& write,
                       const dist::Communicator& comm = {});
 
-// The temporary name write_atomically uses for path: "<folder>/.<name>.tmp-<pid>-<counter>".
+// The temporary name write_atomically uses for path: "<folder>/.<name>.tmp-<host>-<pid>-<counter>".
+// Before writing, write_atomically removes the ones of this host whose process is gone (writers
+// killed mid-save).
 std::string temporary_path_for(const std::string& path);
 
 }  // namespace kmoe::io

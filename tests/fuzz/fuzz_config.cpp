@@ -1,0 +1,31 @@
+// libFuzzer harness: the JSON layer builder (model/builder.cpp), which the C ABI, kmoe-train and
+// the parity tool share. The first byte picks the layer kind, the rest is the config text. A config
+// the builder accepts must describe itself completely: building again from layer.config() gives
+// the same config (a key read under one name and written under another would differ).
+#include "fuzz_util.hpp"
+#include "kmoe/model/builder.hpp"
+
+#include <nlohmann/json.hpp>
+
+extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) {
+  kmoe::fuzz::initialize_once(argc, argv);
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  kmoe::fuzz::Draws draws(data, size);
+  const auto& kinds = kmoe::model::layer_kinds();
+  const std::string& kind = kinds[draws.byte() % kinds.size()];
+  const std::string text = draws.rest();
+  kmoe::fuzz::expect_only_kmoe_errors([&] {
+    const auto layer = kmoe::model::build_layer<float>(kind, text, 1, kmoe::ParameterInit::zeros);
+    const nlohmann::json config = layer->config();
+    const auto again = kmoe::model::build_layer<float>(kind, config, 1, kmoe::ParameterInit::zeros);
+    if (again->config() != config) {
+      std::fprintf(stderr, "%s: config does not round-trip:\n%s\n%s\n", kind.c_str(), config.dump().c_str(),
+                   again->config().dump().c_str());
+      std::abort();
+    }
+  });
+  return 0;
+}
