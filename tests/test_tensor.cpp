@@ -27,6 +27,15 @@ TEST(Shape, RejectsNegativeDimsRankAboveFourAndBadAxes) {
   EXPECT_THROW((Shape{2, 3})[2], Error);
 }
 
+// An element count past index_t is refused, not wrapped (the C ABI passes callers' shapes here).
+TEST(Shape, RejectsShapesWhoseSizeOverflows) {
+  const index_t big = index_t(1) << 32;
+  expect_status([&] { (void)Shape({big, big}); }, Status::invalid_argument, "more than 2^63 - 1 elements");
+  expect_status([&] { (void)Shape({3, big, big / 4}); }, Status::invalid_argument, "more than 2^63 - 1 elements");
+  EXPECT_EQ((Shape{big, big / 2 - 1}).size(), big * (big / 2 - 1));
+  EXPECT_EQ((Shape{0, big, big}).size(), 0);
+}
+
 TEST(Tensor, HostRoundTripAndZeroInitialisation) {
   const auto values = random_values(2 * 3 * 5, 1);
   const auto t = make_tensor<double>({2, 3, 5}, values);

@@ -9,10 +9,24 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <cstring>
+#include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace kmoe::capi {
+
+// An enum field as the caller stored it. A C caller may store any int in it; loading a value
+// outside the enum's range as the C++ enum type is undefined behaviour (UBSan's -fsanitize=enum,
+// found by tests/fuzz/fuzz_capi), so fields are checked as ints before they are used as enums.
+template <class E>
+int raw_enum(const E& field) {
+  static_assert(std::is_enum_v<E> && sizeof(E) == sizeof(int), "C enums are int-sized");
+  int value = 0;
+  std::memcpy(&value, &field, sizeof value);
+  return value;
+}
 
 template <class V>
 constexpr kmoe_dtype dtype_of() {
@@ -43,12 +57,13 @@ Shape check_descriptor(const kmoe_tensor* t, const char* what) {
   require(t != nullptr, Status::invalid_argument, what, " is NULL");
   require(t->struct_size >= sizeof(kmoe_tensor), Status::invalid_argument, what, "->struct_size is ", t->struct_size,
           ", below the oldest known size ", sizeof(kmoe_tensor), " (set it to sizeof(kmoe_tensor))");
-  require(t->dtype == dtype_of<V>(), Status::invalid_argument, what, " is ", dtype_text(t->dtype), ", expected ",
+  require(raw_enum(t->dtype) == dtype_of<V>(), Status::invalid_argument, what, " is ", dtype_text(raw_enum(t->dtype)), ", expected ",
           dtype_text(dtype_of<V>()));
   require(t->rank >= 1 && t->rank <= Shape::max_rank, Status::shape_mismatch, what, " has rank ", t->rank,
           "; kmoe takes ranks 1 to ", Shape::max_rank);
-  require(t->memory == KMOE_HOST || t->memory == KMOE_DEVICE, Status::invalid_argument, what, "->memory is ",
-          static_cast<int>(t->memory), ", not KMOE_HOST (0) or KMOE_DEVICE (1)");
+  const int memory = raw_enum(t->memory);
+  require(memory == KMOE_HOST || memory == KMOE_DEVICE, Status::invalid_argument, what, "->memory is ", memory,
+          ", not KMOE_HOST (0) or KMOE_DEVICE (1)");
   std::vector<index_t> dims;
   for (int i = 0; i < t->rank; ++i) {
     require(t->shape[i] >= 0, Status::shape_mismatch, what, "->shape[", i, "] is ", t->shape[i]);
@@ -59,16 +74,28 @@ Shape check_descriptor(const kmoe_tensor* t, const char* what) {
   return shape;
 }
 
-// The element offsets of a descriptor in row-major order of its shape.
-inline std::vector<std::int64_t> element_offsets(const kmoe_tensor& t, const Shape& shape) {
+// The element offsets of a descriptor in row-major order of its shape. Strides that reach past
+// 2^63 bytes cannot describe a real array: refused (found by tests/fuzz/fuzz_capi).
+inline std::vector<std::int64_t> element_offsets(const kmoe_tensor& t, const Shape& shape, std::size_t element_size,
+                                                 const char* what) {
+  if (shape.size() == 0) return {};
   std::vector<std::int64_t> strides(static_cast<std::size_t>(shape.rank()));
   bool contiguous = true;
   for (int i = 0; i < shape.rank(); ++i) contiguous = contiguous && t.strides[i] == 0;
-  std::int64_t step = 1;
+  std::int64_t step = 1, reach = 0;
   for (int i = shape.rank() - 1; i >= 0; --i) {
-    strides[static_cast<std::size_t>(i)] = contiguous ? step : t.strides[i];
-    step *= shape[i];
+    const std::int64_t stride = contiguous ? step : t.strides[i];
+    strides[static_cast<std::size_t>(i)] = stride;
+    step *= shape[i];  // no overflow: every partial product divides shape.size()
+    std::int64_t axis_reach = 0;
+    require(stride != std::numeric_limits<std::int64_t>::min() &&
+                !__builtin_mul_overflow(shape[i] - 1, stride < 0 ? -stride : stride, &axis_reach) &&
+                !__builtin_add_overflow(reach, axis_reach, &reach),
+            Status::invalid_argument, what, "'s strides reach past 2^63 bytes");
   }
+  std::int64_t reach_bytes = 0;
+  require(!__builtin_mul_overflow(reach + 1, static_cast<std::int64_t>(element_size), &reach_bytes),
+          Status::invalid_argument, what, "'s strides reach past 2^63 bytes");
   std::vector<std::int64_t> offsets(static_cast<std::size_t>(shape.size()));
   std::vector<index_t> index(static_cast<std::size_t>(shape.rank()), 0);
   for (std::size_t n = 0; n < offsets.size(); ++n) {
@@ -85,6 +112,7 @@ inline std::vector<std::int64_t> element_offsets(const kmoe_tensor& t, const Sha
 
 // Row-major contiguous: strides all zero, or the row-major ones (axes of extent 1 any).
 inline bool row_major(const kmoe_tensor& t, const Shape& shape) {
+  if (shape.size() == 0) return true;  // nothing to lay out (and the products below may overflow)
   bool zero = true;
   for (int i = 0; i < shape.rank(); ++i) zero = zero && t.strides[i] == 0;
   if (zero) return true;
@@ -112,7 +140,7 @@ Tensor<V> read_tensor(const kmoe_tensor* t, const char* what, bool allow_wrap) {
   }
   require(t->memory == KMOE_HOST, Status::unsupported, what,
           ": device arrays must be row-major contiguous (strides all zero or row-major)");
-  const std::vector<std::int64_t> offsets = element_offsets(*t, shape);
+  const std::vector<std::int64_t> offsets = element_offsets(*t, shape, sizeof(V), what);
   std::vector<V> values(offsets.size());
   for (std::size_t i = 0; i < offsets.size(); ++i) values[i] = data[offsets[i]];
   return Tensor<V>::from_host(what, shape, values);
@@ -135,7 +163,7 @@ void write_tensor(const Tensor<V>& source, const kmoe_tensor* t, const char* wha
   require(t->memory == KMOE_HOST, Status::unsupported, what,
           ": device arrays must be row-major contiguous (strides all zero or row-major)");
   const std::vector<V> values = source.to_host();
-  const std::vector<std::int64_t> offsets = element_offsets(*t, shape);
+  const std::vector<std::int64_t> offsets = element_offsets(*t, shape, sizeof(V), what);
   for (std::size_t i = 0; i < offsets.size(); ++i) data[offsets[i]] = values[i];
 }
 

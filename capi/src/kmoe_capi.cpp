@@ -18,6 +18,8 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <algorithm>
+#include <cstring>
 #include <fstream>
 #include <memory>
 #include <mutex>
@@ -70,7 +72,25 @@ kmoe_layer* to_c(Layer* p) { return reinterpret_cast<kmoe_layer*>(p); }
 kmoe_forward* to_c(Forward* p) { return reinterpret_cast<kmoe_forward*>(p); }
 kmoe_optimizer* to_c(Optimizer* p) { return reinterpret_cast<kmoe_optimizer*>(p); }
 
-thread_local std::string last_error;
+// This thread's last error. Trivially destructible: a program may call kmoe from an atexit handler,
+// which runs after thread_local destructors (a std::string here was used after its destruction:
+// found by tests/fuzz/fuzz_capi). Longer messages are cut, ending in "...".
+class LastError {
+ public:
+  void clear() { text_[0] = '\0'; }
+  LastError& operator=(const std::string& message) {
+    const std::size_t n = std::min(message.size(), sizeof(text_) - 1);
+    std::memcpy(text_, message.data(), n);
+    text_[n] = '\0';
+    if (n < message.size()) std::memcpy(text_ + sizeof(text_) - 4, "...", 4);
+    return *this;
+  }
+  const char* c_str() const { return text_; }
+
+ private:
+  char text_[4096];
+};
+thread_local LastError last_error;
 std::recursive_mutex calls;  // one call at a time (kmoe_layer_* may nest through helpers)
 int initialised = 0;
 bool kokkos_is_ours = false;
@@ -162,12 +182,13 @@ kmoe_layer_options options_or_default(const kmoe_layer_options* options) {
   if (options == nullptr) return default_layer_options();
   kmoe_layer_options o = default_layer_options();
   const kmoe_layer_options& given = versioned(options, sizeof(kmoe_layer_options), "options");
-  o.dtype = given.dtype;
+  const int dtype = kmoe::capi::raw_enum(given.dtype);
+  kmoe::require(dtype == KMOE_FLOAT32 || dtype == KMOE_FLOAT64, Status::invalid_argument, "options->dtype is ", dtype,
+                "; layers are KMOE_FLOAT32 (1) or KMOE_FLOAT64 (2)");
+  o.dtype = static_cast<kmoe_dtype>(dtype);
   o.seed = given.seed;
   o.use_comm = given.use_comm;
   o.comm = given.comm;
-  kmoe::require(o.dtype == KMOE_FLOAT32 || o.dtype == KMOE_FLOAT64, Status::invalid_argument,
-                "options->dtype is ", static_cast<int>(o.dtype), "; layers are KMOE_FLOAT32 (1) or KMOE_FLOAT64 (2)");
   return o;
 }
 

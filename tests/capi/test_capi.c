@@ -310,6 +310,16 @@ static void test_layouts(void) {
   float out_s[N], dx_s[N], dk_s[4 * 8 * 6];
   run_step(&strided, out_s, dx_s, dk_s);
   CHECK(memcmp(out_r, out_s, sizeof out_r) == 0);
+  /* Strides that reach past 2^63 elements describe no array; a shape of 0 elements needs none. */
+  kmoe_layer* layer = new_sigma(3, KMOE_FLOAT32);
+  kmoe_forward* f = NULL;
+  kmoe_tensor wild = row;
+  wild.strides[0] = INT64_MAX / 2;
+  EXPECT(kmoe_layer_forward(layer, &wild, 1, &f), KMOE_INVALID_ARGUMENT, "strides reach past 2^63");
+  const int64_t huge[3] = {INT64_MAX / 2, INT64_MAX / 2, D};
+  kmoe_tensor overflowing = described(x, KMOE_FLOAT32, 3, huge);
+  EXPECT(kmoe_layer_forward(layer, &overflowing, 1, &f), KMOE_INVALID_ARGUMENT, "more than 2^63 - 1 elements");
+  EXPECT(kmoe_layer_destroy(layer), KMOE_OK, NULL);
 }
 
 static void test_optimizer_and_checkpoints(void) {
@@ -470,7 +480,17 @@ static void test_threads(void) {
   CHECK(kmoe_last_error()[0] == '\0'); /* a good call clears it */
 }
 
+/* kmoe called from an atexit handler, after the C++ runtime's thread-local destructors ran: the
+ * last-error message must still be there to write (the asan flavour saw a use after free). */
+static void call_kmoe_at_exit(void) {
+  if (kmoe_finalize() != KMOE_INVALID_ARGUMENT || strstr(kmoe_last_error(), "without kmoe_initialize") == NULL) {
+    fprintf(stderr, "kmoe_finalize at exit: %s\n", kmoe_last_error());
+    _exit(1);
+  }
+}
+
 int main(void) {
+  atexit(call_kmoe_at_exit);
   test_version_and_runtime();
   test_create();
   test_parameters();

@@ -62,7 +62,9 @@ Descriptor draw_descriptor(kmoe::fuzz::Draws& draws, kmoe_dtype dtype, const std
   kmoe_tensor& t = d.tensor;
   const std::uint8_t size_choice = draws.byte() % 8;
   t.struct_size = size_choice == 0 ? 0 : size_choice == 1 ? sizeof(kmoe_tensor) - 8 : size_choice == 2 ? sizeof(kmoe_tensor) + 16 : sizeof(kmoe_tensor);
-  t.dtype = draws.byte() % 6 == 0 ? static_cast<kmoe_dtype>(draws.integer(-1, 5)) : dtype;
+  // Any int, as a C caller may store (a C++ enum variable may not hold it: memcpy, not assignment).
+  const int dtype_value = draws.byte() % 6 == 0 ? static_cast<int>(draws.integer(-1, 5)) : dtype;
+  std::memcpy(&t.dtype, &dtype_value, sizeof(int));
   t.rank = draws.byte() % 6 == 0 ? static_cast<std::int32_t>(draws.integer(-1, KMOE_MAX_RANK + 1))
                                    : static_cast<std::int32_t>(shape_hint.size());
   const int dims = std::max(0, std::min<int>(t.rank, KMOE_MAX_RANK));
@@ -71,9 +73,11 @@ Descriptor draw_descriptor(kmoe::fuzz::Draws& draws, kmoe_dtype dtype, const std
     t.shape[i] = hinted ? shape_hint[static_cast<std::size_t>(i)] : draws.integer(-2, 9);
     if (draws.byte() % 64 == 0) t.shape[i] = std::numeric_limits<std::int64_t>::max() / draws.integer(1, 4);
   }
-  const bool strided = draws.byte() % 4 == 0;
+  bool strided = draws.byte() % 4 == 0;
   for (int i = 0; i < dims; ++i) t.strides[i] = strided ? draws.integer(-6, 40) : 0;
-  t.memory = static_cast<kmoe_memory>(draws.byte() % 8 == 0 ? draws.integer(-1, 3) : 0);
+  strided = std::any_of(t.strides, t.strides + dims, [](std::int64_t s) { return s != 0; });  // all zero: row-major
+  const int memory_value = draws.byte() % 8 == 0 ? static_cast<int>(draws.integer(-1, 3)) : 0;
+  std::memcpy(&t.memory, &memory_value, sizeof(int));
   // The memory the descriptor promises: elements at offsets sum_i index_i * stride_i (row-major
   // strides when they are all zero), for every index in the shape.
   std::int64_t lowest = 0, highest = 0, count = 1, row_major = 1;
@@ -91,12 +95,12 @@ Descriptor draw_descriptor(kmoe::fuzz::Draws& draws, kmoe_dtype dtype, const std
     t.data = nullptr;  // nothing behind it: kmoe must not touch it
     return d;
   }
-  const std::size_t bytes = count == 0 ? 0 : static_cast<std::size_t>(highest - lowest + 1) * element_size(t.dtype);
+  const std::size_t bytes = count == 0 ? 0 : static_cast<std::size_t>(highest - lowest + 1) * element_size(dtype_value);
   d.memory.resize(bytes + 1);  // +1: a zero-size buffer still has an address
   for (std::size_t i = 0; i < bytes; ++i) d.memory[i] = draws.byte();
-  if (t.dtype == KMOE_INT32 && draws.byte() % 4 != 0)
+  if (dtype_value == KMOE_INT32 && draws.byte() % 4 != 0)
     for (std::size_t i = 0; i + 4 <= bytes; i += 4) d.memory[i + 1] = d.memory[i + 2] = d.memory[i + 3] = 0;
-  t.data = d.memory.data() + static_cast<std::size_t>(-lowest) * element_size(t.dtype);
+  t.data = d.memory.data() + static_cast<std::size_t>(-lowest) * element_size(dtype_value);
   return d;
 }
 

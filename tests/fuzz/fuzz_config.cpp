@@ -7,11 +7,6 @@
 
 #include <nlohmann/json.hpp>
 
-extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) {
-  kmoe::fuzz::initialize_once(argc, argv);
-  return 0;
-}
-
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   kmoe::fuzz::Draws draws(data, size);
   const auto& kinds = kmoe::model::layer_kinds();

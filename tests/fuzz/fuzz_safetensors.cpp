@@ -4,11 +4,6 @@
 #include "fuzz_util.hpp"
 #include "kmoe/io/safetensors.hpp"
 
-extern "C" int LLVMFuzzerInitialize(int* argc, char*** argv) {
-  kmoe::fuzz::initialize_once(argc, argv);
-  return 0;
-}
-
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string& path = kmoe::fuzz::input_file(data, size);
   kmoe::fuzz::expect_only_kmoe_errors([&] {

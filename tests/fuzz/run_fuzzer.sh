@@ -7,13 +7,17 @@
 set -euo pipefail
 exe=$1 name=$2 src=$3 build=$4 seconds=$5
 scratch=$build/fuzz/corpus/$name artifacts=$build/fuzz/artifacts
-mkdir -p "$scratch" "$artifacts" "$src/regressions/$name"
+mkdir -p "$scratch" "$artifacts"
+inputs=("$src/corpus/$name")
+[[ -d $src/regressions/$name ]] && inputs+=("$src/regressions/$name")
 # Capped allocations fail at once (std::bad_alloc, an accepted answer) instead of paging for
 # minutes; leaks are findings.
-export ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}allocator_may_return_null=1:max_allocation_size_mb=2048:detect_leaks=1
+# (verify_asan_link_order=0: libFuzzer puts libstdc++, which defines no allocator, before the runtime)
+export ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}allocator_may_return_null=1:max_allocation_size_mb=2048:detect_leaks=1:verify_asan_link_order=0
+export ASAN_OPTIONS=$ASAN_OPTIONS:suppressions=$src/../sanitizers/asan.supp LSAN_OPTIONS=suppressions=$src/../sanitizers/lsan.supp
 export TMPDIR=$build/fuzz
 "$exe" -max_total_time="$seconds" -timeout=20 -rss_limit_mb=6144 -max_len=65536 -print_final_stats=1 \
-  -artifact_prefix="$artifacts/$name-" "$scratch" "$src/corpus/$name" "$src/regressions/$name" \
+  -artifact_prefix="$artifacts/$name-" "$scratch" "${inputs[@]}" \
   > "$build/fuzz/$name.log" 2>&1 || { tail -n 60 "$build/fuzz/$name.log"; echo "fuzz $name: FAILED (log: $build/fuzz/$name.log)"; exit 1; }
 runs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$build/fuzz/$name.log" | awk '{print $2}')
 echo "fuzz $name: $runs executions in ${seconds} s, no finding (corpus: $(ls "$scratch" | wc -l) new inputs)"

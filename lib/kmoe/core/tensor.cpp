@@ -16,6 +16,12 @@ Shape::Shape(const std::vector<index_t>& dims) {
     require(dims[i] >= 0, Status::invalid_argument, "negative dimension ", dims[i], " in shape");
     dims_[i] = dims[i];
   }
+  // Every product of dimensions (sizes, strides) must be an index_t: a shape whose element count
+  // overflows is refused here, once (found by tests/fuzz/fuzz_capi).
+  index_t elements = 1;
+  for (int i = 0; i < rank_; ++i)
+    require(!__builtin_mul_overflow(elements, dims_[i], &elements), Status::invalid_argument, "shape ", str(),
+            " has more than 2^63 - 1 elements");
 }
 
 index_t Shape::operator[](int axis) const {

@@ -4,6 +4,7 @@
 #include "kmoe/io/atomic_write.hpp"
 #include "kmoe/dist/parameter_blocks.hpp"
 #include "kmoe/io/impl/hdf5_handle.hpp"
+#include "kmoe/io/impl/hdf5_strings.hpp"
 #include "kmoe/model/builder.hpp"
 
 #include <hdf5.h>
@@ -196,14 +197,7 @@ class Writer {
   }
 
   void string_attribute(hid_t object, const char* name, const std::string& value) const {
-    H5Object type(H5Tcopy(H5T_C_S1), H5Tclose);
-    H5Tset_size(type.get(), H5T_VARIABLE);
-    H5Tset_cset(type.get(), H5T_CSET_UTF8);
-    H5Object space(H5Screate(H5S_SCALAR), H5Sclose);
-    H5Object attr(H5Acreate2(object, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
-    check(attr.get(), std::string("attribute ") + name);
-    const char* data = value.c_str();
-    check(H5Awrite(attr.get(), type.get(), &data), std::string("attribute ") + name);
+    check(impl::write_string_attribute(object, name, value), std::string("attribute ") + name);
   }
 
   template <class V>
@@ -474,21 +468,7 @@ bool has_link(hid_t file, const std::string& path) {
 }
 
 std::string read_string(hid_t object, const char* name, const std::string& path) {
-  H5Object attr(H5Aopen(object, name, H5P_DEFAULT), H5Aclose);
-  require(attr.valid(), Status::corrupt_file, path, ": no attribute '", name, "' (not a kmoe checkpoint?)");
-  H5Object type(H5Aget_type(attr.get()), H5Tclose);
-  require(H5Tget_class(type.get()) == H5T_STRING && H5Tis_variable_str(type.get()) > 0, Status::corrupt_file, path,
-          ": attribute '", name, "' is not a string");
-  H5Object memtype(H5Tcopy(H5T_C_S1), H5Tclose);
-  H5Tset_size(memtype.get(), H5T_VARIABLE);
-  H5Tset_cset(memtype.get(), H5Tget_cset(type.get()));
-  char* value = nullptr;
-  require(H5Aread(attr.get(), memtype.get(), &value) >= 0 && value != nullptr, Status::corrupt_file, path,
-          ": cannot read attribute '", name, "'");
-  std::string result(value);
-  H5Object space(H5Aget_space(attr.get()), H5Sclose);
-  H5Dvlen_reclaim(memtype.get(), space.get(), H5P_DEFAULT, &value);
-  return result;
+  return impl::read_string_attribute(object, name, Status::corrupt_file, path);
 }
 
 bool has_attribute(hid_t object, const char* name) { return H5Aexists(object, name) > 0; }
@@ -1022,9 +1002,7 @@ void save_file(const std::string& path, model::Layer<T>& layer, const Checkpoint
   write_atomically(
       path,
       [&](const std::string& temporary) {
-        // v2 object headers (libver 1.10+) carry checksums of the metadata too.
-        H5Object fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-        H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V110, H5F_LIBVER_LATEST);
+        const H5Object fapl = impl::checksummed_file_access();
         if (comm.distributed()) {
           H5Pset_fapl_mpio(fapl.get(), comm.comm(), MPI_INFO_NULL);
           H5Pset_coll_metadata_write(fapl.get(), true);

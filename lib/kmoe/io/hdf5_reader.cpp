@@ -1,6 +1,7 @@
 #include "kmoe/io/hdf5_reader.hpp"
 
 #include "kmoe/io/impl/hdf5_handle.hpp"
+#include "kmoe/io/impl/hdf5_strings.hpp"
 
 #include <hdf5.h>
 
@@ -217,31 +218,10 @@ impl::Handle open_attribute(std::int64_t file, const std::string& file_path, con
 }  // namespace
 
 std::string H5Reader::read_string_attribute(const std::string& object_path, const std::string& name) const {
-  impl::Handle attr = open_attribute(file_, path_, object_path, name);
-  impl::Handle type(H5Aget_type(attr.get()), H5Tclose);
-  require(H5Tget_class(type.get()) == H5T_STRING, Status::io_error, path_, ": attribute '", name, "' on '",
-          object_path, "' is not a string");
-  // The reads below have room for one string; an array of strings would overrun them.
-  impl::Handle space(H5Aget_space(attr.get()), H5Sclose);
-  require(H5Sget_simple_extent_npoints(space.get()) == 1, Status::io_error, path_, ": attribute '", name, "' on '",
-          object_path, "' is not a single string");
-  if (H5Tis_variable_str(type.get()) > 0) {
-    impl::Handle memtype(H5Tcopy(H5T_C_S1), H5Tclose);
-    H5Tset_size(memtype.get(), H5T_VARIABLE);
-    H5Tset_cset(memtype.get(), H5Tget_cset(type.get()));
-    char* value = nullptr;
-    require(H5Aread(attr.get(), memtype.get(), &value) >= 0 && value != nullptr, Status::io_error, path_,
-            ": cannot read attribute '", name, "'");
-    std::string result(value);
-    H5Dvlen_reclaim(memtype.get(), space.get(), H5P_DEFAULT, &value);
-    return result;
-  }
-  const size_t size = H5Tget_size(type.get());
-  std::string value(size, '\0');
-  require(H5Aread(attr.get(), type.get(), value.data()) >= 0, Status::io_error, path_, ": cannot read attribute '",
-          name, "'");
-  value.resize(std::min(value.find('\0'), value.size()));
-  return value;
+  require(has(object_path), Status::io_error, path_, ": no object '", object_path, "'");
+  impl::Handle object(H5Oopen(file_, object_path.c_str(), H5P_DEFAULT), H5Oclose);
+  require(object.valid(), Status::io_error, path_, ": cannot open '", object_path, "'");
+  return impl::read_string_attribute(object.get(), name.c_str(), Status::io_error, path_ + " ('" + object_path + "')");
 }
 
 double H5Reader::read_number_attribute(const std::string& object_path, const std::string& name) const {

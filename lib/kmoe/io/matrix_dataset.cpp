@@ -93,7 +93,7 @@ void write_matrices(const std::string& path, const std::vector<MatrixPart>& part
   write_atomically(
       path,
       [&](const std::string& temporary) {
-        H5Object fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
+        const H5Object fapl = impl::checksummed_file_access();
         H5Object dxpl(H5Pcreate(H5P_DATASET_XFER), H5Pclose);
         if (comm.distributed()) {
           H5Pset_fapl_mpio(fapl.get(), comm.comm(), MPI_INFO_NULL);

@@ -3,6 +3,7 @@
 #include "kmoe/core/error.hpp"
 #include "kmoe/io/atomic_write.hpp"
 #include "kmoe/io/impl/hdf5_handle.hpp"
+#include "kmoe/io/impl/hdf5_strings.hpp"
 
 #include <hdf5.h>
 
@@ -36,12 +37,7 @@ void attribute(hid_t object, const char* name, std::int64_t value, const std::st
 }
 
 void string_attribute(hid_t object, const char* name, const std::string& value, const std::string& path) {
-  H5Object type(H5Tcopy(H5T_C_S1), H5Tclose);
-  H5Tset_size(type.get(), H5T_VARIABLE);
-  H5Object space(H5Screate(H5S_SCALAR), H5Sclose);
-  H5Object attr(H5Acreate2(object, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
-  const char* data = value.c_str();
-  check(attr.valid() && H5Awrite(attr.get(), type.get(), &data) >= 0, path, name);
+  check(impl::write_string_attribute(object, name, value) >= 0, path, name);
 }
 
 }  // namespace
@@ -56,7 +52,8 @@ void write_token_dataset(const std::string& path, const std::string& text, doubl
           " bytes are too few for a train and an eval split");
   impl::silence_hdf5_errors();
   write_atomically(path, [&](const std::string& temporary) {
-    H5Object file(H5Fcreate(temporary.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
+    const H5Object fapl = impl::checksummed_file_access();
+    H5Object file(H5Fcreate(temporary.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose);
     check(file.valid(), path, "the file");
     const auto* bytes = reinterpret_cast<const unsigned char*>(text.data());
     write_split(file.get(), "train", bytes, n - n_eval, path);
