@@ -238,7 +238,8 @@ std::string golden_path(const std::string& name) {
 }
 
 void load(Tensor<float>& param, const io::H5Reader& file, const std::string& dataset) {
-  Kokkos::deep_copy(param.flat(), file.read<float>(dataset, param.shape()).flat());
+  const auto stored = file.read<float>(dataset, param.shape());
+  Kokkos::deep_copy(param.flat(), stored.flat());
 }
 
 // Runs a fixture's forward and the backward of its stated loss sum(out · grad_out) + 0.37 · reg_loss

@@ -53,8 +53,12 @@ std::vector<double> to_double(const Tensor<T>& t) {
   return std::vector<double>(h.begin(), h.end());
 }
 
+// A managed device copy (a Kokkos View that owns its memory, unlike a Tensor's flat()).
 inline View1<int> device_ints(const std::vector<int>& values) {
-  return Tensor<int>::from_host("ints", {static_cast<index_t>(values.size())}, values).flat();
+  View1<int> out(Kokkos::view_alloc(Kokkos::WithoutInitializing, "ints"), values.size());
+  Kokkos::deep_copy(out, Kokkos::View<const int*, Kokkos::HostSpace, Kokkos::MemoryUnmanaged>(values.data(),
+                                                                                             values.size()));
+  return out;
 }
 
 inline std::vector<int> host_ints(const View1<int>& view) {

@@ -75,7 +75,10 @@ class Tensor {
   T* data() const { return storage_.data(); }
   const std::string& label() const { return label_; }
 
-  View1<T> flat() const { return storage_; }
+  View1<T> flat() const& { return storage_; }
+  // The storage is a memory-pool block that a temporary Tensor gives back when it dies, while an
+  // unmanaged View of it would live on (the CUDA test helper doing so read reused memory).
+  View1<T> flat() const&& = delete;
 
   // The storage as a View of rank R; the tensor's rank must be R.
   template <int R>
