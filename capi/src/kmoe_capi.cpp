@@ -278,7 +278,7 @@ int kmoe_abi_version(void) { return KMOE_ABI_VERSION; }
 const char* kmoe_last_error(void) { return last_error.c_str(); }
 
 const char* kmoe_status_name(kmoe_status status) {
-  switch (status) {
+  switch (kmoe::capi::raw_enum(status)) {
     case KMOE_OK: return "ok";
     case KMOE_INVALID_ARGUMENT: return "invalid_argument";
     case KMOE_SHAPE_MISMATCH: return "shape_mismatch";
