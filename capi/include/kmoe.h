@@ -6,7 +6,9 @@
  *   the argument, parameter, dataset or rank at fault), per thread, until the thread's next call.
  *   No exception, abort or exit crosses this boundary; a null handle or pointer is
  *   KMOE_INVALID_ARGUMENT.
- * - Handles are opaque. kmoe_*_destroy(NULL) is a no-op.
+ * - Handles are opaque. kmoe_*_destroy(NULL) is a no-op. A function that creates a handle sets
+ *   *handle to NULL first, so on failure it is NULL (pass a fresh variable, not one holding a
+ *   live handle).
  * - Every struct passed in starts with size_t struct_size (set it to sizeof the struct, or call
  *   the struct's _init function): a caller built against an older, smaller struct keeps working;
  *   a struct_size below the oldest known size is KMOE_INVALID_ARGUMENT.
