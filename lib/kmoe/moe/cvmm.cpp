@@ -150,7 +150,9 @@ class ExpertRows {
         buffer.resize(static_cast<std::size_t>(n * cols));
         for (index_t r = 0; r < n; ++r) {
           const index_t s = rows.first + r;
-          const T* row = &src_(source_row(source_, s, sorted_pair(s), k), 0);
+          // (by pointer arithmetic: src_(row, 0) is out of bounds when there are no columns, which
+          // the debug flavour's bounds check caught at W = 8)
+          const T* row = src_.data() + source_row(source_, s, sorted_pair(s), k) * src_.stride(0);
           std::transform(row, row + cols, buffer.data() + r * cols, [](const T v) { return convert<W>(v); });
         }
         f(e, rows, View2<const W>(buffer.data(), n, cols));
