@@ -25,15 +25,10 @@ inline herr_t write_string_attribute(hid_t object, const char* name, const std::
   H5Tset_strpad(type.get(), H5T_STR_NULLPAD);
   H5Tset_cset(type.get(), H5T_CSET_UTF8);
   Handle space(H5Screate(H5S_SCALAR), H5Sclose);
-  const hid_t attr = H5Acreate2(object, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT);
-  if (attr < 0) return attr;
-  const std::string padded = value.empty() ? std::string(1, '\0') : value;
-  if (H5Awrite(attr, type.get(), padded.data()) < 0) {
-    H5Aclose(attr);
-    return -1;
-  }
-  H5Aclose(attr);
-  return 0;
+  const Handle attr(H5Acreate2(object, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+  if (!attr.valid()) return -1;
+  // c_str(): an empty value is written as its one NUL byte (the type's size is at least 1)
+  return H5Awrite(attr.get(), type.get(), value.c_str());
 }
 
 // The attribute `name` of object, one string of either kind; `failure` (naming `where`) when it is
