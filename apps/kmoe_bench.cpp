@@ -6,6 +6,8 @@
 #include "bench/sections.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/dist/communicator.hpp"
+#include "kmoe/dist/rank_runtime.hpp"
 
 #include <mpi.h>
 
@@ -35,7 +37,8 @@ int main(int argc, char** argv) {
 namespace {
 
 int run(int argc, char** argv) {
-  Kokkos::ScopeGuard kokkos(argc, argv);
+  const dist::RankRuntime runtime(argc, argv);  // under mpirun: each rank on its GPU
+  if (dist::mpi_running()) std::fputs(dist::rank_report(MPI_COMM_WORLD).c_str(), stderr);
   try {
     const auto& sections = apps::bench_sections();
     std::vector<const apps::BenchSection*> chosen;

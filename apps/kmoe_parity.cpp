@@ -10,6 +10,7 @@
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/dist/communicator.hpp"
+#include "kmoe/dist/rank_runtime.hpp"
 
 #include <Kokkos_Core.hpp>
 
@@ -108,7 +109,8 @@ int main(int argc, char** argv) {
 namespace {
 
 int run(int argc, char** argv, bool distributed) {
-  Kokkos::ScopeGuard kokkos(argc, argv);
+  const dist::RankRuntime runtime(argc, argv);  // under mpirun: each rank on its GPU
+  if (dist::mpi_running()) std::fputs(dist::rank_report(MPI_COMM_WORLD).c_str(), stderr);
   const dist::Communicator ranks(distributed ? MPI_COMM_WORLD : MPI_COMM_NULL);
   // Rank 0 speaks for all: the others' lines would repeat its own.
   if (ranks.rank() != 0 && std::freopen("/dev/null", "w", stdout) == nullptr) return unusable;

@@ -1,15 +1,18 @@
-// The frame of the apps that run under mpirun (kmoe-train, kmoe-infer): MPI and Kokkos up around
-// the body, and an error printed once, by rank 0, as "<app>: error: <message>".
+// The frame of the apps that run under mpirun (kmoe-train, kmoe-infer): MPI and Kokkos (each rank on
+// its GPU, where it runs and how MPI moves device data printed by rank 0) up around the body, and an
+// error printed once, by rank 0, as "<app>: error: <message>".
 #pragma once
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/dist/communicator.hpp"
+#include "kmoe/dist/rank_runtime.hpp"
 
 #include <Kokkos_Core.hpp>
 #include <mpi.h>
 
 #include <cstdio>
 #include <functional>
+#include <string>
 
 namespace kmoe::apps {
 
@@ -19,8 +22,10 @@ inline int run_mpi_app(int& argc, char**& argv, const char* app,
   MPI_Init(&argc, &argv);
   int status = 0;
   {
-    Kokkos::ScopeGuard kokkos(argc, argv);
+    const dist::RankRuntime runtime(argc, argv);
+    const std::string where = dist::rank_report(MPI_COMM_WORLD);  // collective: before anything may fail
     const dist::Communicator comm(MPI_COMM_WORLD);
+    if (comm.rank() == 0) std::fprintf(stderr, "%s", where.c_str());
     try {
       status = body(comm);
     } catch (const Error& e) {

@@ -8,12 +8,17 @@
 //     every exchange of the step (counted by dist::ExpertExchange), and
 //   a naive all-gather (what st-moe-pytorch does): every rank's rows of the same exchanges sent
 //     to every other rank.
-// On a machine with fewer cores than ranks the times mostly measure the sharing of the cores;
-// the bytes hold at any size.
+// And the all-to-all rate the step's row exchanges achieved (their bytes over their wall time,
+// staging and waiting for the other ranks included), against the transport's peak measured in the
+// same run: a plain all-to-all of 64 MiB per rank of device memory through the same path (device
+// buffers or pinned staging, as dist::mpi_transport() decides).
+// On a machine with fewer cores (or GPUs) than ranks the times mostly measure the sharing; the
+// bytes hold at any size.
 #include "sections.hpp"
 
 #include "kmoe/dist/communicator.hpp"
 #include "kmoe/dist/gradients.hpp"
+#include "kmoe/dist/mpi_memory.hpp"
 #include "kmoe/layers/moeut.hpp"
 #include "kmoe/layers/sigma_moe.hpp"
 #include "kmoe/ops/cross_entropy.hpp"
@@ -38,7 +43,32 @@ struct WorldResult {
   double bytes_sent = 0;     // per rank per step, mean over the ranks
   double routing_bytes = 0;  // the routing's minimum, mean over the ranks
   double gather_bytes = 0;   // a naive all-gather's, mean over the ranks
+  double exchange_rate = 0;  // bytes/s of the step's row exchanges per rank, mean over the ranks
+  double peak_rate = 0;      // bytes/s per rank of a plain large all-to-all through the same path
 };
+
+// Bytes/s per rank (sent to the other ranks, mean over the ranks) of a plain all-to-all of 64 MiB
+// per rank of device memory, split evenly over the other ranks; median of five.
+double transport_peak(const dist::Communicator& comm) {
+  const auto others = static_cast<std::size_t>(comm.size() - 1);
+  if (others == 0) return 0;
+  const std::size_t per_peer = (std::size_t(64) << 20) / others;
+  Kokkos::View<unsigned char*, MemSpace> send("bench::peak_send", per_peer * others),
+      recv("bench::peak_recv", per_peer * others);
+  std::vector<std::size_t> counts(static_cast<std::size_t>(comm.size()), per_peer);
+  counts[static_cast<std::size_t>(comm.rank())] = 0;
+  std::vector<double> times;
+  for (int r = 0; r < 6; ++r) {
+    MPI_Barrier(comm.comm());
+    const double start = MPI_Wtime();
+    dist::all_to_all(comm, send.data(), counts, recv.data(), counts);
+    Kokkos::fence();
+    MPI_Barrier(comm.comm());
+    if (r > 0) times.push_back(MPI_Wtime() - start);  // the first sets up the staging buffers
+  }
+  std::sort(times.begin(), times.end());
+  return static_cast<double>(per_peer * others) / times[times.size() / 2];
+}
 
 // Times step() (a training step on comm, collective) and reads the step's traffic off comm.
 WorldResult measure(const dist::Communicator& comm, int repeats, const std::function<void()>& step) {
@@ -57,13 +87,18 @@ WorldResult measure(const dist::Communicator& comm, int repeats, const std::func
   WorldResult w;
   w.world = comm.size();
   w.seconds = times[times.size() / 2];
-  double traffic[3] = {static_cast<double>(comm.bytes_sent()), static_cast<double>(comm.row_bytes_sent()),
-                       static_cast<double>(comm.all_gather_bytes())};
-  comm.all_reduce_sum(traffic, 3);
+  const double rate = comm.exchange_seconds() > 0 ? static_cast<double>(comm.row_bytes_sent()) / comm.exchange_seconds() : 0;
+  double traffic[4] = {static_cast<double>(comm.bytes_sent()), static_cast<double>(comm.row_bytes_sent()),
+                       static_cast<double>(comm.all_gather_bytes()), rate};
+  comm.all_reduce_sum(traffic, 4);
   const double per_rank_step = 1.0 / (static_cast<double>(comm.size()) * repeats);
   w.bytes_sent = traffic[0] * per_rank_step;
   w.routing_bytes = traffic[1] * per_rank_step;
   w.gather_bytes = traffic[2] * per_rank_step;
+  w.exchange_rate = traffic[3] / comm.size();
+  double peak = transport_peak(comm);
+  comm.all_reduce_sum(&peak, 1);
+  w.peak_rate = peak / comm.size();
   return w;
 }
 
@@ -95,8 +130,11 @@ BenchTable over_world_sizes(const char* app, const std::string& title, double fl
   table.title = title + ", mpirun -n " + std::to_string(world);
   char line[512];
   for (const WorldResult& r : results) {
-    std::snprintf(line, sizeof line, "W = %d: sent %.2f MB/rank (routing minimum %.2f, all-gather %.2f)", r.world,
-                  r.bytes_sent * 1e-6, r.routing_bytes * 1e-6, r.gather_bytes * 1e-6);
+    std::snprintf(line, sizeof line,
+                  "W = %d: sent %.2f MB/rank (routing minimum %.2f, all-gather %.2f); all-to-all %.2f GB/s/rank, "
+                  "%.0f%% of the transport's %.2f GB/s",
+                  r.world, r.bytes_sent * 1e-6, r.routing_bytes * 1e-6, r.gather_bytes * 1e-6, r.exchange_rate * 1e-9,
+                  r.peak_rate > 0 ? 100 * r.exchange_rate / r.peak_rate : 0.0, r.peak_rate * 1e-9);
     BenchRow row{line, r.seconds, flops_per_rank * r.world, std::nullopt};
     if (r.world == 1) {
       table.baseline = row;
@@ -106,7 +144,11 @@ BenchTable over_world_sizes(const char* app, const std::string& title, double fl
     }
   }
   table.notes = {"GFLOP/s: the FLOPs of all ranks' tokens; the ratio is the speed-up over one rank doing its own "
-                 "batch (1.0 = perfect weak scaling).",
+                 "batch (1.0 = perfect weak scaling); the weak-scaling efficiency is the ratio over W.",
+                 "All-to-all: the step's row exchanges, bytes sent to other ranks over their wall time (staging copies "
+                 "and waiting included), per rank; the transport's rate: a plain all-to-all of 64 MiB per rank of "
+                 "device memory through the same path (MPI moves device data through " +
+                     dist::describe(dist::mpi_transport()) + ").",
                  "Bytes: per rank per step, mean over the ranks. The routing minimum counts each token row once per "
                  "other rank holding one of its experts, in every exchange of the step; the remainder sent is "
                  "routing metadata (global token ids and expert ids, once per exchange plan). All-gather: every "
@@ -124,10 +166,11 @@ BenchTable bench_dist(const Options& options, int repeats) {
   c.expert_size = positive_option(options, "--expert-size", 128, app);
   c.k = static_cast<int>(positive_option(options, "--k", 4, app));
   const index_t tokens = positive_option(options, "--tokens", 2048, app);
+  c.precision = precision_option(options);
   char title[256];
   std::snprintf(title, sizeof title, "dist: sigma-MoE training step (dmodel %ld, %d experts x %ld, k %d), %ld tokens "
-                "per rank, float", static_cast<long>(c.dmodel), c.n_experts, static_cast<long>(c.expert_size), c.k,
-                static_cast<long>(tokens));
+                "per rank, %s", static_cast<long>(c.dmodel), c.n_experts, static_cast<long>(c.expert_size), c.k,
+                static_cast<long>(tokens), precision_title(c.precision));
   const double flops = 3.0 * 2.0 * 2.0 * static_cast<double>(c.k * c.dmodel * c.expert_size) * tokens;
   return over_world_sizes(app, title, flops, repeats, [&](const dist::Communicator& comm) -> std::function<void()> {
     auto layer = std::make_shared<layers::SigmaMoE<float>>(c, 1, ParameterInit::drawn, comm);

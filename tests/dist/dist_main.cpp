@@ -1,8 +1,13 @@
-// gtest main of kmoe_dist_tests, run under mpirun: MPI and Kokkos live for the whole run, and only
-// rank 0 prints gtest's report (every rank runs every test; a failure on any rank fails the run).
-#include <Kokkos_Core.hpp>
+// gtest main of kmoe_dist_tests, run under mpirun: MPI and Kokkos (each rank on its GPU) live for the
+// whole run, and only rank 0 prints gtest's report (every rank runs every test; a failure on any
+// rank fails the run).
+#include "kmoe/dist/rank_runtime.hpp"
+
 #include <gtest/gtest.h>
 #include <mpi.h>
+
+#include <cstdio>
+#include <string>
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
@@ -15,7 +20,9 @@ int main(int argc, char** argv) {
   }
   int failed = 0;
   {
-    Kokkos::ScopeGuard kokkos(argc, argv);
+    const kmoe::dist::RankRuntime runtime(argc, argv);
+    const std::string where = kmoe::dist::rank_report(MPI_COMM_WORLD);
+    if (rank == 0) std::fprintf(stderr, "%s", where.c_str());
     failed = RUN_ALL_TESTS();
   }
   int any = 0;

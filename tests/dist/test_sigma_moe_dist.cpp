@@ -205,8 +205,8 @@ TEST(SigmaMoEDist, ConfigThatDiffersBetweenRanksIsAnErrorOnEveryRank) {
   }
 }
 
-// Exchanges larger than a round go in several MPI_Alltoallv rounds (what keeps counts of large
-// exchanges in int): forced with rounds of 40 bytes, the step's numbers are the same bits.
+// Exchanges with a pair larger than a message go as point-to-point messages (what keeps counts of
+// large exchanges in int): forced with messages of 40 bytes, the step's numbers are the same bits.
 TEST(SigmaMoEDist, ExchangesInManyRoundsGiveTheSameBits) {
   SigmaMoEConfig c;
   c.dmodel = 8;

@@ -1,5 +1,7 @@
 #include "kmoe/dist/communicator.hpp"
 
+#include "kmoe/core/config.hpp"
+
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -17,17 +19,17 @@ void check_mpi(int rc, const char* what) {
   fail(Status::mpi_error, "kmoe: ", what, " failed: ", std::string(text, static_cast<std::size_t>(length)));
 }
 
+// The largest message of all_to_all (MPI counts are int).
+constexpr std::size_t max_round_bytes = static_cast<std::size_t>(INT_MAX) / 2;
+
+}  // namespace
+
 bool mpi_running() {
   int initialised = 0, finalised = 0;
   MPI_Initialized(&initialised);
   MPI_Finalized(&finalised);
   return initialised != 0 && finalised == 0;
 }
-
-// The largest round: counts and displacements (within a round's buffers) stay in int.
-constexpr std::size_t max_round_bytes = static_cast<std::size_t>(INT_MAX) / 2;
-
-}  // namespace
 
 Communicator::State::~State() {
   if (comm != MPI_COMM_NULL && mpi_running()) MPI_Comm_free(&comm);
@@ -128,68 +130,77 @@ std::vector<unsigned char> Communicator::all_to_all(const unsigned char* send, c
   std::vector<std::uint64_t> sc(send_counts.begin(), send_counts.end()), rc(sc.size());
   check_mpi(MPI_Alltoall(sc.data(), 1, MPI_UINT64_T, rc.data(), 1, MPI_UINT64_T, state_->comm), "MPI_Alltoall");
   recv_counts.assign(rc.begin(), rc.end());
-  std::vector<std::size_t> send_at(sc.size() + 1, 0), recv_at(rc.size() + 1, 0);
-  for (std::size_t r = 0; r < sc.size(); ++r) {
-    send_at[r + 1] = send_at[r] + sc[r];
-    recv_at[r + 1] = recv_at[r] + rc[r];
-    if (static_cast<int>(r) != rank_) state_->bytes_sent += sc[r];
+  std::size_t total = 0;
+  for (const std::size_t c : recv_counts) total += c;
+  std::vector<unsigned char> recv(total);
+  all_to_all(send, send_counts, recv.data(), recv_counts);
+  return recv;
+}
+
+void Communicator::all_to_all(const void* send, const std::vector<std::size_t>& send_counts, void* recv,
+                              const std::vector<std::size_t>& recv_counts) const {
+  const auto ranks = static_cast<std::size_t>(size_);
+  require(send_counts.size() == ranks && recv_counts.size() == ranks, Status::internal,
+          "Communicator::all_to_all: ", send_counts.size(), " send and ", recv_counts.size(), " receive counts for ",
+          size_, " ranks");
+  const auto* sp = static_cast<const unsigned char*>(send);
+  auto* rp = static_cast<unsigned char*>(recv);
+  if (!state_) {
+    require(send_counts[0] == recv_counts[0], Status::internal, "Communicator::all_to_all: ", send_counts[0],
+            " bytes sent to oneself, ", recv_counts[0], " expected");
+    if (send_counts[0] > 0 && sp != rp)
+      Kokkos::deep_copy(Kokkos::View<unsigned char*, MemSpace, Kokkos::MemoryUnmanaged>(rp, recv_counts[0]),
+                        Kokkos::View<const unsigned char*, MemSpace, Kokkos::MemoryUnmanaged>(sp, send_counts[0]));
+    return;
   }
-  std::vector<unsigned char> recv(recv_at.back());
-  // Rounds: each moves at most round_limit bytes per pair, and so at most INT_MAX / 2 in all, so
-  // that counts and displacements fit in int. Every rank runs the same number of rounds.
-  const std::size_t round_limit =
-      std::max<std::size_t>(1, std::min(state_->round_bytes, max_round_bytes / static_cast<std::size_t>(size_)));
-  std::uint64_t local_max = 0;
-  for (std::size_t r = 0; r < sc.size(); ++r) local_max = std::max<std::uint64_t>({local_max, sc[r], rc[r]});
+  std::vector<std::size_t> send_at(ranks + 1, 0), recv_at(ranks + 1, 0);
   std::uint64_t longest = 0;
-  check_mpi(MPI_Allreduce(&local_max, &longest, 1, MPI_UINT64_T, MPI_MAX, state_->comm), "MPI_Allreduce");
-  const std::size_t rounds = std::max<std::size_t>(1, static_cast<std::size_t>((longest + round_limit - 1) / round_limit));
-  std::vector<int> scount(sc.size()), sdisp(sc.size()), rcount(rc.size()), rdisp(rc.size());
-  std::vector<unsigned char> sbuf, rbuf;
-  for (std::size_t round = 0; round < rounds; ++round) {
-    const std::size_t from = round * round_limit;
-    std::size_t stotal = 0, rtotal = 0;
-    for (std::size_t r = 0; r < sc.size(); ++r) {
-      scount[r] = static_cast<int>(std::min<std::uint64_t>(round_limit, sc[r] - std::min<std::uint64_t>(sc[r], from)));
-      rcount[r] = static_cast<int>(std::min<std::uint64_t>(round_limit, rc[r] - std::min<std::uint64_t>(rc[r], from)));
-      stotal += static_cast<std::size_t>(scount[r]);
-      rtotal += static_cast<std::size_t>(rcount[r]);
-    }
-    // Per-round buffers keep displacements below round_limit · ranks; with one round (the usual
-    // case) the caller's buffers are used directly.
-    const unsigned char* sp = send;
-    unsigned char* rp = recv.data();
-    if (rounds > 1) {
-      sbuf.resize(stotal);
-      rbuf.resize(rtotal);
-      std::size_t at = 0;
-      for (std::size_t r = 0; r < sc.size(); ++r) {
-        std::memcpy(sbuf.data() + at, send + send_at[r] + std::min<std::uint64_t>(sc[r], from), static_cast<std::size_t>(scount[r]));
-        at += static_cast<std::size_t>(scount[r]);
-      }
-      sp = sbuf.data();
-      rp = rbuf.data();
-    }
-    int s_at = 0, r_at = 0;
-    for (std::size_t r = 0; r < sc.size(); ++r) {
-      sdisp[r] = rounds > 1 ? s_at : static_cast<int>(send_at[r]);
-      rdisp[r] = rounds > 1 ? r_at : static_cast<int>(recv_at[r]);
-      s_at += scount[r];
-      r_at += rcount[r];
+  for (std::size_t r = 0; r < ranks; ++r) {
+    send_at[r + 1] = send_at[r] + send_counts[r];
+    recv_at[r + 1] = recv_at[r] + recv_counts[r];
+    longest = std::max<std::uint64_t>({longest, send_counts[r], recv_counts[r]});
+    if (static_cast<int>(r) != rank_) state_->bytes_sent += send_counts[r];
+  }
+  const std::size_t round = std::min(state_->round_bytes, max_round_bytes);
+  // Every rank must take the same path: one collective or matching point-to-point messages.
+  std::uint64_t local[2] = {longest, std::max(send_at.back(), recv_at.back())}, global[2] = {0, 0};
+  check_mpi(MPI_Allreduce(local, global, 2, MPI_UINT64_T, MPI_MAX, state_->comm), "MPI_Allreduce");
+  if (global[0] <= round && global[1] <= static_cast<std::uint64_t>(INT_MAX)) {
+    std::vector<int> scount(ranks), sdisp(ranks), rcount(ranks), rdisp(ranks);
+    for (std::size_t r = 0; r < ranks; ++r) {
+      scount[r] = static_cast<int>(send_counts[r]);
+      sdisp[r] = static_cast<int>(send_at[r]);
+      rcount[r] = static_cast<int>(recv_counts[r]);
+      rdisp[r] = static_cast<int>(recv_at[r]);
     }
     check_mpi(MPI_Alltoallv(sp, scount.data(), sdisp.data(), MPI_BYTE, rp, rcount.data(), rdisp.data(), MPI_BYTE,
                             state_->comm),
               "MPI_Alltoallv");
-    if (rounds > 1) {
-      std::size_t at = 0;
-      for (std::size_t r = 0; r < rc.size(); ++r) {
-        std::memcpy(recv.data() + recv_at[r] + std::min<std::uint64_t>(rc[r], from), rbuf.data() + at,
-                    static_cast<std::size_t>(rcount[r]));
-        at += static_cast<std::size_t>(rcount[r]);
+    return;
+  }
+  // Messages of at most `round` bytes; those of one pair arrive in order (MPI does not overtake
+  // messages of one sender, tag and communicator), so pointers carry the 64-bit offsets.
+  std::vector<MPI_Request> requests;
+  const auto post = [&](bool receive) {
+    for (std::size_t r = 0; r < ranks; ++r) {
+      const std::size_t count = receive ? recv_counts[r] : send_counts[r];
+      for (std::size_t from = 0; from < count; from += round) {
+        const int n = static_cast<int>(std::min(round, count - from));
+        requests.emplace_back();
+        if (receive)
+          check_mpi(MPI_Irecv(rp + recv_at[r] + from, n, MPI_BYTE, static_cast<int>(r), 0, state_->comm,
+                              &requests.back()),
+                    "MPI_Irecv");
+        else
+          check_mpi(MPI_Isend(sp + send_at[r] + from, n, MPI_BYTE, static_cast<int>(r), 0, state_->comm,
+                              &requests.back()),
+                    "MPI_Isend");
       }
     }
-  }
-  return recv;
+  };
+  post(true);
+  post(false);
+  check_mpi(MPI_Waitall(static_cast<int>(requests.size()), requests.data(), MPI_STATUSES_IGNORE), "MPI_Waitall");
 }
 
 void Communicator::collectively(const std::function<void()>& step) const {
@@ -246,8 +257,14 @@ void Communicator::count_exchange(std::uint64_t row_bytes, std::uint64_t all_gat
   state_->all_gather_bytes += all_gather_bytes;
 }
 
+void Communicator::count_exchange_time(double seconds) const {
+  if (state_) state_->exchange_seconds += seconds;
+}
+
 void Communicator::reset_bytes_sent() const {
-  if (state_) state_->bytes_sent = state_->row_bytes_sent = state_->all_gather_bytes = 0;
+  if (!state_) return;
+  state_->bytes_sent = state_->row_bytes_sent = state_->all_gather_bytes = 0;
+  state_->exchange_seconds = 0;
 }
 
 RngStream take_global(const Communicator& comm, Generator& rng, std::uint64_t local_count) {

@@ -64,6 +64,12 @@ class Communicator {
   // exchanges over 2^31 bytes go in rounds. Zero-count pairs are normal.
   std::vector<unsigned char> all_to_all(const unsigned char* send, const std::vector<std::size_t>& send_counts,
                                         std::vector<std::size_t>& recv_counts) const;
+  // The same with the receive counts known beforehand (they must match what the ranks send) and
+  // the caller's buffers, which may be device memory where mpi_transport() is device_buffers: one
+  // MPI_Alltoallv when every count and displacement fits MPI's int and no pair exceeds the round
+  // size, else point-to-point messages of at most the round size (no staging copy).
+  void all_to_all(const void* send, const std::vector<std::size_t>& send_counts, void* recv,
+                  const std::vector<std::size_t>& recv_counts) const;
 
   // Runs step on this rank, then agrees with every rank on the outcome: when any rank's step
   // threw, every rank throws the first failing rank's status and message (prefixed "rank r: ").
@@ -72,9 +78,9 @@ class Communicator {
   // Status::invalid_argument naming `what` and the ranks that differ from rank 0.
   void require_same(std::uint64_t value, const std::string& what) const;
 
-  // The most bytes one pair of ranks exchanges per MPI_Alltoallv round (default 2^29, and never
-  // more than INT_MAX / (2 · size) so that counts and displacements fit MPI's int). Small values
-  // exercise the rounds in tests. Every rank must set the same value.
+  // The most bytes one message between a pair of ranks carries (default 2^29, at most INT_MAX / 2):
+  // larger exchanges go as several point-to-point messages. Small values exercise that path in
+  // tests. Every rank must set the same value.
   void set_round_bytes(std::size_t bytes) const;
 
   // Bytes this rank has sent to other ranks through all_to_all (its own rows to itself excluded).
@@ -86,12 +92,18 @@ class Communicator {
   std::uint64_t row_bytes_sent() const { return state_ ? state_->row_bytes_sent : 0; }
   std::uint64_t all_gather_bytes() const { return state_ ? state_->all_gather_bytes : 0; }
   void count_exchange(std::uint64_t row_bytes, std::uint64_t all_gather_bytes) const;
+  // Wall time of the expert exchanges' row transfers (staging copies and MPI, waiting for the
+  // other ranks included): the achieved all-to-all rate is their bytes over it. Counted by
+  // dist::ExpertExchange; reset with bytes_sent.
+  double exchange_seconds() const { return state_ ? state_->exchange_seconds : 0; }
+  void count_exchange_time(double seconds) const;
   void reset_bytes_sent() const;
 
  private:
   struct State {
     MPI_Comm comm = MPI_COMM_NULL;
     std::uint64_t bytes_sent = 0, row_bytes_sent = 0, all_gather_bytes = 0;
+    double exchange_seconds = 0;
     std::size_t round_bytes = std::size_t(1) << 29;
     ~State();
   };
@@ -99,6 +111,9 @@ class Communicator {
   int rank_ = 0;
   int size_ = 1;
 };
+
+// Whether MPI is initialised and not yet finalised.
+bool mpi_running();
 
 // This rank's draws of a batch-wide stream: the generator advances by every rank's count (the
 // same on every rank), and this rank's stream starts after the ranks before it, so that rank r's

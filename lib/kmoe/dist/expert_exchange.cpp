@@ -1,8 +1,11 @@
 #include "kmoe/dist/expert_exchange.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/dist/mpi_memory.hpp"
 
+#include <algorithm>
 #include <cstring>
+#include <string>
 
 namespace kmoe::dist {
 
@@ -46,7 +49,7 @@ ExpertExchange::ExpertExchange(const Communicator& comm, const Placement& placem
   // Per destination: the tokens with a pair it holds, and their records [global token, k experts
   // (global id where the destination holds it, else −1)].
   const std::vector<int> index = expert_index.empty() ? std::vector<int>() : expert_index.to_host();
-  send_tokens_.assign(static_cast<std::size_t>(world), {});
+  std::vector<std::vector<index_t>> send_tokens(static_cast<std::size_t>(world));
   std::vector<std::vector<std::int64_t>> records(static_cast<std::size_t>(world));
   std::vector<char> wanted(static_cast<std::size_t>(world));
   for (index_t t = 0; t < tokens_; ++t) {
@@ -60,7 +63,7 @@ ExpertExchange::ExpertExchange(const Communicator& comm, const Placement& placem
     }
     for (int r = 0; r < world; ++r) {
       if (!wanted[r]) continue;
-      send_tokens_[r].push_back(t);
+      send_tokens[r].push_back(t);
       std::vector<std::int64_t>& rec = records[r];
       rec.push_back(first_token + t);
       const int first = placement.first_expert(r), last = first + placement.local_experts(r);
@@ -76,8 +79,9 @@ ExpertExchange::ExpertExchange(const Communicator& comm, const Placement& placem
     send_bytes[r] = records[r].size() * sizeof(std::int64_t);
     const auto* bytes = reinterpret_cast<const unsigned char*>(records[r].data());
     packed.insert(packed.end(), bytes, bytes + send_bytes[r]);
-    if (r != rank) rows_sent_ += send_tokens_[r].size();
+    if (r != rank) rows_sent_ += send_tokens[r].size();
   }
+  upload_send_plan(send_tokens);
   std::vector<std::size_t> recv_bytes;
   const std::vector<unsigned char> got = comm.all_to_all(packed.data(), send_bytes, recv_bytes);
   const std::size_t record = static_cast<std::size_t>(k_ + 1);
@@ -108,6 +112,52 @@ ExpertExchange::ExpertExchange(const Communicator& comm, const Placement& placem
   received_tokens_ = global;
 }
 
+void ExpertExchange::upload_send_plan(const std::vector<std::vector<index_t>>& send_tokens) {
+  // Destination-major send order; and, per token, its sent copies in rank order (a counting sort
+  // of the send order by token, stable, so that the combine sums in rank order).
+  std::vector<index_t> order, offsets(static_cast<std::size_t>(tokens_) + 1, 0);
+  send_rows_.clear();
+  for (const std::vector<index_t>& to_rank : send_tokens) {
+    send_rows_.push_back(to_rank.size());
+    order.insert(order.end(), to_rank.begin(), to_rank.end());
+    for (const index_t t : to_rank) ++offsets[static_cast<std::size_t>(t) + 1];
+  }
+  for (std::size_t t = 0; t < static_cast<std::size_t>(tokens_); ++t) offsets[t + 1] += offsets[t];
+  std::vector<index_t> rows(order.size()), next(offsets.begin(), offsets.end() - 1);
+  for (std::size_t i = 0; i < order.size(); ++i) rows[static_cast<std::size_t>(next[order[i]]++)] = static_cast<index_t>(i);
+  const auto upload = [](const char* label, const std::vector<index_t>& values) {
+    View1<index_t> device(std::string(label), values.size());
+    Kokkos::deep_copy(device, Kokkos::View<const index_t*, HostSpace, Kokkos::MemoryUnmanaged>(values.data(), values.size()));
+    return View1<const index_t>(device);
+  };
+  send_tokens_ = upload("exchange::send_tokens", order);
+  combine_offsets_ = upload("exchange::combine_offsets", offsets);
+  combine_rows_ = upload("exchange::combine_rows", rows);
+}
+
+index_t ExpertExchange::common_width(index_t width) const {
+  // A rank without rows learns the width from the others.
+  index_t common = 0;
+  for (const std::int64_t v : comm_.all_gather(static_cast<std::int64_t>(width))) common = std::max<index_t>(common, v);
+  return common;
+}
+
+template <class T>
+void ExpertExchange::exchange_rows(const T* send, const std::vector<std::size_t>& send_rows, T* recv,
+                                   const std::vector<std::size_t>& recv_rows, index_t width) const {
+  const std::size_t row_bytes = static_cast<std::size_t>(width) * sizeof(T);
+  std::vector<std::size_t> send_bytes(send_rows.size()), recv_bytes(recv_rows.size());
+  for (std::size_t r = 0; r < send_rows.size(); ++r) {
+    send_bytes[r] = send_rows[r] * row_bytes;
+    recv_bytes[r] = recv_rows[r] * row_bytes;
+  }
+  Kokkos::fence();  // the packing kernel's time is not the transfer's
+  const double start = MPI_Wtime();
+  all_to_all(comm_, send, send_bytes, recv, recv_bytes);
+  Kokkos::fence();
+  comm_.count_exchange_time(MPI_Wtime() - start);
+}
+
 template <class T>
 Tensor<T> ExpertExchange::dispatch(const Tensor<T>& per_token) const {
   const int world = comm_.size();
@@ -115,31 +165,28 @@ Tensor<T> ExpertExchange::dispatch(const Tensor<T>& per_token) const {
           Status::shape_mismatch, "ExpertExchange::dispatch: rows are ", per_token.shape().str(), ", expected [",
           tokens_, ", width]");
   if (in_place_) return per_token.empty() ? Tensor<T>() : per_token.clone("exchange::dispatched");
-  // A rank without tokens learns the width from the others.
-  const index_t width = per_token.empty() ? 0 : per_token.dim(1);
-  const std::vector<std::int64_t> widths = comm_.all_gather(static_cast<std::int64_t>(width));
-  index_t common = 0;
-  for (const std::int64_t v : widths) common = std::max<index_t>(common, v);
-  const std::vector<T> rows = per_token.empty() ? std::vector<T>() : per_token.to_host();
-  const std::size_t row_bytes = static_cast<std::size_t>(common) * sizeof(T);
-  std::vector<std::size_t> send_bytes(static_cast<std::size_t>(world));
-  std::vector<unsigned char> packed;
-  for (int r = 0; r < world; ++r) {
-    send_bytes[r] = send_tokens_[r].size() * row_bytes;
-    const std::size_t at = packed.size();
-    packed.resize(at + send_bytes[r]);
-    for (std::size_t i = 0; i < send_tokens_[r].size(); ++i)
-      std::memcpy(packed.data() + at + i * row_bytes, rows.data() + send_tokens_[r][i] * common, row_bytes);
-  }
-  comm_.count_exchange(rows_sent_ * row_bytes,
-                       static_cast<std::uint64_t>(world - 1) * static_cast<std::uint64_t>(tokens_) * row_bytes);
-  std::vector<std::size_t> recv_bytes;
-  const std::vector<unsigned char> got = comm_.all_to_all(packed.data(), send_bytes, recv_bytes);
+  const index_t width = common_width(per_token.empty() ? 0 : per_token.dim(1));
+  const auto sent = static_cast<index_t>(send_tokens_.extent(0));
   const index_t received = received_rows();
-  if (received == 0 || common == 0) return Tensor<T>();
-  std::vector<T> out(static_cast<std::size_t>(received * common));
-  std::memcpy(out.data(), got.data(), out.size() * sizeof(T));
-  return Tensor<T>::from_host("exchange::dispatched", {received, common}, out);
+  const std::uint64_t row_bytes = static_cast<std::uint64_t>(width) * sizeof(T);
+  comm_.count_exchange(rows_sent_ * row_bytes, static_cast<std::uint64_t>(world - 1) * static_cast<std::uint64_t>(tokens_) * row_bytes);
+  // Each destination's rows, packed in send order.
+  const auto packed = Tensor<T>::uninitialized("exchange::packed", {sent, width});
+  if (sent > 0 && width > 0) {
+    const View2<const T> from = per_token.as_matrix();
+    const View2<T> to = packed.as_matrix();
+    const View1<const index_t> tokens = send_tokens_;
+    Kokkos::parallel_for(
+        "kmoe::exchange::pack", md_range<2>({0, 0}, {sent, width}),
+        KOKKOS_LAMBDA(const index_t i, const index_t c) { to(i, c) = from(tokens(i), c); });
+  }
+  if (received == 0 || width == 0) {
+    exchange_rows<T>(packed.data(), send_rows_, nullptr, recv_rows_, width);
+    return Tensor<T>();
+  }
+  auto out = Tensor<T>::uninitialized("exchange::dispatched", {received, width});
+  exchange_rows<T>(packed.data(), send_rows_, out.data(), recv_rows_, width);
+  return out;
 }
 
 template <class T>
@@ -150,36 +197,30 @@ Tensor<T> ExpertExchange::combine(const Tensor<T>& per_row) const {
           Status::shape_mismatch, "ExpertExchange::combine: rows are ", per_row.shape().str(), ", expected [",
           received, ", width]");
   if (in_place_) return per_row.empty() ? Tensor<T>("exchange::combined", {0, 0}) : per_row.clone("exchange::combined");
-  const index_t width = per_row.empty() ? 0 : per_row.dim(1);
-  const std::vector<std::int64_t> widths = comm_.all_gather(static_cast<std::int64_t>(width));
-  index_t common = 0;
-  for (const std::int64_t v : widths) common = std::max<index_t>(common, v);
+  const index_t width = common_width(per_row.empty() ? 0 : per_row.dim(1));
   // The rows go back to their sources as they came: source by source, in the order received.
-  std::vector<std::size_t> send_bytes(static_cast<std::size_t>(world));
   std::uint64_t back_to_others = 0;
-  for (int r = 0; r < world; ++r) {
-    send_bytes[r] = recv_rows_[r] * static_cast<std::size_t>(common) * sizeof(T);
-    if (r != comm_.rank()) back_to_others += send_bytes[r];
-  }
+  for (int r = 0; r < world; ++r)
+    if (r != comm_.rank()) back_to_others += recv_rows_[r] * static_cast<std::size_t>(width) * sizeof(T);
   comm_.count_exchange(back_to_others, static_cast<std::uint64_t>(world - 1) * static_cast<std::uint64_t>(tokens_) *
-                                           static_cast<std::uint64_t>(common) * sizeof(T));
-  const std::vector<T> rows = per_row.empty() ? std::vector<T>() : per_row.to_host();
-  std::vector<std::size_t> recv_bytes;
-  const std::vector<unsigned char> got =
-      comm_.all_to_all(reinterpret_cast<const unsigned char*>(rows.data()), send_bytes, recv_bytes);
-  if (tokens_ == 0) return Tensor<T>("exchange::combined", {0, common});
-  if (common == 0) return Tensor<T>();
-  std::vector<T> out(static_cast<std::size_t>(tokens_ * common), T(0));
-  std::size_t at = 0;
-  for (int r = 0; r < world; ++r) {
-    const T* back = reinterpret_cast<const T*>(got.data() + at);
-    for (std::size_t i = 0; i < send_tokens_[r].size(); ++i) {
-      T* into = out.data() + send_tokens_[r][i] * common;
-      for (index_t c = 0; c < common; ++c) into[c] += back[i * static_cast<std::size_t>(common) + c];
-    }
-    at += recv_bytes[r];
-  }
-  return Tensor<T>::from_host("exchange::combined", {tokens_, common}, out);
+                                           static_cast<std::uint64_t>(width) * sizeof(T));
+  const auto sent = static_cast<index_t>(send_tokens_.extent(0));
+  const auto back = Tensor<T>::uninitialized("exchange::returned", {sent, width});
+  exchange_rows<T>(per_row.empty() ? nullptr : per_row.data(), recv_rows_, back.data(), send_rows_, width);
+  if (tokens_ == 0) return Tensor<T>("exchange::combined", {0, width});
+  if (width == 0) return Tensor<T>();
+  // Each token's copies summed in rank order (zeros for a token sent nowhere): deterministic.
+  auto out = Tensor<T>::uninitialized("exchange::combined", {tokens_, width});
+  const View2<const T> from = back.as_matrix();
+  const View2<T> to = out.as_matrix();
+  const View1<const index_t> offsets = combine_offsets_, rows = combine_rows_;
+  Kokkos::parallel_for(
+      "kmoe::exchange::combine", md_range<2>({0, 0}, {tokens_, width}), KOKKOS_LAMBDA(const index_t t, const index_t c) {
+        T sum = 0;
+        for (index_t p = offsets(t); p < offsets(t + 1); ++p) sum += from(rows(p), c);
+        to(t, c) = sum;
+      });
+  return out;
 }
 
 template Tensor<float> ExpertExchange::dispatch<float>(const Tensor<float>&) const;

@@ -13,8 +13,9 @@
 //
 // With one rank everything stays in place on the device: every token is "received" (a token
 // whose pairs are all dropped gives zero rows, as a token sent nowhere does), dispatch and combine
-// are device copies, and nothing waits for the host. Across ranks the records and rows travel
-// through host buffers.
+// are device copies, and nothing waits for the host. Across ranks the routing records are built
+// on the host once per plan; the rows are packed and summed by device kernels and travel in
+// device memory or pinned host buffers, as mpi_transport() decides.
 #pragma once
 
 #include "kmoe/core/tensor.hpp"
@@ -53,11 +54,24 @@ class ExpertExchange {
   Tensor<T> combine(const Tensor<T>& per_row) const;
 
  private:
+  void upload_send_plan(const std::vector<std::vector<index_t>>& send_tokens);
+  // The widest row width of the ranks (a rank without rows has width 0). Collective.
+  index_t common_width(index_t width) const;
+  // Rows of width to and from every rank (counts in rows, rank order), through mpi_transport().
+  template <class T>
+  void exchange_rows(const T* send, const std::vector<std::size_t>& send_rows, T* recv,
+                     const std::vector<std::size_t>& recv_rows, index_t width) const;
+
   Communicator comm_;
   index_t tokens_ = 0;
   int k_ = 0;
-  std::vector<std::vector<index_t>> send_tokens_;  // per destination rank: local tokens, ascending
-  std::vector<std::size_t> recv_rows_;              // per source rank: rows received
+  std::vector<std::size_t> send_rows_;  // per destination rank: rows sent
+  std::vector<std::size_t> recv_rows_;  // per source rank: rows received
+  // [rows sent] the local token of each sent row, destination by destination, ascending in each.
+  View1<const index_t> send_tokens_;
+  // Per local token, the sent rows that were its copies, in rank order: rows
+  // combine_rows_[combine_offsets_[t] .. combine_offsets_[t + 1]) of what comes back.
+  View1<const index_t> combine_offsets_, combine_rows_;
   bool in_place_ = false;  // one rank: nothing crosses ranks
   index_t received_rows_ = 0;
   Tensor<int> received_experts_;

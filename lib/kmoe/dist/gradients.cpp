@@ -1,5 +1,6 @@
 #include "kmoe/dist/gradients.hpp"
 
+#include "kmoe/dist/mpi_memory.hpp"
 #include "kmoe/dist/parameter_blocks.hpp"
 
 #include <KokkosBlas1_nrm2.hpp>
@@ -12,22 +13,25 @@ namespace kmoe::dist {
 template <class T>
 void all_reduce_dense_gradients(const Communicator& comm, const model::ParameterList<T>& parameters) {
   if (!comm.distributed()) return;
-  // One reduction for all of them, packed in registry order (the same on every rank).
-  std::vector<T> packed;
-  for (const model::Parameter<T>& p : parameters) {
-    if (p.partial() || p.grad == nullptr || p.grad->empty()) continue;
-    const std::vector<T> g = p.grad->to_host();
-    packed.insert(packed.end(), g.begin(), g.end());
-  }
-  comm.all_reduce_sum(packed.data(), packed.size());
-  std::size_t at = 0;
-  for (const model::Parameter<T>& p : parameters) {
-    if (p.partial() || p.grad == nullptr || p.grad->empty()) continue;
-    const std::size_t n = static_cast<std::size_t>(p.grad->size());
-    p.grad->copy_from_host(std::vector<T>(packed.begin() + static_cast<std::ptrdiff_t>(at),
-                                          packed.begin() + static_cast<std::ptrdiff_t>(at + n)));
-    at += n;
-  }
+  // One reduction for all of them, packed on the device in registry order (the same on every rank).
+  const auto dense = [](const model::Parameter<T>& p) { return !p.partial() && p.grad != nullptr && !p.grad->empty(); };
+  std::size_t total = 0;
+  for (const model::Parameter<T>& p : parameters)
+    if (dense(p)) total += static_cast<std::size_t>(p.grad->size());
+  const auto packed = Tensor<T>::uninitialized("dist::dense_gradients", {static_cast<index_t>(total)});
+  const View1<T> all = packed.flat();
+  const auto each = [&](auto&& copy) {
+    std::size_t at = 0;
+    for (const model::Parameter<T>& p : parameters) {
+      if (!dense(p)) continue;
+      const std::size_t n = static_cast<std::size_t>(p.grad->size());
+      copy(Kokkos::subview(all, std::make_pair(at, at + n)), p.grad->flat());
+      at += n;
+    }
+  };
+  each([](const auto& slice, const View1<T>& grad) { Kokkos::deep_copy(ExecSpace(), slice, grad); });
+  all_reduce_sum(comm, all);
+  each([](const auto& slice, const View1<T>& grad) { Kokkos::deep_copy(ExecSpace(), grad, slice); });
 }
 
 template <class T>

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/dist/mpi_memory.hpp"
 #include "kmoe/moe/cvmm.hpp"
 #include "kmoe/moe/expert_bias.hpp"
 #include "kmoe/ops/dropout.hpp"
@@ -134,7 +135,7 @@ Tensor<T> expert_linear(const moe::DispatchPlan& plan, const Tensor<T>& x, const
 }
 
 // [rows] Σ_c term(r, c) over this rank's `cols` columns, summed over the shards that hold the
-// row's other columns (in rank order, on the host).
+// row's other columns (in rank order).
 template <class T, class Term>
 View1<T> shard_row_sums(index_t rows, index_t cols, const dist::Communicator& shards, const Term& term) {
   View1<T> sums("kmoe::soft_moe_experts::row_sums", rows);
@@ -144,11 +145,7 @@ View1<T> shard_row_sums(index_t rows, index_t cols, const dist::Communicator& sh
         for (index_t c = 0; c < cols; ++c) sum += term(r, c);
         sums(r) = sum;
       });
-  if (shards.size() > 1) {
-    const auto host = Kokkos::create_mirror_view_and_copy(HostSpace(), sums);
-    shards.all_reduce_sum(host.data(), static_cast<std::size_t>(rows));
-    Kokkos::deep_copy(sums, host);
-  }
+  dist::all_reduce_sum(shards, sums);
   return sums;
 }
 
