@@ -93,7 +93,9 @@ KMOE_API const char* kmoe_last_error(void);
 KMOE_API const char* kmoe_status_name(kmoe_status status); /* "ok", "invalid_argument", ... */
 
 /* Starts Kokkos unless the host code already did (then kmoe uses it and kmoe_finalize leaves it).
- * Call once before anything else; further calls are counted. */
+ * Call once before anything else; further calls are counted. On a GPU build under mpirun or srun,
+ * the ranks of a node take its GPUs round robin by local rank (Open MPI's, MVAPICH2's or Slurm's
+ * variable; not collective); KOKKOS_DEVICE_ID picks one instead. */
 KMOE_API kmoe_status kmoe_initialize(void);
 /* Balances kmoe_initialize; the last one finalises Kokkos if kmoe started it. Every handle must be
  * destroyed before. */

@@ -1,9 +1,11 @@
 #include "kmoe/ops/impl/grouped_gemm_bf16.hpp"
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/core/tensor.hpp"
@@ -28,13 +30,17 @@ bool use_kmoe_grouped_gemm() {
 namespace {
 
 constexpr int tile_m = 128, tile_n = 128, tile_k = 32, threads = 256;
-constexpr int pad = 8;  // bf16 elements of row padding in shared memory (bank
-                        // spread, 16-byte rows)
-constexpr int a_ld = tile_k + pad, b_ld = tile_n + pad;
-constexpr int loads_per_thread = tile_m * tile_k / threads;  // 16, the same for the B tile
+// Shared tiles keep the operand's global layout, so that every copy is a 16-byte vector: an operand
+// stored with k contiguous ([outer][k]: A not transposed, B transposed) as [128][32 + pad], one with
+// the outer dimension contiguous ([k][outer]) as [32][128 + pad]; the fragments read them row- or
+// column-major. The pad spreads rows over the banks and keeps rows 16-byte aligned.
+constexpr int pad = 8;
+constexpr int kc_ld = tile_k + pad, oc_ld = tile_m + pad;
+constexpr int tile_elements = tile_m * kc_ld;  // ≥ tile_k * oc_ld: a stage holds either layout
+static_assert(tile_k * oc_ld <= tile_elements, "a stage holds either layout");
+constexpr int vectors_per_thread = tile_m * tile_k / 8 / threads;  // 2 vectors of 8 per operand
 
-// One problem as the kernel reads it (plain data, copied to the device per
-// launch).
+// One problem as the kernel reads it (plain data, copied to the device per launch).
 struct DeviceProblem {
   std::int64_t m, n, k, lda, ldb, ldc;
   const __nv_bfloat16* a;
@@ -46,76 +52,66 @@ struct DeviceProblem {
   std::int64_t tiles_n;     // column tiles
 };
 
-// Loads one operand's tile slices from global memory. Thread t takes
-// loads_per_thread elements, chosen so that a warp reads 32 consecutive
-// elements of the operand's contiguous dimension; out of range elements read as
-// 0. `contiguous_is_k`: the operand's rows run along k (A not transposed, B
-// transposed), so a warp covers 32 k values of one row of the tile's 128 and
-// the thread's rows step by 8; otherwise a warp covers 32 of the tile's 128
-// rows/columns along the contiguous dimension and the thread's k values step
-// by 2.
-template <bool contiguous_is_k>
-struct TileLoader {
-  const __nv_bfloat16* ptr;  // the thread's first element of the current slice
-  std::int64_t ld;
-  int fixed;                // its position along the tile's 128 (contiguous_is_k: along k)
-  std::int64_t outer_left;  // rows (128-direction) left in the matrix from the
-                            // thread's first
-  std::int64_t k_left;      // k values left from the slice's start
+__device__ inline void cp_async_16(void* shared, const void* global, int source_bytes) {
+  // Copies source_bytes (0..16) and zero-fills the rest of the 16: the tile edges need no branch.
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(source_bytes));
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int pending>
+__device__ inline void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+}
 
-  __device__ void init(const __nv_bfloat16* base, std::int64_t ld_, std::int64_t outer0, std::int64_t outer_size,
-                       std::int64_t k_size) {
-    const int t = threadIdx.x;
+// Copies one operand's 128 × 32 slice into a shared tile, 8 elements a copy. With 16-byte aligned
+// rows (ld a multiple of 8, an aligned base) the copies are asynchronous (cp.async, zero-filled
+// past the matrix); otherwise (ST-MoE's hidden 1365, say) they go through registers.
+template <bool k_contiguous>
+struct SliceLoader {
+  const __nv_bfloat16* base;
+  std::int64_t ld, outer0, outer_size, k_size;
+  bool vectors;
+
+  __device__ void init(const __nv_bfloat16* base_, std::int64_t ld_, std::int64_t outer0_, std::int64_t outer_size_,
+                       std::int64_t k_size_) {
+    base = base_;
     ld = ld_;
-    k_left = k_size;
-    if (contiguous_is_k) {  // stored [outer][k]
-      fixed = t % tile_k;
-      ptr = base + (outer0 + t / tile_k) * ld + fixed;
-      outer_left = outer_size - outer0 - t / tile_k;
-    } else {  // stored [k][outer]
-      fixed = t % tile_m;
-      ptr = base + (t / tile_m) * ld + outer0 + fixed;
-      outer_left = outer_size - outer0 - fixed;
-    }
+    outer0 = outer0_;
+    outer_size = outer_size_;
+    k_size = k_size_;
+    vectors = ld % 8 == 0 && reinterpret_cast<std::uintptr_t>(base) % 16 == 0;
   }
-  __device__ void fetch(__nv_bfloat16 (&values)[loads_per_thread]) const {
-    const int t = threadIdx.x;
+  __device__ void load(__nv_bfloat16* tile, std::int64_t k0) const {
 #pragma unroll
-    for (int e = 0; e < loads_per_thread; ++e) {
-      bool inside;
-      const __nv_bfloat16* q;
-      if (contiguous_is_k) {  // row t / 32 + 8e, k t % 32
-        inside = 8 * e < outer_left && fixed < k_left;
-        q = ptr + 8 * e * ld;
-      } else {  // k t / 128 + 2e, row t % 128
-        inside = outer_left > 0 && t / tile_m + 2 * e < k_left;
-        q = ptr + 2 * e * ld;
+    for (int e = 0; e < vectors_per_thread; ++e) {
+      const int v = threadIdx.x + threads * e;
+      // The vector's first element in the tile: [128][32] has 4 vectors a row, [32][128] 16.
+      const int outer = k_contiguous ? v / 4 : (v % 16) * 8, kk = k_contiguous ? (v % 4) * 8 : v / 16;
+      __nv_bfloat16* to = k_contiguous ? tile + outer * kc_ld + kk : tile + kk * oc_ld + outer;
+      const std::int64_t go = outer0 + outer, gk = k0 + kk;
+      const std::int64_t along = k_contiguous ? k_size - gk : outer_size - go;  // left in the contiguous direction
+      const bool row_inside = k_contiguous ? go < outer_size : gk < k_size;
+      const int valid = row_inside ? static_cast<int>(along < 0 ? 0 : along > 8 ? 8 : along) : 0;
+      const __nv_bfloat16* from = k_contiguous ? base + go * ld + gk : base + gk * ld + go;
+      if (vectors) {
+        cp_async_16(to, valid > 0 ? from : base, 2 * valid);
+      } else {
+        __align__(16) __nv_bfloat16 values[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) values[i] = i < valid ? from[i] : __float2bfloat16(0.f);
+        *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(values);
       }
-      values[e] = inside ? *q : __float2bfloat16(0.f);
     }
-  }
-  __device__ void advance() {
-    ptr += contiguous_is_k ? tile_k : tile_k * ld;
-    k_left -= tile_k;
-  }
-  // The slot of value e in a shared tile stored [outer 128][k] (k_major) or
-  // [k][outer 128].
-  __device__ static int slot(int e, bool k_major, int ld_tile) {
-    const int t = threadIdx.x;
-    const int outer = contiguous_is_k ? t / tile_k + 8 * e : t % tile_m;
-    const int kk = contiguous_is_k ? t % tile_k : t / tile_m + 2 * e;
-    return k_major ? outer * ld_tile + kk : kk * ld_tile + outer;
   }
 };
 
-// Every output tile of every problem in one grid; op(A) is A (TA false) or Aᵀ,
-// op(B) likewise.
+// Every output tile of every problem in one grid; op(A) is A (TA false) or Aᵀ, op(B) likewise.
+// Two shared stages: the next K slice copies while the current one multiplies.
 template <bool TA, bool TB>
 __global__ void __launch_bounds__(threads, 2) grouped_gemm_kernel(const DeviceProblem* problems, int count) {
   using namespace nvcuda;
-  __shared__ __align__(128) __nv_bfloat16 a_tile[tile_m * a_ld];  // [m 128][k 32 + pad]
-  __shared__ __align__(128) __nv_bfloat16 b_tile[tile_k * b_ld];  // [k 32][n 128 + pad]
-  __shared__ __align__(128) float staging[8][16 * 16];
+  // [stage][operand][tile]; after the main loop, the epilogue's per-warp staging.
+  __shared__ __align__(128) __nv_bfloat16 tiles[2][2][tile_elements];
 
   // The problem of this block: the last whose first tile is at or before it.
   const std::int64_t block = blockIdx.x;
@@ -134,66 +130,70 @@ __global__ void __launch_bounds__(threads, 2) grouped_gemm_kernel(const DevicePr
   const float alpha = p.alpha, beta = p.beta;
   __nv_bfloat16* const c = p.c;
 
-  TileLoader<!TA> a_loader;  // A stored [m][k] has its rows along k
-  TileLoader<TB> b_loader;   // B stored [n][k] (transposed) has its rows along k
+  SliceLoader<!TA> a_loader;  // A stored [m][k] has k contiguous
+  SliceLoader<TB> b_loader;   // B stored [n][k] (transposed) has k contiguous
   a_loader.init(p.a, p.lda, row0, m, k);
   b_loader.init(p.b, p.ldb, col0, n, k);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int warp_row = (warp / 4) * 64,
-            warp_col = (warp % 4) * 32;  // 2 × 4 warps, 64 × 32 each
+  const int warp_row = (warp / 4) * 64, warp_col = (warp % 4) * 32;  // 2 × 4 warps, 64 × 32 each
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
-  __nv_bfloat16 a_next[loads_per_thread], b_next[loads_per_thread];
-  const auto store = [&]() {
-#pragma unroll
-    for (int e = 0; e < loads_per_thread; ++e) {
-      a_tile[TileLoader<!TA>::slot(e, true, a_ld)] = a_next[e];
-      b_tile[TileLoader<TB>::slot(e, false, b_ld)] = b_next[e];
-    }
-  };
-
+  using ALayout = std::conditional_t<TA, wmma::col_major, wmma::row_major>;
+  using BLayout = std::conditional_t<TB, wmma::col_major, wmma::row_major>;
   const std::int64_t slices = (k + tile_k - 1) / tile_k;
   if (slices > 0) {
-    a_loader.fetch(a_next);
-    b_loader.fetch(b_next);
-    store();
-    __syncthreads();
+    a_loader.load(tiles[0][0], 0);
+    b_loader.load(tiles[0][1], 0);
+    cp_async_commit();
   }
   for (std::int64_t s = 0; s < slices; ++s) {
-    if (s + 1 < slices) {  // the next slice in flight while this one multiplies
-      a_loader.advance();
-      b_loader.advance();
-      a_loader.fetch(a_next);
-      b_loader.fetch(b_next);
+    if (s + 1 < slices) {
+      a_loader.load(tiles[(s + 1) % 2][0], (s + 1) * tile_k);
+      b_loader.load(tiles[(s + 1) % 2][1], (s + 1) * tile_k);
+      cp_async_commit();
+      cp_async_wait<1>();  // this slice's copies are done, the next one's may still fly
+    } else {
+      cp_async_wait<0>();
     }
+    __syncthreads();
+    const __nv_bfloat16* a_tile = tiles[s % 2][0];
+    const __nv_bfloat16* b_tile = tiles[s % 2][1];
 #pragma unroll
     for (int kk = 0; kk < tile_k; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a_frag[4];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b_frag[2];
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, ALayout> a_frag[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, BLayout> b_frag[2];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(a_frag[i], a_tile + (warp_row + 16 * i) * a_ld + kk, a_ld);
+      for (int i = 0; i < 4; ++i) {
+        const int row = warp_row + 16 * i;
+        if constexpr (TA)
+          wmma::load_matrix_sync(a_frag[i], a_tile + kk * oc_ld + row, oc_ld);
+        else
+          wmma::load_matrix_sync(a_frag[i], a_tile + row * kc_ld + kk, kc_ld);
+      }
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b_frag[j], b_tile + kk * b_ld + warp_col + 16 * j, b_ld);
+      for (int j = 0; j < 2; ++j) {
+        const int col = warp_col + 16 * j;
+        if constexpr (TB)
+          wmma::load_matrix_sync(b_frag[j], b_tile + col * kc_ld + kk, kc_ld);
+        else
+          wmma::load_matrix_sync(b_frag[j], b_tile + kk * oc_ld + col, oc_ld);
+      }
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a_frag[i], b_frag[j], acc[i][j]);
     }
-    __syncthreads();
-    if (s + 1 < slices) {
-      store();
-      __syncthreads();
-    }
+    __syncthreads();  // the stage is read before the iteration after next overwrites it
   }
 
-  // Epilogue, a fragment at a time through the warp's staging block: C = alpha
-  // · acc + beta · C.
-  float* stage = staging[warp];
+  // Epilogue, a fragment at a time through the warp's staging block (the stages' memory, free
+  // now): C = alpha · acc + beta · C.
+  float* stage = reinterpret_cast<float*>(&tiles[0][0][0]) + warp * 256;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
