@@ -1,5 +1,5 @@
 // One rank of an MPI job and its GPU. The ranks on a node take the node's visible GPUs round robin
-// by node-local rank (MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)), under any launcher: Kokkos 3.4
+// by node-local rank (ranks with the same MPI_Get_processor_name), under any launcher: Kokkos 3.4
 // on its own reads only Open MPI's, MVAPICH2's and Slurm's environment variables for that. A device
 // the user chose (--kokkos-device-id or --kokkos-num-devices on the command line, KOKKOS_DEVICE_ID
 // or KOKKOS_NUM_DEVICES in the environment) wins. More ranks than GPUs share them (correct, but
