@@ -87,7 +87,8 @@ WorldResult measure(const dist::Communicator& comm, int repeats, const std::func
   WorldResult w;
   w.world = comm.size();
   w.seconds = times[times.size() / 2];
-  const double rate = comm.exchange_seconds() > 0 ? static_cast<double>(comm.row_bytes_sent()) / comm.exchange_seconds() : 0;
+  const double seconds = comm.exchange_seconds();
+  const double rate = seconds > 0 ? static_cast<double>(comm.row_bytes_sent()) / seconds : 0;
   double traffic[4] = {static_cast<double>(comm.bytes_sent()), static_cast<double>(comm.row_bytes_sent()),
                        static_cast<double>(comm.all_gather_bytes()), rate};
   comm.all_reduce_sum(traffic, 4);

@@ -124,10 +124,12 @@ void ExpertExchange::upload_send_plan(const std::vector<std::vector<index_t>>& s
   }
   for (std::size_t t = 0; t < static_cast<std::size_t>(tokens_); ++t) offsets[t + 1] += offsets[t];
   std::vector<index_t> rows(order.size()), next(offsets.begin(), offsets.end() - 1);
-  for (std::size_t i = 0; i < order.size(); ++i) rows[static_cast<std::size_t>(next[order[i]]++)] = static_cast<index_t>(i);
+  for (std::size_t i = 0; i < order.size(); ++i)
+    rows[static_cast<std::size_t>(next[static_cast<std::size_t>(order[i])]++)] = static_cast<index_t>(i);
   const auto upload = [](const char* label, const std::vector<index_t>& values) {
     View1<index_t> device(std::string(label), values.size());
-    Kokkos::deep_copy(device, Kokkos::View<const index_t*, HostSpace, Kokkos::MemoryUnmanaged>(values.data(), values.size()));
+    using HostValues = Kokkos::View<const index_t*, HostSpace, Kokkos::MemoryUnmanaged>;
+    Kokkos::deep_copy(device, HostValues(values.data(), values.size()));
     return View1<const index_t>(device);
   };
   send_tokens_ = upload("exchange::send_tokens", order);
@@ -169,7 +171,8 @@ Tensor<T> ExpertExchange::dispatch(const Tensor<T>& per_token) const {
   const auto sent = static_cast<index_t>(send_tokens_.extent(0));
   const index_t received = received_rows();
   const std::uint64_t row_bytes = static_cast<std::uint64_t>(width) * sizeof(T);
-  comm_.count_exchange(rows_sent_ * row_bytes, static_cast<std::uint64_t>(world - 1) * static_cast<std::uint64_t>(tokens_) * row_bytes);
+  comm_.count_exchange(rows_sent_ * row_bytes,
+                       static_cast<std::uint64_t>(world - 1) * static_cast<std::uint64_t>(tokens_) * row_bytes);
   // Each destination's rows, packed in send order.
   const auto packed = Tensor<T>::uninitialized("exchange::packed", {sent, width});
   if (sent > 0 && width > 0) {
@@ -215,7 +218,8 @@ Tensor<T> ExpertExchange::combine(const Tensor<T>& per_row) const {
   const View2<T> to = out.as_matrix();
   const View1<const index_t> offsets = combine_offsets_, rows = combine_rows_;
   Kokkos::parallel_for(
-      "kmoe::exchange::combine", md_range<2>({0, 0}, {tokens_, width}), KOKKOS_LAMBDA(const index_t t, const index_t c) {
+      "kmoe::exchange::combine", md_range<2>({0, 0}, {tokens_, width}),
+      KOKKOS_LAMBDA(const index_t t, const index_t c) {
         T sum = 0;
         for (index_t p = offsets(t); p < offsets(t + 1); ++p) sum += from(rows(p), c);
         to(t, c) = sum;

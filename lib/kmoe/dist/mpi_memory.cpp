@@ -21,6 +21,7 @@ using PinnedSpace = HostSpace;
 #endif
 using Bytes = Kokkos::View<unsigned char*, MemSpace, Kokkos::MemoryUnmanaged>;
 using PinnedBytes = Kokkos::View<unsigned char*, PinnedSpace>;
+using PinnedRange = Kokkos::View<unsigned char*, PinnedSpace, Kokkos::MemoryUnmanaged>;
 
 constexpr bool device_is_host = Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible;
 
@@ -54,7 +55,8 @@ Decision decide() {
     return {MpiTransport::device_buffers, "KMOE_MPI_DEVICE_BUFFERS=1"};
   }
   if (says == 1) return {MpiTransport::device_buffers, "CUDA-aware MPI: MPIX_Query_cuda_support() is 1"};
-  if (says == 0) return {MpiTransport::pinned_host, "this Open MPI has no CUDA support: MPIX_Query_cuda_support() is 0"};
+  if (says == 0)
+    return {MpiTransport::pinned_host, "this Open MPI has no CUDA support: MPIX_Query_cuda_support() is 0"};
   return {MpiTransport::pinned_host,
           "this MPI cannot say whether it reads GPU memory; KMOE_MPI_DEVICE_BUFFERS=1 if it does"};
 }
@@ -139,14 +141,14 @@ void MpiStage::to_mpi() const {
     Kokkos::fence();  // MPI reads the memory itself: the kernels that wrote it must be done
     return;
   }
-  Kokkos::deep_copy(Kokkos::View<unsigned char*, PinnedSpace, Kokkos::MemoryUnmanaged>(static_cast<unsigned char*>(mpi_), bytes_),
+  Kokkos::deep_copy(PinnedRange(static_cast<unsigned char*>(mpi_), bytes_),
                     Bytes(static_cast<unsigned char*>(device_), bytes_));
 }
 
 void MpiStage::from_mpi() const {
   if (mpi_ == device_ || bytes_ == 0) return;
   Kokkos::deep_copy(Bytes(static_cast<unsigned char*>(device_), bytes_),
-                    Kokkos::View<unsigned char*, PinnedSpace, Kokkos::MemoryUnmanaged>(static_cast<unsigned char*>(mpi_), bytes_));
+                    PinnedRange(static_cast<unsigned char*>(mpi_), bytes_));
 }
 
 }  // namespace impl

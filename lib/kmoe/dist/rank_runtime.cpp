@@ -54,7 +54,9 @@ NodePlacement node_placement(MPI_Comm comm) {
   MPI_Get_processor_name(name, &length);
   std::vector<char> names(static_cast<std::size_t>(size) * MPI_MAX_PROCESSOR_NAME);
   MPI_Allgather(name, MPI_MAX_PROCESSOR_NAME, MPI_CHAR, names.data(), MPI_MAX_PROCESSOR_NAME, MPI_CHAR, comm);
-  const auto name_of = [&](int r) { return std::string(names.data() + static_cast<std::size_t>(r) * MPI_MAX_PROCESSOR_NAME); };
+  const auto name_of = [&](int r) {
+    return std::string(names.data() + static_cast<std::size_t>(r) * MPI_MAX_PROCESSOR_NAME);
+  };
   NodePlacement p;
   p.local_rank = p.local_size = 0;
   std::set<std::string> nodes;
@@ -118,7 +120,8 @@ std::string rank_report(MPI_Comm world) {
   std::string text = "kmoe: " + std::to_string(size) + (size == 1 ? " rank" : " ranks") + " on " +
                      std::to_string(node.nodes) + (node.nodes == 1 ? " node" : " nodes") +
                      "; MPI moves device data through " + describe(mpi_transport()) + "\n";
-  for (int r = 0; r < size; ++r) text += "  " + std::string(lines.data() + static_cast<std::size_t>(r) * line_bytes) + "\n";
+  for (int r = 0; r < size; ++r)
+    text += "  " + std::string(lines.data() + static_cast<std::size_t>(r) * line_bytes) + "\n";
   return text;
 }
 
