@@ -47,6 +47,22 @@ struct WorldResult {
   double peak_rate = 0;      // bytes/s per rank of a plain large all-to-all through the same path
 };
 
+// The median wall time of `repeats` runs of f (collective over comm), each between barriers and
+// fenced.
+double median_seconds(const dist::Communicator& comm, int repeats, const std::function<void()>& f) {
+  std::vector<double> times;
+  for (int r = 0; r < repeats; ++r) {
+    MPI_Barrier(comm.comm());
+    const double start = MPI_Wtime();
+    f();
+    Kokkos::fence();
+    MPI_Barrier(comm.comm());
+    times.push_back(MPI_Wtime() - start);
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
 // Bytes/s per rank (sent to the other ranks, mean over the ranks) of a plain all-to-all of 64 MiB
 // per rank of device memory, split evenly over the other ranks; median of five.
 double transport_peak(const dist::Communicator& comm) {
@@ -57,36 +73,18 @@ double transport_peak(const dist::Communicator& comm) {
       recv("bench::peak_recv", per_peer * others);
   std::vector<std::size_t> counts(static_cast<std::size_t>(comm.size()), per_peer);
   counts[static_cast<std::size_t>(comm.rank())] = 0;
-  std::vector<double> times;
-  for (int r = 0; r < 6; ++r) {
-    MPI_Barrier(comm.comm());
-    const double start = MPI_Wtime();
-    dist::all_to_all(comm, send.data(), counts, recv.data(), counts);
-    Kokkos::fence();
-    MPI_Barrier(comm.comm());
-    if (r > 0) times.push_back(MPI_Wtime() - start);  // the first sets up the staging buffers
-  }
-  std::sort(times.begin(), times.end());
-  return static_cast<double>(per_peer * others) / times[times.size() / 2];
+  const auto exchange = [&] { dist::all_to_all(comm, send.data(), counts, recv.data(), counts); };
+  exchange();  // warm-up (the staging buffers)
+  return static_cast<double>(per_peer * others) / median_seconds(comm, 5, exchange);
 }
 
 // Times step() (a training step on comm, collective) and reads the step's traffic off comm.
 WorldResult measure(const dist::Communicator& comm, int repeats, const std::function<void()>& step) {
   step();  // warm-up (allocations, BLAS threads)
   comm.reset_bytes_sent();
-  std::vector<double> times;
-  for (int r = 0; r < repeats; ++r) {
-    MPI_Barrier(comm.comm());
-    const double start = MPI_Wtime();
-    step();
-    Kokkos::fence();
-    MPI_Barrier(comm.comm());
-    times.push_back(MPI_Wtime() - start);
-  }
-  std::sort(times.begin(), times.end());
   WorldResult w;
   w.world = comm.size();
-  w.seconds = times[times.size() / 2];
+  w.seconds = median_seconds(comm, repeats, step);
   const double seconds = comm.exchange_seconds();
   const double rate = seconds > 0 ? static_cast<double>(comm.row_bytes_sent()) / seconds : 0;
   double traffic[4] = {static_cast<double>(comm.bytes_sent()), static_cast<double>(comm.row_bytes_sent()),

@@ -183,12 +183,9 @@ Tensor<T> ExpertExchange::dispatch(const Tensor<T>& per_token) const {
         "kmoe::exchange::pack", md_range<2>({0, 0}, {sent, width}),
         KOKKOS_LAMBDA(const index_t i, const index_t c) { to(i, c) = from(tokens(i), c); });
   }
-  if (received == 0 || width == 0) {
-    exchange_rows<T>(packed.data(), send_rows_, nullptr, recv_rows_, width);
-    return Tensor<T>();
-  }
-  auto out = Tensor<T>::uninitialized("exchange::dispatched", {received, width});
-  exchange_rows<T>(packed.data(), send_rows_, out.data(), recv_rows_, width);
+  const auto out = received > 0 && width > 0 ? Tensor<T>::uninitialized("exchange::dispatched", {received, width})
+                                             : Tensor<T>();
+  exchange_rows<T>(packed.data(), send_rows_, out.empty() ? nullptr : out.data(), recv_rows_, width);
   return out;
 }
 
