@@ -55,10 +55,11 @@ KOKKOS_INLINE_FUNCTION index_t source_row(RowSource source, index_t s, index_t p
 }
 
 // C = op(A) · op(B) + beta · C on the GEMM operand type W: ops::gemm for float and double,
-// ops::gemm_bf16 (float accumulation) for bfloat16.
-template <class W>
+// ops::gemm_bf16 (float accumulation, into a bfloat16 or a float C) for bfloat16.
+// (C named, not deduced, so that subviews convert.)
+template <class W, class C = W>
 void operand_gemm(bool transpose_a, bool transpose_b, const View2<const W>& a, const View2<const W>& b, float beta,
-                  const View2<W>& c) {
+                  const View2<std::common_type_t<C>>& c) {
   if constexpr (std::is_same_v<W, bfloat16>) {
     ops::gemm_bf16(transpose_a, transpose_b, 1.0f, a, b, beta, c);
   } else {
@@ -173,36 +174,6 @@ class ExpertRows {
   Tensor<W> storage_;
 };
 
-// dw += products, element by element (products in the GEMMs' operand type). Not inside
-// accumulate_weight_gradient: nvcc refuses a device lambda in a function templated on a lambda type.
-template <class T, class W>
-void add_weight_products(const View3<T>& dw, const View3<const W>& products) {
-  const index_t rows = dw.extent(0) * dw.extent(1), cols = dw.extent(2);
-  const View2<T> dw_rows(dw.data(), rows, cols);
-  const View2<const W> p_rows(products.data(), rows, cols);
-  Kokkos::parallel_for(
-      "kmoe::cvmm::add_weight_gradient", md_range<2>({0, 0}, {rows, cols}),
-      KOKKOS_LAMBDA(const index_t i, const index_t j) { dw_rows(i, j) += convert<T>(p_rows(i, j)); });
-}
-
-// dw += the per-expert GEMM products that run(target, beta) issues into target[e] with that beta.
-// With W = T they accumulate into dw itself (beta = 1); otherwise into a zeroed W temporary (beta
-// = 0) that is added into dw afterwards, so an expert without rows adds exactly zero (no GEMM
-// touches its block: some cuBLAS grouped GEMMs get empty groups wrong).
-template <class T, class W, class Run>
-void accumulate_weight_gradient(const View3<T>& dw, const Run& run) {
-  if constexpr (std::is_same_v<T, W>) {
-    run(dw, 1.0f);
-  } else {
-    const Tensor<W> products("cvmm.dw_products", {static_cast<index_t>(dw.extent(0)),
-                                                  static_cast<index_t>(dw.extent(1)),
-                                                  static_cast<index_t>(dw.extent(2))});
-    const View3<W> p = products.template view<3>();
-    run(p, 0.0f);
-    add_weight_products<T, W>(dw, p);
-  }
-}
-
 // pairs(s, :) = src(s, :) converted for the routed sorted positions, 0 past them (dropped pairs).
 template <class Src, class T>
 void convert_sorted_rows(const DispatchPlan& plan, const View2<const Src>& src, const View2<T>& dst) {
@@ -305,13 +276,12 @@ void backward_from_sorted(const DispatchPlan& plan, RowSource x_source, const Vi
     }
   }
   if (dw.data() != nullptr) {
-    // A segmented reduction in a fixed order: one GEMM over each expert's rows; ops::gemm keeps its
-    // inner-dimension order independent of the thread count.
-    accumulate_weight_gradient<T, W>(dw, [&](const View3<W>& target, float beta) {
-      ExpertRows<W, T>(plan, x_source, x, "cvmm.x_sorted").for_each([&](int e, auto rows, const View2<const W>& a) {
-        operand_gemm<W>(true, false, a, Kokkos::subview(dy_sorted, rows, Kokkos::ALL), beta,
-                        Kokkos::subview(target, e, Kokkos::ALL, Kokkos::ALL));
-      });
+    // A segmented reduction in a fixed order: one GEMM over each expert's rows, accumulated in
+    // float straight into dw; ops::gemm keeps its inner-dimension order independent of the thread
+    // count. An expert without rows gets no GEMM, so it adds exactly zero.
+    ExpertRows<W, T>(plan, x_source, x, "cvmm.x_sorted").for_each([&](int e, auto rows, const View2<const W>& a) {
+      operand_gemm<W, T>(true, false, a, Kokkos::subview(dy_sorted, rows, Kokkos::ALL), 1.0f,
+                         Kokkos::subview(dw, e, Kokkos::ALL, Kokkos::ALL));
     });
   }
 }
@@ -445,11 +415,9 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
     const Tensor<W> gated_x_storage = impl::sorted_temporary<W>("cvmm.gated_x_sorted", plan, K);
     const View2<W> gated_x = gated_x_storage.as_matrix();
     impl::gather_sorted<T, W>(plan, x_source, x, gates, gated_x);
-    impl::accumulate_weight_gradient<T, W>(dw, [&](const View3<W>& target, float beta) {
-      dy_rows.for_each([&](int e, auto rows, const View2<const W>& dy_e) {
-        impl::operand_gemm<W>(true, false, Kokkos::subview(gated_x, rows, Kokkos::ALL), dy_e, beta,
-                              Kokkos::subview(target, e, Kokkos::ALL, Kokkos::ALL));
-      });
+    dy_rows.for_each([&](int e, auto rows, const View2<const W>& dy_e) {
+      impl::operand_gemm<W, T>(true, false, Kokkos::subview(gated_x, rows, Kokkos::ALL), dy_e, 1.0f,
+                               Kokkos::subview(dw, e, Kokkos::ALL, Kokkos::ALL));
     });
   }
 }

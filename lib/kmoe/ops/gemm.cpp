@@ -2,6 +2,7 @@
 
 #include "kmoe/core/error.hpp"
 #include "kmoe/core/tensor.hpp"
+#include "kmoe/ops/impl/gemm_batches.hpp"
 #include "kmoe/ops/impl/grouped_gemm_bf16.hpp"
 
 #include <KokkosBlas3_gemm.hpp>
@@ -13,7 +14,9 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #if defined(KOKKOS_ENABLE_CUDA) && defined(KOKKOSKERNELS_ENABLE_TPL_CUBLAS)
@@ -118,6 +121,10 @@ cublasHandle_t bound_cublas_handle() {
   return handle;
 }
 
+cudaDataType cuda_type_of(GemmType type) {
+  return type == GemmType::f64 ? CUDA_R_64F : type == GemmType::f32 ? CUDA_R_32F : CUDA_R_16BF;
+}
+
 void require_cublas(cublasStatus_t status, const char* what, std::int64_t count) {
   require(status == CUBLAS_STATUS_SUCCESS, Status::invalid_argument, "gemm: cuBLAS ", what, " of ", count,
           " products failed with status ", static_cast<int>(status));
@@ -125,27 +132,12 @@ void require_cublas(cublasStatus_t status, const char* what, std::int64_t count)
 #endif
 
 
-enum class GemmType { f32, f64, bf16 };
-
 template <class T>
 constexpr GemmType gemm_type_of() {
   if constexpr (std::is_same_v<T, double>) return GemmType::f64;
   else if constexpr (std::is_same_v<T, bfloat16>) return GemmType::bf16;
   else return GemmType::f32;
 }
-
-// One GEMM recorded by a GroupedGemms, in cuBLAS's column-major terms: row-major C = op(A)·op(B)
-// is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, so the first operand is B.
-struct RecordedGemm {
-  bool transpose_first, transpose_second;
-  std::int64_t m, n, k;  // column-major: Cᵀ is m × n
-  double alpha, beta;
-  const void* first;
-  const void* second;
-  void* c;
-  std::int64_t ld_first, ld_second, ld_c;
-  GemmType type;
-};
 
 // The GEMMs recorded by the live GroupedGemms (device builds with cuBLAS only).
 struct GemmRecording {
@@ -175,14 +167,83 @@ GroupedGemms::~GroupedGemms() {
 }
 
 #if defined(KMOE_GROUPED_CUBLAS)
-// Issues the recorded GEMMs of one operand type as a single grouped batched cuBLAS call, each GEMM
-// its own group of one. The operand pointer arrays live in device memory. bfloat16 operands take
-// cublasGemmGroupedBatchedEx (float scales, float accumulation, bfloat16 C).
+// How a GroupedGemms issues its GEMMs (KMOE_GROUPED_GEMM, read once): `batched` (the default) cuts
+// them into a few uniform batched cuBLAS calls (impl/gemm_batches.hpp); `grouped` hands them
+// whole to cuBLAS's grouped GEMM, one group each (the way before); `kmoe` runs the bfloat16 ones
+// through kmoe's own grouped kernel (impl/grouped_gemm_bf16.hpp) and batches the rest.
+enum class GroupedGemmMode { batched, grouped, kmoe };
+
+GroupedGemmMode grouped_gemm_mode() {
+  static const GroupedGemmMode mode = [] {
+    const char* choice = std::getenv("KMOE_GROUPED_GEMM");
+    const std::string name = choice == nullptr ? "batched" : choice;
+    require(name == "batched" || name == "grouped" || name == "kmoe", Status::invalid_argument,
+            "KMOE_GROUPED_GEMM=", name, ": expected batched, grouped or kmoe");
+    return name == "grouped" ? GroupedGemmMode::grouped
+           : name == "kmoe"  ? GroupedGemmMode::kmoe
+                             : GroupedGemmMode::batched;
+  }();
+  return mode;
+}
+
+// One cuBLAS batched call per batch, the operand pointer arrays of all of them uploaded at once.
+// float and double take cublas<t>gemmBatched; bfloat16 operands cublasGemmBatchedEx (float
+// scales, float accumulation, bfloat16 or float C).
+void run_batches(const std::vector<GemmBatch>& batches) {
+  if (batches.empty()) return;
+  std::vector<std::int64_t> words;  // every batch's first and second pointers, then every batch's C pointers
+  for (const GemmBatch& b : batches)
+    for (const auto* list : {&b.first, &b.second})
+      for (const void* p : *list) words.push_back(reinterpret_cast<std::int64_t>(p));
+  const std::size_t c_start = words.size();
+  for (const GemmBatch& b : batches)
+    for (void* p : b.c) words.push_back(reinterpret_cast<std::int64_t>(p));
+  // From the caching allocator: a later kernel that reuses the block runs after these calls in
+  // stream order.
+  const auto device_words = upload_words(words);
+  const std::int64_t* operand_words = device_words.data();
+  const std::int64_t* c_words = device_words.data() + c_start;
+  cublasHandle_t handle = bound_cublas_handle();
+  for (const GemmBatch& b : batches) {
+    const std::int64_t count = static_cast<std::int64_t>(b.c.size());
+    const auto* first = reinterpret_cast<const void* const*>(operand_words);
+    const auto* second = reinterpret_cast<const void* const*>(operand_words + count);
+    auto* const* c = reinterpret_cast<void* const*>(c_words);
+    operand_words += 2 * count;
+    c_words += count;
+    const cublasOperation_t op_first = b.transpose_first ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const cublasOperation_t op_second = b.transpose_second ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasStatus_t status;
+    if (b.type == GemmType::f64) {
+      const double alpha = b.alpha, beta = b.beta;
+      status = cublasDgemmBatched_64(handle, op_first, op_second, b.m, b.n, b.k, &alpha,
+                                     reinterpret_cast<const double* const*>(first), b.ld_first,
+                                     reinterpret_cast<const double* const*>(second), b.ld_second, &beta,
+                                     reinterpret_cast<double* const*>(c), b.ld_c, count);
+    } else if (b.type == GemmType::f32) {
+      const float alpha = static_cast<float>(b.alpha), beta = static_cast<float>(b.beta);
+      status = cublasSgemmBatched_64(handle, op_first, op_second, b.m, b.n, b.k, &alpha,
+                                     reinterpret_cast<const float* const*>(first), b.ld_first,
+                                     reinterpret_cast<const float* const*>(second), b.ld_second, &beta,
+                                     reinterpret_cast<float* const*>(c), b.ld_c, count);
+    } else {
+      const float alpha = static_cast<float>(b.alpha), beta = static_cast<float>(b.beta);
+      status = cublasGemmBatchedEx_64(handle, op_first, op_second, b.m, b.n, b.k, &alpha, first, CUDA_R_16BF,
+                                      b.ld_first, second, CUDA_R_16BF, b.ld_second, &beta, c, cuda_type_of(b.c_type),
+                                      b.ld_c, count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    }
+    require_cublas(status, "batched GEMM", count);
+  }
+}
+
+// Issues the recorded GEMMs of one operand type (and C of that type) as a single grouped batched
+// cuBLAS call, each GEMM its own group of one. bfloat16 operands take cublasGemmGroupedBatchedEx
+// (float scales, float accumulation, bfloat16 C).
 template <class T>
 void run_grouped(const std::vector<RecordedGemm>& all) {
   std::vector<const RecordedGemm*> gemms;
   for (const RecordedGemm& g : all)
-    if (g.type == gemm_type_of<T>()) gemms.push_back(&g);
+    if (g.type == gemm_type_of<T>() && g.c_type == g.type) gemms.push_back(&g);
   const std::int64_t count = static_cast<std::int64_t>(gemms.size());
   if (count == 0) return;
   std::vector<cublasOperation_t> op_first, op_second;
@@ -205,8 +266,6 @@ void run_grouped(const std::vector<RecordedGemm>& all) {
     pointers[count + i] = reinterpret_cast<std::int64_t>(g.second);
     pointers[2 * count + i] = reinterpret_cast<std::int64_t>(g.c);
   }
-  // From the caching allocator: a later kernel that reuses the block runs after this call in
-  // stream order.
   const auto device_pointers = upload_words(pointers);
   const auto* first = reinterpret_cast<const T* const*>(device_pointers.data());
   const auto* second = reinterpret_cast<const T* const*>(device_pointers.data() + count);
@@ -230,15 +289,16 @@ void run_grouped(const std::vector<RecordedGemm>& all) {
   }
   require_cublas(status, "grouped GEMM", count);
 }
-#endif
 
-#if defined(KMOE_GROUPED_CUBLAS)
-// The recorded bfloat16 GEMMs through kmoe's own grouped tensor-core kernel (impl/grouped_gemm_bf16.hpp),
-// back in row-major terms.
-void run_grouped_kmoe_bf16(const std::vector<RecordedGemm>& all) {
+// The recorded bfloat16 GEMMs with bfloat16 C through kmoe's own grouped tensor-core kernel
+// (impl/grouped_gemm_bf16.hpp), back in row-major terms; the others are left in `rest`.
+void run_grouped_kmoe_bf16(const std::vector<RecordedGemm>& all, std::vector<RecordedGemm>& rest) {
   std::vector<GroupedProblem> problems;
   for (const RecordedGemm& g : all) {
-    if (g.type != GemmType::bf16) continue;
+    if (g.type != GemmType::bf16 || g.c_type != GemmType::bf16) {
+      rest.push_back(g);
+      continue;
+    }
     problems.push_back({g.transpose_second, g.transpose_first, g.n, g.m, g.k, static_cast<float>(g.alpha),
                         static_cast<float>(g.beta), static_cast<const bfloat16*>(g.second),
                         static_cast<const bfloat16*>(g.first), static_cast<bfloat16*>(g.c), g.ld_second, g.ld_first,
@@ -252,23 +312,40 @@ void GroupedGemms::run() {
 #if defined(KMOE_GROUPED_CUBLAS)
   GemmRecording& r = recording();
   r.active = false;  // the GEMMs below are launched, not recorded
-  run_grouped<float>(r.gemms);
-  run_grouped<double>(r.gemms);
-  if (use_kmoe_grouped_gemm()) run_grouped_kmoe_bf16(r.gemms);
-  else run_grouped<bfloat16>(r.gemms);
+  const GroupedGemmMode mode = grouped_gemm_mode();
+  std::vector<RecordedGemm> whole = std::move(r.gemms), rest;
   r.gemms.clear();
+  if (mode == GroupedGemmMode::kmoe) {
+    run_grouped_kmoe_bf16(whole, rest);
+    whole = std::move(rest);
+    rest.clear();
+  }
+  if (mode == GroupedGemmMode::grouped) rest = std::move(whole);
+  else run_batches(uniform_batches(whole, rest));
+  run_grouped<float>(rest);
+  run_grouped<double>(rest);
+  run_grouped<bfloat16>(rest);
+  // Float C from bfloat16 operands, left whole: one call each (the grouped call's type support
+  // for it varies by cuBLAS version).
+  std::vector<GemmBatch> mixed;
+  for (const RecordedGemm& g : rest) {
+    if (g.c_type == g.type) continue;
+    mixed.push_back(GemmBatch{g.transpose_first, g.transpose_second, g.m, g.n, g.k, g.alpha, g.beta, g.ld_first,
+                              g.ld_second, g.ld_c, g.type, g.c_type, {g.first}, {g.second}, {g.c}});
+  }
+  run_batches(mixed);
 #endif
 }
 
 // Records the GEMM when a GroupedGemms is live (device builds with cuBLAS); false otherwise.
-template <class T>
+template <class T, class C = T>
 bool record_gemm(bool transpose_a, bool transpose_b, index_t m, index_t n, index_t k, double alpha,
-                 const View2<const T>& a, const View2<const T>& b, double beta, const View2<T>& c) {
+                 const View2<const T>& a, const View2<const T>& b, double beta, const View2<C>& c) {
   if (!recording().active) return false;
   recording().gemms.push_back({transpose_b, transpose_a, n, m, k, static_cast<double>(alpha),
                                static_cast<double>(beta), b.data(), a.data(), c.data(),
                                static_cast<std::int64_t>(b.stride(0)), static_cast<std::int64_t>(a.stride(0)),
-                               static_cast<std::int64_t>(c.stride(0)), gemm_type_of<T>()});
+                               static_cast<std::int64_t>(c.stride(0)), gemm_type_of<T>(), gemm_type_of<C>()});
   return true;
 }
 
@@ -328,12 +405,15 @@ template void gemm<float>(bool, bool, float, const View2<const float>&, const Vi
 template void gemm<double>(bool, bool, double, const View2<const double>&, const View2<const double>&, double,
                            const View2<double>&);
 
-void gemm_bf16(bool transpose_a, bool transpose_b, float alpha, const View2<const bfloat16>& a,
-               const View2<const bfloat16>& b, float beta, const View2<bfloat16>& c) {
+namespace impl {
+// gemm_bf16 into a bfloat16 or a float C.
+template <class C>
+void gemm_bf16_into(bool transpose_a, bool transpose_b, float alpha, const View2<const bfloat16>& a,
+                    const View2<const bfloat16>& b, float beta, const View2<C>& c) {
   index_t m, n, k;
-  impl::product_extents("gemm_bf16", transpose_a, transpose_b, a, b, c, m, n, k);
+  product_extents("gemm_bf16", transpose_a, transpose_b, a, b, c, m, n, k);
   if (m == 0 || n == 0) return;
-  if (k == 0) return impl::scale_matrix<bfloat16>(beta, c);
+  if (k == 0) return scale_matrix<C>(beta, c);
   if constexpr (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible) {
     // Widen, multiply in float, round once. Plain loops: this may run inside a host-parallel
     // for_each_independent_gemm body, each on its own thread's buffers.
@@ -344,24 +424,39 @@ void gemm_bf16(bool transpose_a, bool transpose_b, float alpha, const View2<cons
         for (std::size_t j = 0; j < v.extent(1); ++j) out[i * v.extent(1) + j] = to_float(v(i, j));
       return View2<float>(out.data(), v.extent(0), v.extent(1));
     };
-    const View2<float> fc = widen(c, wide_c);
-    gemm<float>(transpose_a, transpose_b, alpha, widen(a, wide_a), widen(b, wide_b), beta, fc);
-    for (std::size_t i = 0; i < c.extent(0); ++i)
-      for (std::size_t j = 0; j < c.extent(1); ++j) c(i, j) = to_bfloat16(fc(i, j));
+    if constexpr (std::is_same_v<C, float>) {
+      gemm<float>(transpose_a, transpose_b, alpha, widen(a, wide_a), widen(b, wide_b), beta, c);
+    } else {
+      const View2<float> fc = widen(c, wide_c);
+      gemm<float>(transpose_a, transpose_b, alpha, widen(a, wide_a), widen(b, wide_b), beta, fc);
+      for (std::size_t i = 0; i < c.extent(0); ++i)
+        for (std::size_t j = 0; j < c.extent(1); ++j) c(i, j) = to_bfloat16(fc(i, j));
+    }
     return;
   }
 #if defined(KOKKOS_ENABLE_CUDA) && defined(KOKKOSKERNELS_ENABLE_TPL_CUBLAS)
-  if (impl::record_gemm<bfloat16>(transpose_a, transpose_b, m, n, k, alpha, a, b, beta, c)) return;
+  if (record_gemm<bfloat16, C>(transpose_a, transpose_b, m, n, k, alpha, a, b, beta, c)) return;
   // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, hence B before A.
   const cublasStatus_t status = cublasGemmEx(
-      impl::bound_cublas_handle(), transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N, transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+      bound_cublas_handle(), transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N, transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N,
       static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), &alpha, b.data(), CUDA_R_16BF,
       static_cast<int>(b.stride(0)), a.data(), CUDA_R_16BF, static_cast<int>(a.stride(0)), &beta, c.data(),
-      CUDA_R_16BF, static_cast<int>(c.stride(0)), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-  impl::require_cublas(status, "bf16 GEMM", 1);
+      cuda_type_of(gemm_type_of<C>()), static_cast<int>(c.stride(0)), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  require_cublas(status, "bf16 GEMM", 1);
 #else
   require(false, Status::unsupported, "gemm_bf16: this build has neither a host BLAS nor cuBLAS");
 #endif
+}
+}  // namespace impl
+
+void gemm_bf16(bool transpose_a, bool transpose_b, float alpha, const View2<const bfloat16>& a,
+               const View2<const bfloat16>& b, float beta, const View2<bfloat16>& c) {
+  impl::gemm_bf16_into<bfloat16>(transpose_a, transpose_b, alpha, a, b, beta, c);
+}
+
+void gemm_bf16(bool transpose_a, bool transpose_b, float alpha, const View2<const bfloat16>& a,
+               const View2<const bfloat16>& b, float beta, const View2<float>& c) {
+  impl::gemm_bf16_into<float>(transpose_a, transpose_b, alpha, a, b, beta, c);
 }
 
 }  // namespace kmoe::ops

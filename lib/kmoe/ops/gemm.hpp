@@ -21,6 +21,10 @@ void gemm(bool transpose_a, bool transpose_b, T alpha, const View2<const T>& a, 
 // host and device agree up to the summation order (no speed gain on the host).
 void gemm_bf16(bool transpose_a, bool transpose_b, float alpha, const View2<const bfloat16>& a,
                const View2<const bfloat16>& b, float beta, const View2<bfloat16>& c);
+// The same into a float C, not rounded: a weight gradient summed straight into its float32 master
+// gradient (beta = 1), with no bfloat16 product in between.
+void gemm_bf16(bool transpose_a, bool transpose_b, float alpha, const View2<const bfloat16>& a,
+               const View2<const bfloat16>& b, float beta, const View2<float>& c);
 
 namespace impl {
 // While alive, the host BLAS runs every call on the calling thread (OpenBLAS: one thread), so
@@ -39,9 +43,10 @@ class SingleThreadedBlas {
 };
 
 // While a GroupedGemms lives, ops::gemm on a device records its GEMMs instead of launching them,
-// and run() issues them all as one grouped launch (cuBLAS grouped batched GEMM): a MoE layer's
-// per-expert GEMMs are many and small, and one launch each leaves a GPU mostly idle. The recorded
-// GEMMs must not read each other's outputs. On the host, or without cuBLAS, it records nothing.
+// and run() issues them together (as a few uniform batched cuBLAS calls, impl/gemm_batches.hpp): a
+// MoE layer's per-expert GEMMs are many and small, and one launch each leaves a GPU mostly idle.
+// The recorded GEMMs must not read each other's outputs. On the host, or without cuBLAS, it
+// records nothing.
 class GroupedGemms {
  public:
   GroupedGemms();
@@ -56,7 +61,7 @@ class GroupedGemms {
 // other body touches (e.g. one expert's block). On the host with OpenBLAS the bodies run in
 // parallel, each GEMM on one thread: many mid-sized GEMMs then keep all cores busy, which one
 // threaded GEMM after another does not, and a single-threaded GEMM's bits do not depend on the
-// thread count. On a GPU the bodies' GEMMs go out as one grouped cuBLAS launch (GroupedGemms), so
+// thread count. On a GPU the bodies' GEMMs go out together (GroupedGemms), so
 // a body must not read what its own GEMMs write. Elsewhere (other BLAS) the bodies run in order.
 template <class Body>
 void for_each_independent_gemm(int n, const Body& body) {

@@ -1,10 +1,8 @@
 #include "kmoe/ops/impl/grouped_gemm_bf16.hpp"
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
-#include <string>
 #include <type_traits>
 
 #include "kmoe/core/error.hpp"
@@ -16,14 +14,6 @@
 #endif
 
 namespace kmoe::ops::impl {
-
-bool use_kmoe_grouped_gemm() {
-  static const bool kmoe = [] {
-    const char* choice = std::getenv("KMOE_GROUPED_GEMM");
-    return choice != nullptr && std::string(choice) == "kmoe";
-  }();
-  return kmoe;
-}
 
 #if defined(KOKKOS_ENABLE_CUDA)
 

@@ -15,8 +15,8 @@
 // Opt-in (KMOE_GROUPED_GEMM=kmoe): its first version (scalar loads through registers) passed every
 // GEMM, CVMM and layer test on an H100 but ran the σ-MoE expert MLP forward at 4.87 ms against
 // cuBLAS's 2.81; this version (126-128 registers, 0-8 bytes of spills at two blocks per SM) is
-// compiled but has not run on a GPU yet (apps/bench/gpu-notes.md). cuBLAS's grouped GEMM stays
-// the default until it is measured faster.
+// compiled but has not run on a GPU yet (apps/bench/gpu-notes.md). cuBLAS's batched calls
+// (impl/gemm_batches.hpp) stay the default until it is measured faster.
 #pragma once
 
 #include "kmoe/core/bfloat16.hpp"
@@ -37,9 +37,6 @@ struct GroupedProblem {
   bfloat16* c;
   std::int64_t lda, ldb, ldc;  // row strides
 };
-
-// True when KMOE_GROUPED_GEMM=kmoe (read once).
-bool use_kmoe_grouped_gemm();
 
 #if defined(KOKKOS_ENABLE_CUDA)
 // Launches the problems as one grid per transposition on kmoe's stream (no fence).
