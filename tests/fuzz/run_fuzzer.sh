@@ -12,8 +12,9 @@ inputs=("$src/corpus/$name")
 [[ -d $src/regressions/$name ]] && inputs+=("$src/regressions/$name")
 # Capped allocations fail at once (std::bad_alloc, an accepted answer) instead of paging for
 # minutes; leaks are findings.
-# (verify_asan_link_order=0: libFuzzer puts libstdc++, which defines no allocator, before the runtime)
-export ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}allocator_may_return_null=1:max_allocation_size_mb=2048:detect_leaks=1:verify_asan_link_order=0
+# (verify_asan_link_order=0: libFuzzer puts libstdc++, which defines no allocator, before the runtime;
+# intercept_tls_get_addr=0: see run_tests in cmake/kmoe, the tracer crash of clang 14's runtime)
+export ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}allocator_may_return_null=1:max_allocation_size_mb=2048:detect_leaks=1:verify_asan_link_order=0:intercept_tls_get_addr=0
 export ASAN_OPTIONS=$ASAN_OPTIONS:suppressions=$src/../sanitizers/asan.supp LSAN_OPTIONS=suppressions=$src/../sanitizers/lsan.supp
 export TMPDIR=$build/fuzz
 "$exe" -max_total_time="$seconds" -timeout=20 -rss_limit_mb=6144 -max_len=65536 -print_final_stats=1 \
