@@ -43,10 +43,10 @@ class SingleThreadedBlas {
 };
 
 // While a GroupedGemms lives, ops::gemm on a device records its GEMMs instead of launching them,
-// and run() issues them together (as a few uniform batched cuBLAS calls, impl/gemm_batches.hpp): a
-// MoE layer's per-expert GEMMs are many and small, and one launch each leaves a GPU mostly idle.
-// The recorded GEMMs must not read each other's outputs. On the host, or without cuBLAS, it
-// records nothing.
+// and run() issues them together (one grouped cuBLAS call, or a few uniform batched ones: see
+// KMOE_GROUPED_GEMM in gemm.cpp): a MoE layer's per-expert GEMMs are many and small, and one
+// launch each leaves a GPU mostly idle. The recorded GEMMs must not read each other's outputs. On
+// the host, or without cuBLAS, it records nothing.
 class GroupedGemms {
  public:
   GroupedGemms();
