@@ -62,7 +62,8 @@ Tensor<T>::Tensor(const std::string& label, const Shape& shape, bool zero_initia
   bool zeroed = false;
   block_ = pool_allocate(static_cast<std::size_t>(shape.size()) * sizeof(T), label, &data, &zeroed);
   storage_ = View1<T>(static_cast<T*>(data), static_cast<size_t>(shape.size()));
-  if (zero_initialise && !zeroed) Kokkos::deep_copy(storage_, T{});  // T{}: zero for every element type
+  // On the execution space's stream: deep_copy without one fences the device before and after.
+  if (zero_initialise && !zeroed) Kokkos::deep_copy(ExecSpace(), storage_, T{});  // T{}: zero for every type
 }
 
 template <class T>
@@ -122,7 +123,7 @@ Tensor<T> Tensor<T>::clone(const std::string& label) const {
     return t;
   }
   Tensor t(label, shape_, false);
-  Kokkos::deep_copy(t.storage_, storage_);
+  Kokkos::deep_copy(ExecSpace(), t.storage_, storage_);
   return t;
 }
 
@@ -151,7 +152,7 @@ void Tensor<T>::copy_from_host(const std::vector<T>& values) {
 template <class T>
 void Tensor<T>::fill(T value) {
   if (empty()) return;
-  Kokkos::deep_copy(storage_, value);
+  Kokkos::deep_copy(ExecSpace(), storage_, value);
 }
 
 template <class T>
