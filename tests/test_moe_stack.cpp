@@ -1,8 +1,11 @@
 // moe_stack (model/moe_stack.hpp): the input gradient and every parameter gradient against central
 // finite differences in double for each MoE kind it takes (loss Σ y ⊙ R + aux_weight · aux_loss;
 // ST-MoE without its straight-through dispatch, whose gradient is by design not the forward's),
-// a checkpoint round trip through the registry, and its config errors.
+// a checkpoint round trip through the registry, and its config errors. Also the expert counts
+// that layers report (LayerForward::expert_counts, counted on the device) against the routing.
 #include "kmoe/io/checkpoint.hpp"
+#include "kmoe/layers/sigma_moe.hpp"
+#include "kmoe/layers/st_moe.hpp"
 #include "kmoe/model/builder.hpp"
 #include "test_util.hpp"
 
@@ -95,4 +98,47 @@ TEST(MoEStack, BadConfigsAndInputsNameTheProblem) {
   in.x = Tensor<float>("x", {4, 5});
   Generator rng(0);
   expect_status([&] { (void)layer->forward(in, false, rng); }, Status::shape_mismatch, "d_in = 3");
+}
+
+namespace {
+// The histogram of expert ids (−1 ignored) over n experts, on the host.
+std::vector<std::int64_t> histogram(const Tensor<int>& expert_index, index_t n) {
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(n), 0);
+  for (const int e : expert_index.to_host())
+    if (e >= 0) ++counts.at(static_cast<std::size_t>(e));
+  return counts;
+}
+}  // namespace
+
+TEST(ExpertCounts, AreTheRoutingsHistogramAndSumOverAStacksBlocks) {
+  const index_t tokens = 200;
+  model::LayerInputs<float> in;
+  in.x = make_tensor<float>({tokens, 6}, random_values(tokens * 6, 21));
+  Generator rng(3);
+  const auto sigma = model::build_layer<float>("sigma_moe", std::string(R"({"dmodel": 6, "n_experts": 5, "expert_size": 4, "k": 2})"), 4);
+  const auto fs = sigma->forward(in, true, rng);
+  const auto& routed = fs.state_as<layers::SigmaMoEForward<float>>().expert_index;
+  EXPECT_EQ(fs.expert_counts.to_host(), histogram(routed, 5)) << "sigma_moe";
+  // ST-MoE with a capacity small enough to drop choices (−1 in expert_index, not counted).
+  const auto st = model::build_layer<float>(
+      "st_moe", std::string(R"({"dim": 6, "num_experts": 4, "expert_hidden_mult": 2, "capacity_factor_train": 0.5})"), 4);
+  model::LayerInputs<float> sequences;  // ST-MoE takes [batch, n, dim]
+  sequences.x = in.x.reshape({4, tokens / 4, 6});
+  const auto ft = st->forward(sequences, true, rng);
+  const auto& kept = ft.state_as<layers::StMoEForward<float>>().gate.routing.expert_index;
+  const std::vector<std::int64_t> kept_counts = histogram(kept, 4);
+  EXPECT_EQ(ft.expert_counts.to_host(), kept_counts) << "st_moe";
+  std::int64_t kept_total = 0;
+  for (const std::int64_t c : kept_counts) kept_total += c;
+  EXPECT_LT(kept_total, 2 * tokens) << "the capacity drops no choice: the test does not cover dropped ones";
+  // A stack's counts are its blocks' summed: every token's k choices in each of 3 blocks.
+  const auto stack = model::build_layer<float>(
+      "moe_stack", std::string(R"({"d_in": 6, "d_out": 2, "d_model": 6, "n_blocks": 3, "moe_kind": "sigma_moe",
+                                   "moe": {"n_experts": 5, "expert_size": 4, "k": 2}})"),
+      4);
+  const std::vector<std::int64_t> summed = stack->forward(in, false, rng).expert_counts.to_host();
+  ASSERT_EQ(summed.size(), 5u);
+  std::int64_t total = 0;
+  for (const std::int64_t c : summed) total += c;
+  EXPECT_EQ(total, 3 * 2 * tokens);
 }

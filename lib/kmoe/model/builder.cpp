@@ -168,7 +168,7 @@ const nlohmann::json& required_key(const nlohmann::json& config, const char* key
 
 // A wrapper's forward with the MoE routing counts of its calls filled in.
 template <class T>
-LayerForward<T> with_counts(LayerForward<T> f, std::vector<std::int64_t> counts) {
+LayerForward<T> with_counts(LayerForward<T> f, Tensor<std::int64_t> counts) {
   f.expert_counts = std::move(counts);
   return f;
 }
@@ -266,20 +266,20 @@ std::map<std::string, double> st_moe_losses(const F& f) {
 
 // The kept choices of ST-MoE's (outer) gate over its num_experts (the config's, or its moe's).
 template <class T>
-std::vector<std::int64_t> st_moe_counts(const layers::StMoEForward<T>& f, const nlohmann::json& config) {
+Tensor<std::int64_t> st_moe_counts(const layers::StMoEForward<T>& f, const nlohmann::json& config) {
   const nlohmann::json& moe = config.contains("moe") ? config["moe"] : config;
   const nlohmann::json& n = moe.at("num_experts");
   return count_experts(f.gate.routing.expert_index, (n.is_array() ? n[0] : n).get<index_t>());
 }
 template <class T>
-std::vector<std::int64_t> st_moe_counts(const layers::SparseMoEBlockForward<T>& f, const nlohmann::json& config) {
+Tensor<std::int64_t> st_moe_counts(const layers::SparseMoEBlockForward<T>& f, const nlohmann::json& config) {
   return st_moe_counts(f.moe, config);
 }
 
 // MoEUT's σ-MoE feed-forward calls, over its ff_n_experts.
 template <class T>
-std::vector<std::int64_t> moeut_counts(const layers::MoEUTForward<T>& f, const layers::MoEUTConfig& config) {
-  std::vector<std::int64_t> counts(static_cast<std::size_t>(config.ff_n_experts), 0);
+Tensor<std::int64_t> moeut_counts(const layers::MoEUTForward<T>& f, const layers::MoEUTConfig& config) {
+  Tensor<std::int64_t> counts("kmoe::expert_counts", {config.ff_n_experts});
   for (const auto& call : f.calls) add_counts(counts, count_experts(call.ffn.expert_index, config.ff_n_experts));
   return counts;
 }
@@ -494,18 +494,30 @@ const std::map<std::string, Factory<T>>& factories() {
 
 }  // namespace
 
-std::vector<std::int64_t> count_experts(const Tensor<int>& expert_index, index_t n) {
-  std::vector<std::int64_t> counts(static_cast<std::size_t>(std::max<index_t>(n, 0)), 0);
-  if (expert_index.size() == 0) return counts;
-  for (const int e : expert_index.to_host())
-    if (e >= 0 && e < n) ++counts[static_cast<std::size_t>(e)];
+Tensor<std::int64_t> count_experts(const Tensor<int>& expert_index, index_t n) {
+  Tensor<std::int64_t> counts("kmoe::expert_counts", {std::max<index_t>(n, 0)});
+  if (expert_index.size() == 0 || n <= 0) return counts;
+  const View1<int> ids = expert_index.flat();
+  const View1<std::int64_t> histogram = counts.flat();
+  // Integer atomics: the counts do not depend on the order of the increments.
+  Kokkos::parallel_for(
+      "kmoe::count_experts", Kokkos::RangePolicy<ExecSpace>(0, ids.extent(0)), KOKKOS_LAMBDA(const index_t i) {
+        const int e = ids(i);
+        if (e >= 0 && e < n) Kokkos::atomic_increment(&histogram(e));
+      });
   return counts;
 }
 
-void add_counts(std::vector<std::int64_t>& a, const std::vector<std::int64_t>& b) {
-  if (a.empty()) a.assign(b.size(), 0);
+void add_counts(Tensor<std::int64_t>& a, const Tensor<std::int64_t>& b) {
+  if (a.empty()) {
+    a = b.clone("kmoe::expert_counts");  // not b itself: a is added to later
+    return;
+  }
   require(a.size() == b.size(), Status::internal, "add_counts: ", a.size(), " and ", b.size(), " experts");
-  for (std::size_t i = 0; i < a.size(); ++i) a[i] += b[i];
+  const View1<std::int64_t> sum = a.flat(), add = b.flat();
+  Kokkos::parallel_for(
+      "kmoe::add_counts", Kokkos::RangePolicy<ExecSpace>(0, sum.extent(0)),
+      KOKKOS_LAMBDA(const index_t e) { sum(e) += add(e); });
 }
 
 const std::vector<std::string>& layer_kinds() {

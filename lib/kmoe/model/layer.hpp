@@ -21,10 +21,11 @@
 
 namespace kmoe::model {
 
-// The histogram of expert ids (−1 ignored) over n experts: LayerForward::expert_counts of one call.
-std::vector<std::int64_t> count_experts(const Tensor<int>& expert_index, index_t n);
-// a += b, element by element (a empty: a = b).
-void add_counts(std::vector<std::int64_t>& a, const std::vector<std::int64_t>& b);
+// The histogram of expert ids (−1 ignored) over n experts, counted on the device:
+// LayerForward::expert_counts of one call.
+Tensor<std::int64_t> count_experts(const Tensor<int>& expert_index, index_t n);
+// a += b, element by element, on the device (a empty: a becomes a copy of b).
+void add_counts(Tensor<std::int64_t>& a, const Tensor<std::int64_t>& b);
 
 enum class Dtype { float32, float64 };
 const char* dtype_name(Dtype dtype);  // "float32", "float64"
@@ -62,8 +63,9 @@ struct LayerForward {
   bool training = false;
   // (token, expert) pairs of this rank's tokens routed to each global expert, summed over the
   // layer's MoE calls (σ-MoE's, ST-MoE's kept choices of its gate); empty for families that
-  // route no tokens (Soft MoE, SwitchHead alone). Drivers report the load balance from it.
-  std::vector<std::int64_t> expert_counts;
+  // route no tokens (Soft MoE, SwitchHead alone). Drivers report the load balance from it. Kept on
+  // the device, so that a step does not wait for it: read it (to_host) only where it is reported.
+  Tensor<std::int64_t> expert_counts;
   std::shared_ptr<const void> state;  // the family's forward struct
 
   // The family's forward struct (layers::SigmaMoEForward<T>, ...); F must be the layer's own.

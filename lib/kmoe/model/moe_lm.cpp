@@ -198,7 +198,7 @@ class MoELM final : public Layer<T> {
           KOKKOS_LAMBDA(const index_t n, const index_t d) { hv(n, d) += pos(n % Tn, d); });
     }
     std::map<std::string, double> losses;
-    std::vector<std::int64_t> counts;  // summed over the blocks' MoE layers
+    Tensor<std::int64_t> counts;  // summed over the blocks' MoE layers
     T aux = T(0);
     const T scale = static_cast<T>(1 / std::sqrt(static_cast<double>(Dh)));
     ops::AttentionMask causal;

@@ -117,7 +117,7 @@ class MoEStack final : public Layer<T> {
     Tensor<T> h = Tensor<T>::uninitialized("moe_stack::h", {N, D});
     if (N > 0) ops::linear_forward<T>(in.x.as_matrix(), w_in_.as_matrix(), b_in_.flat(), h.as_matrix());
     std::map<std::string, double> losses;
-    std::vector<std::int64_t> counts;  // summed over the blocks' MoE layers
+    Tensor<std::int64_t> counts;  // summed over the blocks' MoE layers
     T aux = T(0);
     for (const Block& block : blocks_) {
       BlockForward bf;

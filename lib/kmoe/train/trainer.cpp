@@ -127,7 +127,7 @@ double unigram_entropy(const dist::Communicator& comm, const io::TokenDataset& d
 // (token, expert) pairs routed to each, over their mean, summed over every rank (1 = even; 0 for
 // a model that routes no tokens).
 double expert_load_imbalance(const dist::Communicator& comm, const model::LayerForward<float>& forward) {
-  std::vector<std::int64_t> counts = forward.expert_counts;
+  std::vector<std::int64_t> counts = forward.expert_counts.to_host();
   comm.all_reduce_sum(counts.data(), counts.size());
   std::int64_t total = 0, most = 0;
   for (const std::int64_t c : counts) {
