@@ -4,6 +4,7 @@
 // a checkpoint round trip through the registry, and its config errors. Also the expert counts
 // that layers report (LayerForward::expert_counts, counted on the device) against the routing.
 #include "kmoe/io/checkpoint.hpp"
+#include "kmoe/layers/moeut.hpp"
 #include "kmoe/layers/sigma_moe.hpp"
 #include "kmoe/layers/st_moe.hpp"
 #include "kmoe/model/builder.hpp"
@@ -131,6 +132,22 @@ TEST(ExpertCounts, AreTheRoutingsHistogramAndSumOverAStacksBlocks) {
   std::int64_t kept_total = 0;
   for (const std::int64_t c : kept_counts) kept_total += c;
   EXPECT_LT(kept_total, 2 * tokens) << "the capacity drops no choice: the test does not cover dropped ones";
+  // MoEUT's are its feed-forward calls' summed (one a layer).
+  const auto moeut = model::build_layer<float>(
+      "moeut", std::string(R"({"d_model": 32, "n_layers": 2, "n_heads": 2, "ff_n_experts": 8, "att_n_experts": 3,
+                               "ff_k": 2, "att_k": 2, "ff_expert_size": 16})"),
+      4);
+  model::LayerInputs<float> states;
+  states.x = make_tensor<float>({3, 12, 32}, random_values(3 * 12 * 32, 22));
+  const auto fu = moeut->forward(states, true, rng);
+  const auto& calls = fu.state_as<layers::MoEUTForward<float>>().calls;
+  ASSERT_EQ(calls.size(), 2u);
+  std::vector<std::int64_t> per_call_sum(8, 0);
+  for (const auto& call : calls) {
+    const std::vector<std::int64_t> one = histogram(call.ffn.expert_index, 8);
+    for (std::size_t e = 0; e < one.size(); ++e) per_call_sum[e] += one[e];
+  }
+  EXPECT_EQ(fu.expert_counts.to_host(), per_call_sum) << "moeut";
   // A stack's counts are its blocks' summed: every token's k choices in each of 3 blocks.
   const auto stack = model::build_layer<float>(
       "moe_stack", std::string(R"({"d_in": 6, "d_out": 2, "d_model": 6, "n_blocks": 3, "moe_kind": "sigma_moe",

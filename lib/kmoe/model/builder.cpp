@@ -276,11 +276,24 @@ Tensor<std::int64_t> st_moe_counts(const layers::SparseMoEBlockForward<T>& f, co
   return st_moe_counts(f.moe, config);
 }
 
-// MoEUT's σ-MoE feed-forward calls, over its ff_n_experts.
+// histogram[e] += the number of ids e in expert_index (ids outside the histogram ignored), on the
+// device. Integer atomics: the counts do not depend on the order of the increments.
+void count_experts_into(const View1<std::int64_t>& histogram, const Tensor<int>& expert_index) {
+  if (expert_index.size() == 0) return;
+  const View1<int> ids = expert_index.flat();
+  const auto n = static_cast<index_t>(histogram.extent(0));
+  Kokkos::parallel_for(
+      "kmoe::count_experts", Kokkos::RangePolicy<ExecSpace>(0, ids.extent(0)), KOKKOS_LAMBDA(const index_t i) {
+        const int e = ids(i);
+        if (e >= 0 && e < n) Kokkos::atomic_increment(&histogram(e));
+      });
+}
+
+// MoEUT's σ-MoE feed-forward calls, over its ff_n_experts, counted into one histogram.
 template <class T>
 Tensor<std::int64_t> moeut_counts(const layers::MoEUTForward<T>& f, const layers::MoEUTConfig& config) {
   Tensor<std::int64_t> counts("kmoe::expert_counts", {config.ff_n_experts});
-  for (const auto& call : f.calls) add_counts(counts, count_experts(call.ffn.expert_index, config.ff_n_experts));
+  for (const auto& call : f.calls) count_experts_into(counts.flat(), call.ffn.expert_index);
   return counts;
 }
 
@@ -496,15 +509,7 @@ const std::map<std::string, Factory<T>>& factories() {
 
 Tensor<std::int64_t> count_experts(const Tensor<int>& expert_index, index_t n) {
   Tensor<std::int64_t> counts("kmoe::expert_counts", {std::max<index_t>(n, 0)});
-  if (expert_index.size() == 0 || n <= 0) return counts;
-  const View1<int> ids = expert_index.flat();
-  const View1<std::int64_t> histogram = counts.flat();
-  // Integer atomics: the counts do not depend on the order of the increments.
-  Kokkos::parallel_for(
-      "kmoe::count_experts", Kokkos::RangePolicy<ExecSpace>(0, ids.extent(0)), KOKKOS_LAMBDA(const index_t i) {
-        const int e = ids(i);
-        if (e >= 0 && e < n) Kokkos::atomic_increment(&histogram(e));
-      });
+  count_experts_into(counts.flat(), expert_index);
   return counts;
 }
 
