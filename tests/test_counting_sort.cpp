@@ -19,8 +19,8 @@ void expect_matches_stable_sort(const std::vector<int>& keys, int n_keys) {
   std::partial_sum(offsets.begin(), offsets.end(), offsets.begin());
 
   const auto groups = ops::counting_sort(device_ints(keys), n_keys);
-  EXPECT_EQ(host_ints(groups.order), order) << "n " << keys.size() << " keys " << n_keys;
-  EXPECT_EQ(host_ints(groups.offsets), offsets) << "n " << keys.size() << " keys " << n_keys;
+  EXPECT_EQ(groups.order.to_host(), order) << "n " << keys.size() << " keys " << n_keys;
+  EXPECT_EQ(groups.offsets.to_host(), offsets) << "n " << keys.size() << " keys " << n_keys;
 }
 
 }  // namespace

@@ -27,35 +27,35 @@ inline void require_expert_or_dropped(const View1<int>& expert_of_pair, int n_ex
 }
 
 // Sort keys with dropped pairs (−1) as the extra key n_experts, so that they sort last.
-inline View1<int> keys_with_drops_last(const View1<int>& expert_of_pair, int n_experts) {
-  const View1<int> keys(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::plan::sort_keys"),
-                        expert_of_pair.extent(0));
+inline Tensor<int> keys_with_drops_last(const View1<int>& expert_of_pair, int n_experts) {
+  const auto keys_storage = Tensor<int>::uninitialized("kmoe::plan::sort_keys", {index_t(expert_of_pair.extent(0))});
+  const View1<int> keys = keys_storage.flat();
   Kokkos::parallel_for(
       "kmoe::plan::drops_last", Kokkos::RangePolicy<ExecSpace>(0, expert_of_pair.extent(0)),
       KOKKOS_LAMBDA(const index_t p) { keys(p) = expert_of_pair(p) < 0 ? n_experts : expert_of_pair(p); });
-  return keys;
+  return keys_storage;
 }
 
 // [pairs] the flattened expert_index (pair p = token · k + slot).
-inline View1<int> flatten(const View2<const int>& expert_index) {
+inline Tensor<int> flatten(const View2<const int>& expert_index) {
   const index_t pairs = expert_index.extent(0) * expert_index.extent(1), k = expert_index.extent(1);
-  const View1<int> expert_of_pair(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::plan::expert_of_pair"),
-                                  pairs);
+  const auto storage = Tensor<int>::uninitialized("kmoe::plan::expert_of_pair", {pairs});
+  const View1<int> expert_of_pair = storage.flat();
   Kokkos::parallel_for(
       "kmoe::plan::flatten", Kokkos::RangePolicy<ExecSpace>(0, pairs),
       KOKKOS_LAMBDA(const index_t p) { expert_of_pair(p) = expert_index(p / k, p % k); });
-  return expert_of_pair;
+  return storage;
 }
 
 // The inverse permutation of sorted_pair.
-inline View1<int> invert(const View1<int>& sorted_pair) {
+inline Tensor<int> invert(const View1<int>& sorted_pair) {
   const index_t pairs = sorted_pair.extent(0);
-  const View1<int> pair_position(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::plan::pair_position"),
-                                 pairs);
+  const auto storage = Tensor<int>::uninitialized("kmoe::plan::pair_position", {pairs});
+  const View1<int> pair_position = storage.flat();
   Kokkos::parallel_for(
       "kmoe::plan::invert", Kokkos::RangePolicy<ExecSpace>(0, pairs),
       KOKKOS_LAMBDA(const index_t position) { pair_position(sorted_pair(position)) = static_cast<int>(position); });
-  return pair_position;
+  return storage;
 }
 
 }  // namespace impl
@@ -81,29 +81,31 @@ DispatchPlan DispatchPlan::build_impl(const View2<const int>& expert_index, int 
   plan.k_ = static_cast<int>(k);
   plan.n_experts_ = n_experts;
   // No lambdas here: nvcc refuses extended lambdas in private member functions.
-  const View1<int> expert_of_pair = impl::flatten(expert_index);
+  const Tensor<int> expert_of_pair = impl::flatten(expert_index);
 
   ops::KeyGroups groups;
-  View1<int> offsets;
+  Tensor<int> offsets;
   if (allow_drops) {
-    impl::require_expert_or_dropped(expert_of_pair, n_experts);
-    groups = ops::counting_sort(impl::keys_with_drops_last(expert_of_pair, n_experts), n_experts + 1);
+    impl::require_expert_or_dropped(expert_of_pair.flat(), n_experts);
+    const Tensor<int> keys = impl::keys_with_drops_last(expert_of_pair.flat(), n_experts);
+    groups = ops::counting_sort(keys.flat(), n_experts + 1);
     // The extra group (dropped pairs) has no offset entry of its own: it ends at n_pairs.
-    offsets = View1<int>(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::plan::expert_offsets"),
-                         static_cast<index_t>(n_experts) + 1);
-    Kokkos::deep_copy(offsets, Kokkos::subview(groups.offsets, Kokkos::make_pair(0, n_experts + 1)));
+    offsets = Tensor<int>::uninitialized("kmoe::plan::expert_offsets", {static_cast<index_t>(n_experts) + 1});
+    Kokkos::deep_copy(ExecSpace(), offsets.flat(),
+                      Kokkos::subview(groups.offsets.flat(), Kokkos::make_pair(0, n_experts + 1)));
   } else {
-    ops::require_keys_in_range(expert_of_pair, n_experts,
-                               "DispatchPlan::build: expert_index (pair = token · k + slot)");
-    groups = ops::counting_sort(expert_of_pair, n_experts);
+    groups = ops::counting_sort(expert_of_pair.flat(), n_experts,
+                                "DispatchPlan::build: expert_index (pair = token · k + slot)");
     offsets = groups.offsets;
   }
 
   plan.expert_of_pair_ = expert_of_pair;
   plan.sorted_pair_ = groups.order;
-  plan.pair_position_ = impl::invert(groups.order);
+  plan.pair_position_ = impl::invert(groups.order.flat());
   plan.expert_offsets_ = offsets;
-  const auto offsets_host = Kokkos::create_mirror_view_and_copy(HostSpace(), offsets);
+  // The one read-back a plan needs: each expert's row count shapes its GEMM (and, across ranks,
+  // the all-to-all's counts).
+  const auto offsets_host = Kokkos::create_mirror_view_and_copy(HostSpace(), offsets.flat());
   plan.expert_offsets_host_.assign(offsets_host.data(), offsets_host.data() + offsets_host.extent(0));
   return plan;
 }

@@ -13,6 +13,7 @@
 #pragma once
 
 #include "kmoe/core/config.hpp"
+#include "kmoe/core/tensor.hpp"
 
 #include <vector>
 
@@ -35,15 +36,17 @@ class DispatchPlan {
   // [0, n_routed_pairs()) = [expert_offsets[0], expert_offsets[n_experts]).
   index_t n_routed_pairs() const { return expert_offsets_host_.empty() ? 0 : expert_offsets_host_.back(); }
 
+  // The arrays are memory-pool tensors (no cudaMalloc/cudaFree per plan); the Views alias them
+  // and stay valid while the plan lives.
   // [pairs] expert of pair p (the flattened expert_index; −1 for a dropped pair).
-  const View1<int>& expert_of_pair() const { return expert_of_pair_; }
+  View1<int> expert_of_pair() const { return expert_of_pair_.flat(); }
   // [pairs] pair ids grouped by expert, ascending pair id within an expert (stable); dropped
   // pairs last, also in ascending pair id.
-  const View1<int>& sorted_pair() const { return sorted_pair_; }
+  View1<int> sorted_pair() const { return sorted_pair_.flat(); }
   // [pairs] position of pair p in sorted_pair (the inverse permutation).
-  const View1<int>& pair_position() const { return pair_position_; }
+  View1<int> pair_position() const { return pair_position_.flat(); }
   // [experts + 1] expert e owns sorted positions [offsets[e], offsets[e + 1]).
-  const View1<int>& expert_offsets() const { return expert_offsets_; }
+  View1<int> expert_offsets() const { return expert_offsets_.flat(); }
   // The same offsets on the host, for sizing per-expert GEMMs.
   const std::vector<int>& expert_offsets_host() const { return expert_offsets_host_; }
   int expert_rows(int expert) const { return expert_offsets_host_[expert + 1] - expert_offsets_host_[expert]; }
@@ -54,10 +57,10 @@ class DispatchPlan {
   int n_tokens_ = 0;
   int k_ = 0;
   int n_experts_ = 0;
-  View1<int> expert_of_pair_;
-  View1<int> sorted_pair_;
-  View1<int> pair_position_;
-  View1<int> expert_offsets_;
+  Tensor<int> expert_of_pair_;
+  Tensor<int> sorted_pair_;
+  Tensor<int> pair_position_;
+  Tensor<int> expert_offsets_;
   std::vector<int> expert_offsets_host_;
 };
 

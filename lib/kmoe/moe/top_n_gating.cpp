@@ -35,6 +35,13 @@ index_t TopNGatingOptions::capacity(index_t group_size) const {
 
 namespace gating_impl {
 
+// One threshold per choice (validate() bounds top_n by topk_max_k), small enough for a kernel argument.
+template <class T>
+struct ChoiceThresholds {
+  T value[ops::topk_max_k];
+  KOKKOS_INLINE_FUNCTION T operator()(int choice) const { return value[choice]; }
+};
+
 
 // Per-token choices: importance adjustments, normalised gates, routing decisions. routed [tokens, k]
 // gets the expert of each routed choice (−1 otherwise); expert_index and position start at −1.
@@ -49,14 +56,11 @@ void route_choices(const TopNGatingOptions& options, const TopNRouting<T>& r, co
   const View2<T> uniform = injected ? route_uniform.as_matrix() : View2<T>();
   const int k = options.top_n;
   const index_t tokens = r.choice_index.dim(0);
-  // τ_0 = eps as in the original's buffer [eps, τ_1, …] (choice 0 is routed regardless).
-  View1<T> threshold("kmoe::gating::threshold", k);
-  {
-    const auto host = Kokkos::create_mirror_view(threshold);
-    for (int i = 0; i < k; ++i) {
-      host(i) = static_cast<T>(std::max(i == 0 ? options.eps : options.thresholds[i - 1], options.eps));
-    }
-    Kokkos::deep_copy(threshold, host);
+  // τ_0 = eps as in the original's buffer [eps, τ_1, …] (choice 0 is routed regardless). Passed by
+  // value in the kernel's arguments: a View would be an allocation and a fencing upload per call.
+  ChoiceThresholds<T> threshold{};
+  for (int i = 0; i < k; ++i) {
+    threshold.value[i] = static_cast<T>(std::max(i == 0 ? options.eps : options.thresholds[i - 1], options.eps));
   }
   const T eps = static_cast<T>(options.eps);
   const GateNormalisation normalisation = options.normalisation;

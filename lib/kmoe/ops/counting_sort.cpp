@@ -69,15 +69,15 @@ void require_keys_in_range(const View1<const int>& keys, int n_keys, const std::
        " is outside [0, ", n_keys, ")");
 }
 
-KeyGroups counting_sort(const View1<const int>& keys, int n_keys) {
+KeyGroups counting_sort(const View1<const int>& keys, int n_keys, const std::string& what) {
   const index_t n = keys.extent(0);
   require(n_keys >= 0, Status::invalid_argument, "counting_sort: n_keys is ", n_keys);
   require(n <= std::numeric_limits<int>::max(), Status::invalid_argument, "counting_sort: ", n,
           " keys exceed the int range of the order");
-  require_keys_in_range(keys, n_keys, "counting_sort: key");
+  require_keys_in_range(keys, n_keys, what);
 
-  KeyGroups groups{View1<int>(Kokkos::view_alloc(Kokkos::WithoutInitializing, "kmoe::counting_sort::order"), n),
-                   View1<int>("kmoe::counting_sort::offsets", n_keys + 1)};
+  KeyGroups groups{Tensor<int>::uninitialized("kmoe::counting_sort::order", {n}),
+                   Tensor<int>("kmoe::counting_sort::offsets", {static_cast<index_t>(n_keys) + 1})};
   if (n == 0) return groups;
 
   const index_t max_chunks = std::max<index_t>(1, std::max(n, impl::max_extra_cursor_slots) / std::max(n_keys, 1));
@@ -85,7 +85,8 @@ KeyGroups counting_sort(const View1<const int>& keys, int n_keys) {
   const index_t chunks = (n + chunk_size - 1) / chunk_size;
   // slot(key, chunk) = key · chunks + chunk: key-major, so the exclusive scan lays out every key's
   // group as its chunks in order, i.e. the elements in ascending index (stability).
-  View1<int> cursor("kmoe::counting_sort::cursor", static_cast<index_t>(n_keys) * chunks);
+  const Tensor<int> cursor_storage("kmoe::counting_sort::cursor", {static_cast<index_t>(n_keys) * chunks});
+  const View1<int> cursor = cursor_storage.flat();
   Kokkos::parallel_for(
       "kmoe::counting_sort::histogram", Kokkos::RangePolicy<ExecSpace>(0, chunks),
       KOKKOS_LAMBDA(const index_t chunk) {
@@ -94,11 +95,11 @@ KeyGroups counting_sort(const View1<const int>& keys, int n_keys) {
         }
       });
   impl::exclusive_scan_in_place(cursor);
-  const View1<int> offsets = groups.offsets;
+  const View1<int> offsets = groups.offsets.flat();
   Kokkos::parallel_for(
       "kmoe::counting_sort::offsets", Kokkos::RangePolicy<ExecSpace>(0, n_keys + 1),
       KOKKOS_LAMBDA(const index_t key) { offsets(key) = key < n_keys ? cursor(key * chunks) : static_cast<int>(n); });
-  const View1<int> order = groups.order;
+  const View1<int> order = groups.order.flat();
   Kokkos::parallel_for(
       "kmoe::counting_sort::place", Kokkos::RangePolicy<ExecSpace>(0, chunks),
       KOKKOS_LAMBDA(const index_t chunk) {

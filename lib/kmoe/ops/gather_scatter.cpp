@@ -34,10 +34,9 @@ void scatter_add_rows(const View2<const T>& src, const View1<const int>& index, 
           "scatter_add_rows: src [", src.extent(0), ", ", src.extent(1), "], index [", index.extent(0), "], out [",
           out.extent(0), ", ", out.extent(1), "]: index must have src's rows and out src's columns");
   const int out_rows = impl::indexed_rows("scatter_add_rows", "out", out.extent(0));
-  require_keys_in_range(index, out_rows, "scatter_add_rows: index");
   // One thread per (destination row, column) adds its sources in ascending source order.
-  const KeyGroups groups = counting_sort(index, out_rows);
-  const View1<int> order = groups.order, offsets = groups.offsets;
+  const KeyGroups groups = counting_sort(index, out_rows, "scatter_add_rows: index");
+  const View1<int> order = groups.order.flat(), offsets = groups.offsets.flat();
   const index_t rows = out.extent(0), cols = out.extent(1);
   Kokkos::parallel_for(
       "kmoe::scatter_add_rows", md_range<2>({0, 0}, {rows, cols}),
