@@ -153,6 +153,23 @@ void matches_one_rank(const Case& cs) {
   world().reset_bytes_sent();
   (void)f.exchange.dispatch(x.reshape({count * L, D}));
   EXPECT_EQ(world().bytes_sent(), expected_rows * D * sizeof(T)) << where << ": bytes of one dispatch";
+
+  // The global gradient norm (each dense entry once, each expert block once over the ranks) is the
+  // one-rank model's; clipping to a quarter of it scales every local gradient by max_norm / norm.
+  double squared = 0;
+  for (const auto& want : model::collect_parameters(reference))
+    for (const T g : want.grad->to_host()) squared += static_cast<double>(g) * g;
+  const double norm = dist::clip_gradients_by_global_norm(world(), mine, 0.0);
+  EXPECT_NEAR(norm, std::sqrt(squared), tol * std::sqrt(squared)) << where << ": gradient norm";
+  std::vector<std::vector<T>> unclipped;
+  for (const auto& got : mine) unclipped.push_back(got.grad->to_host());
+  EXPECT_EQ(dist::clip_gradients_by_global_norm(world(), mine, norm / 4), norm) << where << ": norm before clipping";
+  const double scale = (norm / 4) / (norm + 1e-6);
+  for (std::size_t i = 0; i < mine.size(); ++i) {
+    std::vector<T> expected = unclipped[i];
+    for (T& g : expected) g = static_cast<T>(g * static_cast<T>(scale));
+    EXPECT_EQ(mine[i].grad->to_host(), expected) << where << ": clipped gradient of " << mine[i].name;
+  }
 }
 
 }  // namespace

@@ -3,10 +3,10 @@
 #include "kmoe/dist/mpi_memory.hpp"
 #include "kmoe/dist/parameter_blocks.hpp"
 
-#include <KokkosBlas1_nrm2.hpp>
 #include <KokkosBlas1_scal.hpp>
 
 #include <cmath>
+#include <vector>
 
 namespace kmoe::dist {
 
@@ -34,16 +34,29 @@ void all_reduce_dense_gradients(const Communicator& comm, const model::Parameter
   each([](const auto& slice, const View1<T>& grad) { Kokkos::deep_copy(ExecSpace(), grad, slice); });
 }
 
+// sum ← Σ g² of `grad` (in double), a device scalar: no wait for the device here.
+template <class T>
+void squared_norm_into(const View1<T>& grad, const Kokkos::View<double, MemSpace>& sum) {
+  Kokkos::parallel_reduce(
+      "kmoe::dist::squared_norm", Kokkos::RangePolicy<ExecSpace>(0, grad.extent(0)),
+      KOKKOS_LAMBDA(const index_t i, double& partial) { partial += static_cast<double>(grad(i)) * grad(i); }, sum);
+}
+
 template <class T>
 double clip_gradients_by_global_norm(const Communicator& comm, const model::ParameterList<T>& parameters,
                                      double max_norm) {
+  // Each parameter's squared norm into its own slot of one device array, read back once: a norm
+  // returned per parameter (as KokkosBlas::nrm2 does) waits for the device once per parameter.
+  std::vector<const model::Parameter<T>*> counted;
+  for (const model::Parameter<T>& p : parameters)
+    if (p.grad != nullptr && p.grad->size() > 0 && !(p.partial() && hyperslab_of(p).empty)) counted.push_back(&p);
+  const auto squared_norms =
+      Tensor<double>::uninitialized("kmoe::dist::squared_norms", {static_cast<index_t>(counted.size())});
+  for (std::size_t i = 0; i < counted.size(); ++i)
+    squared_norm_into(counted[i]->grad->flat(), Kokkos::View<double, MemSpace>(squared_norms.data() + i));
+  const std::vector<double> per_parameter = squared_norms.to_host();
   double dense = 0, placed = 0;
-  for (const model::Parameter<T>& p : parameters) {
-    if (p.grad == nullptr || p.grad->size() == 0) continue;
-    if (p.partial() && hyperslab_of(p).empty) continue;
-    const double norm = static_cast<double>(KokkosBlas::nrm2(p.grad->flat()));
-    (p.partial() ? placed : dense) += norm * norm;
-  }
+  for (std::size_t i = 0; i < counted.size(); ++i) (counted[i]->partial() ? placed : dense) += per_parameter[i];
   // Dense entries are the same on every rank; placed blocks are summed over the ranks.
   comm.all_reduce_sum(&placed, 1);
   const double total = std::sqrt(dense + placed);
