@@ -250,6 +250,7 @@ TEST(MoEUT, CachedDecodingEqualsFullSequence) {
         std::copy(logits.begin() + b * len * V, logits.begin() + (b + 1) * len * V, chunked.begin() + (b * T + start) * V);
       start += len;
       EXPECT_EQ(cache.length(), start);
+      EXPECT_TRUE(f.body.calls.empty()) << "a decoding forward kept " << f.body.calls.size() << " layer records";
     }
     EXPECT_LT(max_rel_error(chunked, full), 1e-12) << att_experts;
   }

@@ -325,7 +325,9 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
       // MoEUT regularises the router logits itself (over time × repeats, below).
       lf.ffn = ffn_[i]->forward(lf.mid, lf.sel_input, training, rng, /*batch_regulariser=*/false, &ffn_operands[i]);
       h = moeut_impl::add(lf.mid, lf.ffn.y, "moeut::layer_out");
-      f.calls.push_back(std::move(lf));
+      // A cached (decoding) forward has no backward: keep no layer's record past its call, so its
+      // memory is one layer's, not the whole stack's (the regulariser still reads them in training).
+      if (cache == nullptr || training) f.calls.push_back(std::move(lf));
     }
   }
   f.out = h.reshape({B, T_len, D});

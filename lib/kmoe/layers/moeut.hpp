@@ -125,8 +125,9 @@ struct MoEUTForward {
   T reg_loss = T(0);
   bool training = false;
   bool cached = false;
-  // Saved for backward: applications in order (absolute layer l = r·G + i), and per distinct
-  // layer the regularisers of its R calls (FFN, attention o and v selections).
+  // Saved for backward: applications in order (absolute layer l = r·G + i; none after a cached
+  // eval forward, which has no backward), and per distinct layer the regularisers of its R calls
+  // (FFN, attention o and v selections).
   std::vector<MoEUTLayerForward<T>> calls;
   std::vector<moe::EntropyRegForward<T>> ffn_reg, att_o_reg, att_v_reg;
 };
