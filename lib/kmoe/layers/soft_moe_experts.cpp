@@ -484,7 +484,7 @@ template <class T>
 Tensor<T> expert_row(const Tensor<T>& stacked, int expert) {
   impl::slot_experts::require_stacked_expert(stacked, 2, expert, "expert_row");
   const auto row = Tensor<T>::uninitialized("soft_moe_experts::expert_row", {stacked.dim(1)});
-  Kokkos::deep_copy(row.flat(), Kokkos::subview(stacked.as_matrix(), expert, Kokkos::ALL));
+  Kokkos::deep_copy(ExecSpace(), row.flat(), Kokkos::subview(stacked.as_matrix(), expert, Kokkos::ALL));
   return row;
 }
 
@@ -492,7 +492,7 @@ template <class T>
 void set_expert_row(const Tensor<T>& stacked, int expert, const Tensor<T>& row) {
   impl::slot_experts::require_stacked_expert(stacked, 2, expert, "set_expert_row");
   row.require_shape({stacked.dim(1)}, "set_expert_row: row");
-  Kokkos::deep_copy(Kokkos::subview(stacked.as_matrix(), expert, Kokkos::ALL), row.flat());
+  Kokkos::deep_copy(ExecSpace(), Kokkos::subview(stacked.as_matrix(), expert, Kokkos::ALL), row.flat());
 }
 
 #define KMOE_INSTANTIATE(T)                                                                                            \

@@ -42,7 +42,7 @@ void for_each_expert_block(const DispatchPlan& plan, const F& f) {
 template <class T>
 void zero_dropped_rows(const DispatchPlan& plan, const View2<T>& sorted) {
   const index_t routed = plan.n_routed_pairs(), pairs = plan.n_pairs();
-  if (routed < pairs) Kokkos::deep_copy(Kokkos::subview(sorted, Kokkos::make_pair(routed, pairs), Kokkos::ALL), T(0));
+  if (routed < pairs) Kokkos::deep_copy(ExecSpace(), Kokkos::subview(sorted, Kokkos::make_pair(routed, pairs), Kokkos::ALL), T(0));
 }
 
 // Where the rows of an input matrix are: one per token (row of pair p = p / k), one per pair in

@@ -123,9 +123,9 @@ void attention_forward(const View4<const T>& q, const View4<const T>& k, const V
   impl::check_mask<T>(op, mask, batch, q_len, k_len);
   if (batch * heads * q_len == 0) return;
   if (k_len == 0 || d_head == 0) {  // no keys (every row fully masked) or empty dot products
-    Kokkos::deep_copy(probs, T(0));
+    Kokkos::deep_copy(ExecSpace(), probs, T(0));
     if (k_len == 0) {
-      Kokkos::deep_copy(out, T(0));
+      Kokkos::deep_copy(ExecSpace(), out, T(0));
       return;
     }
   } else {
@@ -154,9 +154,9 @@ void attention_backward(const View4<const T>& q, const View4<const T>& k, const 
   impl::require_extents(op, "dq", dq, batch, heads, q_len, d_head);
   impl::require_extents(op, "dk", dk, batch, heads, k_len, d_head);
   impl::require_extents(op, "dv", dv, batch, heads, k_len, d_value);
-  Kokkos::deep_copy(dq, T(0));
-  Kokkos::deep_copy(dk, T(0));
-  Kokkos::deep_copy(dv, T(0));
+  Kokkos::deep_copy(ExecSpace(), dq, T(0));
+  Kokkos::deep_copy(ExecSpace(), dk, T(0));
+  Kokkos::deep_copy(ExecSpace(), dv, T(0));
   if (batch * heads * q_len * k_len == 0) return;
   // dV = Pᵀ dO; dP = dO Vᵀ; dS = softmax'(P) dP; dQ = scale · dS K; dK = scale · dSᵀ Q.
   const View4<T> dprobs("kmoe::attention::dprobs", batch, heads, q_len, k_len);

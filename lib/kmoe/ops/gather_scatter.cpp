@@ -17,11 +17,12 @@ int indexed_rows(const char* op, const char* matrix, std::size_t rows) {
 }  // namespace impl
 
 template <class T>
-void gather_rows(const View2<const T>& src, const View1<const int>& index, const View2<T>& out) {
+void gather_rows(const View2<const T>& src, const View1<const int>& index, const View2<T>& out,
+                 const std::string& index_name) {
   require(index.extent(0) == out.extent(0) && src.extent(1) == out.extent(1), Status::shape_mismatch,
           "gather_rows: src [", src.extent(0), ", ", src.extent(1), "], index [", index.extent(0), "], out [",
           out.extent(0), ", ", out.extent(1), "]: out must be [index, src columns]");
-  require_keys_in_range(index, impl::indexed_rows("gather_rows", "src", src.extent(0)), "gather_rows: index");
+  require_keys_in_range(index, impl::indexed_rows("gather_rows", "src", src.extent(0)), index_name);
   const index_t rows = out.extent(0), cols = out.extent(1);
   Kokkos::parallel_for(
       "kmoe::gather_rows", md_range<2>({0, 0}, {rows, cols}),
@@ -29,13 +30,14 @@ void gather_rows(const View2<const T>& src, const View1<const int>& index, const
 }
 
 template <class T>
-void scatter_add_rows(const View2<const T>& src, const View1<const int>& index, const View2<T>& out) {
+void scatter_add_rows(const View2<const T>& src, const View1<const int>& index, const View2<T>& out,
+                      const std::string& index_name) {
   require(index.extent(0) == src.extent(0) && src.extent(1) == out.extent(1), Status::shape_mismatch,
           "scatter_add_rows: src [", src.extent(0), ", ", src.extent(1), "], index [", index.extent(0), "], out [",
           out.extent(0), ", ", out.extent(1), "]: index must have src's rows and out src's columns");
   const int out_rows = impl::indexed_rows("scatter_add_rows", "out", out.extent(0));
   // One thread per (destination row, column) adds its sources in ascending source order.
-  const KeyGroups groups = counting_sort(index, out_rows, "scatter_add_rows: index");
+  const KeyGroups groups = counting_sort(index, out_rows, index_name);
   const View1<int> order = groups.order.flat(), offsets = groups.offsets.flat();
   const index_t rows = out.extent(0), cols = out.extent(1);
   Kokkos::parallel_for(
@@ -50,8 +52,10 @@ void scatter_add_rows(const View2<const T>& src, const View1<const int>& index, 
 }
 
 #define KMOE_INSTANTIATE(T)                                                                               \
-  template void gather_rows<T>(const View2<const T>&, const View1<const int>&, const View2<T>&); \
-  template void scatter_add_rows<T>(const View2<const T>&, const View1<const int>&, const View2<T>&);
+  template void gather_rows<T>(const View2<const T>&, const View1<const int>&, const View2<T>&,  \
+                               const std::string&);                                            \
+  template void scatter_add_rows<T>(const View2<const T>&, const View1<const int>&, const View2<T>&, \
+                                    const std::string&);
 KMOE_INSTANTIATE(float)
 KMOE_INSTANTIATE(double)
 #undef KMOE_INSTANTIATE

@@ -370,7 +370,7 @@ void product_extents(const char* op, bool transpose_a, bool transpose_b, const A
 template <class T, class S>
 void scale_matrix(S beta, const View2<T>& c) {
   if (beta == S(0)) {
-    Kokkos::deep_copy(c, convert<T>(S(0)));
+    Kokkos::deep_copy(ExecSpace(), c, convert<T>(S(0)));
   } else if (beta != S(1)) {
     Kokkos::parallel_for(
         "kmoe::gemm_scale", md_range<2>({0, 0}, {c.extent(0), c.extent(1)}),

@@ -147,7 +147,7 @@ void topk_backward(const View2<const int>& indices, const View2<const T>& dvalue
           " columns, beyond int indices");
   require_keys_in_range(View1<const int>(indices.data(), indices.size()), static_cast<int>(cols),
                         "topk_backward: indices (flattened)");
-  Kokkos::deep_copy(dx, T(0));
+  Kokkos::deep_copy(ExecSpace(), dx, T(0));
   // Serial over a row's slots: a repeated index sums its gradients (the adjoint of the gather).
   Kokkos::parallel_for(
       "kmoe::topk_backward", Kokkos::RangePolicy<ExecSpace>(0, rows), KOKKOS_LAMBDA(const index_t r) {
