@@ -180,6 +180,23 @@ TEST(Attention, BackwardMatchesFiniteDifferences) {
   }
 }
 
+// Without value dimensions the output is zero, so no gradient reaches q or k; the dP scratch must
+// then be zeroed, not taken as left in a reused memory-pool block (made NaN here first).
+TEST(Attention, NoValueDimensionsGiveZeroGradients) {
+  const index_t b = 2, h = 3, tq = 4, tk = 5, dh = 6;
+  { Tensor<double>("stale", {b, h, tq, tk}).fill(std::nan("")); }
+  const auto q = make_tensor<double>({b, h, tq, dh}, random_values(b * h * tq * dh, 61));
+  const auto k = make_tensor<double>({b, h, tk, dh}, random_values(b * h * tk * dh, 62));
+  Tensor<double> v("v", {b, h, tk, 0}), probs("probs", {b, h, tq, tk}), out("out", {b, h, tq, 0});
+  ops::attention_forward<double>(q.view<4>(), k.view<4>(), v.view<4>(), 0.5, {}, probs.view<4>(), out.view<4>());
+  { Tensor<double>("stale", {b, h, tq, tk}).fill(std::nan("")); }
+  Tensor<double> dq("dq", q.shape()), dk("dk", k.shape()), dv("dv", v.shape());
+  ops::attention_backward<double>(q.view<4>(), k.view<4>(), v.view<4>(), 0.5, probs.view<4>(), out.view<4>(),
+                                  dq.view<4>(), dk.view<4>(), dv.view<4>());
+  EXPECT_EQ(to_double(dq), std::vector<double>(dq.size(), 0.0));
+  EXPECT_EQ(to_double(dk), std::vector<double>(dk.size(), 0.0));
+}
+
 TEST(Attention, BadArgumentsThrow) {
   Tensor<float> q("q", {2, 2, 3, 4}), k("k", {2, 2, 5, 4}), v("v", {2, 2, 5, 6}), p("p", {2, 2, 3, 5}),
       o("o", {2, 2, 3, 6}), k_bad("k", {2, 2, 5, 3}), o_bad("o", {2, 2, 3, 5});

@@ -1,6 +1,7 @@
 #include "kmoe/ops/attention.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/tensor.hpp"
 #include "kmoe/ops/gemm.hpp"
 #include "kmoe/ops/softmax.hpp"
 
@@ -159,8 +160,13 @@ void attention_backward(const View4<const T>& q, const View4<const T>& k, const 
   Kokkos::deep_copy(ExecSpace(), dv, T(0));
   if (batch * heads * q_len * k_len == 0) return;
   // dV = Pᵀ dO; dP = dO Vᵀ; dS = softmax'(P) dP; dQ = scale · dS K; dK = scale · dSᵀ Q.
-  const View4<T> dprobs("kmoe::attention::dprobs", batch, heads, q_len, k_len);
-  const View4<T> dscores("kmoe::attention::dscores", batch, heads, q_len, k_len);
+  // From the memory pool: two [B, H, Tq, Tk] Views a call were a cudaMalloc, a fill and a
+  // synchronising cudaFree each. dP is written whole by its GEMMs, or stays zero without values.
+  const Shape scores_shape{batch, heads, q_len, k_len};
+  const Tensor<T> dprobs_storage = d_value > 0 ? Tensor<T>::uninitialized("kmoe::attention::dprobs", scores_shape)
+                                               : Tensor<T>("kmoe::attention::dprobs", scores_shape);
+  const auto dscores_storage = Tensor<T>::uninitialized("kmoe::attention::dscores", scores_shape);
+  const View4<T> dprobs = dprobs_storage.template view<4>(), dscores = dscores_storage.template view<4>();
   if (d_value > 0) {
     impl::for_each_head(batch, heads, [&](index_t b, index_t h) {
       const View2<const T> p = impl::head_matrix(probs, b, h), g = impl::head_matrix(dout, b, h);
