@@ -66,7 +66,7 @@ int main(int argc, char** argv) {
       model::LayerInputs<float> in;
       in.x = Tensor<float>::from_host("infer::x", {n, data->cols()}, std::vector<float>(x.begin(), x.end()));
       comm.collectively([&] { require_finite(in.x, input + ": /" + dataset); });
-      const Tensor<float> y = layer->forward(in, false, rng).out;
+      const Tensor<float> y = layer->infer(in, rng);
       if (n > 0) {
         const std::vector<float> values = y.to_host();
         outputs.insert(outputs.end(), values.begin(), values.end());

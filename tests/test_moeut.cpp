@@ -1,5 +1,6 @@
 #include "kmoe/core/memory_pool.hpp"
 #include "kmoe/layers/moeut.hpp"
+#include "kmoe/model/builder.hpp"
 #include "test_util.hpp"
 
 #include <algorithm>
@@ -254,6 +255,34 @@ TEST(MoEUT, CachedDecodingEqualsFullSequence) {
     }
     EXPECT_LT(max_rel_error(chunked, full), 1e-12) << att_experts;
   }
+}
+
+// An eval forward not kept for backward (an inference runner's, Layer::infer's) gives the same
+// logits bitwise and keeps no layer records; backward refuses it.
+TEST(MoEUT, InferenceForwardKeepsNoRecordsAndRefusesBackward) {
+  MoEUTLM<double> model(tiny_config(3), 5);
+  randomise(named_parameters(model), 310);
+  const index_t B = 2, T = 6;
+  std::vector<int> ids(B * T);
+  for (index_t i = 0; i < B * T; ++i) ids[i] = static_cast<int>((i * 5 + 1) % 11);
+  const auto tokens = Tensor<int>::from_host("t", {B, T}, ids);
+  Generator rng(1);
+  const auto kept = model.forward(tokens, std::nullopt, false, rng);
+  const auto inferred = model.forward(tokens, std::nullopt, false, rng, nullptr, /*for_backward=*/false);
+  EXPECT_EQ(to_double(inferred.logits), to_double(kept.logits));
+  EXPECT_EQ(kept.body.calls.size(), 4u);
+  EXPECT_TRUE(inferred.body.calls.empty()) << "an inference forward kept " << inferred.body.calls.size() << " records";
+  expect_status([&] { model.backward(inferred, Tensor<double>("d", inferred.logits.shape()), 1.0); },
+                Status::invalid_argument, "kept no records");
+  // Training keeps them whatever is asked (the regulariser reads them).
+  EXPECT_EQ(model.forward(tokens, std::nullopt, true, rng, nullptr, false).body.calls.size(), 4u);
+
+  const auto layer = model::build_layer<double>("moeut_lm", nlohmann::json::parse(R"({"n_tokens": 11, "d_model": 8,
+      "n_layers": 4, "group_size": 2, "n_heads": 2, "d_head": 4, "att_n_experts": 3, "att_k": 2, "ff_n_experts": 5,
+      "ff_k": 2, "ff_expert_size": 3})"), 7);
+  model::LayerInputs<double> in;
+  in.tokens = tokens;
+  EXPECT_EQ(to_double(layer->infer(in, rng)), to_double(layer->forward(in, false, rng).out));
 }
 
 TEST(MoEUT, GreedyGenerateMatchesFullSequenceArgmax) {

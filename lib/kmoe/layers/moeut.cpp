@@ -272,7 +272,7 @@ void MoEUT<T>::zero_grad() {
 
 template <class T>
 MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& mask, bool training, Generator& rng,
-                                  MoEUTCache<T>* cache) const {
+                                  MoEUTCache<T>* cache, bool for_backward) const {
   const MoEUTConfig& c = config_;
   const index_t D = c.d_model;
   // On every rank, so that a bad input does not leave the others waiting. A rank may bring no
@@ -292,6 +292,8 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
   MoEUTForward<T> f;
   f.training = training;
   f.cached = cache != nullptr;
+  // Training keeps them for the regulariser too.
+  f.kept_records = training || (for_backward && cache == nullptr);
   const int G = c.group_size, R = c.n_repeats();
   Tensor<T> h = x.reshape({N, D});
   // Each distinct layer's expert GEMM operands once for all its repeats (under bfloat16: one
@@ -325,9 +327,8 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
       // MoEUT regularises the router logits itself (over time × repeats, below).
       lf.ffn = ffn_[i]->forward(lf.mid, lf.sel_input, training, rng, /*batch_regulariser=*/false, &ffn_operands[i]);
       h = moeut_impl::add(lf.mid, lf.ffn.y, "moeut::layer_out");
-      // A cached (decoding) forward has no backward: keep no layer's record past its call, so its
-      // memory is one layer's, not the whole stack's (the regulariser still reads them in training).
-      if (cache == nullptr || training) f.calls.push_back(std::move(lf));
+      // Without records a layer's memory goes when the next starts: one layer's, not the stack's.
+      if (f.kept_records) f.calls.push_back(std::move(lf));
     }
   }
   f.out = h.reshape({B, T_len, D});
@@ -366,6 +367,8 @@ Tensor<T> MoEUT<T>::backward(const MoEUTForward<T>& f, const Tensor<T>& dout, T 
   require(!f.out.empty(), Status::invalid_argument, "MoEUT::backward: the forward result is empty");
   require(!f.cached, Status::invalid_argument,
           "MoEUT::backward: the forward used a KV cache (inference only); run it without one");
+  require(f.kept_records, Status::invalid_argument,
+          "MoEUT::backward: the forward kept no records for backward (inference only); run it for backward");
   const int G = c.group_size, R = c.n_repeats();
   require(static_cast<int>(f.calls.size()) == G * R && f.out.rank() == 3 && f.out.dim(2) == c.d_model,
           Status::shape_mismatch, "MoEUT::backward: the forward result (", f.calls.size(), " layer calls, out ",
@@ -479,7 +482,8 @@ void MoEUTLM<T>::zero_grad() {
 
 template <class T>
 MoEUTLMForward<T> MoEUTLM<T>::forward(const Tensor<int>& tokens, const std::optional<ops::AttentionMask>& mask,
-                                      bool training, Generator& rng, MoEUTCache<T>* cache) const {
+                                      bool training, Generator& rng, MoEUTCache<T>* cache,
+                                      bool for_backward) const {
   const index_t D = config_.d_model, V = config_.n_tokens;
   const dist::Communicator& comm = transformer_.communicator();
   comm.collectively([&] {
@@ -493,7 +497,8 @@ MoEUTLMForward<T> MoEUTLM<T>::forward(const Tensor<int>& tokens, const std::opti
   ops::embedding_forward<T>(f.tokens.flat(), embedding_.as_matrix(), embedded.as_matrix());
   ops::AttentionMask causal;
   causal.causal = true;
-  f.body = transformer_.forward(embedded.reshape({B, T_len, D}), mask.value_or(causal), training, rng, cache);
+  f.body = transformer_.forward(embedded.reshape({B, T_len, D}), mask.value_or(causal), training, rng, cache,
+                                for_backward);
   f.reg_loss = f.body.reg_loss;
   f.normed = moeut_impl::layer_norm(f.body.out.reshape({N, D}), out_norm_weight_, out_norm_bias_, f.norm_mean,
                                     f.norm_rstd, "moeut_lm::normed");

@@ -125,9 +125,10 @@ struct MoEUTForward {
   T reg_loss = T(0);
   bool training = false;
   bool cached = false;
-  // Saved for backward: applications in order (absolute layer l = r·G + i; none after a cached
-  // eval forward, which has no backward), and per distinct layer the regularisers of its R calls
-  // (FFN, attention o and v selections).
+  bool kept_records = true;  // false: an eval forward for inference (cached, or not for backward)
+  // Saved for backward: applications in order (absolute layer l = r·G + i; none unless
+  // kept_records), and per distinct layer the regularisers of its R calls (FFN, attention o and v
+  // selections).
   std::vector<MoEUTLayerForward<T>> calls;
   std::vector<moe::EntropyRegForward<T>> ffn_reg, att_o_reg, att_v_reg;
 };
@@ -159,10 +160,12 @@ class MoEUT {
 
   // x [B, T, d_model]. mask: ops::AttentionMask (absent fields = not masked; with a cache its key
   // length is cache length + T). training: expert dropout, dropout and the regulariser (draws
-  // from rng). cache: null, or the state to extend (inference: backward refuses). Throws
-  // Status::shape_mismatch for a wrong x, mask or cache.
+  // from rng). cache: null, or the state to extend (inference: backward refuses). for_backward =
+  // false (eval only): keep no layer's records past its call, so the forward's memory is one
+  // layer's, not the stack's; backward refuses such a forward (as it does a cached one, which
+  // keeps none either). Throws Status::shape_mismatch for a wrong x, mask or cache.
   MoEUTForward<T> forward(const Tensor<T>& x, const ops::AttentionMask& mask, bool training, Generator& rng,
-                          MoEUTCache<T>* cache = nullptr) const;
+                          MoEUTCache<T>* cache = nullptr, bool for_backward = true) const;
 
   // dout [B, T, d_model]; dreg_loss: the loss's derivative with respect to reg_loss (1 when the
   // loss adds reg_loss). Returns dx [B, T, d_model]; accumulates every parameter gradient.
@@ -208,7 +211,7 @@ class MoEUTLM {
   // (as the original's default); with a cache, the causal mask puts the queries after the cached
   // keys. Other arguments as MoEUT::forward.
   MoEUTLMForward<T> forward(const Tensor<int>& tokens, const std::optional<ops::AttentionMask>& mask, bool training,
-                            Generator& rng, MoEUTCache<T>* cache = nullptr) const;
+                            Generator& rng, MoEUTCache<T>* cache = nullptr, bool for_backward = true) const;
 
   // dlogits [B, T, n_tokens], dreg_loss as MoEUT::backward. Accumulates every parameter gradient.
   void backward(const MoEUTLMForward<T>& forward, const Tensor<T>& dlogits, T dreg_loss);

@@ -364,16 +364,23 @@ class MoEUTLayer final : public Wrapped<layers::MoEUT<T>> {
  public:
   using Wrapped<layers::MoEUT<T>>::Wrapped;
   LayerForward<T> forward(const LayerInputs<T>& in, bool training, Generator& rng) const override {
-    require_input(in.x, this->kind_);
-    refuse(!in.mask.empty(), this->kind_, "token mask (use attention_mask)");
-    auto f = this->layer_.forward(in.x, in.attention_mask.value_or(ops::AttentionMask{}), training, rng);
+    auto f = run(in, training, rng, true);
     auto counts = moeut_counts(f, this->layer_.config());
     const Tensor<T> out = f.out;
     const T reg = f.reg_loss;
     return with_counts(this->result(std::move(f), out, training, reg, {{"reg_loss", reg}}), std::move(counts));
   }
+  Tensor<T> infer(const LayerInputs<T>& in, Generator& rng) const override { return run(in, false, rng, false).out; }
   Tensor<T> backward(const LayerForward<T>& forward, const Tensor<T>& dout, T aux_weight) override {
     return this->layer_.backward(this->template state<layers::MoEUTForward<T>>(forward), dout, aux_weight);
+  }
+
+ private:
+  layers::MoEUTForward<T> run(const LayerInputs<T>& in, bool training, Generator& rng, bool for_backward) const {
+    require_input(in.x, this->kind_);
+    refuse(!in.mask.empty(), this->kind_, "token mask (use attention_mask)");
+    return this->layer_.forward(in.x, in.attention_mask.value_or(ops::AttentionMask{}), training, rng, nullptr,
+                                for_backward);
   }
 };
 
@@ -382,9 +389,7 @@ class MoEUTLMLayer final : public Wrapped<layers::MoEUTLM<T>> {
  public:
   using Wrapped<layers::MoEUTLM<T>>::Wrapped;
   LayerForward<T> forward(const LayerInputs<T>& in, bool training, Generator& rng) const override {
-    require(!in.tokens.empty(), Status::invalid_argument, this->kind_, ": the input tokens are missing");
-    refuse(!in.x.empty(), this->kind_, "float input x (it reads token ids)");
-    auto f = this->layer_.forward(in.tokens, in.attention_mask, training, rng);
+    auto f = run(in, training, rng, true);
     auto counts = moeut_counts(f.body, this->layer_.config());
     const Tensor<T> out = f.logits;
     const T reg = f.reg_loss;
@@ -393,6 +398,14 @@ class MoEUTLMLayer final : public Wrapped<layers::MoEUTLM<T>> {
   Tensor<T> backward(const LayerForward<T>& forward, const Tensor<T>& dout, T aux_weight) override {
     this->layer_.backward(this->template state<layers::MoEUTLMForward<T>>(forward), dout, aux_weight);
     return Tensor<T>();
+  }
+  Tensor<T> infer(const LayerInputs<T>& in, Generator& rng) const override { return run(in, false, rng, false).logits; }
+
+ private:
+  layers::MoEUTLMForward<T> run(const LayerInputs<T>& in, bool training, Generator& rng, bool for_backward) const {
+    require(!in.tokens.empty(), Status::invalid_argument, this->kind_, ": the input tokens are missing");
+    refuse(!in.x.empty(), this->kind_, "float input x (it reads token ids)");
+    return this->layer_.forward(in.tokens, in.attention_mask, training, rng, nullptr, for_backward);
   }
 };
 

@@ -97,6 +97,10 @@ class Layer {
 
   // training enables dropout, stochastic choices and the training losses; every draw comes from rng.
   virtual LayerForward<T> forward(const LayerInputs<T>& inputs, bool training, Generator& rng) const = 0;
+  // The out of an eval forward that nothing will differentiate (an inference runner): the same
+  // values as forward(inputs, false, rng).out, but families whose forward keeps a record per layer
+  // of a stack for backward (MoEUT, MoEUTLM) keep none, so the memory is one layer's.
+  virtual Tensor<T> infer(const LayerInputs<T>& inputs, Generator& rng) const { return forward(inputs, false, rng).out; }
   // dout: the gradient of out; aux_weight multiplies forward.aux_loss in the differentiated scalar.
   // Returns the input gradient (empty for MoEUTLM, whose input is token ids) and accumulates every
   // parameter gradient.
