@@ -67,6 +67,17 @@ TEST(MoEStack, GradientsMatchFiniteDifferencesForEveryMoEKind) {
   }
 }
 
+// infer (kmoe-infer's forward: no records kept) gives the eval forward's y, bitwise.
+TEST(MoEStack, InferEqualsTheEvalForwardForEveryMoEKind) {
+  for (const auto& [kind, moe] : kinds()) {
+    auto layer = model::build_layer<float>("moe_stack", stack_config(kind, moe), 9);
+    model::LayerInputs<float> in;
+    in.x = make_tensor<float>({rows, 3}, random_values(rows * 3, 13));
+    Generator rng(2);
+    EXPECT_EQ(layer->infer(in, rng).to_host(), layer->forward(in, false, rng).out.to_host()) << kind;
+  }
+}
+
 TEST(MoEStack, RoundTripsThroughACheckpoint) {
   const std::string path =
       (std::filesystem::temp_directory_path() / ("kmoe_moe_stack_" + std::to_string(::getpid()) + ".h5")).string();

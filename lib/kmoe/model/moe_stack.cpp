@@ -104,7 +104,8 @@ class MoEStack final : public Layer<T> {
     std::vector<BlockForward> blocks;
   };
 
-  LayerForward<T> forward(const LayerInputs<T>& in, bool training, Generator& rng) const override {
+  // y for x; with `out` and `f` (a forward for backward) also the losses, counts and records.
+  Tensor<T> run(const LayerInputs<T>& in, bool training, Generator& rng, LayerForward<T>* out, Forward* f) const {
     const C& c = config_;
     require(!in.x.empty(), Status::invalid_argument, "moe_stack: the input x is missing");
     require(in.mask.empty() && !in.attention_mask.has_value() && in.tokens.empty(), Status::invalid_argument,
@@ -112,13 +113,9 @@ class MoEStack final : public Layer<T> {
     require(in.x.rank() == 2 && in.x.dim(1) == c.d_in, Status::shape_mismatch, "moe_stack: x is ",
             in.x.shape().str(), ", expected [rows, d_in = ", c.d_in, "]");
     const index_t N = in.x.dim(0), D = c.d_model;
-    Forward f;
-    f.x = in.x;
+    if (f != nullptr) f->x = in.x;
     Tensor<T> h = Tensor<T>::uninitialized("moe_stack::h", {N, D});
     if (N > 0) ops::linear_forward<T>(in.x.as_matrix(), w_in_.as_matrix(), b_in_.flat(), h.as_matrix());
-    std::map<std::string, double> losses;
-    Tensor<std::int64_t> counts;  // summed over the blocks' MoE layers
-    T aux = T(0);
     for (const Block& block : blocks_) {
       BlockForward bf;
       bf.h = h;
@@ -130,26 +127,39 @@ class MoEStack final : public Layer<T> {
                                    static_cast<T>(c.norm_eps), bf.normed.as_matrix(), bf.mean.flat(), bf.rstd.flat());
       LayerInputs<T> moe_in;
       moe_in.x = sequences() ? bf.normed.reshape({N, 1, D}) : bf.normed;
-      bf.moe = block.moe->forward(moe_in, training, rng);
-      aux += bf.moe.aux_loss;
-      add_counts(counts, bf.moe.expert_counts);
-      for (const auto& [name, value] : bf.moe.losses) losses[name] += value;
+      Tensor<T> moe_out;
+      if (out != nullptr) {
+        bf.moe = block.moe->forward(moe_in, training, rng);
+        out->aux_loss += bf.moe.aux_loss;
+        add_counts(out->expert_counts, bf.moe.expert_counts);
+        for (const auto& [name, value] : bf.moe.losses) out->losses[name] += value;
+        moe_out = bf.moe.out;
+      } else {
+        moe_out = block.moe->infer(moe_in, rng);
+      }
       Tensor<T> next = h.clone("moe_stack::h");
-      if (N > 0) KokkosBlas::axpy(T(1), bf.moe.out.flat(), next.flat());
+      if (N > 0) KokkosBlas::axpy(T(1), moe_out.flat(), next.flat());
       h = next;
-      f.blocks.push_back(std::move(bf));
+      if (f != nullptr) f->blocks.push_back(std::move(bf));
     }
-    f.h_out = h;
+    if (f != nullptr) f->h_out = h;
     auto y = Tensor<T>::uninitialized("moe_stack::y", {N, c.d_out});
     if (N > 0) ops::linear_forward<T>(h.as_matrix(), w_out_.as_matrix(), b_out_.flat(), y.as_matrix());
+    return y;
+  }
+
+
+  LayerForward<T> forward(const LayerInputs<T>& in, bool training, Generator& rng) const override {
     LayerForward<T> out;
-    out.out = y;
+    Forward f;
+    out.out = run(in, training, rng, &out, &f);
     out.training = training;
-    out.aux_loss = aux;
-    out.losses = losses;
-    out.expert_counts = counts;
     out.state = std::make_shared<const Forward>(std::move(f));
     return out;
+  }
+  // Keeps no block's records (each block's own inference forward): one block's memory at a time.
+  Tensor<T> infer(const LayerInputs<T>& in, Generator& rng) const override {
+    return run(in, false, rng, nullptr, nullptr);
   }
 
   Tensor<T> backward(const LayerForward<T>& forward, const Tensor<T>& dout, T aux_weight) override {
