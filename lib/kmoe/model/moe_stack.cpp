@@ -104,8 +104,8 @@ class MoEStack final : public Layer<T> {
     std::vector<BlockForward> blocks;
   };
 
-  // y for x; with `out` and `f` (a forward for backward) also the losses, counts and records.
-  Tensor<T> run(const LayerInputs<T>& in, bool training, Generator& rng, LayerForward<T>* out, Forward* f) const {
+  // y for x; with `out` (a forward for backward) also its losses, counts and records (state).
+  Tensor<T> run(const LayerInputs<T>& in, bool training, Generator& rng, LayerForward<T>* out) const {
     const C& c = config_;
     require(!in.x.empty(), Status::invalid_argument, "moe_stack: the input x is missing");
     require(in.mask.empty() && !in.attention_mask.has_value() && in.tokens.empty(), Status::invalid_argument,
@@ -113,7 +113,8 @@ class MoEStack final : public Layer<T> {
     require(in.x.rank() == 2 && in.x.dim(1) == c.d_in, Status::shape_mismatch, "moe_stack: x is ",
             in.x.shape().str(), ", expected [rows, d_in = ", c.d_in, "]");
     const index_t N = in.x.dim(0), D = c.d_model;
-    if (f != nullptr) f->x = in.x;
+    Forward f;
+    f.x = in.x;
     Tensor<T> h = Tensor<T>::uninitialized("moe_stack::h", {N, D});
     if (N > 0) ops::linear_forward<T>(in.x.as_matrix(), w_in_.as_matrix(), b_in_.flat(), h.as_matrix());
     for (const Block& block : blocks_) {
@@ -140,26 +141,24 @@ class MoEStack final : public Layer<T> {
       Tensor<T> next = h.clone("moe_stack::h");
       if (N > 0) KokkosBlas::axpy(T(1), moe_out.flat(), next.flat());
       h = next;
-      if (f != nullptr) f->blocks.push_back(std::move(bf));
+      if (out != nullptr) f.blocks.push_back(std::move(bf));
     }
-    if (f != nullptr) f->h_out = h;
+    f.h_out = h;
     auto y = Tensor<T>::uninitialized("moe_stack::y", {N, c.d_out});
     if (N > 0) ops::linear_forward<T>(h.as_matrix(), w_out_.as_matrix(), b_out_.flat(), y.as_matrix());
+    if (out != nullptr) out->state = std::make_shared<const Forward>(std::move(f));
     return y;
   }
 
-
   LayerForward<T> forward(const LayerInputs<T>& in, bool training, Generator& rng) const override {
     LayerForward<T> out;
-    Forward f;
-    out.out = run(in, training, rng, &out, &f);
+    out.out = run(in, training, rng, &out);
     out.training = training;
-    out.state = std::make_shared<const Forward>(std::move(f));
     return out;
   }
   // Keeps no block's records (each block's own inference forward): one block's memory at a time.
   Tensor<T> infer(const LayerInputs<T>& in, Generator& rng) const override {
-    return run(in, false, rng, nullptr, nullptr);
+    return run(in, false, rng, nullptr);
   }
 
   Tensor<T> backward(const LayerForward<T>& forward, const Tensor<T>& dout, T aux_weight) override {

@@ -35,14 +35,6 @@ index_t TopNGatingOptions::capacity(index_t group_size) const {
 
 namespace gating_impl {
 
-// One threshold per choice (validate() bounds top_n by topk_max_k), small enough for a kernel argument.
-template <class T>
-struct ChoiceThresholds {
-  T value[ops::topk_max_k];
-  KOKKOS_INLINE_FUNCTION T operator()(int choice) const { return value[choice]; }
-};
-
-
 // Per-token choices: importance adjustments, normalised gates, routing decisions. routed [tokens, k]
 // gets the expert of each routed choice (−1 otherwise); expert_index and position start at −1.
 template <class T>
@@ -57,10 +49,11 @@ void route_choices(const TopNGatingOptions& options, const TopNRouting<T>& r, co
   const int k = options.top_n;
   const index_t tokens = r.choice_index.dim(0);
   // τ_0 = eps as in the original's buffer [eps, τ_1, …] (choice 0 is routed regardless). Passed by
-  // value in the kernel's arguments: a View would be an allocation and a fencing upload per call.
-  ChoiceThresholds<T> threshold{};
+  // value in the kernel's arguments (validate() bounds top_n by topk_max_k): a View would be an
+  // allocation and a fencing upload per call.
+  Kokkos::Array<T, ops::topk_max_k> threshold{};
   for (int i = 0; i < k; ++i) {
-    threshold.value[i] = static_cast<T>(std::max(i == 0 ? options.eps : options.thresholds[i - 1], options.eps));
+    threshold[i] = static_cast<T>(std::max(i == 0 ? options.eps : options.thresholds[i - 1], options.eps));
   }
   const T eps = static_cast<T>(options.eps);
   const GateNormalisation normalisation = options.normalisation;
@@ -83,7 +76,7 @@ void route_choices(const TopNGatingOptions& options, const TopNRouting<T>& r, co
           gate(t, i) = g;
           const T u = injected ? uniform(i, t) : stream.uniform<T>(static_cast<std::uint64_t>(i * tokens + t));
           const bool allowed = i == 0 ? imp == T(1) : imp > T(0);
-          const bool route = allowed && (i == 0 || u < g / threshold(i));
+          const bool route = allowed && (i == 0 || u < g / threshold[i]);
           routed(t, i) = route ? index(t, i) : -1;
           expert_index(t, i) = -1;
           position(t, i) = -1;
