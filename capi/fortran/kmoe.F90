@@ -63,7 +63,7 @@ module kmoe
   public :: kmoe_layer_create, kmoe_layer_open_checkpoint, kmoe_layer_destroy, kmoe_layer_load, kmoe_layer_save
   public :: kmoe_layer_parameter_count, kmoe_layer_zero_grad
   public :: kmoe_layer_get_parameter, kmoe_layer_set_parameter, kmoe_layer_get_gradient
-  public :: kmoe_layer_forward, kmoe_forward_output, kmoe_forward_loss, kmoe_layer_backward, kmoe_forward_destroy
+  public :: kmoe_layer_infer, kmoe_layer_forward, kmoe_forward_output, kmoe_forward_loss, kmoe_layer_backward, kmoe_forward_destroy
   public :: kmoe_optimizer_create, kmoe_optimizer_step, kmoe_optimizer_destroy
 
   interface kmoe_layer_get_parameter
@@ -77,6 +77,9 @@ module kmoe
   end interface
   interface kmoe_layer_forward
     module procedure forward_float, forward_double
+  end interface
+  interface kmoe_layer_infer
+    module procedure infer_float, infer_double
   end interface
   interface kmoe_forward_output
     module procedure output_float, output_double
@@ -156,6 +159,12 @@ module kmoe
       type(tensor_c), intent(in) :: input
       integer(c_int32_t), value :: training
       type(c_ptr), intent(out) :: state
+      integer(c_int) :: s
+    end function
+    function c_layer_infer(layer, input, output) bind(c, name="kmoe_layer_infer") result(s)
+      import :: c_int, c_ptr, tensor_c
+      type(c_ptr), value :: layer
+      type(tensor_c), intent(in) :: input, output
       integer(c_int) :: s
     end function
     function c_forward_output(state, into) bind(c, name="kmoe_forward_output") result(s)

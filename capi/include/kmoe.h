@@ -169,6 +169,11 @@ KMOE_API kmoe_status kmoe_layer_all_reduce_gradients(kmoe_layer* layer);
  * unchanged while the state lives. */
 KMOE_API kmoe_status kmoe_layer_forward(kmoe_layer* layer, const kmoe_tensor* input, int32_t training,
                                         kmoe_forward** state);
+/* Inference: an eval forward (no dropout, no training losses) that keeps nothing for backward, its
+ * output written to output (the input's shape; [B, T, vocab] for moeut_lm). Uses less device
+ * memory than kmoe_layer_forward + kmoe_forward_output: MoEUT keeps one layer's activations, not
+ * the stack's. */
+KMOE_API kmoe_status kmoe_layer_infer(kmoe_layer* layer, const kmoe_tensor* input, const kmoe_tensor* output);
 KMOE_API kmoe_status kmoe_forward_output_shape(const kmoe_forward* state, int32_t* rank, int64_t* shape);
 KMOE_API kmoe_status kmoe_forward_output(const kmoe_forward* state, const kmoe_tensor* into);
 /* An auxiliary loss by name: "reg_loss" (σ-MoE, MoEUT), "balance_loss", "router_z_loss",

@@ -266,6 +266,19 @@ const kmoe::model::LayerForward<T>& forward_of(const Forward& f) {
   return forward_of<T>(const_cast<Forward&>(f));
 }
 
+// A forward's inputs from the caller's tensor: token ids for moeut_lm, else the family's x.
+template <class T>
+kmoe::model::LayerInputs<T> layer_inputs(const Layer& handle, const kmoe_tensor& in) {
+  kmoe::model::LayerInputs<T> inputs;
+  if (handle.kind == "moeut_lm") {
+    inputs.tokens = read_tensor<int>(&in, "input", true);
+  } else {
+    inputs.x = read_tensor<T>(&in, "input", true);
+    kmoe::require_finite(inputs.x, "input");
+  }
+  return inputs;
+}
+
 }  // namespace
 
 extern "C" {
@@ -502,19 +515,24 @@ kmoe_status kmoe_layer_forward(kmoe_layer* layer, const kmoe_tensor* input, int3
     auto f = std::make_unique<Forward>();
     f->layer = &handle;
     f->layer_alive = handle.alive;
+    f->tokens = handle.kind == "moeut_lm";
     with_layer(handle, [&](auto& l) {
       using T = typename std::decay_t<decltype(l)>::value_type;
-      kmoe::model::LayerInputs<T> inputs;
-      if (handle.kind == "moeut_lm") {
-        inputs.tokens = read_tensor<int>(&in, "input", true);
-        f->tokens = true;
-      } else {
-        inputs.x = read_tensor<T>(&in, "input", true);
-        kmoe::require_finite(inputs.x, "input");
-      }
-      forward_of<T>(*f) = l.forward(inputs, training != 0, handle.rng);
+      forward_of<T>(*f) = l.forward(layer_inputs<T>(handle, in), training != 0, handle.rng);
     });
     *state = to_c(f.release());
+  });
+}
+
+kmoe_status kmoe_layer_infer(kmoe_layer* layer, const kmoe_tensor* input, const kmoe_tensor* output) {
+  return call("kmoe_layer_infer", [&] {
+    Layer& handle = handle_of(layer, "layer");
+    const kmoe_tensor& in = non_null(input, "input");
+    non_null(output, "output");
+    with_layer(handle, [&](auto& l) {
+      using T = typename std::decay_t<decltype(l)>::value_type;
+      write_tensor(l.infer(layer_inputs<T>(handle, in), handle.rng), output, "output");
+    });
   });
 }
 

@@ -241,6 +241,31 @@ static void test_compute(void) {
   const int64_t flat[2] = {B * T, D};
   kmoe_tensor of = described(out, KMOE_FLOAT32, 2, flat);
   EXPECT(kmoe_forward_output(f, &of), KMOE_SHAPE_MISMATCH, "[2, 3, 8]");
+  /* Inference gives the eval forward's output (no dropout), bit for bit. */
+  kmoe_layer* dropping = NULL;
+  kmoe_layer_options options;
+  EXPECT(kmoe_layer_options_init(&options), KMOE_OK, NULL);
+  EXPECT(kmoe_layer_create("sigma_moe", "{\"dmodel\": 8, \"n_experts\": 4, \"expert_size\": 6, \"k\": 2, \"dropout\": 0.5}",
+                           &options, &dropping), KMOE_OK, NULL);
+  float eval_out[N], train_out[N], inferred[N];
+  kmoe_tensor eo = described(eval_out, KMOE_FLOAT32, 3, shape), to = described(train_out, KMOE_FLOAT32, 3, shape);
+  kmoe_tensor io = described(inferred, KMOE_FLOAT32, 3, shape);
+  kmoe_forward *evaluated = NULL, *trained = NULL;
+  EXPECT(kmoe_layer_forward(dropping, &in, 0, &evaluated), KMOE_OK, NULL);
+  EXPECT(kmoe_layer_forward(dropping, &in, 1, &trained), KMOE_OK, NULL);
+  EXPECT(kmoe_forward_output(evaluated, &eo), KMOE_OK, NULL);
+  EXPECT(kmoe_forward_output(trained, &to), KMOE_OK, NULL);
+  EXPECT(kmoe_layer_infer(dropping, &in, &io), KMOE_OK, NULL);
+  CHECK(memcmp(eval_out, inferred, sizeof inferred) == 0);
+  CHECK(memcmp(train_out, inferred, sizeof inferred) != 0);
+  kmoe_forward_destroy(evaluated);
+  kmoe_forward_destroy(trained);
+  kmoe_layer_destroy(dropping);
+  kmoe_tensor io_flat = described(inferred, KMOE_FLOAT32, 2, flat);
+  EXPECT(kmoe_layer_infer(layer, &in, &io_flat), KMOE_SHAPE_MISMATCH, "output is [6, 8], expected [2, 3, 8]");
+  EXPECT(kmoe_layer_infer(layer, &in, NULL), KMOE_INVALID_ARGUMENT, "output");
+  EXPECT(kmoe_layer_infer(layer, NULL, &io), KMOE_INVALID_ARGUMENT, "input");
+  EXPECT(kmoe_layer_infer(NULL, &in, &io), KMOE_INVALID_ARGUMENT, "layer");
   double reg = -1;
   EXPECT(kmoe_forward_loss(f, "reg_loss", &reg), KMOE_OK, NULL);
   CHECK(isfinite(reg));
@@ -266,6 +291,7 @@ static void test_compute(void) {
   x[5] = NAN;
   EXPECT(kmoe_layer_forward(layer, &in, 1, &bad), KMOE_NON_FINITE, "input");
   CHECK(bad == NULL);
+  EXPECT(kmoe_layer_infer(layer, &in, &io), KMOE_NON_FINITE, "input");
   fill(x, N, 1.0f);
   const int64_t narrow[3] = {B, T, D / 2};
   kmoe_tensor in_narrow = described(x, KMOE_FLOAT32, 3, narrow);

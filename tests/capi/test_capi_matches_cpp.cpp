@@ -100,6 +100,12 @@ void compare(const Case& c) {
     check_status(kmoe_forward_loss(state, name.c_str(), &got), c.kind + " loss " + name);
     check(std::memcmp(&got, &value, sizeof got) == 0, c.kind + ": loss " + name + " differs");
   }
+  // Inference after the step: the C++ infer's output, bitwise.
+  const std::vector<float> cpp_inferred = layer->infer(inputs, rng).to_host();
+  std::vector<float> abi_inferred(cpp_inferred.size());
+  kmoe_tensor inferred = describe(abi_inferred.data(), KMOE_FLOAT32, out_shape);
+  check_status(kmoe_layer_infer(handle, &in, &inferred), c.kind + " infer");
+  check(abi_inferred == cpp_inferred, c.kind + ": inferred out differs");
   for (const auto& p : kmoe::model::trainable(layer->parameters())) {
     std::vector<float> value(static_cast<std::size_t>(p.tensor->size())), grad(value.size());
     kmoe_tensor tv = describe(value.data(), KMOE_FLOAT32, p.tensor->shape());
@@ -112,7 +118,7 @@ void compare(const Case& c) {
   kmoe_forward_destroy(state);
   kmoe_optimizer_destroy(handle_opt);
   kmoe_layer_destroy(handle);
-  std::printf("%-14s C ABI == C++ API (out, dx, losses, %zu parameters and gradients)\n", c.kind.c_str(),
+  std::printf("%-14s C ABI == C++ API (out, dx, losses, %zu parameters and gradients, inferred out)\n", c.kind.c_str(),
               kmoe::model::trainable(layer->parameters()).size());
 }
 

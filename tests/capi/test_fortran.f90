@@ -10,7 +10,7 @@ program test_fortran
   type(kmoe_optimizer) :: opt
   real(c_float), allocatable :: x(:, :, :), y(:, :, :), dy(:, :, :), dx(:, :, :), keys(:, :, :), back(:, :, :)
   real(c_float) :: flat(48)
-  real(c_double), allocatable :: xd(:, :, :), yd(:, :, :)
+  real(c_double), allocatable :: xd(:, :, :), yd(:, :, :), inferred(:, :, :)
   real(c_double) :: reg
   integer(c_int64_t) :: count
   character(len=*), parameter :: config = '{"dmodel": 8, "n_experts": 4, "expert_size": 6, "k": 2}'
@@ -114,6 +114,13 @@ program test_fortran
   call kmoe_forward_output(state, y, status)
   call expect(status, KMOE_INVALID_ARGUMENT, "KMOE_FLOAT64", "float output of a float64 layer")
   call kmoe_forward_destroy(state, status)
+  ! Inference: the eval forward's output, bit for bit.
+  allocate(inferred(2, 3, 8))
+  call kmoe_layer_infer(wide, xd, inferred, status)
+  call expect(status, KMOE_OK, "", "float64 infer")
+  if (any(inferred /= yd)) call fail("float64 infer differs from the eval forward's output")
+  call kmoe_layer_infer(wide, xd, inferred(:, :, 1:4), status)
+  call expect(status, KMOE_SHAPE_MISMATCH, "output", "infer into an array of the wrong shape")
 
   ! A null handle.
   call kmoe_layer_destroy(copy, status)
