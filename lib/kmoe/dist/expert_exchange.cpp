@@ -11,12 +11,13 @@ namespace kmoe::dist {
 
 namespace impl {
 // [tokens] first, first + 1, …: the global positions of a rank's own tokens.
-View1<const std::int64_t> consecutive_tokens(index_t tokens, std::int64_t first) {
-  View1<std::int64_t> global("exchange::received_tokens", static_cast<std::size_t>(tokens));
+Tensor<std::int64_t> consecutive_tokens(index_t tokens, std::int64_t first) {
+  auto storage = Tensor<std::int64_t>::uninitialized("exchange::received_tokens", {tokens});
+  const View1<std::int64_t> global = storage.flat();
   Kokkos::parallel_for(
       "kmoe::exchange::received_tokens", Kokkos::RangePolicy<ExecSpace>(0, tokens),
       KOKKOS_LAMBDA(const index_t t) { global(t) = first + t; });
-  return global;
+  return storage;
 }
 }  // namespace impl
 
@@ -106,10 +107,8 @@ ExpertExchange::ExpertExchange(const Communicator& comm, const Placement& placem
   }
   if (total > 0 && k_ > 0)
     received_experts_ = Tensor<int>::from_host("exchange::received_experts", {static_cast<index_t>(total), k_}, experts);
-  View1<std::int64_t> global("exchange::received_tokens", total);
-  Kokkos::deep_copy(global, Kokkos::View<const std::int64_t*, HostSpace, Kokkos::MemoryUnmanaged>(
-                                received_tokens.data(), received_tokens.size()));
-  received_tokens_ = global;
+  received_tokens_ =
+      Tensor<std::int64_t>::from_host("exchange::received_tokens", {static_cast<index_t>(total)}, received_tokens);
 }
 
 void ExpertExchange::upload_send_plan(const std::vector<std::vector<index_t>>& send_tokens) {
@@ -127,10 +126,7 @@ void ExpertExchange::upload_send_plan(const std::vector<std::vector<index_t>>& s
   for (std::size_t i = 0; i < order.size(); ++i)
     rows[static_cast<std::size_t>(next[static_cast<std::size_t>(order[i])]++)] = static_cast<index_t>(i);
   const auto upload = [](const char* label, const std::vector<index_t>& values) {
-    View1<index_t> device(std::string(label), values.size());
-    using HostValues = Kokkos::View<const index_t*, HostSpace, Kokkos::MemoryUnmanaged>;
-    Kokkos::deep_copy(device, HostValues(values.data(), values.size()));
-    return View1<const index_t>(device);
+    return Tensor<index_t>::from_host(label, {static_cast<index_t>(values.size())}, values);
   };
   send_tokens_ = upload("exchange::send_tokens", order);
   combine_offsets_ = upload("exchange::combine_offsets", offsets);
@@ -168,7 +164,7 @@ Tensor<T> ExpertExchange::dispatch(const Tensor<T>& per_token) const {
           tokens_, ", width]");
   if (in_place_) return per_token.empty() ? Tensor<T>() : per_token.clone("exchange::dispatched");
   const index_t width = common_width(per_token.empty() ? 0 : per_token.dim(1));
-  const auto sent = static_cast<index_t>(send_tokens_.extent(0));
+  const index_t sent = send_tokens_.size();
   const index_t received = received_rows();
   const std::uint64_t row_bytes = static_cast<std::uint64_t>(width) * sizeof(T);
   comm_.count_exchange(rows_sent_ * row_bytes,
@@ -178,7 +174,7 @@ Tensor<T> ExpertExchange::dispatch(const Tensor<T>& per_token) const {
   if (sent > 0 && width > 0) {
     const View2<const T> from = per_token.as_matrix();
     const View2<T> to = packed.as_matrix();
-    const View1<const index_t> tokens = send_tokens_;
+    const View1<const index_t> tokens = send_tokens_.flat();
     Kokkos::parallel_for(
         "kmoe::exchange::pack", md_range<2>({0, 0}, {sent, width}),
         KOKKOS_LAMBDA(const index_t i, const index_t c) { to(i, c) = from(tokens(i), c); });
@@ -204,7 +200,7 @@ Tensor<T> ExpertExchange::combine(const Tensor<T>& per_row) const {
     if (r != comm_.rank()) back_to_others += recv_rows_[r] * static_cast<std::size_t>(width) * sizeof(T);
   comm_.count_exchange(back_to_others, static_cast<std::uint64_t>(world - 1) * static_cast<std::uint64_t>(tokens_) *
                                            static_cast<std::uint64_t>(width) * sizeof(T));
-  const auto sent = static_cast<index_t>(send_tokens_.extent(0));
+  const index_t sent = send_tokens_.size();
   const auto back = Tensor<T>::uninitialized("exchange::returned", {sent, width});
   exchange_rows<T>(per_row.empty() ? nullptr : per_row.data(), recv_rows_, back.data(), send_rows_, width);
   if (tokens_ == 0) return Tensor<T>("exchange::combined", {0, width});
@@ -213,7 +209,7 @@ Tensor<T> ExpertExchange::combine(const Tensor<T>& per_row) const {
   auto out = Tensor<T>::uninitialized("exchange::combined", {tokens_, width});
   const View2<const T> from = back.as_matrix();
   const View2<T> to = out.as_matrix();
-  const View1<const index_t> offsets = combine_offsets_, rows = combine_rows_;
+  const View1<const index_t> offsets = combine_offsets_.flat(), rows = combine_rows_.flat();
   Kokkos::parallel_for(
       "kmoe::exchange::combine", md_range<2>({0, 0}, {tokens_, width}),
       KOKKOS_LAMBDA(const index_t t, const index_t c) {

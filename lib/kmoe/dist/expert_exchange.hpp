@@ -41,7 +41,7 @@ class ExpertExchange {
   // where this rank holds none of it.
   const Tensor<int>& received_experts() const { return received_experts_; }
   // [R] the global position of each received token (its draws are keyed by it).
-  const View1<const std::int64_t>& received_tokens() const { return received_tokens_; }
+  View1<const std::int64_t> received_tokens() const { return received_tokens_.flat(); }
   // Rows this rank sends to other ranks per dispatch (its own excluded).
   std::uint64_t rows_sent() const { return rows_sent_; }
 
@@ -68,14 +68,14 @@ class ExpertExchange {
   std::vector<std::size_t> send_rows_;  // per destination rank: rows sent
   std::vector<std::size_t> recv_rows_;  // per source rank: rows received
   // [rows sent] the local token of each sent row, destination by destination, ascending in each.
-  View1<const index_t> send_tokens_;
+  Tensor<index_t> send_tokens_;
   // Per local token, the sent rows that were its copies, in rank order: rows
   // combine_rows_[combine_offsets_[t] .. combine_offsets_[t + 1]) of what comes back.
-  View1<const index_t> combine_offsets_, combine_rows_;
+  Tensor<index_t> combine_offsets_, combine_rows_;
   bool in_place_ = false;  // one rank: nothing crosses ranks
   index_t received_rows_ = 0;
   Tensor<int> received_experts_;
-  View1<const std::int64_t> received_tokens_;
+  Tensor<std::int64_t> received_tokens_;  // Tensors: from the memory pool, not a cudaMalloc each
   std::uint64_t rows_sent_ = 0;
 };
 

@@ -175,11 +175,12 @@ inline moe::PairRows hidden_order(const moe::DispatchPlan& plan) {
 // The dropout counter of unit 0 of each hidden row (in `order`): pair (received row r, slot j)
 // is pair (t·k + j) of the global batch, t = received_tokens[r], and its unit u draws
 // ((t·k + j)·expert_size + hidden_begin + u).
-inline View1<std::int64_t> hidden_dropout_keys(const moe::DispatchPlan& plan, moe::PairRows order,
-                                               const View1<const std::int64_t>& tokens, int k,
-                                               index_t expert_size, index_t hidden_begin) {
+inline Tensor<std::int64_t> hidden_dropout_keys(const moe::DispatchPlan& plan, moe::PairRows order,
+                                                const View1<const std::int64_t>& tokens, int k,
+                                                index_t expert_size, index_t hidden_begin) {
   const index_t pairs = plan.n_pairs();
-  View1<std::int64_t> keys("sigma_moe::dropout_keys", static_cast<std::size_t>(pairs));
+  auto storage = Tensor<std::int64_t>::uninitialized("sigma_moe::dropout_keys", {pairs});
+  const View1<std::int64_t> keys = storage.flat();
   const View1<int> sorted = plan.sorted_pair();
   const bool by_sorted = order == moe::PairRows::sorted;
   Kokkos::parallel_for(
@@ -188,7 +189,7 @@ inline View1<std::int64_t> hidden_dropout_keys(const moe::DispatchPlan& plan, mo
         const index_t r = p / k, j = p % k;
         keys(s) = (tokens(r) * k + j) * expert_size + hidden_begin;
       });
-  return keys;
+  return storage;
 }
 
 // sums[c] += Σ_r src[r, c] (a deterministic column reduction: reproducible, no atomics).
@@ -446,7 +447,7 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
     f.dropout_stream = dropout_stream;
     f.dropout_keys = impl::hidden_dropout_keys(f.plan, impl::hidden_order(f.plan), f.exchange.received_tokens(), K, es,
                                                placement_.hidden_begin(comm_.rank()));
-    ops::dropout_rows<T>(f.hidden.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys,
+    ops::dropout_rows<T>(f.hidden.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys.flat(),
                          f.hidden.as_matrix());
   }
 
@@ -504,7 +505,7 @@ SigmaMoEInputGrads<T> SigmaMoE<T>::backward_with_router(const SigmaMoEForward<T>
                                 dgates_received.as_matrix(), impl::hidden_order(f.plan));
   // Up-projection: replay the dropout mask, then activation', bias and keys.
   if (f.training && c.dropout > 0)
-    ops::dropout_rows<T>(du.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys, du.as_matrix());
+    ops::dropout_rows<T>(du.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys.flat(), du.as_matrix());
   ops::activation_backward<T>(c.activation, f.pre_activation.flat(), du.flat(), du.flat());
   if (c.bias) {
     moe::accumulate_expert_bias_gradient<T>(f.plan, impl::hidden_order(f.plan), du.as_matrix(),

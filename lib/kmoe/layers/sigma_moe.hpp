@@ -107,7 +107,7 @@ struct SigmaMoEForward {
   // Precision::bfloat16, else the parameters).
   moe::ExpertOperand<T> keys_operand, values_operand;
   RngStream dropout_stream;   // the hidden dropout's draws (replayed by backward)
-  View1<std::int64_t> dropout_keys;  // [R·k] the counter of each hidden row's unit 0
+  Tensor<std::int64_t> dropout_keys;  // [R·k] the counter of each hidden row's unit 0
 };
 
 // The expert weights as the GEMMs read them (moe/expert_operand.hpp).

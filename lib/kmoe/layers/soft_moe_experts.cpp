@@ -237,8 +237,9 @@ Tensor<T> maybe_expert_layer_norm_backward(bool enabled, const moe::DispatchPlan
 }
 
 // The dropout counter of each row's hidden unit 0: (global row) · hidden_total + hidden_begin.
-inline View1<std::int64_t> dropout_keys(index_t rows, index_t hidden_total, const SlotExpertShare& share) {
-  View1<std::int64_t> out("kmoe::soft_moe_experts::dropout_keys", rows);
+inline Tensor<std::int64_t> dropout_keys(index_t rows, index_t hidden_total, const SlotExpertShare& share) {
+  auto storage = Tensor<std::int64_t>::uninitialized("kmoe::soft_moe_experts::dropout_keys", {rows});
+  const View1<std::int64_t> out = storage.flat();
   const View1<const std::int64_t> global = share.global_rows;
   const bool given = global.size() > 0;
   const index_t hidden_begin = share.hidden_begin;
@@ -246,7 +247,7 @@ inline View1<std::int64_t> dropout_keys(index_t rows, index_t hidden_total, cons
       "kmoe::soft_moe_experts::dropout_keys", Kokkos::RangePolicy<ExecSpace>(0, rows), KOKKOS_LAMBDA(const index_t r) {
         out(r) = (given ? global(r) : r) * hidden_total + hidden_begin;
       });
-  return out;
+  return storage;
 }
 
 template <class T>
@@ -384,7 +385,7 @@ SlotExpertForward<T> slot_experts_forward(const SlotExpertConfig& c, const SlotE
     const std::int64_t total_rows = share.total_rows > 0 ? share.total_rows : u.dim(0);
     f.dropout_stream = rng.take(static_cast<std::uint64_t>(total_rows * hidden_total));
     f.dropout_keys = impl::slot_experts::dropout_keys(u.dim(0), hidden_total, share);
-    ops::dropout_rows<T>(f.h.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys, f.h.as_matrix());
+    ops::dropout_rows<T>(f.h.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys.flat(), f.h.as_matrix());
   }
   if (c.has_residual()) KokkosBlas::axpy(T(1), u.flat(), f.h.flat());
 
@@ -433,7 +434,7 @@ Tensor<T> slot_experts_backward(const SlotExpertConfig& c, const SlotExpertParam
   if (f.dropped) {
     // h = u + a keeps dh for u, so the residual case needs its own copy.
     da = c.has_residual() ? Tensor<T>::uninitialized("soft_moe_experts::da", dh.shape()) : dh;
-    ops::dropout_rows<T>(dh.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys, da.as_matrix());
+    ops::dropout_rows<T>(dh.as_matrix(), static_cast<T>(c.dropout), f.dropout_stream, f.dropout_keys.flat(), da.as_matrix());
   }
   const auto dactivation_in = Tensor<T>::uninitialized("soft_moe_experts::dactivation_in", f.activation_in.shape());
   if (c.glu) {

@@ -130,7 +130,7 @@ struct SlotExpertForward {
   Tensor<T> output_in;   // [rows, dim] what the output activation ran on
   bool dropped = false;  // dropout was applied
   RngStream dropout_stream;
-  View1<std::int64_t> dropout_keys;  // [rows] the counter of each row's hidden unit 0
+  Tensor<std::int64_t> dropout_keys;  // [rows] the counter of each row's hidden unit 0
   SlotExpertShare share;
 };
 
