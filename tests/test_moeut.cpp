@@ -59,23 +59,8 @@ void randomise(std::vector<std::pair<std::string, Tensor<T>*>> named, std::uint6
   }
 }
 
-// Central differences at up to `probes` evenly spread entries of x (every entry when fewer),
-// compared as finite_difference_error does; keeps the whole-model checks fast.
-double sampled_fd_error(const std::vector<double>& x, const std::function<double(const std::vector<double>&)>& f,
-                        const std::vector<double>& analytic, std::size_t probes = 4, double h = 1e-5) {
-  const std::size_t stride = std::max<std::size_t>(1, x.size() / probes);
-  std::vector<double> probe = x, numeric, picked;
-  for (std::size_t i = (x.size() - 1) % stride; i < x.size(); i += stride) {
-    probe[i] = x[i] + h;
-    const double up = f(probe);
-    probe[i] = x[i] - h;
-    const double down = f(probe);
-    probe[i] = x[i];
-    numeric.push_back((up - down) / (2 * h));
-    picked.push_back(analytic[i]);
-  }
-  return max_rel_error(picked, numeric);
-}
+// Entries of each tensor the whole-model finite-difference checks probe (keeps them fast).
+constexpr std::size_t fd_probes = 4;
 
 // Smaller still, for the finite-difference checks (every parameter is probed).
 MoEUTConfig fd_config(int att_experts) {
@@ -187,7 +172,7 @@ TEST(MoEUT, BackwardMatchesFiniteDifferences) {
         target.copy_from_host(p);
         return loss();
       };
-      EXPECT_LT(sampled_fd_error(x0, fn, analytic), fd_tolerance) << name << " att_experts " << att_experts;
+      EXPECT_LT(sampled_fd_error(x0, fn, analytic, fd_probes), fd_tolerance) << name << " att_experts " << att_experts;
       target.copy_from_host(x0);
     };
     check(x, dx, "x");
@@ -224,7 +209,7 @@ TEST(MoEUT, LanguageModelBackwardMatchesFiniteDifferences) {
       target.copy_from_host(p);
       return loss();
     };
-    EXPECT_LT(sampled_fd_error(x0, fn, to_double(*grads[i].second)), fd_tolerance) << name;
+    EXPECT_LT(sampled_fd_error(x0, fn, to_double(*grads[i].second), fd_probes), fd_tolerance) << name;
     target.copy_from_host(x0);
   }
 }
@@ -386,7 +371,7 @@ TEST(MoEUT, BackwardWithDropoutMatchesFiniteDifferences) {
       target.copy_from_host(p);
       return loss();
     };
-    EXPECT_LT(sampled_fd_error(x0, fn, analytic), fd_tolerance) << name;
+    EXPECT_LT(sampled_fd_error(x0, fn, analytic, fd_probes), fd_tolerance) << name;
     target.copy_from_host(x0);
   };
   check(x, dx, "x");

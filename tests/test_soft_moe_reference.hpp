@@ -261,24 +261,4 @@ inline Result forward(const layers::SoftMoEConfig& c, const StateDict& s, const 
   return r;
 }
 
-// finite_difference_error on at most `count` evenly spaced entries of x (parameter tensors are
-// checked on a sample to keep the test fast; every tensor and every input entry is still covered).
-inline double sampled_fd_error(const std::vector<double>& x, const std::function<double(const std::vector<double>&)>& f,
-                               const std::vector<double>& analytic, std::size_t count = 12) {
-  const std::size_t step = std::max<std::size_t>(1, x.size() / count);
-  std::vector<std::size_t> picked;
-  for (std::size_t i = (x.size() - 1) % step; i < x.size(); i += step) picked.push_back(i);
-  std::vector<double> sub_x, sub_analytic;
-  for (const std::size_t i : picked) {
-    sub_x.push_back(x[i]);
-    sub_analytic.push_back(analytic[i]);
-  }
-  const auto sub_f = [&](const std::vector<double>& values) {
-    std::vector<double> full = x;
-    for (std::size_t j = 0; j < picked.size(); ++j) full[picked[j]] = values[j];
-    return f(full);
-  };
-  return finite_difference_error(sub_x, sub_f, sub_analytic);
-}
-
 }  // namespace kmoe::test::soft_moe_reference
