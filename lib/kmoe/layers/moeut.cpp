@@ -1,6 +1,7 @@
 #include "kmoe/layers/moeut.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/profile_region.hpp"
 #include "kmoe/model/config_fields.hpp"
 #include "kmoe/layers/moeut_init.hpp"
 #include "kmoe/ops/dropout.hpp"
@@ -273,6 +274,7 @@ void MoEUT<T>::zero_grad() {
 template <class T>
 MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& mask, bool training, Generator& rng,
                                   MoEUTCache<T>* cache, bool for_backward) const {
+  const ProfileRegion region("kmoe::moeut::forward");
   const MoEUTConfig& c = config_;
   const index_t D = c.d_model;
   // On every rank, so that a bad input does not leave the others waiting. A rank may bring no
@@ -363,6 +365,7 @@ MoEUTForward<T> MoEUT<T>::forward(const Tensor<T>& x, const ops::AttentionMask& 
 
 template <class T>
 Tensor<T> MoEUT<T>::backward(const MoEUTForward<T>& f, const Tensor<T>& dout, T dreg_loss) {
+  const ProfileRegion region("kmoe::moeut::backward");
   const MoEUTConfig& c = config_;
   require(!f.out.empty(), Status::invalid_argument, "MoEUT::backward: the forward result is empty");
   require(!f.cached, Status::invalid_argument,
@@ -484,6 +487,7 @@ template <class T>
 MoEUTLMForward<T> MoEUTLM<T>::forward(const Tensor<int>& tokens, const std::optional<ops::AttentionMask>& mask,
                                       bool training, Generator& rng, MoEUTCache<T>* cache,
                                       bool for_backward) const {
+  const ProfileRegion region("kmoe::moeut_lm::forward");
   const index_t D = config_.d_model, V = config_.n_tokens;
   const dist::Communicator& comm = transformer_.communicator();
   comm.collectively([&] {
@@ -510,6 +514,7 @@ MoEUTLMForward<T> MoEUTLM<T>::forward(const Tensor<int>& tokens, const std::opti
 
 template <class T>
 void MoEUTLM<T>::backward(const MoEUTLMForward<T>& f, const Tensor<T>& dlogits, T dreg_loss) {
+  const ProfileRegion region("kmoe::moeut_lm::backward");
   require(!f.logits.empty(), Status::invalid_argument, "MoEUTLM::backward: the forward result is empty");
   dlogits.require_shape(f.logits.shape(), "MoEUTLM::backward: dlogits");
   const index_t N = f.normed.dim(0), D = config_.d_model, V = config_.n_tokens;

@@ -1,6 +1,7 @@
 #include "kmoe/layers/sigma_moe.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/profile_region.hpp"
 #include "kmoe/dist/parameter_blocks.hpp"
 #include "kmoe/model/config_fields.hpp"
 #include "kmoe/moe/cvmm.hpp"
@@ -354,6 +355,7 @@ template <class T>
 SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel_input, bool training,
                                         Generator& rng, bool batch_regulariser,
                                         const SigmaMoEOperands<T>* operands) const {
+  const ProfileRegion region("kmoe::sigma_moe::forward");
   const SigmaMoEConfig& c = config_;
   const index_t D = c.dmodel, E = c.n_experts, es = c.expert_size, Dv = c.value_dim();
   const int K = c.k;
@@ -465,6 +467,7 @@ SigmaMoEForward<T> SigmaMoE<T>::forward(const Tensor<T>& x, const Tensor<T>& sel
 
 template <class T>
 Tensor<T> SigmaMoE<T>::backward(const SigmaMoEForward<T>& f, const Tensor<T>& dy, T reg_coef) {
+  const ProfileRegion region("kmoe::sigma_moe::backward");
   return backward_with_router(f, dy, reg_coef, Tensor<T>()).dx;
 }
 

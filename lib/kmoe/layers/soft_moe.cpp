@@ -5,6 +5,7 @@
 #include <limits>
 #include <sstream>
 
+#include "kmoe/core/profile_region.hpp"
 #include "kmoe/dist/parameter_blocks.hpp"
 #include "kmoe/core/error.hpp"
 #include "kmoe/ops/gemm.hpp"
@@ -383,6 +384,7 @@ void SoftMoE<T>::visit_experts(const model::ParameterVisitor<T>& visit, const st
 template <class T>
 SoftMoEForward<T> SoftMoE<T>::forward(const Tensor<T>& x, const Tensor<int>& mask, bool training, Generator& rng,
                                       const SoftMoENoise& noise) const {
+  const ProfileRegion region("kmoe::soft_moe::forward");
   const SoftMoEConfig& c = config_;
   const index_t D = c.dim, E = c.num_experts, S = c.slots_per_expert(), Z = c.total_slots();
   const bool image = x.rank() == 4;
@@ -486,6 +488,7 @@ SoftMoEForward<T> SoftMoE<T>::forward(const Tensor<T>& x, const Tensor<int>& mas
 
 template <class T>
 Tensor<T> SoftMoE<T>::backward(const SoftMoEForward<T>& f, const Tensor<T>& dy) {
+  const ProfileRegion region("kmoe::soft_moe::backward");
   const SoftMoEConfig& c = config_;
   const index_t D = c.dim, Z = c.total_slots(), B = f.batch, n = f.tokens, N = B * n;
   comm_.collectively([&] {

@@ -1,6 +1,7 @@
 #include "kmoe/layers/st_moe.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/profile_region.hpp"
 #include "kmoe/dist/parameter_blocks.hpp"
 #include "kmoe/model/config_fields.hpp"
 #include "kmoe/ops/gemm.hpp"
@@ -491,6 +492,7 @@ Tensor<T> injected_uniforms(const Tensor<T>& given, const Shape& expected, const
 
 template <class T>
 StMoEForward<T> StMoE<T>::forward(const Tensor<T>& x, bool training, Generator& rng, const StMoECall<T>& call) const {
+  const ProfileRegion region("kmoe::st_moe::forward");
   const StMoEConfig& c = config_;
   const index_t D = c.dim, E = c.num_experts;
   const int k = c.gating_top_n;
@@ -592,6 +594,7 @@ StMoEForward<T> StMoE<T>::forward(const Tensor<T>& x, bool training, Generator& 
 
 template <class T>
 Tensor<T> StMoE<T>::backward(const StMoEForward<T>& f, const Tensor<T>& dout, T aux_weight) {
+  const ProfileRegion region("kmoe::st_moe::backward");
   const StMoEConfig& c = config_;
   const char* op = "StMoE::backward";
   const index_t D = c.dim, E = c.num_experts;

@@ -3,6 +3,7 @@
 #include <tuple>
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/profile_region.hpp"
 #include "kmoe/dist/parameter_blocks.hpp"
 #include "kmoe/model/config_fields.hpp"
 #include "kmoe/layers/moeut_init.hpp"
@@ -483,6 +484,7 @@ SwitchHeadForward<T> SwitchHeadAttention<T>::forward(const Tensor<T>& qk_src, co
                                                      const ops::AttentionMask& mask, bool training, Generator& rng,
                                                      SwitchHeadCache<T>* cache,
                                                      const SwitchHeadOperands<T>* operands) const {
+  const ProfileRegion region("kmoe::switchhead::forward");
   namespace si = switchhead_impl;
   const SwitchHeadConfig& c = config_;
   const index_t D = c.state_size, H = c.n_heads, P = c.d_head(), Ea = c.n_experts, ka = c.moe_k;
@@ -610,6 +612,7 @@ typename SwitchHeadAttention<T>::InputGrads SwitchHeadAttention<T>::backward(con
                                                                              const Tensor<T>& dy,
                                                                              const Tensor<T>& dsel_o_logits,
                                                                              const Tensor<T>& dsel_v_logits) {
+  const ProfileRegion region("kmoe::switchhead::backward");
   namespace si = switchhead_impl;
   const SwitchHeadConfig& c = config_;
   const index_t D = c.state_size, H = c.n_heads, P = c.d_head(), Ea = c.n_experts;

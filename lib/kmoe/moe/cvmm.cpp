@@ -1,6 +1,7 @@
 #include "kmoe/moe/cvmm.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/profile_region.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/ops/gemm.hpp"
 #include "kmoe/ops/impl/team_reduce.hpp"
@@ -303,6 +304,7 @@ template <class T, class W>
 void cvmm_forward(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                   const View2<T>& y_pairs, PairRows pair_rows, XRows x_rows) {
   const char* op = "cvmm_forward";
+  const ProfileRegion region("kmoe::cvmm_forward");
   const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows, x_rows);
   impl::require_matrix(op, "y_pairs", y_pairs, plan.n_pairs(), w.extent(2));
   if constexpr (std::is_same_v<T, W>) {
@@ -322,6 +324,7 @@ template <class T, class W>
 void cvmm_forward_reduced(const DispatchPlan& plan, const View2<const T>& x, const View3<const OperandOf<W>>& w,
                           const View2<const T>& gates, const View2<T>& y, PairRows pair_rows, XRows x_rows) {
   const char* op = "cvmm_forward_reduced";
+  const ProfileRegion region("kmoe::cvmm_forward_reduced");
   const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows, x_rows);
   impl::require_matrix(op, "gates", gates, plan.n_tokens(), plan.k());
   impl::require_matrix(op, "y", y, plan.n_tokens(), w.extent(2));
@@ -336,6 +339,7 @@ void cvmm_backward(const DispatchPlan& plan, const View2<const T>& x, const View
                    const View2<const T>& dy_pairs, const View2<T>& dx, const View3<T>& dw, PairRows pair_rows,
                    XRows x_rows) {
   const char* op = "cvmm_backward";
+  const ProfileRegion region("kmoe::cvmm_backward");
   const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows, x_rows);
   impl::require_matrix(op, "dy_pairs", dy_pairs, plan.n_pairs(), w.extent(2));
   impl::require_backward_outputs(op, x, w, dx, dw);
@@ -354,6 +358,7 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
                            const View2<const T>& gates, const View2<const T>& dy, const View2<T>& dx,
                            const View3<T>& dw, const View2<T>& dgates, PairRows pair_rows, XRows x_rows) {
   const char* op = "cvmm_backward_reduced";
+  const ProfileRegion region("kmoe::cvmm_backward_reduced");
   const impl::RowSource x_source = impl::x_row_source(op, plan, x, w, pair_rows, x_rows);
   const index_t tokens = plan.n_tokens(), pairs = plan.n_pairs(), K = x.extent(1), M = w.extent(2);
   const int k = plan.k();

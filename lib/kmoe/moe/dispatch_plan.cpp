@@ -1,6 +1,7 @@
 #include "kmoe/moe/dispatch_plan.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/profile_region.hpp"
 #include "kmoe/ops/counting_sort.hpp"
 
 #include <limits>
@@ -69,6 +70,7 @@ DispatchPlan DispatchPlan::build_with_drops(const View2<const int>& expert_index
 }
 
 DispatchPlan DispatchPlan::build_impl(const View2<const int>& expert_index, int n_experts, bool allow_drops) {
+  const ProfileRegion region("kmoe::dispatch_plan");
   const index_t tokens = expert_index.extent(0), k = expert_index.extent(1);
   require(n_experts >= 1, Status::invalid_argument, "DispatchPlan::build: n_experts is ", n_experts);
   require(k >= 1, Status::invalid_argument, "DispatchPlan::build: expert_index [", tokens, ", ", k,

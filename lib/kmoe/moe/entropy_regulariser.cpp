@@ -1,6 +1,7 @@
 #include "kmoe/moe/entropy_regulariser.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/profile_region.hpp"
 #include "kmoe/ops/impl/team_reduce.hpp"
 #include "kmoe/ops/softmax.hpp"
 
@@ -30,6 +31,7 @@ void stack_call(const View3<const T>& call, const View3<T>& stacked, index_t r) 
 template <class T>
 EntropyRegForward<T> entropy_reg_forward(const std::vector<Tensor<T>>& logits, const dist::Communicator* pool,
                                          SplitOver split) {
+  const ProfileRegion region("kmoe::entropy_reg_forward");
   require(!logits.empty(), Status::invalid_argument, "entropy_reg_forward: no router logits (no calls)");
   const Shape& shape = logits.front().shape();
   // No rows here (T = 0 when the ranks split the rows, B = 0 when they split the sequences) only

@@ -1,6 +1,7 @@
 #include "kmoe/ops/attention.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/profile_region.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/ops/gemm.hpp"
 #include "kmoe/ops/softmax.hpp"
@@ -116,6 +117,7 @@ void require_attention_inputs(const char* op, const View4<const T>& q, const Vie
 template <class T>
 void attention_forward(const View4<const T>& q, const View4<const T>& k, const View4<const T>& v, T scale,
                        const AttentionMask& mask, const View4<T>& probs, const View4<T>& out) {
+  const ProfileRegion region("kmoe::attention_forward");
   const char* op = "attention_forward";
   const index_t batch = q.extent(0), heads = q.extent(1), q_len = q.extent(2), d_head = q.extent(3);
   const index_t k_len = k.extent(2), d_value = v.extent(3);
@@ -147,6 +149,7 @@ template <class T>
 void attention_backward(const View4<const T>& q, const View4<const T>& k, const View4<const T>& v, T scale,
                         const View4<const T>& probs, const View4<const T>& dout, const View4<T>& dq,
                         const View4<T>& dk, const View4<T>& dv) {
+  const ProfileRegion region("kmoe::attention_backward");
   const char* op = "attention_backward";
   const index_t batch = q.extent(0), heads = q.extent(1), q_len = q.extent(2), d_head = q.extent(3);
   const index_t k_len = k.extent(2), d_value = v.extent(3);

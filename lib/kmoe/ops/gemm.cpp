@@ -1,6 +1,7 @@
 #include "kmoe/ops/gemm.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/profile_region.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/ops/impl/gemm_batches.hpp"
 #include "kmoe/ops/impl/grouped_gemm_bf16.hpp"
@@ -311,6 +312,7 @@ void run_grouped_kmoe_bf16(const std::vector<RecordedGemm>& all, std::vector<Rec
 
 void GroupedGemms::run() {
 #if defined(KMOE_GROUPED_CUBLAS)
+  const ProfileRegion region("kmoe::expert_gemms");
   GemmRecording& r = recording();
   r.active = false;  // the GEMMs below are launched, not recorded
   const GroupedGemmMode mode = grouped_gemm_mode();
