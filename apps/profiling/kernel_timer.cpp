@@ -1,10 +1,13 @@
 // A Kokkos profiling tool (KOKKOS_PROFILE_LIBRARY=libkmoe-kernel-timer.so) that times every
-// Kokkos kernel and fence by its name, synchronising the device around each one, and prints the
-// heaviest ones at exit. Synchronising per kernel removes overlap, so the totals are an upper
+// Kokkos kernel by its name, synchronising the device around each one, and prints the heaviest
+// ones at exit. Synchronising per kernel removes overlap, so the totals are an upper
 // bound on a kernel's share. kmoe's profile regions (kmoe::ProfileRegion: each layer's forward
 // and backward, the CVMMs, the dispatch plan, the expert GEMMs, attention) are timed the same way,
 // each split into the time of the Kokkos kernels inside it and the rest (cuBLAS, copies, host
-// work and waits). For finding hot spots only, never for the bench tables.
+// work and waits). It also counts, by the innermost region they happen in, the deep copies (a copy
+// to the host is a read-back the host waits for) and the device allocations (a cudaMalloc and
+// a wait each, unless the memory pool serves them). For finding hot spots only, never for the
+// bench tables.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -34,6 +37,11 @@ struct OpenRegion {
   double kernel_seconds = 0;  // of the Kokkos kernels that ran inside it so far
 };
 std::map<std::string, Region> regions;
+// Counted events (copies, allocations) by "what · where".
+struct Count {
+  std::uint64_t calls = 0, bytes = 0;
+};
+std::map<std::string, Count> copies, allocations;
 std::vector<OpenRegion> open_regions;
 Clock::time_point start;
 double inside = 0;
@@ -54,7 +62,24 @@ void end(std::uint64_t id) {
   for (OpenRegion& r : open_regions) r.kernel_seconds += s;
   open_kernels.pop_back();
 }
+std::string innermost_region() { return open_regions.empty() ? "(no region)" : open_regions.back().name; }
+
+void print_counts(const char* title, const std::map<std::string, Count>& counts, int shown) {
+  if (counts.empty()) return;
+  std::vector<std::pair<std::string, Count>> sorted(counts.begin(), counts.end());
+  std::sort(sorted.begin(), sorted.end(), [](auto& a, auto& b) { return a.second.calls > b.second.calls; });
+  std::printf("\n%s\n%10s %12s  %s\n", title, "calls", "MB", "what · innermost region");
+  for (int i = 0; i < static_cast<int>(sorted.size()) && i < shown; ++i)
+    std::printf("%10llu %12.2f  %s\n", static_cast<unsigned long long>(sorted[i].second.calls),
+                sorted[i].second.bytes / 1e6, sorted[i].first.c_str());
+}
 }  // namespace
+
+// The C interface's space handle (impl/Kokkos_Profiling_C_Interface.h), declared here so that the
+// tool needs no Kokkos headers.
+struct Kokkos_Profiling_SpaceHandle {
+  char name[64];
+};
 
 extern "C" {
 void kokkosp_init_library(int, std::uint64_t, std::uint32_t, void*) { start = Clock::now(); }
@@ -78,6 +103,20 @@ void kokkosp_pop_profile_region() {
   ++r.calls;
   open_regions.pop_back();
 }
+void kokkosp_begin_deep_copy(Kokkos_Profiling_SpaceHandle dst, const char* dst_name, const void*,
+                             Kokkos_Profiling_SpaceHandle src, const char* src_name, const void*, std::uint64_t bytes) {
+  Count& c = copies[std::string(src.name) + " → " + dst.name + ": " + (*dst_name ? dst_name : src_name) + " · " +
+                    innermost_region()];
+  ++c.calls;
+  c.bytes += bytes;
+}
+void kokkosp_end_deep_copy() {}
+void kokkosp_allocate_data(Kokkos_Profiling_SpaceHandle space, const char* label, const void*, std::uint64_t bytes) {
+  if (std::string(space.name) == "Host") return;
+  Count& c = allocations[std::string(space.name) + ": " + label + " · " + innermost_region()];
+  ++c.calls;
+  c.bytes += bytes;
+}
 void kokkosp_finalize_library() {
   const double total = std::chrono::duration<double>(Clock::now() - start).count();
   std::vector<std::pair<std::string, Entry>> sorted(entries.begin(), entries.end());
@@ -90,6 +129,8 @@ void kokkosp_finalize_library() {
     std::printf("%10.2f %10llu %8.1f  %s\n", 1e3 * e.seconds, static_cast<unsigned long long>(e.calls),
                 1e6 * e.seconds / e.calls, sorted[i].first.c_str());
   }
+  print_counts("deep copies (→ Host: a read-back)", copies, shown);
+  print_counts("device allocations (outside the memory pool's blocks)", allocations, shown);
   if (regions.empty()) return;
   std::vector<std::pair<std::string, Region>> by_time(regions.begin(), regions.end());
   std::sort(by_time.begin(), by_time.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
