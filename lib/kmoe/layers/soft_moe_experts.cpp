@@ -14,6 +14,7 @@
 #include "kmoe/ops/dropout.hpp"
 #include "kmoe/ops/glu.hpp"
 #include "kmoe/ops/init.hpp"
+#include "kmoe/ops/impl/team_reduce.hpp"
 #include "kmoe/ops/norms.hpp"
 
 namespace kmoe::layers {
@@ -135,18 +136,22 @@ Tensor<T> expert_linear(const moe::DispatchPlan& plan, const Tensor<T>& x, const
 }
 
 // [rows] Σ_c term(r, c) over this rank's `cols` columns, summed over the shards that hold the
-// row's other columns (in rank order).
+// row's other columns (in rank order). A team per row, reducing in a fixed order.
 template <class T, class Term>
-View1<T> shard_row_sums(index_t rows, index_t cols, const dist::Communicator& shards, const Term& term) {
-  View1<T> sums("kmoe::soft_moe_experts::row_sums", rows);
+Tensor<T> shard_row_sums(index_t rows, index_t cols, const dist::Communicator& shards, const Term& term) {
+  using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
+  const auto storage = Tensor<T>::uninitialized("kmoe::soft_moe_experts::row_sums", {rows});
+  const View1<T> sums = storage.flat();
+  const int width = static_cast<int>(cols);
   Kokkos::parallel_for(
-      "kmoe::soft_moe_experts::row_sums", Kokkos::RangePolicy<ExecSpace>(0, rows), KOKKOS_LAMBDA(const index_t r) {
-        T sum = 0;
-        for (index_t c = 0; c < cols; ++c) sum += term(r, c);
-        sums(r) = sum;
+      "kmoe::soft_moe_experts::row_sums", Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(rows), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const Member& team) {
+        const index_t r = team.league_rank();
+        const T sum = ops::impl::team_sum<T>(team, width, [&](const int c) { return term(r, c); });
+        Kokkos::single(Kokkos::PerTeam(team), [&]() { sums(r) = sum; });
       });
   dist::all_reduce_sum(shards, sums);
-  return sums;
+  return storage;
 }
 
 // A LayerNorm over `width` units of which a shard holds pre's columns (the others on the other
@@ -156,14 +161,17 @@ void sharded_layer_norm_forward(const View2<const T>& pre, index_t width, const 
                                 const View2<T>& out, const View1<T>& mean, const View1<T>& rstd) {
   const index_t rows = pre.extent(0), cols = pre.extent(1);
   const T inverse_width = T(1) / static_cast<T>(width);
-  const View1<T> sums = shard_row_sums<T>(rows, cols, shards, KOKKOS_LAMBDA(index_t r, index_t c) { return pre(r, c); });
+  const auto sums_storage =
+      shard_row_sums<T>(rows, cols, shards, KOKKOS_LAMBDA(index_t r, index_t c) { return pre(r, c); });
+  const View1<T> sums = sums_storage.flat();
   Kokkos::parallel_for(
       "kmoe::soft_moe_experts::sharded_mean", Kokkos::RangePolicy<ExecSpace>(0, rows),
       KOKKOS_LAMBDA(const index_t r) { mean(r) = sums(r) * inverse_width; });
-  const View1<T> squares = shard_row_sums<T>(rows, cols, shards, KOKKOS_LAMBDA(index_t r, index_t c) {
+  const auto squares_storage = shard_row_sums<T>(rows, cols, shards, KOKKOS_LAMBDA(index_t r, index_t c) {
     const T centred = pre(r, c) - mean(r);
     return centred * centred;
   });
+  const View1<T> squares = squares_storage.flat();
   Kokkos::parallel_for(
       "kmoe::soft_moe_experts::sharded_normalise", all_of(rows, cols), KOKKOS_LAMBDA(const index_t r, const index_t c) {
         const T s = T(1) / Kokkos::Experimental::sqrt(squares(r) * inverse_width + eps);
@@ -180,9 +188,12 @@ void sharded_layer_norm_backward(const View2<const T>& pre, index_t width, const
                                  const View2<T>& dpre) {
   const index_t rows = pre.extent(0), cols = pre.extent(1);
   const T inverse_width = T(1) / static_cast<T>(width);
-  const View1<T> dn_sums = shard_row_sums<T>(rows, cols, shards, KOKKOS_LAMBDA(index_t r, index_t c) { return dn(r, c); });
-  const View1<T> dn_xhat_sums = shard_row_sums<T>(
+  const auto dn_sums_storage =
+      shard_row_sums<T>(rows, cols, shards, KOKKOS_LAMBDA(index_t r, index_t c) { return dn(r, c); });
+  const View1<T> dn_sums = dn_sums_storage.flat();
+  const auto dn_xhat_sums_storage = shard_row_sums<T>(
       rows, cols, shards, KOKKOS_LAMBDA(index_t r, index_t c) { return dn(r, c) * (pre(r, c) - mean(r)) * rstd(r); });
+  const View1<T> dn_xhat_sums = dn_xhat_sums_storage.flat();
   Kokkos::parallel_for(
       "kmoe::soft_moe_experts::sharded_layer_norm_backward", all_of(rows, cols),
       KOKKOS_LAMBDA(const index_t r, const index_t c) {

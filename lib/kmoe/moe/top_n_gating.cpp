@@ -84,9 +84,13 @@ void route_choices(const TopNGatingOptions& options, const TopNRouting<T>& r, co
       });
 }
 
-// One thread per (group, expert): slots in priority order (choice-major, then sequence order),
-// the kept choices and their positions, the first-choice density and the balance term
-// mean_t(p · m) · density of this (group, expert).
+// Slots in priority order (choice-major, then sequence order) for every (group, expert): the kept
+// choices and their positions, the first-choice density and the balance term mean_t(p · m) ·
+// density. The group's choices are cut into chunks of one choice's consecutive tokens, so that
+// the device runs a thread per (group, expert, chunk) rather than one walking the group's k · n
+// choices: each chunk's routed choices counted (and, for the first choice, its tokens' router
+// probabilities summed), the counts' prefix per (group, expert), then each chunk's slots placed
+// from its prefix. Integer counts and partial sums in a fixed order: repeatable bit for bit.
 template <class T>
 void assign_slots(const TopNGatingOptions& options, const TopNRouting<T>& r, const View2<const int>& routed,
                   const View2<T>& balance_terms) {
@@ -95,38 +99,70 @@ void assign_slots(const TopNGatingOptions& options, const TopNRouting<T>& r, con
   const bool has_importance = !r.importance.empty();
   const View1<T> importance = has_importance ? r.importance.flat() : View1<T>();
   const int k = options.top_n, E = options.num_gates;
-  const index_t n = r.group_size, capacity = r.capacity;
+  const index_t n = r.group_size, capacity = r.capacity, lines = r.groups * E;
   const bool before_capacity = options.balance_density == BalanceDensity::before_capacity;
   const bool losses = options.compute_losses;
+  constexpr index_t chunk = 64;
+  const index_t chunks_per_choice = (n + chunk - 1) / chunk, chunks = k * chunks_per_choice;
+  // Chunk c holds choice c / chunks_per_choice of the group's tokens from (c % chunks_per_choice) · chunk.
+  const auto tokens_of = [=] KOKKOS_FUNCTION(index_t g, index_t c) {
+    const index_t first = g * n + (c % chunks_per_choice) * chunk;
+    return Kokkos::make_pair(first, Kokkos::min(first + chunk, (g + 1) * n));
+  };
+  const auto start = Tensor<int>::uninitialized("gating::slot_chunk_start", {lines, chunks});
+  const auto proxy = losses ? Tensor<T>::uninitialized("gating::proxy_chunk_sum", {lines, chunks_per_choice})
+                            : Tensor<T>();
+  const View2<int> counts = start.as_matrix();
+  const View2<T> proxy_sums = losses ? proxy.as_matrix() : View2<T>();
   Kokkos::parallel_for(
-      "kmoe::gating::assign_slots", md_range<2>({0, 0}, {r.groups, static_cast<index_t>(E)}),
-      KOKKOS_LAMBDA(const index_t g, const index_t e) {
-        index_t count = 0, first_routed = 0, first_kept = 0;
-        for (int i = 0; i < k; ++i) {
-          for (index_t t = g * n; t < (g + 1) * n; ++t) {
-            if (routed(t, i) != e) continue;
-            const bool kept = count < capacity;
-            if (kept) {
-              expert_index(t, i) = static_cast<int>(e);
-              position(t, i) = static_cast<int>(count);
-            }
-            if (i == 0) {
-              ++first_routed;
-              first_kept += kept ? 1 : 0;
-            }
-            ++count;
-          }
-          // Only kept choices hold slots, so the next choice's slots start at min(count, C); when
-          // count ≥ C they are all dropped either way, so count itself can carry on.
+      "kmoe::gating::count_slots", md_range<2>({0, 0}, {lines, chunks}),
+      KOKKOS_LAMBDA(const index_t ge, const index_t c) {
+        const index_t g = ge / E, e = ge % E, i = c / chunks_per_choice;
+        const auto tokens = tokens_of(g, c);
+        int count = 0;
+        T sum = 0;
+        for (index_t t = tokens.first; t < tokens.second; ++t) {
+          count += routed(t, i) == e ? 1 : 0;
+          if (losses && i == 0 && (!has_importance || importance(t) == T(1))) sum += probs(t, e);
         }
+        counts(ge, c) = count;
+        if (losses && i == 0) proxy_sums(ge, c) = sum;
+      });
+  Kokkos::parallel_for(
+      "kmoe::gating::slot_prefix", Kokkos::RangePolicy<ExecSpace>(0, lines), KOKKOS_LAMBDA(const index_t ge) {
+        int before = 0, first_routed = 0;
+        for (index_t c = 0; c < chunks; ++c) {
+          if (c == chunks_per_choice) first_routed = before;
+          const int count = counts(ge, c);
+          counts(ge, c) = before;
+          before += count;
+        }
+        if (chunks == chunks_per_choice) first_routed = before;
+        // Only the first choice's first `capacity` slots are kept among its routed ones.
+        const int first_kept = Kokkos::min<index_t>(first_routed, capacity);
         const T d = static_cast<T>(before_capacity ? first_routed : first_kept) / static_cast<T>(n);
-        density(g, e) = d;
+        density(ge / E, ge % E) = d;
         if (losses) {
-          T proxy = 0;
-          for (index_t t = g * n; t < (g + 1) * n; ++t) {
-            if (!has_importance || importance(t) == T(1)) proxy += probs(t, e);
+          T sum = 0;
+          for (index_t c = 0; c < chunks_per_choice; ++c) sum += proxy_sums(ge, c);
+          balance_terms(ge / E, ge % E) = sum / static_cast<T>(n) * d;
+        }
+      });
+  Kokkos::parallel_for(
+      "kmoe::gating::place_slots", md_range<2>({0, 0}, {lines, chunks}),
+      KOKKOS_LAMBDA(const index_t ge, const index_t c) {
+        const index_t g = ge / E, e = ge % E, i = c / chunks_per_choice;
+        const auto tokens = tokens_of(g, c);
+        // Slots are counted over every routed choice, kept or not: once the count passes the
+        // capacity every later choice of this expert is dropped.
+        index_t count = counts(ge, c);
+        for (index_t t = tokens.first; t < tokens.second; ++t) {
+          if (routed(t, i) != e) continue;
+          if (count < capacity) {
+            expert_index(t, i) = static_cast<int>(e);
+            position(t, i) = static_cast<int>(count);
           }
-          balance_terms(g, e) = proxy / static_cast<T>(n) * d;
+          ++count;
         }
       });
 }
@@ -143,31 +179,34 @@ void kept_gates(const TopNRouting<T>& r) {
       });
 }
 
-// Σ_t m_t · LSE_t² and Σ_t m_t (m = [importance == 1], or 1) over this rank's tokens, per group on
-// the device and summed over groups on the host in group order.
+// Σ_t m_t · LSE_t² and Σ_t m_t (m = [importance == 1], or 1) over this rank's tokens: partial sums
+// over chunks of each group's tokens on the device, summed on the host in (group, chunk) order.
 template <class T>
 std::pair<double, double> router_z_sums(const TopNRouting<T>& r) {
   const View1<T> lse = r.logit_lse.flat();
   const bool has_importance = !r.importance.empty();
   const View1<T> importance = has_importance ? r.importance.flat() : View1<T>();
   const index_t n = r.group_size;
-  View2<T> per_group("kmoe::gating::z_per_group", r.groups, 2);
+  constexpr index_t chunk = 64;
+  const index_t chunks = (n + chunk - 1) / chunk;
+  const auto partial = Tensor<T>::uninitialized("gating::z_chunk_sums", {r.groups, chunks, 2});
+  const View3<T> sums = partial.view<3>();
   Kokkos::parallel_for(
-      "kmoe::gating::z_loss", Kokkos::RangePolicy<ExecSpace>(0, r.groups), KOKKOS_LAMBDA(const index_t g) {
+      "kmoe::gating::z_loss", md_range<2>({0, 0}, {r.groups, chunks}), KOKKOS_LAMBDA(const index_t g, const index_t c) {
         T sum = 0, count = 0;
-        for (index_t t = g * n; t < (g + 1) * n; ++t) {
+        for (index_t t = g * n + c * chunk; t < Kokkos::min(g * n + (c + 1) * chunk, (g + 1) * n); ++t) {
           if (has_importance && importance(t) != T(1)) continue;
           sum += lse(t) * lse(t);
           count += T(1);
         }
-        per_group(g, 0) = sum;
-        per_group(g, 1) = count;
+        sums(g, c, 0) = sum;
+        sums(g, c, 1) = count;
       });
-  const auto host = Kokkos::create_mirror_view_and_copy(HostSpace(), per_group);
+  const std::vector<T> host = partial.to_host();
   double sum = 0, count = 0;
-  for (index_t g = 0; g < r.groups; ++g) {
-    sum += host(g, 0);
-    count += host(g, 1);
+  for (std::size_t i = 0; i < host.size(); i += 2) {
+    sum += host[i];
+    count += host[i + 1];
   }
   return {sum, count};
 }

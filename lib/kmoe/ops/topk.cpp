@@ -147,12 +147,24 @@ void topk_backward(const View2<const int>& indices, const View2<const T>& dvalue
           " columns, beyond int indices");
   require_keys_in_range(View1<const int>(indices.data(), indices.size()), static_cast<int>(cols),
                         "topk_backward: indices (flattened)");
-  Kokkos::deep_copy(ExecSpace(), dx, T(0));
-  // Serial over a row's slots: a repeated index sums its gradients (the adjoint of the gather).
-  Kokkos::parallel_for(
-      "kmoe::topk_backward", Kokkos::RangePolicy<ExecSpace>(0, rows), KOKKOS_LAMBDA(const index_t r) {
-        for (index_t j = 0; j < k; ++j) dx(r, indices(r, j)) += dvalues(r, j);
-      });
+  // A repeated index sums its gradients in slot order (the adjoint of the gather), the same sum
+  // either way: on a device a thread per entry of dx reads its row's k indices (dx written once,
+  // coalesced, no zero fill); on the host a row's slots scatter into the zeroed row.
+  if constexpr (Kokkos::SpaceAccessibility<HostSpace, MemSpace>::accessible) {
+    Kokkos::deep_copy(ExecSpace(), dx, T(0));
+    Kokkos::parallel_for(
+        "kmoe::topk_backward", Kokkos::RangePolicy<ExecSpace>(0, rows), KOKKOS_LAMBDA(const index_t r) {
+          for (index_t j = 0; j < k; ++j) dx(r, indices(r, j)) += dvalues(r, j);
+        });
+  } else {
+    Kokkos::parallel_for(
+        "kmoe::topk_backward", md_range<2>({0, 0}, {rows, cols}), KOKKOS_LAMBDA(const index_t r, const index_t c) {
+          T sum = 0;
+          for (index_t j = 0; j < k; ++j)
+            if (indices(r, j) == c) sum += dvalues(r, j);
+          dx(r, c) = sum;
+        });
+  }
 }
 
 #define KMOE_INSTANTIATE(T)                                                                               \
