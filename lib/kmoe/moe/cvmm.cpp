@@ -197,8 +197,8 @@ void unsort_pairs(const DispatchPlan& plan, const View2<const Src>& sorted, cons
 
 // tokens(t, :) = Σ_slot gates(t, slot) · src(row of pair t · k + slot, :), slots in order, dropped
 // pairs left out, summed in T. The row is pair_position(p) when src is in sorted order, else p;
-// no gates means weight 1. One team per token, slots outermost: each slot's row is one contiguous
-// (vectorised, coalesced) sweep.
+// no gates means weight 1. One team per token, a thread per column summing the slots in a
+// register: the slot rows are read coalesced and the token's row written once.
 template <class Src, class T>
 void sum_slots(const DispatchPlan& plan, const View2<const Src>& src, bool src_sorted, const View2<const T>& gates,
                const View2<T>& tokens) {
@@ -211,24 +211,19 @@ void sum_slots(const DispatchPlan& plan, const View2<const Src>& src, bool src_s
       "kmoe::cvmm::sum_slots", Kokkos::TeamPolicy<ExecSpace>(plan.n_tokens(), Kokkos::AUTO),
       KOKKOS_LAMBDA(const Member& team) {
         const index_t t = team.league_rank();
-        bool first = true;
-        for (int slot = 0; slot < k; ++slot) {
-          const index_t p = t * k + slot;
-          if (expert_of_pair(p) < 0) continue;
-          const index_t row = src_sorted ? pair_position(p) : p;
-          const T gate = gated ? gates(t, slot) : T(1);
-          if (first) {
-            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols),
-                                 [&](const int c) { tokens(t, c) = gate * convert<T>(src(row, c)); });
-          } else {
-            Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols),
-                                 [&](const int c) { tokens(t, c) += gate * convert<T>(src(row, c)); });
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) {
+          T sum = 0;
+          bool first = true;  // the first term is the sum (no 0 + term): a token of one slot is that term
+          for (int slot = 0; slot < k; ++slot) {
+            const index_t p = t * k + slot;
+            if (expert_of_pair(p) < 0) continue;
+            const index_t row = src_sorted ? pair_position(p) : p;
+            const T term = (gated ? gates(t, slot) : T(1)) * convert<T>(src(row, c));
+            sum = first ? term : sum + term;
+            first = false;
           }
-          first = false;
-        }
-        if (first) {  // every pair of the token dropped
-          Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) { tokens(t, c) = T(0); });
-        }
+          tokens(t, c) = sum;  // 0 when every pair of the token was dropped
+        });
       });
 }
 

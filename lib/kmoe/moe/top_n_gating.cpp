@@ -107,7 +107,8 @@ void assign_slots(const TopNGatingOptions& options, const TopNRouting<T>& r, con
   // Chunk c holds choice c / chunks_per_choice of the group's tokens from (c % chunks_per_choice) · chunk.
   const auto tokens_of = [=] KOKKOS_FUNCTION(index_t g, index_t c) {
     const index_t first = g * n + (c % chunks_per_choice) * chunk;
-    return Kokkos::make_pair(first, Kokkos::min(first + chunk, (g + 1) * n));
+    const index_t end = first + chunk < (g + 1) * n ? first + chunk : (g + 1) * n;
+    return Kokkos::make_pair(first, end);
   };
   const auto start = Tensor<int>::uninitialized("gating::slot_chunk_start", {lines, chunks});
   const auto proxy = losses ? Tensor<T>::uninitialized("gating::proxy_chunk_sum", {lines, chunks_per_choice})
@@ -139,7 +140,7 @@ void assign_slots(const TopNGatingOptions& options, const TopNRouting<T>& r, con
         }
         if (chunks == chunks_per_choice) first_routed = before;
         // Only the first choice's first `capacity` slots are kept among its routed ones.
-        const int first_kept = Kokkos::min<index_t>(first_routed, capacity);
+        const index_t first_kept = first_routed < capacity ? first_routed : capacity;
         const T d = static_cast<T>(before_capacity ? first_routed : first_kept) / static_cast<T>(n);
         density(ge / E, ge % E) = d;
         if (losses) {
@@ -190,11 +191,12 @@ std::pair<double, double> router_z_sums(const TopNRouting<T>& r) {
   constexpr index_t chunk = 64;
   const index_t chunks = (n + chunk - 1) / chunk;
   const auto partial = Tensor<T>::uninitialized("gating::z_chunk_sums", {r.groups, chunks, 2});
-  const View3<T> sums = partial.view<3>();
+  const View3<T> sums = partial.template view<3>();
   Kokkos::parallel_for(
       "kmoe::gating::z_loss", md_range<2>({0, 0}, {r.groups, chunks}), KOKKOS_LAMBDA(const index_t g, const index_t c) {
         T sum = 0, count = 0;
-        for (index_t t = g * n + c * chunk; t < Kokkos::min(g * n + (c + 1) * chunk, (g + 1) * n); ++t) {
+        const index_t end = (c + 1) * chunk < n ? g * n + (c + 1) * chunk : (g + 1) * n;
+        for (index_t t = g * n + c * chunk; t < end; ++t) {
           if (has_importance && importance(t) != T(1)) continue;
           sum += lse(t) * lse(t);
           count += T(1);

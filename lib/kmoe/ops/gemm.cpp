@@ -238,16 +238,22 @@ void run_batches(const std::vector<GemmBatch>& batches) {
   }
 }
 
-// Issues the recorded GEMMs of one operand type (and C of that type) as a single grouped batched
-// cuBLAS call, each GEMM its own group of one. bfloat16 operands take cublasGemmGroupedBatchedEx
-// (float scales, float accumulation, bfloat16 C).
-template <class T>
-void run_grouped(const std::vector<RecordedGemm>& all) {
+// Whether cuBLAS's grouped GEMM takes float C with bfloat16 operands (the weight gradients): asked
+// once, by the first such call, since cuBLAS versions differ; a refused call launches nothing.
+enum class Support { unknown, yes, no };
+std::atomic<Support> grouped_float_c{Support::unknown};
+
+// Issues the recorded GEMMs of operand type T and C type C as a single grouped batched cuBLAS call,
+// each GEMM its own group of one. bfloat16 operands take cublasGemmGroupedBatchedEx (float scales,
+// float accumulation, bfloat16 or float C). Returns false, having launched nothing, when cuBLAS
+// refuses bfloat16 operands with float C.
+template <class T, class C = T>
+bool run_grouped(const std::vector<RecordedGemm>& all) {
   std::vector<const RecordedGemm*> gemms;
   for (const RecordedGemm& g : all)
-    if (g.type == gemm_type_of<T>() && g.c_type == g.type) gemms.push_back(&g);
+    if (g.type == gemm_type_of<T>() && g.c_type == gemm_type_of<C>()) gemms.push_back(&g);
   const std::int64_t count = static_cast<std::int64_t>(gemms.size());
-  if (count == 0) return;
+  if (count == 0) return true;
   std::vector<cublasOperation_t> op_first, op_second;
   std::vector<std::int64_t> m, n, k, ld_first, ld_second, ld_c, group_size(count, 1), pointers(3 * count);
   using Scale = std::conditional_t<std::is_same_v<T, bfloat16>, float, T>;
@@ -271,7 +277,7 @@ void run_grouped(const std::vector<RecordedGemm>& all) {
   const auto device_pointers = upload_words(pointers);
   const auto* first = reinterpret_cast<const T* const*>(device_pointers.data());
   const auto* second = reinterpret_cast<const T* const*>(device_pointers.data() + count);
-  auto* const* c = reinterpret_cast<T* const*>(device_pointers.data() + 2 * count);
+  auto* const* c = reinterpret_cast<C* const*>(device_pointers.data() + 2 * count);
   cublasHandle_t handle = bound_cublas_handle();
   cublasStatus_t status;
   if constexpr (std::is_same_v<T, bfloat16>) {
@@ -279,7 +285,13 @@ void run_grouped(const std::vector<RecordedGemm>& all) {
         handle, op_first.data(), op_second.data(), m.data(), n.data(), k.data(), alpha.data(),
         reinterpret_cast<const void* const*>(first), CUDA_R_16BF, ld_first.data(),
         reinterpret_cast<const void* const*>(second), CUDA_R_16BF, ld_second.data(), beta.data(),
-        reinterpret_cast<void* const*>(c), CUDA_R_16BF, ld_c.data(), count, group_size.data(), CUBLAS_COMPUTE_32F);
+        reinterpret_cast<void* const*>(c), std::is_same_v<C, float> ? CUDA_R_32F : CUDA_R_16BF, ld_c.data(), count,
+        group_size.data(), CUBLAS_COMPUTE_32F);
+    if constexpr (std::is_same_v<C, float>) {
+      const bool refused = status == CUBLAS_STATUS_NOT_SUPPORTED || status == CUBLAS_STATUS_INVALID_VALUE;
+      grouped_float_c = refused ? Support::no : Support::yes;
+      if (refused) return false;
+    }
   } else if constexpr (std::is_same_v<T, double>) {
     status = cublasDgemmGroupedBatched_64(handle, op_first.data(), op_second.data(), m.data(), n.data(), k.data(),
                                           alpha.data(), first, ld_first.data(), second, ld_second.data(), beta.data(),
@@ -290,6 +302,7 @@ void run_grouped(const std::vector<RecordedGemm>& all) {
                                           c, ld_c.data(), count, group_size.data());
   }
   require_cublas(status, "grouped GEMM", count);
+  return true;
 }
 
 // The recorded bfloat16 GEMMs with bfloat16 C through kmoe's own grouped tensor-core kernel
@@ -323,19 +336,27 @@ void GroupedGemms::run() {
     whole = std::move(rest);
     rest.clear();
   }
-  // Even in `grouped` mode, float C from bfloat16 operands (the weight gradients) is batched: the
-  // grouped call's type support for it varies by cuBLAS version.
+  // In `grouped` mode float C from bfloat16 operands (the weight gradients) goes to the grouped call
+  // too where cuBLAS takes it, else to uniform batches.
+  const auto grouped_whole = [&](const RecordedGemm& g) {
+    return mode == GroupedGemmMode::grouped && (g.c_type == g.type || grouped_float_c != Support::no);
+  };
   std::vector<RecordedGemm> batchable;
-  for (RecordedGemm& g : whole)
-    (mode == GroupedGemmMode::grouped && g.c_type == g.type ? rest : batchable).push_back(std::move(g));
+  for (RecordedGemm& g : whole) (grouped_whole(g) ? rest : batchable).push_back(std::move(g));
+  if (!run_grouped<bfloat16, float>(rest)) {
+    for (RecordedGemm& g : rest)
+      if (g.c_type != g.type) batchable.push_back(g);
+    rest.erase(std::remove_if(rest.begin(), rest.end(), [](const RecordedGemm& g) { return g.c_type != g.type; }),
+               rest.end());
+  }
   run_batches(uniform_batches(batchable, rest));
   run_grouped<float>(rest);
   run_grouped<double>(rest);
   run_grouped<bfloat16>(rest);
-  // Float C from bfloat16 operands that no batch took: one call each.
+  // Float C from bfloat16 operands that neither the grouped call nor a batch took: one call each.
   std::vector<GemmBatch> mixed;
   for (const RecordedGemm& g : rest) {
-    if (g.c_type == g.type) continue;
+    if (g.c_type == g.type || grouped_float_c == Support::yes) continue;
     mixed.push_back(GemmBatch{g.transpose_first, g.transpose_second, g.m, g.n, g.k, g.alpha, g.beta, g.ld_first,
                               g.ld_second, g.ld_c, g.type, g.c_type, {g.first}, {g.second}, {g.c}});
   }
