@@ -3,7 +3,9 @@
 #include "kmoe/core/error.hpp"
 #include "kmoe/moe/cvmm.hpp"
 #include "kmoe/moe/expert_bias.hpp"
+#include "kmoe/ops/activations.hpp"
 #include "kmoe/ops/glu.hpp"
+#include "kmoe/ops/impl/column_reduce.hpp"
 #include "kmoe/ops/init.hpp"
 #include "kmoe/ops/linear.hpp"
 #include "kmoe/ops/norms.hpp"
@@ -31,10 +33,50 @@ void fill_uniform(const View1<T>& out, Generator& rng, double bound) {
   ops::fill_uniform<T>(out, rng.take(out.extent(0)), static_cast<T>(-bound), static_cast<T>(bound));
 }
 
+// The expert of each routed sorted row s, through the plan (rows past them are dropped pairs).
+KOKKOS_INLINE_FUNCTION int expert_of_row(const View1<int>& expert_of_pair, const View1<int>& sorted_pair, index_t s) {
+  return expert_of_pair(sorted_pair(s));
+}
+
+// hidden(s, :) = gelu(pre(s, h:)) · pre(s, :h) · mult_bias(expert of s, :) for the routed sorted
+// rows: one launch for every expert (as ops::glu_forward over each expert's block).
 template <class T>
-View1<T> expert_row(const Tensor<T>& stacked, int e) {
-  const index_t width = stacked.dim(1);
-  return View1<T>(stacked.data() + e * width, width);
+void expert_glu_forward(const moe::DispatchPlan& plan, const Tensor<T>& pre, const Tensor<T>& mult_bias,
+                        const Tensor<T>& hidden) {
+  const View2<T> in = pre.as_matrix(), out = hidden.as_matrix(), mult = mult_bias.as_matrix();
+  const View1<int> expert_of_pair = plan.expert_of_pair(), sorted_pair = plan.sorted_pair();
+  const index_t h = mult.extent(1);
+  Kokkos::parallel_for(
+      "kmoe::geglu::expert_glu_forward", md_range<2>({0, 0}, {plan.n_routed_pairs(), h}),
+      KOKKOS_LAMBDA(const index_t s, const index_t j) {
+        const int e = expert_of_row(expert_of_pair, sorted_pair, s);
+        out(s, j) = ops::activation_value(ops::Activation::gelu, in(s, h + j)) * in(s, j) * mult(e, j);
+      });
+}
+
+// Its backward for the routed sorted rows: dpre from dhidden, and dmult_bias(e, :) += the sum over
+// expert e's rows, in the fixed order of ops::glu_backward over each expert's block.
+template <class T>
+void expert_glu_backward(const moe::DispatchPlan& plan, const Tensor<T>& pre, const Tensor<T>& mult_bias,
+                         const Tensor<T>& dhidden, const Tensor<T>& dpre, const Tensor<T>& dmult_bias) {
+  const View2<T> in = pre.as_matrix(), dout = dhidden.as_matrix(), din = dpre.as_matrix();
+  const View2<T> mult = mult_bias.as_matrix(), dmult = dmult_bias.as_matrix();
+  const View1<int> expert_of_pair = plan.expert_of_pair(), sorted_pair = plan.sorted_pair();
+  const index_t h = mult.extent(1);
+  Kokkos::parallel_for(
+      "kmoe::geglu::expert_glu_backward", md_range<2>({0, 0}, {plan.n_routed_pairs(), h}),
+      KOKKOS_LAMBDA(const index_t s, const index_t j) {
+        const T g = dout(s, j) * mult(expert_of_row(expert_of_pair, sorted_pair, s), j);
+        const T gate = in(s, h + j);
+        din(s, j) = g * ops::activation_value(ops::Activation::gelu, gate);
+        din(s, h + j) = g * in(s, j) * ops::activation_derivative(ops::Activation::gelu, gate);
+      });
+  ops::impl::segmented_column_reduce<T, 1>(
+      "kmoe::geglu::expert_glu_backward_mult", plan.expert_offsets(), plan.expert_offsets_host(), h,
+      KOKKOS_LAMBDA(const index_t s, const index_t j) {
+        return Kokkos::Array<T, 1>{dout(s, j) * ops::activation_value(ops::Activation::gelu, in(s, h + j)) * in(s, j)};
+      },
+      KOKKOS_LAMBDA(const index_t e, const index_t j, const Kokkos::Array<T, 1>& sum) { dmult(e, j) += sum[0]; });
 }
 
 }  // namespace geglu_impl
@@ -221,14 +263,7 @@ GegluExpertsSaved<T> geglu_experts_forward(const GegluExpertsParams<T>& params, 
                        moe::XRows::per_pair);
   moe::add_expert_bias<T>(plan, moe::PairRows::sorted, saved.pre.as_matrix(), params.b_in.as_matrix());
   saved.hidden = Tensor<T>::uninitialized("experts::hidden", {pairs, h});
-  const auto& offsets = plan.expert_offsets_host();
-  for (int e = 0; e < plan.n_experts(); ++e) {
-    if (offsets[e + 1] == offsets[e]) continue;
-    const auto rows = Kokkos::make_pair(offsets[e], offsets[e + 1]);
-    ops::glu_forward<T>(ops::Activation::gelu, Kokkos::subview(saved.pre.as_matrix(), rows, Kokkos::ALL),
-                        geglu_impl::expert_row(params.mult_bias, e),
-                        Kokkos::subview(saved.hidden.as_matrix(), rows, Kokkos::ALL));
-  }
+  geglu_impl::expert_glu_forward<T>(plan, saved.pre, params.mult_bias, saved.hidden);
   moe::cvmm_forward<T>(plan, saved.hidden.as_matrix(), saved.w_out, y_sorted.as_matrix(), moe::PairRows::sorted,
                        moe::XRows::per_pair);
   if (output_bias) moe::add_expert_bias<T>(plan, moe::PairRows::sorted, y_sorted.as_matrix(), params.b_out.as_matrix());
@@ -252,15 +287,7 @@ void geglu_experts_backward(const GegluExpertsParams<T>& params, GegluExpertsPar
   moe::cvmm_backward<T>(plan, saved.hidden.as_matrix(), saved.w_out, dy_sorted.as_matrix(),
                         dhidden.as_matrix(), grads.w_out.template view<3>(), moe::PairRows::sorted, moe::XRows::per_pair);
   const auto dpre = Tensor<T>::uninitialized("experts::dpre", {pairs, 2 * h});
-  const auto& offsets = plan.expert_offsets_host();
-  for (int e = 0; e < plan.n_experts(); ++e) {
-    if (offsets[e + 1] == offsets[e]) continue;
-    const auto rows = Kokkos::make_pair(offsets[e], offsets[e + 1]);
-    ops::glu_backward<T>(ops::Activation::gelu, Kokkos::subview(saved.pre.as_matrix(), rows, Kokkos::ALL),
-                         geglu_impl::expert_row(params.mult_bias, e),
-                         Kokkos::subview(dhidden.as_matrix(), rows, Kokkos::ALL),
-                         Kokkos::subview(dpre.as_matrix(), rows, Kokkos::ALL), geglu_impl::expert_row(grads.mult_bias, e));
-  }
+  geglu_impl::expert_glu_backward<T>(plan, saved.pre, params.mult_bias, dhidden, dpre, grads.mult_bias);
   moe::accumulate_expert_bias_gradient<T>(plan, moe::PairRows::sorted, dpre.as_matrix(), grads.b_in.as_matrix());
   moe::cvmm_backward<T>(plan, x_sorted.as_matrix(), saved.w_in, dpre.as_matrix(),
                         dx_sorted.as_matrix(), grads.w_in.template view<3>(), moe::PairRows::sorted, moe::XRows::per_pair);

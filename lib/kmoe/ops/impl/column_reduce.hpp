@@ -13,6 +13,9 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <algorithm>
+#include <vector>
+
 namespace kmoe::ops::impl {
 
 constexpr index_t column_block_rows = 64;
@@ -56,6 +59,46 @@ void column_reduce(const char* op, index_t rows, index_t cols, const Term& term,
         for (index_t b = 0; b < blocks; ++b)
           for (int n = 0; n < N; ++n) s[n] += partial(b * N + n, c);
         apply(c, s);
+      });
+}
+
+// The same per segment: rows [offsets[g], offsets[g + 1]) of `segments` contiguous row ranges
+// (a dispatch plan's expert blocks; offsets on the device, offsets_host its copy), apply(g, c, s)
+// with s = Σ_r term(r, c) over segment g. Blocks of column_block_rows start at each segment's
+// first row, so a segment sums exactly as column_reduce over its rows alone; one launch per pass
+// whatever the segment count.
+template <class T, int N, class Term, class Apply>
+void segmented_column_reduce(const char* op, const View1<const int>& offsets, const std::vector<int>& offsets_host,
+                             index_t cols, const Term& term, const Apply& apply) {
+  using Sums = Kokkos::Array<T, N>;
+  const index_t segments = static_cast<index_t>(offsets_host.size()) - 1;
+  index_t most = 0;
+  for (index_t g = 0; g < segments; ++g) most = std::max<index_t>(most, offsets_host[g + 1] - offsets_host[g]);
+  const index_t blocks = (most + column_block_rows - 1) / column_block_rows;  // per segment, the longest's
+  if (segments <= 0 || blocks == 0) return;
+  const Tensor<T> partial_storage =
+      Tensor<T>::uninitialized("kmoe::segmented_column_reduce::partial", {segments * blocks * N, cols});
+  const View2<T> partial = partial_storage.as_matrix();
+  Kokkos::parallel_for(
+      op, md_range<2>({0, 0}, {segments * blocks, cols}), KOKKOS_LAMBDA(const index_t i, const index_t c) {
+        const index_t g = i / blocks, first = offsets(g) + (i % blocks) * column_block_rows;
+        const index_t end = first + column_block_rows < offsets(g + 1) ? first + column_block_rows : offsets(g + 1);
+        Sums s;
+        for (int n = 0; n < N; ++n) s[n] = T(0);
+        for (index_t r = first; r < end; ++r) {
+          const Sums t = term(r, c);
+          for (int n = 0; n < N; ++n) s[n] += t[n];
+        }
+        for (int n = 0; n < N; ++n) partial(i * N + n, c) = s[n];
+      });
+  Kokkos::parallel_for(
+      op, md_range<2>({0, 0}, {segments, cols}), KOKKOS_LAMBDA(const index_t g, const index_t c) {
+        if (offsets(g + 1) == offsets(g)) return;  // an empty segment adds nothing, not even +0
+        Sums s;
+        for (int n = 0; n < N; ++n) s[n] = T(0);
+        for (index_t b = 0; b < blocks; ++b)
+          for (int n = 0; n < N; ++n) s[n] += partial((g * blocks + b) * N + n, c);
+        apply(g, c, s);
       });
 }
 
