@@ -169,9 +169,9 @@ GroupedGemms::~GroupedGemms() {
 
 #if defined(KMOE_GROUPED_CUBLAS)
 // How a GroupedGemms issues its GEMMs (KMOE_GROUPED_GEMM, read once): `grouped` (the default) hands
-// them whole to cuBLAS's grouped GEMM, one group each; `batched` cuts them into a few uniform
-// batched cuBLAS calls (impl/gemm_batches.hpp; opt-in until it has passed the suite on a GPU:
-// it is tested on the host only); `kmoe` runs the bfloat16 ones through kmoe's own grouped kernel
+// them whole to cuBLAS's grouped GEMM, one group each, except the shapes that ran faster as uniform
+// batches (see GroupedGemms::run); `batched` cuts them all into a few uniform batched cuBLAS calls
+// (impl/gemm_batches.hpp); `kmoe` runs the bfloat16 ones through kmoe's own grouped kernel
 // (impl/grouped_gemm_bf16.hpp) and batches the rest.
 enum class GroupedGemmMode { batched, grouped, kmoe };
 
@@ -337,9 +337,14 @@ void GroupedGemms::run() {
     rest.clear();
   }
   // In `grouped` mode float C from bfloat16 operands (the weight gradients) goes to the grouped call
-  // too where cuBLAS takes it, else to uniform batches.
+  // too where cuBLAS takes it, else to uniform batches. Products with a short inner dimension and
+  // wide rows (k < m in cuBLAS's terms: σ-MoE's h·W2 and dh·W1ᵀ, K 128 and N 1024) go to uniform
+  // batches too in bfloat16: on an H100 the grouped call ran them at 117 TFLOP/s, the batches at
+  // 149 (apps/bench/gpu-notes.md); the others ran faster grouped (240 against 160).
   const auto grouped_whole = [&](const RecordedGemm& g) {
-    return mode == GroupedGemmMode::grouped && (g.c_type == g.type || grouped_float_c != Support::no);
+    if (mode != GroupedGemmMode::grouped) return false;
+    if (g.c_type != g.type) return grouped_float_c != Support::no;
+    return g.type != GemmType::bf16 || g.k >= g.m;
   };
   std::vector<RecordedGemm> batchable;
   for (RecordedGemm& g : whole) (grouped_whole(g) ? rest : batchable).push_back(std::move(g));
