@@ -50,7 +50,7 @@ void expert_glu_forward(const moe::DispatchPlan& plan, const Tensor<T>& pre, con
       "kmoe::geglu::expert_glu_forward", md_range<2>({0, 0}, {plan.n_routed_pairs(), h}),
       KOKKOS_LAMBDA(const index_t s, const index_t j) {
         const int e = expert_of_row(expert_of_pair, sorted_pair, s);
-        out(s, j) = ops::activation_value(ops::Activation::gelu, in(s, h + j)) * in(s, j) * mult(e, j);
+        out(s, j) = ops::impl::glu_gated(ops::Activation::gelu, in(s, j), in(s, h + j)) * mult(e, j);
       });
 }
 
@@ -67,14 +67,15 @@ void expert_glu_backward(const moe::DispatchPlan& plan, const Tensor<T>& pre, co
       "kmoe::geglu::expert_glu_backward", md_range<2>({0, 0}, {plan.n_routed_pairs(), h}),
       KOKKOS_LAMBDA(const index_t s, const index_t j) {
         const T g = dout(s, j) * mult(expert_of_row(expert_of_pair, sorted_pair, s), j);
-        const T gate = in(s, h + j);
-        din(s, j) = g * ops::activation_value(ops::Activation::gelu, gate);
-        din(s, h + j) = g * in(s, j) * ops::activation_derivative(ops::Activation::gelu, gate);
+        const auto d = ops::impl::glu_input_gradient(ops::Activation::gelu, g, in(s, j), in(s, h + j));
+        din(s, j) = d.value;
+        din(s, h + j) = d.gate;
       });
   ops::impl::segmented_column_reduce<T, 1>(
       "kmoe::geglu::expert_glu_backward_mult", plan.expert_offsets(), plan.expert_offsets_host(), h,
       KOKKOS_LAMBDA(const index_t s, const index_t j) {
-        return Kokkos::Array<T, 1>{dout(s, j) * ops::activation_value(ops::Activation::gelu, in(s, h + j)) * in(s, j)};
+        const T term = ops::impl::glu_mult_gradient_term(ops::Activation::gelu, dout(s, j), in(s, j), in(s, h + j));
+        return Kokkos::Array<T, 1>{term};
       },
       KOKKOS_LAMBDA(const index_t e, const index_t j, const Kokkos::Array<T, 1>& sum) { dmult(e, j) += sum[0]; });
 }

@@ -30,7 +30,7 @@ void glu_forward(Activation activation, const View2<const T>& in, const View1<co
   Kokkos::parallel_for(
       "kmoe::glu_forward", md_range<2>({0, 0}, {static_cast<index_t>(out.extent(0)), static_cast<index_t>(out.extent(1))}),
       KOKKOS_LAMBDA(const index_t r, const index_t j) {
-        const T gated = activation_value(activation, in(r, h + j)) * in(r, j);
+        const T gated = impl::glu_gated(activation, in(r, j), in(r, h + j));
         out(r, j) = has_mult ? gated * mult(j) : gated;
       });
 }
@@ -52,16 +52,16 @@ void glu_backward(Activation activation, const View2<const T>& in, const View1<c
       "kmoe::glu_backward", md_range<2>({0, 0}, {static_cast<index_t>(dout.extent(0)), h}),
       KOKKOS_LAMBDA(const index_t r, const index_t j) {
         const T g = has_mult ? dout(r, j) * mult(j) : dout(r, j);
-        const T gate = in(r, h + j);
-        din(r, j) = g * activation_value(activation, gate);
-        din(r, h + j) = g * in(r, j) * activation_derivative(activation, gate);
+        const auto d = impl::glu_input_gradient(activation, g, in(r, j), in(r, h + j));
+        din(r, j) = d.value;
+        din(r, h + j) = d.gate;
       });
   if (dmult.data() == nullptr) return;
   // A deterministic column reduction: the sum does not depend on the thread count.
   impl::column_reduce<T, 1>(
       "kmoe::glu_backward_mult", dout.extent(0), h,
       KOKKOS_LAMBDA(const index_t r, const index_t j) {
-        return Kokkos::Array<T, 1>{dout(r, j) * activation_value(activation, in(r, h + j)) * in(r, j)};
+        return Kokkos::Array<T, 1>{impl::glu_mult_gradient_term(activation, dout(r, j), in(r, j), in(r, h + j))};
       },
       KOKKOS_LAMBDA(const index_t j, const Kokkos::Array<T, 1>& sum) { dmult(j) += sum[0]; });
 }

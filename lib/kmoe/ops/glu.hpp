@@ -8,6 +8,34 @@
 
 namespace kmoe::ops {
 
+// The element formulas, shared by glu_forward/backward and the per-expert GEGLU of ST-MoE's experts.
+// Their operand order fixes the rounding, so both callers give the same bits.
+namespace impl {
+
+template <class T>
+KOKKOS_INLINE_FUNCTION T glu_gated(Activation activation, T value, T gate) {
+  return activation_value(activation, gate) * value;
+}
+
+// The input gradients of one element from g = dout (times mult, where there is one).
+template <class T>
+struct GluInputGradient {
+  T value, gate;
+};
+
+template <class T>
+KOKKOS_INLINE_FUNCTION GluInputGradient<T> glu_input_gradient(Activation activation, T g, T value, T gate) {
+  return {g * activation_value(activation, gate), g * value * activation_derivative(activation, gate)};
+}
+
+// One row's term of dmult: (dout · act(gate)) · value.
+template <class T>
+KOKKOS_INLINE_FUNCTION T glu_mult_gradient_term(Activation activation, T dout, T value, T gate) {
+  return dout * activation_value(activation, gate) * value;
+}
+
+}  // namespace impl
+
 // in [rows, 2·h] → out [rows, h]; mult [h] or empty (no multiplier). Throws Status::shape_mismatch
 // on an odd or mismatched width.
 template <class T>
