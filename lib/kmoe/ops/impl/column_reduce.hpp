@@ -20,6 +20,18 @@ namespace kmoe::ops::impl {
 
 constexpr index_t column_block_rows = 64;
 
+// Σ term(r, c) over rows [first, end) in row order: the one summation order of every pass below.
+template <class T, int N, class Term>
+KOKKOS_INLINE_FUNCTION Kokkos::Array<T, N> sum_rows(const Term& term, index_t first, index_t end, index_t c) {
+  Kokkos::Array<T, N> s;
+  for (int n = 0; n < N; ++n) s[n] = T(0);
+  for (index_t r = first; r < end; ++r) {
+    const Kokkos::Array<T, N> t = term(r, c);
+    for (int n = 0; n < N; ++n) s[n] += t[n];
+  }
+  return s;
+}
+
 // For every column c: apply(c, s) with s[n] = Σ_r term(r, c)[n] (term returns Kokkos::Array<T, N>:
 // N sums from one pass over the rows).
 template <class T, int N, class Term, class Apply>
@@ -28,28 +40,16 @@ void column_reduce(const char* op, index_t rows, index_t cols, const Term& term,
   const index_t blocks = (rows + column_block_rows - 1) / column_block_rows;
   if (blocks <= 1) {
     Kokkos::parallel_for(
-        op, Kokkos::RangePolicy<ExecSpace>(0, cols), KOKKOS_LAMBDA(const index_t c) {
-          Sums s;
-          for (int n = 0; n < N; ++n) s[n] = T(0);
-          for (index_t r = 0; r < rows; ++r) {
-            const Sums t = term(r, c);
-            for (int n = 0; n < N; ++n) s[n] += t[n];
-          }
-          apply(c, s);
-        });
+        op, Kokkos::RangePolicy<ExecSpace>(0, cols),
+        KOKKOS_LAMBDA(const index_t c) { apply(c, sum_rows<T, N>(term, 0, rows, c)); });
     return;
   }
   const Tensor<T> partial_storage = Tensor<T>::uninitialized("kmoe::column_reduce::partial", {blocks * N, cols});
   const View2<T> partial = partial_storage.as_matrix();
   Kokkos::parallel_for(
       op, md_range<2>({0, 0}, {blocks, cols}), KOKKOS_LAMBDA(const index_t b, const index_t c) {
-        Sums s;
-        for (int n = 0; n < N; ++n) s[n] = T(0);
         const index_t end = (b + 1) * column_block_rows < rows ? (b + 1) * column_block_rows : rows;
-        for (index_t r = b * column_block_rows; r < end; ++r) {
-          const Sums t = term(r, c);
-          for (int n = 0; n < N; ++n) s[n] += t[n];
-        }
+        const Sums s = sum_rows<T, N>(term, b * column_block_rows, end, c);
         for (int n = 0; n < N; ++n) partial(b * N + n, c) = s[n];
       });
   Kokkos::parallel_for(
@@ -83,12 +83,7 @@ void segmented_column_reduce(const char* op, const View1<const int>& offsets, co
       op, md_range<2>({0, 0}, {segments * blocks, cols}), KOKKOS_LAMBDA(const index_t i, const index_t c) {
         const index_t g = i / blocks, first = offsets(g) + (i % blocks) * column_block_rows;
         const index_t end = first + column_block_rows < offsets(g + 1) ? first + column_block_rows : offsets(g + 1);
-        Sums s;
-        for (int n = 0; n < N; ++n) s[n] = T(0);
-        for (index_t r = first; r < end; ++r) {
-          const Sums t = term(r, c);
-          for (int n = 0; n < N; ++n) s[n] += t[n];
-        }
+        const Sums s = sum_rows<T, N>(term, first, end, c);
         for (int n = 0; n < N; ++n) partial(i * N + n, c) = s[n];
       });
   Kokkos::parallel_for(
