@@ -35,6 +35,18 @@ index_t TopNGatingOptions::capacity(index_t group_size) const {
 
 namespace gating_impl {
 
+// The device passes over a group's tokens (slot counts, z-loss sums) run a thread per chunk of
+// this many consecutive tokens.
+constexpr index_t token_chunk = 64;
+
+inline index_t token_chunks(index_t n) { return (n + token_chunk - 1) / token_chunk; }
+
+// Tokens [first, end) of chunk c of group g, whose n tokens start at g · n.
+KOKKOS_INLINE_FUNCTION Kokkos::pair<index_t, index_t> chunk_tokens(index_t g, index_t c, index_t n) {
+  const index_t first = g * n + c * token_chunk;
+  return Kokkos::make_pair(first, first + token_chunk < (g + 1) * n ? first + token_chunk : (g + 1) * n);
+}
+
 // Per-token choices: importance adjustments, normalised gates, routing decisions. routed [tokens, k]
 // gets the expert of each routed choice (−1 otherwise); expert_index and position start at −1.
 template <class T>
@@ -102,14 +114,8 @@ void assign_slots(const TopNGatingOptions& options, const TopNRouting<T>& r, con
   const index_t n = r.group_size, capacity = r.capacity, lines = r.groups * E;
   const bool before_capacity = options.balance_density == BalanceDensity::before_capacity;
   const bool losses = options.compute_losses;
-  constexpr index_t chunk = 64;
-  const index_t chunks_per_choice = (n + chunk - 1) / chunk, chunks = k * chunks_per_choice;
-  // Chunk c holds choice c / chunks_per_choice of the group's tokens from (c % chunks_per_choice) · chunk.
-  const auto tokens_of = [=] KOKKOS_FUNCTION(index_t g, index_t c) {
-    const index_t first = g * n + (c % chunks_per_choice) * chunk;
-    const index_t end = first + chunk < (g + 1) * n ? first + chunk : (g + 1) * n;
-    return Kokkos::make_pair(first, end);
-  };
+  // Chunk c holds choice c / chunks_per_choice, token chunk c % chunks_per_choice of the group.
+  const index_t chunks_per_choice = token_chunks(n), chunks = k * chunks_per_choice;
   const auto start = Tensor<int>::uninitialized("gating::slot_chunk_start", {lines, chunks});
   const auto proxy = losses ? Tensor<T>::uninitialized("gating::proxy_chunk_sum", {lines, chunks_per_choice})
                             : Tensor<T>();
@@ -119,7 +125,7 @@ void assign_slots(const TopNGatingOptions& options, const TopNRouting<T>& r, con
       "kmoe::gating::count_slots", md_range<2>({0, 0}, {lines, chunks}),
       KOKKOS_LAMBDA(const index_t ge, const index_t c) {
         const index_t g = ge / E, e = ge % E, i = c / chunks_per_choice;
-        const auto tokens = tokens_of(g, c);
+        const auto tokens = chunk_tokens(g, c % chunks_per_choice, n);
         int count = 0;
         T sum = 0;
         for (index_t t = tokens.first; t < tokens.second; ++t) {
@@ -153,7 +159,7 @@ void assign_slots(const TopNGatingOptions& options, const TopNRouting<T>& r, con
       "kmoe::gating::place_slots", md_range<2>({0, 0}, {lines, chunks}),
       KOKKOS_LAMBDA(const index_t ge, const index_t c) {
         const index_t g = ge / E, e = ge % E, i = c / chunks_per_choice;
-        const auto tokens = tokens_of(g, c);
+        const auto tokens = chunk_tokens(g, c % chunks_per_choice, n);
         // Slots are counted over every routed choice, kept or not: once the count passes the
         // capacity every later choice of this expert is dropped.
         index_t count = counts(ge, c);
@@ -188,15 +194,14 @@ std::pair<double, double> router_z_sums(const TopNRouting<T>& r) {
   const bool has_importance = !r.importance.empty();
   const View1<T> importance = has_importance ? r.importance.flat() : View1<T>();
   const index_t n = r.group_size;
-  constexpr index_t chunk = 64;
-  const index_t chunks = (n + chunk - 1) / chunk;
+  const index_t chunks = token_chunks(n);
   const auto partial = Tensor<T>::uninitialized("gating::z_chunk_sums", {r.groups, chunks, 2});
   const View3<T> sums = partial.template view<3>();
   Kokkos::parallel_for(
       "kmoe::gating::z_loss", md_range<2>({0, 0}, {r.groups, chunks}), KOKKOS_LAMBDA(const index_t g, const index_t c) {
         T sum = 0, count = 0;
-        const index_t end = (c + 1) * chunk < n ? g * n + (c + 1) * chunk : (g + 1) * n;
-        for (index_t t = g * n + c * chunk; t < end; ++t) {
+        const auto tokens = chunk_tokens(g, c, n);
+        for (index_t t = tokens.first; t < tokens.second; ++t) {
           if (has_importance && importance(t) != T(1)) continue;
           sum += lse(t) * lse(t);
           count += T(1);
