@@ -1,6 +1,7 @@
 #include "kmoe/core/tensor.hpp"
 
 #include "kmoe/core/memory_pool.hpp"
+#include "kmoe/core/packet.hpp"
 
 #include <sstream>
 
@@ -167,11 +168,10 @@ template <class To, class From>
 Tensor<To> convert_tensor(const Tensor<From>& tensor, const std::string& label) {
   if (tensor.empty()) return Tensor<To>();
   const auto out = Tensor<To>::uninitialized(label, tensor.shape());
-  const View1<const From> src = tensor.flat();
-  const View1<To> dst = out.flat();
-  Kokkos::parallel_for(
-      "kmoe::convert_tensor", Kokkos::RangePolicy<ExecSpace>(0, tensor.size()),
-      KOKKOS_LAMBDA(const index_t i) { dst(i) = convert<To>(src(i)); });
+  // A packet a thread: the expert weights are rounded to bfloat16 on every forward, and one value
+  // a thread ran at 0.5 TB/s on an H100.
+  transform_packets("kmoe::convert_tensor", tensor.size(), tensor.flat().data(), out.flat().data(),
+                    KOKKOS_LAMBDA(const From v) { return convert<To>(v); });
   return out;
 }
 

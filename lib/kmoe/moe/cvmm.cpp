@@ -1,6 +1,7 @@
 #include "kmoe/moe/cvmm.hpp"
 
 #include "kmoe/core/error.hpp"
+#include "kmoe/core/packet.hpp"
 #include "kmoe/core/profile_region.hpp"
 #include "kmoe/core/tensor.hpp"
 #include "kmoe/ops/gemm.hpp"
@@ -96,14 +97,15 @@ RowSource x_row_source(const char* op, const DispatchPlan& plan, const View2<con
 }
 
 // dst(s, :) = [gate of pair p ·] src(row of pair p = sorted_pair(s), :), converted to Dst; no
-// gates means weight 1. One team per row: a contiguous copy on CPUs, coalesced on GPUs.
-template <class T, class Dst>
-void gather_sorted(const DispatchPlan& plan, RowSource source, const View2<const T>& src, const View2<const T>& gates,
-                   const View2<Dst>& dst) {
+// gates means weight 1. One team per row, a packet of N columns a thread: a contiguous copy on
+// CPUs, coalesced on GPUs.
+template <int N, class T, class Dst>
+void gather_sorted_packets(const DispatchPlan& plan, RowSource source, const View2<const T>& src,
+                           const View2<const T>& gates, const View2<Dst>& dst) {
   using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
   const View1<int> sorted_pair = plan.sorted_pair();
   const index_t k = plan.k();
-  const int cols = static_cast<int>(src.extent(1));
+  const int packets = static_cast<int>(src.extent(1)) / N;
   const bool gated = gates.data() != nullptr;
   Kokkos::parallel_for(
       "kmoe::cvmm::gather_sorted", Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(plan.n_pairs()), Kokkos::AUTO),
@@ -112,10 +114,23 @@ void gather_sorted(const DispatchPlan& plan, RowSource source, const View2<const
         const index_t p = sorted_pair(s);
         const index_t row = source_row(source, s, p, k);
         const T gate = gated ? gates(p / k, p % k) : T(1);
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) {
-          dst(s, c) = convert<Dst>(gated ? gate * src(row, c) : src(row, c));
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, packets), [&](const int u) {
+          const Packet<T, N> in = load_packet<N>(&src(row, u * N));
+          Packet<Dst, N> out;
+          for (int j = 0; j < N; ++j) out.value[j] = convert<Dst>(gated ? gate * in.value[j] : in.value[j]);
+          store_packet<N>(&dst(s, u * N), out);
         });
       });
+}
+
+template <class T, class Dst>
+void gather_sorted(const DispatchPlan& plan, RowSource source, const View2<const T>& src, const View2<const T>& gates,
+                   const View2<Dst>& dst) {
+  constexpr int N = packet_width<T, Dst>;
+  if (rows_in_packets<N>(src) && rows_in_packets<N>(dst))
+    gather_sorted_packets<N>(plan, source, src, gates, dst);
+  else
+    gather_sorted_packets<1>(plan, source, src, gates, dst);
 }
 
 // The rows of src in the plan's sorted order as the GEMM operand type W, a block per expert:
@@ -197,34 +212,48 @@ void unsort_pairs(const DispatchPlan& plan, const View2<const Src>& sorted, cons
 
 // tokens(t, :) = Σ_slot gates(t, slot) · src(row of pair t · k + slot, :), slots in order, dropped
 // pairs left out, summed in T. The row is pair_position(p) when src is in sorted order, else p;
-// no gates means weight 1. One team per token, a thread per column summing the slots in a
-// register: the slot rows are read coalesced and the token's row written once.
-template <class Src, class T>
-void sum_slots(const DispatchPlan& plan, const View2<const Src>& src, bool src_sorted, const View2<const T>& gates,
-               const View2<T>& tokens) {
+// no gates means weight 1. One team per token, a packet of N columns a thread summing the slots
+// in registers: the slot rows are read coalesced and the token's row written once.
+template <int N, class Src, class T>
+void sum_slots_packets(const DispatchPlan& plan, const View2<const Src>& src, bool src_sorted,
+                       const View2<const T>& gates, const View2<T>& tokens) {
   using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
   const View1<int> pair_position = plan.pair_position(), expert_of_pair = plan.expert_of_pair();
   const int k = plan.k();
-  const int cols = static_cast<int>(tokens.extent(1));
+  const int packets = static_cast<int>(tokens.extent(1)) / N;
   const bool gated = gates.data() != nullptr;
   Kokkos::parallel_for(
       "kmoe::cvmm::sum_slots", Kokkos::TeamPolicy<ExecSpace>(plan.n_tokens(), Kokkos::AUTO),
       KOKKOS_LAMBDA(const Member& team) {
         const index_t t = team.league_rank();
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, cols), [&](const int c) {
-          T sum = 0;
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, packets), [&](const int u) {
+          Packet<T, N> sum;
+          for (int j = 0; j < N; ++j) sum.value[j] = T(0);  // stays 0 when every pair of the token was dropped
           bool first = true;  // the first term is the sum (no 0 + term): a token of one slot is that term
           for (int slot = 0; slot < k; ++slot) {
             const index_t p = t * k + slot;
             if (expert_of_pair(p) < 0) continue;
-            const index_t row = src_sorted ? pair_position(p) : p;
-            const T term = (gated ? gates(t, slot) : T(1)) * convert<T>(src(row, c));
-            sum = first ? term : sum + term;
+            const Packet<Src, N> in = load_packet<N>(&src(src_sorted ? pair_position(p) : p, u * N));
+            const T gate = gated ? gates(t, slot) : T(1);
+            for (int j = 0; j < N; ++j) {
+              const T term = gate * convert<T>(in.value[j]);
+              sum.value[j] = first ? term : sum.value[j] + term;
+            }
             first = false;
           }
-          tokens(t, c) = sum;  // 0 when every pair of the token was dropped
+          store_packet<N>(&tokens(t, u * N), sum);
         });
       });
+}
+
+template <class Src, class T>
+void sum_slots(const DispatchPlan& plan, const View2<const Src>& src, bool src_sorted, const View2<const T>& gates,
+               const View2<T>& tokens) {
+  constexpr int N = packet_width<Src, T>;
+  if (rows_in_packets<N>(src) && rows_in_packets<N>(tokens))
+    sum_slots_packets<N>(plan, src, src_sorted, gates, tokens);
+  else
+    sum_slots_packets<1>(plan, src, src_sorted, gates, tokens);
 }
 
 // The outputs of either backward, each checked when present (not empty).
