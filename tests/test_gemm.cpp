@@ -159,12 +159,13 @@ TEST(GemmPolicy, OverlappingSingleThreadedSectionsRestoreTheProgramsThreadCount)
 }
 
 // Many bfloat16 products of different shapes and every transposition issued together
-// (ops::for_each_independent_gemm: one grouped launch on a GPU, kmoe's tensor-core kernel), against
-// a double loop over the same bfloat16 inputs: float accumulation then one bfloat16 rounding of C
+// (ops::for_each_independent_gemm: one grouped launch on a GPU), into a C of type C, against a
+// double loop over the same bfloat16 inputs: float accumulation then at most one bfloat16 rounding
 // keep each entry within 2⁻⁸ of the exact value relative to the row's scale. Shapes straddle the
-// kernel's 128 × 128 × 32 tiles (1, 17, 130, 257), include an empty inner dimension (C = beta·C)
-// and leading dimensions wider than the matrices (row ranges of a bigger one).
-TEST(Gemm, GroupedBfloat16ProductsMatchADoubleLoop) {
+// kmoe kernel's 128 × 128 × 32 tiles (1, 17, 130, 257), include an empty inner dimension
+// (C = beta·C) and leading dimensions wider than the matrices (row ranges of a bigger one).
+template <class C>
+void check_grouped_bfloat16_products() {
   struct Case {
     bool ta, tb;
     index_t m, n, k;
@@ -175,7 +176,8 @@ TEST(Gemm, GroupedBfloat16ProductsMatchADoubleLoop) {
                                    {false, false, 5, 9, 0, 1.f, 0.5f},      {true, false, 128, 128, 64, 1.f, 0.f}};
   const index_t pad = 3;  // extra columns: every leading dimension exceeds its matrix's width
   struct Operands {
-    Tensor<bfloat16> a, b, c;
+    Tensor<bfloat16> a, b;
+    Tensor<C> c;
     std::vector<double> a_values, b_values, c_values;
   };
   const auto rounded = [](std::vector<double> v) {
@@ -193,10 +195,12 @@ TEST(Gemm, GroupedBfloat16ProductsMatchADoubleLoop) {
     o.c_values = rounded(random_values(c.m * (c.n + pad), ++seed));
     o.a = convert_tensor<bfloat16>(make_tensor<float>({a_rows, a_cols}, o.a_values), "a");
     o.b = convert_tensor<bfloat16>(make_tensor<float>({b_rows, b_cols}, o.b_values), "b");
-    o.c = convert_tensor<bfloat16>(make_tensor<float>({c.m, c.n + pad}, o.c_values), "c");
+    const Tensor<float> c_float = make_tensor<float>({c.m, c.n + pad}, o.c_values);
+    if constexpr (std::is_same_v<C, bfloat16>) o.c = convert_tensor<bfloat16>(c_float, "c");
+    else o.c = c_float;
     operands.push_back(std::move(o));
   }
-  const auto narrow = [](const Tensor<bfloat16>& t, index_t cols) {
+  const auto narrow = [](const auto& t, index_t cols) {
     return Kokkos::subview(t.template view<2>(), Kokkos::ALL, Kokkos::make_pair(index_t(0), cols));
   };
   ops::for_each_independent_gemm(static_cast<int>(cases.size()), [&](int i) {
@@ -210,7 +214,7 @@ TEST(Gemm, GroupedBfloat16ProductsMatchADoubleLoop) {
     const Operands& o = operands[i];
     const index_t lda = (c.ta ? c.m : c.k) + pad, ldb = (c.tb ? c.k : c.n) + pad, ldc = c.n + pad;
     std::vector<double> got;
-    for (const bfloat16 v : o.c.to_host()) got.push_back(to_float(v));
+    for (const C v : o.c.to_host()) got.push_back(convert<float>(v));
     for (index_t r = 0; r < c.m; ++r) {
       std::vector<double> want(c.n);
       double scale = 1e-30;
@@ -232,3 +236,9 @@ TEST(Gemm, GroupedBfloat16ProductsMatchADoubleLoop) {
     }
   }
 }
+
+TEST(Gemm, GroupedBfloat16ProductsMatchADoubleLoop) { check_grouped_bfloat16_products<bfloat16>(); }
+
+// Float C, as the weight gradients have it (on a GPU whose cuBLAS refuses float C in its grouped
+// call, through bfloat16 products added into C: beta 0 must not read C, beta 1 and 0.5 must).
+TEST(Gemm, GroupedBfloat16ProductsIntoFloatMatchADoubleLoop) { check_grouped_bfloat16_products<float>(); }
