@@ -2,10 +2,13 @@
 // regulariser, cross-entropy, backward through every layer), split into forward and backward, with
 // tokens/s and peak memory. --profile picks the model: "tiny" (default, sized for a CPU) or a
 // published profile (MoEUT_244M, …; --vocab, default 8000, as the originals were measured);
-// --precision bfloat16 runs the expert GEMMs in mixed precision. The baseline is one dense GEMM
-// with the step's matmul FLOPs (forward + backward ≈ 3× forward) in the same precision, measured
-// in the same run, so the ratio says how close the whole step (routing, attention, norms, CVMM)
-// comes to a plain GEMM of the same arithmetic.
+// --precision bfloat16 runs the expert GEMMs in mixed precision. The baseline is the rate of one
+// dense GEMM [tokens, d_model]·[d_model, n] in the same precision, measured in the same run, with n
+// giving the step's matmul FLOPs (forward + backward ≈ 3× forward) but at most 4 · d_model (a
+// transformer FFN's width: at MoEUT-244M the step's FLOPs would need a 10 GB operand, filled by the
+// host's random generator for minutes), so the ratio says how close the whole step (routing,
+// attention, norms, CVMM) comes to a plain GEMM's rate. Progress goes to stderr: a large profile's
+// set-up and warm-up step take a while.
 #include "sections.hpp"
 
 #include "expert_mlp.hpp"
@@ -13,6 +16,7 @@
 #include "kmoe/layers/moeut.hpp"
 #include "kmoe/ops/cross_entropy.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 
@@ -69,9 +73,18 @@ BenchTable bench_moeut(const Options& options, int repeats) {
   BenchTable table;
   table.title = title;
   const double fwd = moeut_forward_flops(c, batch, seq), step = 3 * fwd;
-  table.baseline = dense_gemm_row("GEMM, same FLOPs as the step (baseline)", N, c.d_model,
-                                  static_cast<index_t>(step / (2.0 * N * c.d_model)), repeats, c.precision);
+  const index_t n = std::max<index_t>(1, std::min<index_t>(static_cast<index_t>(step / (2.0 * N * c.d_model)),
+                                                           4 * c.d_model));
+  const std::string baseline = "GEMM [" + std::to_string(N) + ", " + std::to_string(c.d_model) + "]·[" +
+                               std::to_string(c.d_model) + ", " + std::to_string(n) + "] (baseline)";
+  const auto progress = [&](const std::string& what) {
+    std::fprintf(stderr, "[kmoe-bench] moeut (%s, %s): %s ...\n", profile.c_str(), precision_title(c.precision),
+                 what.c_str());
+  };
+  progress("dense baseline");
+  table.baseline = dense_gemm_row(baseline, N, c.d_model, n, repeats, c.precision);
   PeakMemory memory;
+  progress("building the model");
   layers::MoEUTLM<float> model(c, 5);
   std::mt19937_64 gen(11);
   std::vector<int> ids(N + batch);
@@ -97,16 +110,21 @@ BenchTable bench_moeut(const Options& options, int repeats) {
     loss_gradient(f);
     model.backward(f, dlogits.reshape(f.logits.shape()), 1.f);
   };
+  progress("warm-up step (" + std::to_string(model.parameter_count()) + " parameters)");
   train_step();  // warm-up: scratch buffers
+  progress("forward");
   table.rows.push_back(timed_row("forward (training, with regulariser)", fwd, repeats, memory,
                                  [&] { model.forward(x, std::nullopt, true, rng); }));
   {
+    progress("backward");
     const auto f = model.forward(x, std::nullopt, true, rng);
     loss_gradient(f);
     table.rows.push_back(timed_row("backward (cross-entropy gradient given)", 2 * fwd, repeats, memory,
                                    [&] { model.backward(f, dlogits.reshape(f.logits.shape()), 1.f); }));
   }
+  progress("training step");
   table.rows.push_back(timed_row("training step (forward + loss + backward)", step, repeats, memory, train_step));
+  progress("eval forward");
   table.rows.push_back(timed_row("eval forward", fwd, repeats, memory,
                                  [&] { model.forward(x, std::nullopt, false, rng); }));
   const double step_seconds = table.rows[2].seconds;
