@@ -96,41 +96,60 @@ RowSource x_row_source(const char* op, const DispatchPlan& plan, const View2<con
   return pair_rows == PairRows::sorted ? RowSource::sorted : RowSource::pair;
 }
 
-// dst(s, :) = [gate of pair p ·] src(row of pair p = sorted_pair(s), :), converted to Dst; no
-// gates means weight 1. One team per row, a packet of N columns a thread: a contiguous copy on
-// CPUs, coalesced on GPUs.
-template <int N, class T, class Dst>
-void gather_sorted_packets(const DispatchPlan& plan, RowSource source, const View2<const T>& src,
-                           const View2<const T>& gates, const View2<Dst>& dst) {
+// dst(r, :) = scale(r) · src(from(r), :) for every row r of dst, converted to Dst (the product
+// taken in T), or 0 where from(r) < 0: CVMM's row gathers, unsorts and gated copies. One team per
+// row, a packet of N columns a thread: a contiguous copy on CPUs, coalesced 16-byte accesses on
+// GPUs.
+template <int N, class T, class Src, class Dst, class From, class Scale>
+void map_rows_packets(const char* label, const View2<const Src>& src, const View2<Dst>& dst, const From& from,
+                      const Scale& scale) {
   using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
-  const View1<int> sorted_pair = plan.sorted_pair();
-  const index_t k = plan.k();
-  const int packets = static_cast<int>(src.extent(1)) / N;
-  const bool gated = gates.data() != nullptr;
+  const int packets = static_cast<int>(dst.extent(1)) / N;
   Kokkos::parallel_for(
-      "kmoe::cvmm::gather_sorted", Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(plan.n_pairs()), Kokkos::AUTO),
+      label, Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(dst.extent(0)), Kokkos::AUTO),
       KOKKOS_LAMBDA(const Member& team) {
-        const index_t s = team.league_rank();
-        const index_t p = sorted_pair(s);
-        const index_t row = source_row(source, s, p, k);
-        const T gate = gated ? gates(p / k, p % k) : T(1);
+        const index_t r = team.league_rank();
+        const index_t row = from(r);
+        const T factor = row >= 0 ? scale(r) : T(0);
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, packets), [&](const int u) {
-          const Packet<T, N> in = load_packet<N>(&src(row, u * N));
           Packet<Dst, N> out;
-          for (int j = 0; j < N; ++j) out.value[j] = convert<Dst>(gated ? gate * in.value[j] : in.value[j]);
-          store_packet<N>(&dst(s, u * N), out);
+          if (row < 0) {
+            for (int j = 0; j < N; ++j) out.value[j] = convert<Dst>(T(0));
+          } else {
+            const Packet<Src, N> in = load_packet<N>(&src(row, u * N));
+            for (int j = 0; j < N; ++j) out.value[j] = convert<Dst>(factor * convert<T>(in.value[j]));
+          }
+          store_packet<N>(&dst(r, u * N), out);
         });
       });
 }
 
+template <class T, class Src, class Dst, class From, class Scale>
+void map_rows(const char* label, const View2<const Src>& src, const View2<Dst>& dst, const From& from,
+              const Scale& scale) {
+  constexpr int N = packet_width<Src, Dst>;
+  if (rows_in_packets<N>(src) && rows_in_packets<N>(dst))
+    map_rows_packets<N, T>(label, src, dst, from, scale);
+  else
+    map_rows_packets<1, T>(label, src, dst, from, scale);
+}
+
+// dst(s, :) = [gate of pair p ·] src(row of pair p = sorted_pair(s), :), converted to Dst; no
+// gates means weight 1 (a product with 1 is exact).
 template <class T, class Dst>
 void gather_sorted(const DispatchPlan& plan, RowSource source, const View2<const T>& src, const View2<const T>& gates,
                    const View2<Dst>& dst) {
-  constexpr int N = packet_width<T, Dst>;
-  if (rows_in_packets<N>(src) && rows_in_packets<N>(dst))
-    gather_sorted_packets<N>(plan, source, src, gates, dst);
-  else
-    gather_sorted_packets<1>(plan, source, src, gates, dst);
+  const View1<int> sorted_pair = plan.sorted_pair();
+  const index_t k = plan.k();
+  const bool gated = gates.data() != nullptr;
+  map_rows<T>(
+      "kmoe::cvmm::gather_sorted", src, View2<Dst>(Kokkos::subview(dst, Kokkos::make_pair(index_t(0), plan.n_pairs()),
+                                                                  Kokkos::ALL)),
+      KOKKOS_LAMBDA(const index_t s) { return source_row(source, s, sorted_pair(s), k); },
+      KOKKOS_LAMBDA(const index_t s) {
+        const index_t p = sorted_pair(s);
+        return gated ? gates(p / k, p % k) : T(1);
+      });
 }
 
 // The rows of src in the plan's sorted order as the GEMM operand type W, a block per expert:
@@ -194,20 +213,20 @@ class ExpertRows {
 template <class Src, class T>
 void convert_sorted_rows(const DispatchPlan& plan, const View2<const Src>& src, const View2<T>& dst) {
   const index_t routed = plan.n_routed_pairs();
-  Kokkos::parallel_for(
-      "kmoe::cvmm::convert_sorted_rows", md_range<2>({0, 0}, {dst.extent(0), dst.extent(1)}),
-      KOKKOS_LAMBDA(const index_t s, const index_t c) { dst(s, c) = s < routed ? convert<T>(src(s, c)) : T(0); });
+  map_rows<T>(
+      "kmoe::cvmm::convert_sorted_rows", src, dst, KOKKOS_LAMBDA(const index_t s) { return s < routed ? s : -1; },
+      KOKKOS_LAMBDA(index_t) { return T(1); });
 }
 
 // pairs(p, :) = sorted(pair_position(p), :) as T, or 0 for a dropped pair (no expert computed it).
 template <class Src, class T>
 void unsort_pairs(const DispatchPlan& plan, const View2<const Src>& sorted, const View2<T>& pairs) {
   const View1<int> pair_position = plan.pair_position(), expert_of_pair = plan.expert_of_pair();
-  Kokkos::parallel_for(
-      "kmoe::cvmm::unsort_pairs", md_range<2>({0, 0}, {plan.n_pairs(), static_cast<index_t>(pairs.extent(1))}),
-      KOKKOS_LAMBDA(const index_t p, const index_t c) {
-        pairs(p, c) = expert_of_pair(p) < 0 ? T(0) : convert<T>(sorted(pair_position(p), c));
-      });
+  map_rows<T>(
+      "kmoe::cvmm::unsort_pairs", sorted,
+      View2<T>(Kokkos::subview(pairs, Kokkos::make_pair(index_t(0), plan.n_pairs()), Kokkos::ALL)),
+      KOKKOS_LAMBDA(const index_t p) { return expert_of_pair(p) < 0 ? index_t(-1) : index_t(pair_position(p)); },
+      KOKKOS_LAMBDA(index_t) { return T(1); });
 }
 
 // tokens(t, :) = Σ_slot gates(t, slot) · src(row of pair t · k + slot, :), slots in order, dropped
@@ -426,15 +445,19 @@ void cvmm_backward_reduced(const DispatchPlan& plan, const View2<const T>& x, co
       if (x_source == impl::RowSource::token) {
         impl::sum_slots<W, T>(plan, g_sorted, true, gates, dx);
       } else {
+        // Row r of dx is pair r (pair order) or sorted position r; dropped pairs get 0.
         const bool sorted = x_source == impl::RowSource::sorted;
         const View1<int> pair_position = plan.pair_position();
-        Kokkos::parallel_for(
-            "kmoe::cvmm::gated_dx", md_range<2>({0, 0}, {pairs, K}),
-            KOKKOS_LAMBDA(const index_t r, const index_t c) {
-              // Row r of dx is pair r (pair order) or sorted position r; dropped pairs get 0.
+        impl::map_rows<T>(
+            "kmoe::cvmm::gated_dx", View2<const W>(g_sorted),
+            View2<T>(Kokkos::subview(dx, Kokkos::make_pair(index_t(0), pairs), Kokkos::ALL)),
+            KOKKOS_LAMBDA(const index_t r) {
+              const index_t position = sorted ? r : pair_position(r);
+              return position < routed ? position : index_t(-1);
+            },
+            KOKKOS_LAMBDA(const index_t r) {
               const index_t p = sorted ? sorted_pair(r) : r;
-              const index_t position = sorted ? r : pair_position(p);
-              dx(r, c) = position < routed ? gates(p / k, p % k) * convert<T>(g_sorted(position, c)) : T(0);
+              return gates(p / k, p % k);
             });
       }
     }
