@@ -239,6 +239,6 @@ void check_grouped_bfloat16_products() {
 
 TEST(Gemm, GroupedBfloat16ProductsMatchADoubleLoop) { check_grouped_bfloat16_products<bfloat16>(); }
 
-// Float C, as the weight gradients have it (on a GPU whose cuBLAS refuses float C in its grouped
-// call, through bfloat16 products added into C: beta 0 must not read C, beta 1 and 0.5 must).
+// Float C, as the weight gradients have it (on a GPU: cuBLAS's grouped call where it takes float C,
+// else uniform batches, inner-dimension pieces added in rounds; beta 0 must not read C).
 TEST(Gemm, GroupedBfloat16ProductsIntoFloatMatchADoubleLoop) { check_grouped_bfloat16_products<float>(); }

@@ -16,7 +16,6 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -306,60 +305,6 @@ bool run_grouped(const std::vector<RecordedGemm>& all) {
   return true;
 }
 
-// Float C from bfloat16 operands where cuBLAS's grouped call refuses it (cuBLAS 13.0): one grouped
-// call into bfloat16 products (float accumulation, each rounded once to bfloat16, as PyTorch's
-// autocast rounds a weight gradient), then one kernel adding each product into its float C
-// (C = beta · C + product; beta 0 never reads C). Cut into power-of-two pieces instead, each piece
-// re-reads and re-writes the whole float C: 1.2 ms a σ-MoE weight gradient on an H100 against
-// ~0.3 ms for the grouped call (apps/bench/gpu-notes.md). Every C still sums in a fixed order.
-void run_grouped_float_c_through_bfloat16(const std::vector<RecordedGemm>& gemms) {
-  if (gemms.empty()) return;
-  const std::int64_t count = static_cast<std::int64_t>(gemms.size());
-  // Per GEMM: where its product starts (and, last, the total), its rows m, C's leading dimension,
-  // C's address, beta's bits.
-  std::vector<std::int64_t> words(5 * count + 1);
-  std::int64_t total = 0;
-  for (std::int64_t i = 0; i < count; ++i) {
-    words[i] = total;
-    total += gemms[i].m * gemms[i].n;
-  }
-  words[count] = total;
-  const auto products = Tensor<bfloat16>::uninitialized("kmoe::gemm::bfloat16_products", {total});
-  std::vector<RecordedGemm> into_products;
-  for (std::int64_t i = 0; i < count; ++i) {
-    const RecordedGemm& g = gemms[i];
-    RecordedGemm p = g;
-    p.c = products.flat().data() + words[i];
-    p.ld_c = g.m;
-    p.beta = 0;
-    p.c_type = GemmType::bf16;
-    into_products.push_back(p);
-    words[count + 1 + i] = g.m;
-    words[2 * count + 1 + i] = g.ld_c;
-    words[3 * count + 1 + i] = reinterpret_cast<std::int64_t>(g.c);
-    std::memcpy(&words[4 * count + 1 + i], &g.beta, sizeof(double));
-  }
-  run_grouped<bfloat16>(into_products);
-  const auto table_storage = upload_words(words);
-  const View1<const std::int64_t> table = table_storage.flat();
-  const View1<const bfloat16> product = products.flat();
-  Kokkos::parallel_for(
-      "kmoe::gemm::add_bfloat16_products", Kokkos::RangePolicy<ExecSpace>(0, total), KOKKOS_LAMBDA(const index_t e) {
-        std::int64_t lo = 0, hi = count;  // the GEMM i with table(i) <= e < table(i + 1)
-        while (hi - lo > 1) {
-          const std::int64_t mid = (lo + hi) / 2;
-          (table(mid) <= e ? lo : hi) = mid;
-        }
-        const std::int64_t local = e - table(lo), m = table(count + 1 + lo), ld_c = table(2 * count + 1 + lo);
-        float* c = reinterpret_cast<float*>(table(3 * count + 1 + lo)) + (local / m) * ld_c + local % m;
-        double beta;
-        const std::int64_t beta_bits = table(4 * count + 1 + lo);
-        memcpy(&beta, &beta_bits, sizeof beta);
-        const float added = to_float(product(e));
-        *c = beta == 0 ? added : static_cast<float>(beta) * *c + added;
-      });
-}
-
 // The recorded bfloat16 GEMMs with bfloat16 C through kmoe's own grouped tensor-core kernel
 // (impl/grouped_gemm_bf16.hpp), back in row-major terms; the others are left in `rest`.
 void run_grouped_kmoe_bf16(const std::vector<RecordedGemm>& all, std::vector<RecordedGemm>& rest) {
@@ -392,7 +337,8 @@ void GroupedGemms::run() {
     rest.clear();
   }
   // In `grouped` mode float C from bfloat16 operands (the weight gradients) goes to the grouped call
-  // too where cuBLAS takes it, else through bfloat16 products (run_grouped_float_c_through_bfloat16). Products with a short inner dimension and
+  // too where cuBLAS takes it, else to uniform batches (a grouped call into bfloat16 products added
+  // into the float C ran the σ-MoE backward 5 ms slower on an H100: apps/bench/gpu-notes.md). Products with a short inner dimension and
   // wide rows (k < m in cuBLAS's terms: σ-MoE's h·W2 and dh·W1ᵀ, K 128 and N 1024) go to uniform
   // batches too in bfloat16: on an H100 the grouped call ran them at 117 TFLOP/s, the batches at
   // 149 (apps/bench/gpu-notes.md); the others ran faster grouped (240 against 160).
@@ -401,12 +347,12 @@ void GroupedGemms::run() {
     if (mode != GroupedGemmMode::grouped)
       batchable.push_back(std::move(g));
     else if (g.c_type != g.type)
-      grouped_float_c_gemms.push_back(std::move(g));
+      (grouped_float_c != Support::no ? grouped_float_c_gemms : batchable).push_back(std::move(g));
     else
       (g.type != GemmType::bf16 || g.k >= g.m ? rest : batchable).push_back(std::move(g));
   }
-  if (grouped_float_c == Support::no || !run_grouped<bfloat16, float>(grouped_float_c_gemms))
-    run_grouped_float_c_through_bfloat16(grouped_float_c_gemms);
+  if (!run_grouped<bfloat16, float>(grouped_float_c_gemms))
+    for (RecordedGemm& g : grouped_float_c_gemms) batchable.push_back(std::move(g));
   run_batches(uniform_batches(batchable, rest));
   run_grouped<float>(rest);
   run_grouped<double>(rest);

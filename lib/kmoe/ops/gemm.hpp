@@ -22,9 +22,7 @@ void gemm(bool transpose_a, bool transpose_b, T alpha, const View2<const T>& a, 
 void gemm_bf16(bool transpose_a, bool transpose_b, float alpha, const View2<const bfloat16>& a,
                const View2<const bfloat16>& b, float beta, const View2<bfloat16>& c);
 // The same into a float C, not rounded: a weight gradient summed straight into its float32 master
-// gradient (beta = 1), with no bfloat16 product in between. Inside a GroupedGemms on a GPU in the
-// default `grouped` mode, where cuBLAS's grouped call refuses float C (cuBLAS 13.0), the product is
-// rounded to bfloat16 once before it is added, as under PyTorch's autocast (see gemm.cpp).
+// gradient (beta = 1), with no bfloat16 product in between.
 void gemm_bf16(bool transpose_a, bool transpose_b, float alpha, const View2<const bfloat16>& a,
                const View2<const bfloat16>& b, float beta, const View2<float>& c);
 
