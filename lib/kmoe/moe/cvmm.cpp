@@ -97,30 +97,26 @@ RowSource x_row_source(const char* op, const DispatchPlan& plan, const View2<con
 }
 
 // dst(r, :) = scale(r) · src(from(r), :) for every row r of dst, converted to Dst (the product
-// taken in T), or 0 where from(r) < 0: CVMM's row gathers, unsorts and gated copies. One team per
-// row, a packet of N columns a thread: a contiguous copy on CPUs, coalesced 16-byte accesses on
-// GPUs.
+// taken in T), or 0 where from(r) < 0: CVMM's row gathers, unsorts and gated copies. A thread per
+// (row, packet of N columns): coalesced 16-byte accesses on GPUs whether rows are wide (d_model)
+// or narrow (a 128-wide expert row is 16 packets, which left most of a team per row idle).
 template <int N, class T, class Src, class Dst, class From, class Scale>
 void map_rows_packets(const char* label, const View2<const Src>& src, const View2<Dst>& dst, const From& from,
                       const Scale& scale) {
-  using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
-  const int packets = static_cast<int>(dst.extent(1)) / N;
+  const index_t packets = static_cast<index_t>(dst.extent(1)) / N;
   Kokkos::parallel_for(
-      label, Kokkos::TeamPolicy<ExecSpace>(static_cast<int>(dst.extent(0)), Kokkos::AUTO),
-      KOKKOS_LAMBDA(const Member& team) {
-        const index_t r = team.league_rank();
+      label, md_range<2>({0, 0}, {static_cast<index_t>(dst.extent(0)), packets}),
+      KOKKOS_LAMBDA(const index_t r, const index_t u) {
         const index_t row = from(r);
-        const T factor = row >= 0 ? scale(r) : T(0);
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, packets), [&](const int u) {
-          Packet<Dst, N> out;
-          if (row < 0) {
-            for (int j = 0; j < N; ++j) out.value[j] = convert<Dst>(T(0));
-          } else {
-            const Packet<Src, N> in = load_packet<N>(&src(row, u * N));
-            for (int j = 0; j < N; ++j) out.value[j] = convert<Dst>(factor * convert<T>(in.value[j]));
-          }
-          store_packet<N>(&dst(r, u * N), out);
-        });
+        Packet<Dst, N> out;
+        if (row < 0) {
+          for (int j = 0; j < N; ++j) out.value[j] = convert<Dst>(T(0));
+        } else {
+          const T factor = scale(r);
+          const Packet<Src, N> in = load_packet<N>(&src(row, u * N));
+          for (int j = 0; j < N; ++j) out.value[j] = convert<Dst>(factor * convert<T>(in.value[j]));
+        }
+        store_packet<N>(&dst(r, u * N), out);
       });
 }
 
@@ -231,37 +227,33 @@ void unsort_pairs(const DispatchPlan& plan, const View2<const Src>& sorted, cons
 
 // tokens(t, :) = Σ_slot gates(t, slot) · src(row of pair t · k + slot, :), slots in order, dropped
 // pairs left out, summed in T. The row is pair_position(p) when src is in sorted order, else p;
-// no gates means weight 1. One team per token, a packet of N columns a thread summing the slots
-// in registers: the slot rows are read coalesced and the token's row written once.
+// no gates means weight 1. A thread per (token, packet of N columns) summing the slots in
+// registers: the slot rows are read coalesced and the token's row written once.
 template <int N, class Src, class T>
 void sum_slots_packets(const DispatchPlan& plan, const View2<const Src>& src, bool src_sorted,
                        const View2<const T>& gates, const View2<T>& tokens) {
-  using Member = Kokkos::TeamPolicy<ExecSpace>::member_type;
   const View1<int> pair_position = plan.pair_position(), expert_of_pair = plan.expert_of_pair();
   const int k = plan.k();
-  const int packets = static_cast<int>(tokens.extent(1)) / N;
+  const index_t packets = static_cast<index_t>(tokens.extent(1)) / N;
   const bool gated = gates.data() != nullptr;
   Kokkos::parallel_for(
-      "kmoe::cvmm::sum_slots", Kokkos::TeamPolicy<ExecSpace>(plan.n_tokens(), Kokkos::AUTO),
-      KOKKOS_LAMBDA(const Member& team) {
-        const index_t t = team.league_rank();
-        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, packets), [&](const int u) {
-          Packet<T, N> sum;
-          for (int j = 0; j < N; ++j) sum.value[j] = T(0);  // stays 0 when every pair of the token was dropped
-          bool first = true;  // the first term is the sum (no 0 + term): a token of one slot is that term
-          for (int slot = 0; slot < k; ++slot) {
-            const index_t p = t * k + slot;
-            if (expert_of_pair(p) < 0) continue;
-            const Packet<Src, N> in = load_packet<N>(&src(src_sorted ? pair_position(p) : p, u * N));
-            const T gate = gated ? gates(t, slot) : T(1);
-            for (int j = 0; j < N; ++j) {
-              const T term = gate * convert<T>(in.value[j]);
-              sum.value[j] = first ? term : sum.value[j] + term;
-            }
-            first = false;
+      "kmoe::cvmm::sum_slots", md_range<2>({0, 0}, {static_cast<index_t>(plan.n_tokens()), packets}),
+      KOKKOS_LAMBDA(const index_t t, const index_t u) {
+        Packet<T, N> sum;
+        for (int j = 0; j < N; ++j) sum.value[j] = T(0);  // stays 0 when every pair of the token was dropped
+        bool first = true;  // the first term is the sum (no 0 + term): a token of one slot is that term
+        for (int slot = 0; slot < k; ++slot) {
+          const index_t p = t * k + slot;
+          if (expert_of_pair(p) < 0) continue;
+          const Packet<Src, N> in = load_packet<N>(&src(src_sorted ? pair_position(p) : p, u * N));
+          const T gate = gated ? gates(t, slot) : T(1);
+          for (int j = 0; j < N; ++j) {
+            const T term = gate * convert<T>(in.value[j]);
+            sum.value[j] = first ? term : sum.value[j] + term;
           }
-          store_packet<N>(&tokens(t, u * N), sum);
-        });
+          first = false;
+        }
+        store_packet<N>(&tokens(t, u * N), sum);
       });
 }
 
