@@ -106,21 +106,35 @@ inline double max_rel_error(const std::vector<double>& actual, const std::vector
   return worst / scale;
 }
 
-// The most entries a finite-difference check probes in one tensor: KMOE_TEST_FD_PROBES when set
-// (cmake/gpu-check sets it under compute-sanitizer, where every probe's two forwards take seconds;
-// the probed entries are still checked), else no limit.
+// Limits for finite-difference checks under compute-sanitizer (cmake/gpu-check sets them), where
+// every probe's two forwards take seconds: KMOE_TEST_FD_PROBES, the most entries probed in one
+// tensor; KMOE_TEST_FD_TENSORS, the most tensors probed in one process (later ones are not probed:
+// the tool needs each kernel once, and the first probe has run every kernel of the forward). The
+// probed entries are still checked. Unset: no limit.
+inline std::size_t fd_limit(const char* variable) {
+  const char* value = std::getenv(variable);
+  return value != nullptr ? static_cast<std::size_t>(std::max(1L, std::atol(value))) : SIZE_MAX;
+}
+
 inline std::size_t fd_probe_limit() {
-  static const std::size_t limit = [] {
-    const char* value = std::getenv("KMOE_TEST_FD_PROBES");
-    return value != nullptr ? static_cast<std::size_t>(std::max(1L, std::atol(value))) : SIZE_MAX;
-  }();
+  static const std::size_t limit = fd_limit("KMOE_TEST_FD_PROBES");
   return limit;
+}
+
+// Whether one more tensor may be probed in this process (counts the tensor when it may).
+inline bool fd_tensor_allowed() {
+  static const std::size_t limit = fd_limit("KMOE_TEST_FD_TENSORS");
+  static std::size_t probed = 0;
+  if (probed >= limit) return false;
+  ++probed;
+  return true;
 }
 
 // Central differences of f at (at most `probes`, and fd_probe_limit()) evenly spaced entries of x;
 // returns the max relative error (as max_rel_error) of the analytic gradient there.
 inline double sampled_fd_error(const std::vector<double>& x, const std::function<double(const std::vector<double>&)>& f,
                                const std::vector<double>& analytic, std::size_t probes, double h = 1e-5) {
+  if (!fd_tensor_allowed()) return 0;
   const std::size_t step = std::max<std::size_t>(1, x.size() / std::min(probes, fd_probe_limit()));
   std::vector<double> probe = x, numeric, picked;
   for (std::size_t i = (x.size() - 1) % step; i < x.size(); i += step) {
