@@ -338,10 +338,11 @@ void GroupedGemms::run() {
   }
   // In `grouped` mode float C from bfloat16 operands (the weight gradients) goes to the grouped call
   // too where cuBLAS takes it, else to uniform batches (a grouped call into bfloat16 products added
-  // into the float C ran the σ-MoE backward 5 ms slower on an H100: apps/bench/gpu-notes.md). Products with a short inner dimension and
-  // wide rows (k < m in cuBLAS's terms: σ-MoE's h·W2 and dh·W1ᵀ, K 128 and N 1024) go to uniform
-  // batches too in bfloat16: on an H100 the grouped call ran them at 117 TFLOP/s, the batches at
-  // 149 (apps/bench/gpu-notes.md); the others ran faster grouped (240 against 160).
+  // into the float C ran the σ-MoE backward 5 ms slower on an H100: apps/bench/gpu-notes.md).
+  // Products with a short inner dimension and wide rows (k < m in cuBLAS's terms: σ-MoE's h·W2 and
+  // dh·W1ᵀ, K 128 and N 1024) go to uniform batches too in bfloat16: on an H100 the grouped call
+  // ran them at 117 TFLOP/s, the batches at 149 (apps/bench/gpu-notes.md); the others ran faster
+  // grouped (240 against 160).
   std::vector<RecordedGemm> batchable, grouped_float_c_gemms;
   for (RecordedGemm& g : whole) {
     if (mode != GroupedGemmMode::grouped)
