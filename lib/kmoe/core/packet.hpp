@@ -49,44 +49,57 @@ bool rows_in_packets(const View& view) {
          (view.extent(0) <= 1 || (view.stride(0) * sizeof(T)) % (sizeof(T) * N) == 0);
 }
 
-// out[i] = f(in[i]) for i in [0, n): a packet a thread where every pointer is aligned to one,
-// then the tail (or everything, where one is not) a value a thread. in may be out.
-template <class In, class Out, class F>
-void transform_packets(const char* label, index_t n, const In* in, Out* out, const F& f) {
+namespace impl {
+
+// f applied to the M input values of one element.
+template <class F, class In, std::size_t M>
+KOKKOS_INLINE_FUNCTION auto apply_to_inputs(const F& f, const Kokkos::Array<In, M>& v) {
+  if constexpr (M == 1) return f(v[0]);
+  else return f(v[0], v[1]);
+}
+
+// out[i] = f(in[0][i], …, in[M − 1][i]) for i in [0, n): a packet a thread where every pointer is
+// aligned to one, then the tail (or everything, where one is not) a value a thread.
+template <std::size_t M, class In, class Out, class F>
+void transform_packets(const char* label, index_t n, const Kokkos::Array<const In*, M>& in, Out* out, const F& f) {
+  static_assert(M == 1 || M == 2, "transform_packets: one or two inputs");
   constexpr int N = packet_width<In, Out>;
-  const index_t packets = packet_aligned<N>(in) && packet_aligned<N>(out) ? n / N : 0;
+  bool aligned = packet_aligned<N>(out);
+  for (std::size_t m = 0; m < M; ++m) aligned = aligned && packet_aligned<N>(in[m]);
+  const index_t packets = aligned ? n / N : 0;
   Kokkos::parallel_for(
       label, Kokkos::RangePolicy<ExecSpace>(0, packets + (n - packets * N)), KOKKOS_LAMBDA(const index_t i) {
+        Kokkos::Array<In, M> v;
         if (i < packets) {
-          const Packet<In, N> a = load_packet<N>(in + i * N);
+          Packet<In, N> a[M];
+          for (std::size_t m = 0; m < M; ++m) a[m] = load_packet<N>(in[m] + i * N);
           Packet<Out, N> result;
-          for (int j = 0; j < N; ++j) result.value[j] = f(a.value[j]);
+          for (int j = 0; j < N; ++j) {
+            for (std::size_t m = 0; m < M; ++m) v[m] = a[m].value[j];
+            result.value[j] = apply_to_inputs(f, v);
+          }
           store_packet<N>(out + i * N, result);
         } else {
           const index_t e = packets * N + (i - packets);
-          out[e] = f(in[e]);
+          for (std::size_t m = 0; m < M; ++m) v[m] = in[m][e];
+          out[e] = apply_to_inputs(f, v);
         }
       });
+}
+
+}  // namespace impl
+
+// out[i] = f(in[i]) for i in [0, n), 16-byte packets a thread where the pointers allow. in may be
+// out.
+template <class In, class Out, class F>
+void transform_packets(const char* label, index_t n, const In* in, Out* out, const F& f) {
+  impl::transform_packets<1>(label, n, Kokkos::Array<const In*, 1>{in}, out, f);
 }
 
 // out[i] = f(first[i], second[i]), the same way.
 template <class In, class Out, class F>
 void transform_packets(const char* label, index_t n, const In* first, const In* second, Out* out, const F& f) {
-  constexpr int N = packet_width<In, Out>;
-  const bool aligned = packet_aligned<N>(first) && packet_aligned<N>(second) && packet_aligned<N>(out);
-  const index_t packets = aligned ? n / N : 0;
-  Kokkos::parallel_for(
-      label, Kokkos::RangePolicy<ExecSpace>(0, packets + (n - packets * N)), KOKKOS_LAMBDA(const index_t i) {
-        if (i < packets) {
-          const Packet<In, N> a = load_packet<N>(first + i * N), b = load_packet<N>(second + i * N);
-          Packet<Out, N> result;
-          for (int j = 0; j < N; ++j) result.value[j] = f(a.value[j], b.value[j]);
-          store_packet<N>(out + i * N, result);
-        } else {
-          const index_t e = packets * N + (i - packets);
-          out[e] = f(first[e], second[e]);
-        }
-      });
+  impl::transform_packets<2>(label, n, Kokkos::Array<const In*, 2>{first, second}, out, f);
 }
 
 }  // namespace kmoe
